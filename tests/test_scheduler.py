@@ -1,4 +1,4 @@
-"""Sigma schedule, model timesteps and Euler step against diffusers' FlowMatchEulerDiscreteScheduler (Layered config)."""
+"""Sigma schedule, model timesteps and Euler step against diffusers' FlowMatchEulerDiscreteScheduler (Layered)."""
 
 from __future__ import annotations
 
