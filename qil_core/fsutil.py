@@ -1,0 +1,266 @@
+"""Safe output files: name rules, containment, and atomic never-overwrite writes (robustness.md 2.12, 3.3, S3-S7).
+
+Every file the pack writes goes through `atomic_write`: the bytes land in a hidden temporary file in the target
+folder, are flushed and fsynced, and only then appear under their final name. By default the final name is
+published with `os.link`, which fails atomically when the name already exists, so an existing file is never
+replaced, not even by a concurrent writer. Any error, including KeyboardInterrupt, removes the temporary file.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import re
+import secrets
+import unicodedata
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+from .errors import OutputPathError
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_BYTES = 200  # robustness.md 3.3: names over 200 bytes are rejected
+_WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
+_LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK}
+_WRITE_BUFFER = 1 << 20
+
+
+class OutputExistsError(OutputPathError, FileExistsError):
+    """The target name is taken; the existing file was left untouched."""
+
+
+def _reason_invalid(name: str) -> str | None:
+    """Why `name` is not acceptable as one output file name, or None when it is."""
+    if not name or not name.strip():
+        return "it is empty"
+    if name in (".", ".."):
+        return f"{name!r} is a folder reference, not a file name"
+    if name.startswith("."):
+        return "it starts with '.', which makes a hidden file"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator"
+    if any(unicodedata.category(c) == "Cc" for c in name):
+        return "it contains a NUL or control character"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"it is {len(name.encode('utf-8', 'surrogatepass'))} bytes long (at most {MAX_NAME_BYTES})"
+    if name.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
+        return "it is a reserved device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9)"
+    if name.endswith((" ", ".")):
+        return "it ends with a space or '.', which Windows strips"
+    return None
+
+
+def check_output_name(name: str) -> str:
+    """Return `name` unchanged when it is a safe single file name, else raise OutputPathError with the reason."""
+    reason = _reason_invalid(str(name))
+    if reason is not None:
+        raise OutputPathError(f"output file name {name!r} is not allowed: {reason}; choose a plain name "
+                              f"such as 'layers_00001_.psd'")
+    return name
+
+
+def safe_name(name: str, *, fallback: str = "untitled", max_bytes: int = 80) -> str:
+    """A file-name-safe version of any text (layer names): unsafe characters become '_', length capped in bytes."""
+    text = unicodedata.normalize("NFC", str(name))
+    text = _UNSAFE_CHARS.sub("_", text)
+    text = "".join("_" if unicodedata.category(c) in ("Cc", "Cs") else c for c in text)
+    text = text.strip(" .")
+    raw = text.encode("utf-8")
+    if len(raw) > max_bytes:
+        text = raw[:max_bytes].decode("utf-8", "ignore").rstrip(" .")
+    if not text:
+        text = fallback
+    if text.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
+        text = "_" + text
+    return text
+
+
+def ensure_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) -> Path:
+    """The real path of `path`, after checking it lies inside the real path of `root` (symlinks followed)."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(path)
+    if os.path.commonpath([real_root, real]) != real_root:
+        raise OutputPathError(f"output path {os.fspath(path)!r} resolves to {real!r}, outside the output folder "
+                              f"{real_root!r} (through '..' or a symbolic link); use a name inside that folder")
+    return Path(real)
+
+
+def unique_path(folder: str | os.PathLike[str], stem: str, suffix: str, *, start: int = 1) -> Path:
+    """The first free `folder/{stem}_{counter:05}_{suffix}` from counter `start` (ComfyUI's naming; not atomic)."""
+    return Path(folder) / f"{stem}_{_free_counter(Path(folder), stem, suffix, start):05}_{suffix}"
+
+
+def _free_counter(folder: Path, stem: str, suffix: str, start: int) -> int:
+    """The first counter from `start` whose name is not taken in `folder`."""
+    counter = max(int(start), 0)
+    while os.path.lexists(folder / f"{stem}_{counter:05}_{suffix}"):
+        counter += 1
+    return counter
+
+
+def _translate(err: OSError, path: Path) -> OutputPathError:
+    """An OSError from writing `path` as an OutputPathError that names the path and the fix."""
+    code = err.errno
+    where = f"cannot write {os.fspath(path)!r}"
+    if code == errno.EEXIST:
+        return OutputExistsError(f"{where}: a file with that name already exists and was left untouched; "
+                                 f"choose another name or pass overwrite=True")
+    if code == errno.ENOTDIR:
+        return OutputPathError(f"{where}: a part of the folder path is a file, not a folder; choose another folder")
+    if code == errno.ENOENT:
+        return OutputPathError(f"{where}: the folder {os.fspath(path.parent)!r} does not exist; create it first")
+    if code in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return OutputPathError(f"{where}: the folder is read-only or not writable by this user ({err.strerror}); "
+                               f"choose a writable output folder")
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return OutputPathError(f"{where}: the disk is full ({err.strerror}); free some space or choose another disk")
+    if code == errno.EFBIG:
+        return OutputPathError(f"{where}: the file is larger than this system allows ({err.strerror}: file size "
+                               f"limit or file system limit); use a smaller canvas or another disk")
+    if code == errno.ENAMETOOLONG:
+        return OutputPathError(f"{where}: the file name or path is too long; choose a shorter name")
+    if code == errno.EISDIR:
+        return OutputPathError(f"{where}: a folder with that name exists; choose another name")
+    return OutputPathError(f"{where}: {err.strerror or err} (errno {code}); check the folder and the disk")
+
+
+def _remove_quietly(path: Path) -> None:
+    """Remove a temporary file if it is still there."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the new directory entry durable (best effort: not every OS or file system can open a folder)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        log.debug("fsync of folder %s failed: %s", folder, err)
+    finally:
+        os.close(fd)
+
+
+def _check_folder(folder: Path, path: Path, make_dirs: bool) -> None:
+    """Fail early with a clear message when the target folder is missing, a file, or not a folder."""
+    if make_dirs:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise _translate(err, path) from err
+    if not folder.exists():
+        # exists() is False both for a missing folder and for a path that runs through a regular file.
+        probe = folder
+        while not probe.exists() and probe != probe.parent:
+            probe = probe.parent
+        if probe.exists() and not probe.is_dir():
+            raise _translate(OSError(errno.ENOTDIR, "Not a directory"), path)
+        raise _translate(OSError(errno.ENOENT, "No such file or directory"), path)
+    if not folder.is_dir():
+        raise _translate(OSError(errno.ENOTDIR, "Not a directory"), path)
+
+
+def _write_temp(folder: Path, final_name: str, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through `write` into a new hidden temporary file in `folder`, fsynced; removed again on any error."""
+    while True:
+        tmp = folder / f".{final_name[:60]}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise _translate(err, folder / final_name) from err
+        break
+    try:
+        with os.fdopen(fd, "wb", buffering=_WRITE_BUFFER) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise _translate(err, folder / final_name) from err
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    return tmp
+
+
+def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Give the finished temporary file its final name; never replaces an existing file unless `overwrite`."""
+    if overwrite:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise
+    except OSError as err:
+        if err.errno not in _LINK_UNSUPPORTED:
+            raise
+        # No hard links here (FAT, some network or FUSE file systems): a checked rename. A writer racing in
+        # between the check and the rename could still be replaced; Windows' rename refuses existing names.
+        if os.path.lexists(final):
+            raise FileExistsError(errno.EEXIST, "File exists", os.fspath(final)) from err
+        os.rename(tmp, final)
+        return
+    os.unlink(tmp)
+
+
+def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, overwrite: bool = False,
+                 make_dirs: bool = False) -> Path:
+    """Write a file through `write(f)` atomically; an existing file is never touched unless `overwrite`."""
+    final = Path(path)
+    check_output_name(final.name)
+    folder = final.parent
+    _check_folder(folder, final, make_dirs)
+    if not overwrite and os.path.lexists(final):
+        raise _translate(OSError(errno.EEXIST, "File exists"), final)
+    tmp = _write_temp(folder, final.name, write)
+    try:
+        _publish(tmp, final, overwrite)
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise _translate(err, final) from err
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_folder(folder)
+    return final
+
+
+def save_with_counter(folder: str | os.PathLike[str], stem: str, suffix: str, write: Callable[[BinaryIO], None], *,
+                      start: int = 1, max_tries: int = 100_000, make_dirs: bool = False) -> Path:
+    """Write once, then publish as the first free `{stem}_{counter:05}_{suffix}` (exclusive; retries counter+1)."""
+    folder = Path(folder)
+    check_output_name(f"{stem}_{max(int(start), 0):05}_{suffix}")
+    _check_folder(folder, folder / f"{stem}_{max(int(start), 0):05}_{suffix}", make_dirs)
+    counter = _free_counter(folder, stem, suffix, start)
+    tmp = _write_temp(folder, f"{stem}_{counter:05}_{suffix}", write)
+    try:
+        for _ in range(max_tries):
+            candidate = folder / f"{stem}_{counter:05}_{suffix}"
+            try:
+                _publish(tmp, candidate, overwrite=False)
+            except FileExistsError:
+                counter += 1  # another writer took this name between the listing and the link
+                continue
+            _fsync_folder(folder)
+            return candidate
+    except OSError as err:
+        _remove_quietly(tmp)
+        raise _translate(err, folder / f"{stem}_{counter:05}_{suffix}") from err
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _remove_quietly(tmp)
+    raise OutputPathError(f"no free name {stem}_NNNNN_{suffix} in {os.fspath(folder)!r} after {max_tries} tries; "
+                          f"clean the folder or choose another prefix")
