@@ -1,5 +1,44 @@
 """The layer engine: the typed layer document and pure operations on it (no model, no ComfyUI)."""
 
+from .blend import (
+    BLEND_MODE_FROM_PSD_KEY,
+    PSD_APPROXIMATE_MODES,
+    PSD_BLEND_KEYS,
+    PSD_KEY_FALLBACKS,
+    blend_function,
+    blend_mode_from_psd_key,
+    source_over,
+)
+from .composite import composite, composite_layers
+from .document import (
+    alpha_to_mask,
+    mask_to_alpha,
+    stack_from_document,
+    stack_from_images,
+    stack_to_document,
+    stack_to_images,
+)
+from .ops import (
+    delete_layers,
+    drop_empty_layers,
+    duplicate_layer,
+    merge_down,
+    move_layer,
+    parse_layer_keys,
+    reorder_layers,
+    select_layers,
+    set_layer_props,
+)
+from .recolor import parse_color, recolor_layer
+from .resample import INTERPOLATIONS
 from .stack import BLEND_MODES, MAX_CANVAS_SIDE, Layer, LayerStack
+from .transform import resize_stack, transform_layer
 
-__all__ = ["BLEND_MODES", "MAX_CANVAS_SIDE", "Layer", "LayerStack"]
+__all__ = [
+    "BLEND_MODES", "BLEND_MODE_FROM_PSD_KEY", "INTERPOLATIONS", "MAX_CANVAS_SIDE", "PSD_APPROXIMATE_MODES",
+    "PSD_BLEND_KEYS", "PSD_KEY_FALLBACKS", "Layer", "LayerStack", "alpha_to_mask", "blend_function",
+    "blend_mode_from_psd_key", "composite", "composite_layers", "delete_layers", "drop_empty_layers",
+    "duplicate_layer", "mask_to_alpha", "merge_down", "move_layer", "parse_color", "parse_layer_keys",
+    "recolor_layer", "reorder_layers", "resize_stack", "select_layers", "set_layer_props", "source_over",
+    "stack_from_document", "stack_from_images", "stack_to_document", "stack_to_images", "transform_layer",
+]
