@@ -313,6 +313,13 @@ def save_files(
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def png_metadata_enabled() -> bool:
+    """False when ComfyUI runs with --disable-metadata (then PNGs carry no prompt/workflow); True otherwise."""
+    cli = _host("comfy.cli_args")
+    args = getattr(cli, "args", None)
+    return not bool(getattr(args, "disable_metadata", False))
+
+
 # ---------------------------------------------------------------- progress and interrupt
 class ProgressReporter:
     """Step progress: ComfyUI's progress bar inside the host, else a logging line every 10 % with rate and ETA."""

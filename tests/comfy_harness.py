@@ -72,6 +72,14 @@ def load_pack(path: Path = ROOT, name: str | None = None) -> types.ModuleType:
     return module
 
 
+def pack_module(dotted: str) -> types.ModuleType:
+    """A submodule of the path-imported pack, e.g. "nodes.host" or "qil_core.errors".
+
+    Tests that check node behaviour must use these (not a top-level `import qil_core`): the pack's copy of
+    qil_core is a different module, so its classes (errors, LayerStack) are different objects."""
+    return importlib.import_module(f"{load_pack().__name__}.{dotted}")
+
+
 # ------------------------------------------------------------------ host stand-ins
 def _standin_folder_paths(base: Path) -> types.ModuleType:
     """A `folder_paths` with the functions packs call, behaving like ComfyUI 0.3.64's (written here)."""
@@ -129,6 +137,7 @@ def _real_folder_paths(comfy_dir: Path, base: Path) -> tuple[types.ModuleType, d
     extra = {"comfy": comfy_pkg}
     saved = {k: sys.modules.get(k) for k in ("comfy", "comfy.options", "comfy.cli_args")}
     sys.modules["comfy"] = comfy_pkg
+    write_bytecode, sys.dont_write_bytecode = sys.dont_write_bytecode, True  # leave the checkout as it is
     try:
         extra["comfy.options"] = importlib.import_module("comfy.options")  # args_parsing stays False: no argv
         extra["comfy.cli_args"] = importlib.import_module("comfy.cli_args")
@@ -137,6 +146,7 @@ def _real_folder_paths(comfy_dir: Path, base: Path) -> tuple[types.ModuleType, d
         fp = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(fp)
     finally:
+        sys.dont_write_bytecode = write_bytecode
         for k, v in saved.items():
             if v is None:
                 sys.modules.pop(k, None)
@@ -357,7 +367,8 @@ class Harness:
                  core_nodes: bool = True) -> None:
         self.mappings = {**(CORE_NODES if core_nodes else {}), **mappings}
         self.base = Path(base)
-        for sub in ("output", "input", "temp", "models"):
+        for sub in ("output", "input", "temp", "models/diffusion_models", "models/vae", "models/text_encoders",
+                    "models/diffusers"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         comfy_dir = comfyui_dir if comfyui_dir is not None else os.environ.get("COMFYUI_DIR")
         self.comfyui_dir = Path(comfy_dir) if comfy_dir else None
