@@ -5,8 +5,9 @@ Conventions (chosen to match Photoshop's Free Transform and CSS):
 - Order: flips (about the layer's own centre), then scale and rotation about the pivot, then the move.
 - Right-angle rotations and flips are exact pixel permutations; the rotated block is placed with its
   centre rounded to the pixel grid (at most half a pixel off when width and height differ in parity).
-- Pure moves round dx/dy to whole pixels (no blur); whenever the layer is resampled anyway (any scale, or a
-  rotation that is not a multiple of 90°) the fractional position is honoured exactly by the resampler.
+- Moves and scales land on whole pixels: dx/dy, the scaled size and its position are rounded (at most half
+  a pixel), so opaque edges stay hard and pure moves never blur. Rotations by other angles than multiples of
+  90° resample anyway and place the result exactly, fractions of a pixel included.
 - Resampling happens on premultiplied alpha (resample.py), so colour under alpha 0 never bleeds in; the
   result is re-cropped to its content.
 """
@@ -86,18 +87,17 @@ def _check_result_size(width: float, height: float, what: str) -> None:
 
 def _scale_only(layer: Layer, px: np.ndarray, sx: float, sy: float, p: tuple[float, float],
                 d: tuple[float, float], interpolation: str) -> Layer:
-    """Box-exact scale about pivot p plus a move d, through Pillow (antialiased when shrinking)."""
+    """Scale about pivot p plus a move d through Pillow (antialiased when shrinking), snapped to whole pixels."""
     h, w = px.shape[:2]
-    ex0 = _snap(p[0] + sx * (layer.x - p[0]) + d[0])  # exact extent of the scaled block on the canvas
-    ex1 = _snap(p[0] + sx * (layer.x + w - p[0]) + d[0])
-    ey0 = _snap(p[1] + sy * (layer.y - p[1]) + d[1])
-    ey1 = _snap(p[1] + sy * (layer.y + h - p[1]) + d[1])
-    _check_result_size(ex1 - ex0, ey1 - ey0, f"layer {layer.name!r} after scaling")
-    X0, X1, Y0, Y1 = math.floor(ex0), math.ceil(ex1), math.floor(ey0), math.ceil(ey1)
-    # Output pixel edge X maps back to source column (X - ex0) / sx.
-    box = ((X0 - ex0) / sx, (Y0 - ey0) / sy, (X1 - ex0) / sx, (Y1 - ey0) / sy)
-    out = resample_box(premultiply(px), box, (X1 - X0, Y1 - Y0), interpolation)
-    return layer.replace(pixels=unpremultiply(out), x=_clamp_offset("x", X0), y=_clamp_offset("y", Y0))
+    ex0 = p[0] + sx * (layer.x - p[0]) + d[0]  # exact extent of the scaled block on the canvas
+    ey0 = p[1] + sy * (layer.y - p[1]) + d[1]
+    _check_result_size(w * sx, h * sy, f"layer {layer.name!r} after scaling")
+    # Size and position are rounded (at most half a pixel) so an opaque layer keeps hard, opaque edges.
+    out_w, out_h = max(1, round(_snap(w * sx))), max(1, round(_snap(h * sy)))
+    x0 = math.floor(_snap(ex0 + (w * sx - out_w) / 2) + 0.5)
+    y0 = math.floor(_snap(ey0 + (h * sy - out_h) / 2) + 0.5)
+    out = resample_box(premultiply(px), (0, 0, w, h), (out_w, out_h), interpolation)
+    return layer.replace(pixels=unpremultiply(out), x=_clamp_offset("x", x0), y=_clamp_offset("y", y0))
 
 
 def _right_angle(layer: Layer, px: np.ndarray, quarter_turns: int, p: tuple[float, float],
