@@ -64,9 +64,13 @@ def tiny_diffusers_transformer(seed: int = 0, **overrides: object) -> torch.nn.M
     torch.manual_seed(seed)
     model = QwenImageTransformer2DModel(**kwargs).eval()
     with torch.no_grad():
-        # default init leaves norms at 1 and zero-init nothing useful to test: randomise everything a little
-        for p in model.parameters():
-            p.copy_(torch.randn_like(p) * 0.1)
+        # random weights everywhere; norm weights around 1 so that q.k logits are O(1) and attention is sharp
+        # enough for positions (RoPE) to change the output clearly
+        for name, p in model.named_parameters():
+            if "norm" in name and "norm_out" not in name:
+                p.copy_(1 + torch.randn_like(p) * 0.5)
+            else:
+                p.copy_(torch.randn_like(p) * 0.1)
     return model
 
 

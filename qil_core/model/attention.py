@@ -56,12 +56,12 @@ def joint_attention(
 def timestep_embedding(sigma: torch.Tensor, dim: int = 256, scale: float = 1000.0) -> torch.Tensor:
     """Sinusoidal embedding [cos | sin] of scale*sigma, sigma [B] -> fp32 [B, dim] (diffusers `Timesteps`).
 
-    As in the reference, the frequencies are rounded to sigma's dtype (bf16 under a bf16 model) before the
-    fp32 product, and the product is scaled by 1000 afterwards.
+    As in `diffusers.models.embeddings.get_timestep_embedding` (not the unused copy in transformer_qwenimage.py,
+    which rounds the frequencies to sigma's dtype): fp32 frequencies, fp32 product, scaled by 1000 afterwards.
     """
     half = dim // 2
     exponent = -math.log(10000) * torch.arange(0, half, dtype=torch.float32, device=sigma.device) / half
-    freqs = torch.exp(exponent).to(sigma.dtype)
+    freqs = torch.exp(exponent)
     args = sigma[:, None].float() * freqs[None, :]  # (B, half)
     args = scale * args
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
