@@ -1,4 +1,4 @@
-"""Transformer parity with diffusers' QwenImageTransformer2DModel (tiny random config, CPU fp32) and config inference."""
+"""Transformer parity with diffusers' QwenImageTransformer2DModel (tiny random config, CPU) and config inference."""
 
 from __future__ import annotations
 
