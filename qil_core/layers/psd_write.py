@@ -115,8 +115,13 @@ def _layer_record(rect: tuple[int, int, int, int], lengths: list[int], layer: La
     return b"".join(out)
 
 
-def _quantize(px: np.ndarray, depth: int, what: str, warn: Callable[[str], None]) -> np.ndarray:
-    """Float straight RGBA (h, w, 4) -> planar (4, h, w) uint8/uint16, rounded, RGB zeroed where alpha is 0."""
+def _quantize(px: np.ndarray, depth: int, what: str, warn: Callable[[str], None], *,
+              matte: bool = False) -> np.ndarray:
+    """Float straight RGBA (h, w, 4) -> planar (4, h, w) uint8/uint16, rounded.
+
+    Layers get RGB zeroed where alpha is 0. The merged image (`matte`) is stored the way Photoshop stores it
+    and psd-tools/ImageMagick undo it: colour composited over white, c·a + (1 - a), with its alpha.
+    """
     h, w = px.shape[:2]
     scale = np.float32(255 if depth == 8 else 65535)
     dtype = np.uint8 if depth == 8 else np.uint16
@@ -137,19 +142,24 @@ def _quantize(px: np.ndarray, depth: int, what: str, warn: Callable[[str], None]
         if lo < 0 or hi > scale:
             np.clip(t, 0, scale, out=t)
             clamped = True
+        if matte:
+            a = t[..., 3:4]
+            t[..., :3] *= a * (1 / scale)
+            t[..., :3] += scale - a
         t += np.float32(0.5)
         band = planes[:, r0:r1]
         np.copyto(band.transpose(1, 2, 0), t, casting="unsafe")  # floor(x*scale + 0.5) per channel
-        band[:3] *= band[3] != 0  # zero RGB under fully transparent pixels
+        if not matte:
+            band[:3] *= band[3] != 0  # zero RGB under fully transparent pixels
     if clamped:
         warn(f"{what}: pixel values outside 0..1 were clamped")
     return planes
 
 
 def _encode_planes(planes: np.ndarray, depth: int, compression: int) -> list[list[bytes | np.ndarray]]:
-    """Per channel (4, h, w) -> [compression field, row-count table, data] pieces, big-endian."""
+    """Planar RGBA (4, h, w) -> per channel in file order -1 (alpha), 0, 1, 2: [compression, row table, data]."""
     out: list[list[bytes | np.ndarray]] = []
-    for plane in planes:
+    for plane in (planes[3], planes[0], planes[1], planes[2]):
         rows = plane if depth == 8 else plane.astype(">u2").view(np.uint8)  # (h, w*bytes)
         if compression == 0 or plane.size == 0:
             out.append([struct.pack(">H", 0 if plane.size == 0 else compression), np.ascontiguousarray(rows)])
@@ -279,7 +289,7 @@ def _encoded_in_order(stack: LayerStack, depth: int, compression: int, warn: Cal
 def _merged_pieces(merged: np.ndarray, depth: int, compression: int, warn: Callable[[str], None],
                    pool: ThreadPoolExecutor | None) -> list[bytes | np.ndarray]:
     """The image-data section: compression, then (RLE) all channels' row tables, then all channels' data."""
-    planes = _quantize(np.asarray(merged, np.float32), depth, "merged image", warn)
+    planes = _quantize(np.asarray(merged, np.float32), depth, "merged image", warn, matte=True)
     if compression == 0:
         return [struct.pack(">H", 0), planes.astype(">u2") if depth == 16 else planes]
 
