@@ -12,8 +12,7 @@ from psd_readers import check_readers, read_pillow_merged, read_psd_tools, read_
 from psd_tools.compression import rle_impl
 
 from qil_core.errors import InputError, OutputPathError, PSDError, ResourceError
-from qil_core.layers import BLEND_MODES, Layer, LayerStack
-from qil_core.layers import psd_write
+from qil_core.layers import BLEND_MODES, Layer, LayerStack, psd_write
 from qil_core.layers.blend import PSD_APPROXIMATE_MODES, PSD_BLEND_KEYS
 from qil_core.layers.composite import composite
 from qil_core.layers.packbits import decode_rows, encode_rows
