@@ -16,6 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..qil_core.errors import InputError
 from ..qil_core.layers import alpha_to_mask, composite, stack_to_images
+from ..qil_core.layers.export import export_pngs, export_zip, layer_file_names
 from ..qil_core.layers.psd import read_psd, write_psd
 from . import host
 from .common import CATEGORY_IO, LAYERS_TIP, checkerboard, to_document, to_output, to_stack
@@ -115,6 +116,54 @@ class QILSavePSD:
         # "images" must list image files (the frontend loads each one); the PSD goes under its own key, which
         # the frontend keeps in the history without trying to display it (like core's SaveLatent "latents").
         return {"ui": {"images": [shown.ui()], "psd": [files[0].ui()]}, "result": (str(files[0].path),)}
+
+
+class QILSaveLayerPNGs:
+    """Save every layer as its own RGBA PNG in a new folder (and optionally a ZIP of them)."""
+
+    DESCRIPTION = (
+        "Saves one transparent PNG per layer into a new folder <prefix>_00001_ in the output folder, named "
+        "bottom first: layer_00_<name>.png, layer_01_<name>.png, ... Each PNG stores the layer's name, offset, "
+        "opacity and blend mode. Optionally also writes <prefix>_00001_.zip holding the same PNGs and a "
+        "manifest.json. Nothing is ever overwritten."
+    )
+    CATEGORY = CATEGORY_IO
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("folder",)
+    FUNCTION = "save"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
+                "filename_prefix": ("STRING", {"default": "QwenLayered/layers", "tooltip": "Folder name start, "
+                                               "relative to the output folder (subfolders allowed)."}),
+            },
+            "optional": {
+                "full_canvas": ("BOOLEAN", {"default": True, "tooltip": "On: every PNG is the canvas size with "
+                                            "the layer at its place. Off: each PNG is cropped to its layer."}),
+                "zip": ("BOOLEAN", {"default": False, "tooltip": "Also write a ZIP of the PNGs."}),
+            },
+        }
+
+    def save(self, layers: Any, filename_prefix: str, full_canvas: bool = True, zip: bool = False) -> dict[str, Any]:
+        stack = to_stack(layers)
+        if not stack.layers:
+            raise InputError("input 'layers' has no layers; nothing to save")
+        writers: list[tuple[str, Callable[[Path], Any]]] = [
+            ("", lambda p: export_pngs(stack, p, full_canvas=bool(full_canvas)))]
+        if zip:
+            writers.append((".zip", lambda p: export_zip(stack, p, full_canvas=bool(full_canvas))))
+        files = host.save_files(str(filename_prefix), writers, stack.width, stack.height)
+        folder = files[0]
+        sub = f"{folder.subfolder}/{folder.filename}" if folder.subfolder else folder.filename
+        images = [{"filename": name, "subfolder": sub, "type": folder.type} for name in layer_file_names(stack)]
+        ui: dict[str, Any] = {"images": images}
+        if zip:
+            ui["zip"] = [files[1].ui()]
+        return {"ui": ui, "result": (str(folder.path),)}
 
 
 def _input_psds() -> list[str]:
@@ -243,5 +292,7 @@ class QILPreviewLayers:
         return {"ui": {"images": [f.ui() for f in files]}, "result": (to_output(shown),)}
 
 
-NODE_CLASS_MAPPINGS = {"QILSavePSD": QILSavePSD, "QILLoadPSD": QILLoadPSD, "QILPreviewLayers": QILPreviewLayers}
-NODE_DISPLAY_NAME_MAPPINGS = {"QILSavePSD": "Save PSD", "QILLoadPSD": "Load PSD", "QILPreviewLayers": "Preview Layers"}
+NODE_CLASS_MAPPINGS = {"QILSavePSD": QILSavePSD, "QILLoadPSD": QILLoadPSD, "QILSaveLayerPNGs": QILSaveLayerPNGs,
+                       "QILPreviewLayers": QILPreviewLayers}
+NODE_DISPLAY_NAME_MAPPINGS = {"QILSavePSD": "Save PSD", "QILLoadPSD": "Load PSD", "QILSaveLayerPNGs": "Save Layer PNGs",
+                              "QILPreviewLayers": "Preview Layers"}

@@ -124,5 +124,38 @@ class QILSetLayerProperties:
         return (to_document(stack),)
 
 
-NODE_CLASS_MAPPINGS = {"QILLayerStackEdit": QILLayerStackEdit, "QILSetLayerProperties": QILSetLayerProperties}
-NODE_DISPLAY_NAME_MAPPINGS = {"QILLayerStackEdit": "Edit Layer Stack", "QILSetLayerProperties": "Set Layer Properties"}
+class QILCombineLayers:
+    """Stack one layer document on top of another (e.g. layers from two images or two decompositions)."""
+
+    DESCRIPTION = (
+        "Puts the layers of 'top' above the layers of 'bottom', keeping every layer's place, name and "
+        "settings. The canvas is the bottom document's, or the larger of the two when 'canvas' is 'union'."
+    )
+    CATEGORY = CATEGORY_LAYERS
+    RETURN_TYPES = ("LAYERS",)
+    RETURN_NAMES = ("layers",)
+    FUNCTION = "combine"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "bottom": ("LAYERS", {"tooltip": "These layers stay below."}),
+                "top": ("LAYERS", {"tooltip": "These layers go on top, in their own order."}),
+                "canvas": (["bottom", "union"], {"default": "bottom", "tooltip": "Canvas size of the result: the "
+                           "bottom document's, or wide and tall enough for both canvases."}),
+            },
+        }
+
+    def combine(self, bottom: Any, top: Any, canvas: str = "bottom") -> tuple[dict]:
+        low, high = to_stack(bottom, "bottom"), to_stack(top, "top")
+        if canvas not in ("bottom", "union"):
+            raise InputError(f"input 'canvas' must be 'bottom' or 'union', got {canvas!r}")
+        width, height = low.size if canvas == "bottom" else (max(low.width, high.width), max(low.height, high.height))
+        return (to_document(low.replace(width=width, height=height, layers=[*low.layers, *high.layers])),)
+
+
+NODE_CLASS_MAPPINGS = {"QILLayerStackEdit": QILLayerStackEdit, "QILSetLayerProperties": QILSetLayerProperties,
+                       "QILCombineLayers": QILCombineLayers}
+NODE_DISPLAY_NAME_MAPPINGS = {"QILLayerStackEdit": "Edit Layer Stack", "QILSetLayerProperties": "Set Layer Properties",
+                              "QILCombineLayers": "Combine Layers"}

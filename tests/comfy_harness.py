@@ -60,6 +60,12 @@ def load_pack(path: Path = ROOT, name: str | None = None) -> types.ModuleType:
     name = name or str(path).replace(".", "_x_")
     if name in sys.modules:
         return sys.modules[name]
+    parts = name.split(".")
+    for i in range(1, len(parts)):  # a dotted name such as custom_nodes.<pack> needs its parent packages
+        parent = ".".join(parts[:i])
+        if parent not in sys.modules:
+            sys.modules[parent] = types.ModuleType(parent)
+            sys.modules[parent].__path__ = []
     spec = importlib.util.spec_from_file_location(name, path / "__init__.py", submodule_search_locations=[str(path)])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -422,6 +428,10 @@ class Harness:
 
     def validate(self, graph: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         """Check the whole graph; returns each node's converted constant inputs. Raises GraphError listing all."""
+        with self.host():  # INPUT_TYPES of loaders list the input folder
+            return self._validate(graph)
+
+    def _validate(self, graph: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         errors: list[str] = []
         constants: dict[str, dict[str, Any]] = {}
         for node_id, node in graph.items():
@@ -474,9 +484,7 @@ class Harness:
                     errors.append(f"{where}: input {name!r}: value {value!r} not in {in_type[:20]}")
             constants[node_id] = consts
             if validator and not errors:
-                args = {k: consts.get(k) for k in inputs if k in v_args or v_kwargs}
-                with self.host():
-                    verdict = validator(**args)
+                verdict = validator(**{k: consts.get(k) for k in inputs if k in v_args or v_kwargs})
                 if verdict is not True:
                     errors.append(f"{where}: VALIDATE_INPUTS failed: {verdict}")
         if not any(getattr(self.mappings.get(n.get("class_type")), "OUTPUT_NODE", False) for n in graph.values()
