@@ -199,3 +199,31 @@ def test_matches_psd_tools_compositor_within_2_of_255_c1(mode: str) -> None:
     diff_rgb = np.abs(theirs[..., :3] * theirs[..., 3:] - ours[..., :3] * ours[..., 3:]).max()
     diff_a = np.abs(theirs[..., 3] - ours[..., 3]).max()
     assert diff_rgb <= 2 / 255 and diff_a <= 2 / 255, (mode, diff_rgb * 255, diff_a * 255)
+
+
+@pytest.mark.parametrize("mode", ["normal", "multiply", "screen", "overlay", "darken", "lighten", "difference"])
+def test_our_psd_composited_by_psd_tools_matches_ours(mode: str, tmp_path) -> None:
+    """The PSD our writer produces, composited from its layers by psd-tools, equals our composite (C1)."""
+    from psd_tools import PSDImage
+
+    from qil_core.layers.psd import write_psd
+
+    rng = np.random.default_rng(100 + BLEND_MODES.index(mode))
+
+    def px(h: int, w: int) -> np.ndarray:
+        a = np.round(rng.random((h, w, 4), dtype=np.float32) * 255) / 255
+        a[..., 3] = np.where(rng.random((h, w)) < 0.4, 1.0, a[..., 3])
+        return a.astype(np.float32)
+
+    stack = LayerStack(24, 16, [
+        Layer(px(12, 14), x=2, y=1, name="base"),
+        Layer(px(9, 10), x=10, y=6, name="top", blend_mode=mode, opacity=round(0.6 * 255) / 255),
+        Layer(px(5, 6), x=-3, y=-2, name="corner", blend_mode=mode),
+        Layer(px(4, 4), x=20, y=12, name="hidden", visible=False),
+    ])
+    path = write_psd(stack, tmp_path / f"{mode}.psd")
+    theirs = np.asarray(PSDImage.open(path).composite(force=True, apply_icc=False), np.float32) / 255
+    ours = composite(stack)
+    diff_rgb = np.abs(theirs[..., :3] * theirs[..., 3:] - ours[..., :3] * ours[..., 3:]).max()
+    diff_a = np.abs(theirs[..., 3] - ours[..., 3]).max()
+    assert diff_rgb <= 2 / 255 and diff_a <= 2 / 255, (mode, diff_rgb * 255, diff_a * 255)
