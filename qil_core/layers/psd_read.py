@@ -51,6 +51,25 @@ def _open(path: Path):
                        f"({type(err).__name__}: {err}); re-export it from the application that made it") from err
 
 
+def _check_image_data(psd, path: Path) -> None:
+    """Refuse a file whose merged-image section is cut short (psd-tools reads whatever bytes remain)."""
+    img = psd._record.image_data
+    data = img.data or b""
+    row_bytes = (psd.width * psd.depth + 7) // 8
+    rows = psd.channels * psd.height
+    if int(img.compression) == 0:
+        ok = len(data) >= rows * row_bytes
+    elif int(img.compression) == 1:
+        cw = 2 if psd.version == 1 else 4
+        ok = len(data) >= rows * cw and int(np.frombuffer(data, ">u2" if cw == 2 else ">u4", rows).sum(
+            dtype=np.int64)) <= len(data) - rows * cw
+    else:
+        ok = len(data) > 0
+    if not ok:
+        raise PSDError(f"{os.fspath(path)!r} is truncated: its merged image ends early ({len(data)} bytes); "
+                       f"re-export or re-download the file")
+
+
 def _decode_plane(data, depth: int, version: int, w: int, h: int) -> np.ndarray:
     """One stored channel as a (h, w) array of its raw sample type (uint8, >u2 or >f4)."""
     from psd_tools.compression import decompress, rle_impl
@@ -158,6 +177,7 @@ def read_psd(path: str | os.PathLike[str]) -> LayerStack:
                                 name=item.name, opacity=opacity * item.opacity / 255.0,
                                 blend_mode=_blend_name(item, warn), visible=visible and item.visible))
 
+    _check_image_data(psd, path)
     try:
         visit(list(psd), True, 1.0)
     except (ValueError, OSError, EOFError, struct.error, IndexError) as err:
