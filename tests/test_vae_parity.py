@@ -1,4 +1,4 @@
-"""RGBA-VAE parity with diffusers' AutoencoderKLQwenImage (T=1) from the diffusers folder and a Wan-named single file."""
+"""RGBA-VAE parity with diffusers' AutoencoderKLQwenImage (T=1): diffusers folder and Wan-named single file."""
 
 from __future__ import annotations
 
