@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Sequence
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__, cli_demo, cli_edit, cli_layers
 from .errors import QILError
@@ -43,6 +44,12 @@ class _ParserExit(Exception):
 
 class _Parser(argparse.ArgumentParser):
     """An ArgumentParser that raises instead of calling sys.exit, so `main()` always returns a code."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Any "-<digit>..." token is a value, not an option (no option here starts with a digit), so
+        # "--move -10,5" and "--move-to -1:0" work; Python 3.13's argparse made the same change.
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str) -> NoReturn:
         """Turn a usage error into an exception carrying a one-line message."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ EDIT_HELP = """\
 How addressing works:
   Layers are counted bottom first (0 = bottom, -1 = top) or named exactly ("Sun"). KEYS may list several:
   "0,2", "1-3", "Sun,House" (whatever --layer accepts, --delete/--keep accept too).
-  Values that start with '-' and hold a comma need '=': --move=-10,5 (plain negatives work: --hue -40).
+  Negative values are fine: --layer -1, --move -10,5, --move-to -1:0, --hue -40.
   --layer KEYS starts a group; every per-layer option after it, up to the next --layer or stack edit,
   applies to those layers (like ffmpeg's per-stream options). Within a group the order is fixed:
   recolor, then transform (one resample for move+scale+rotate+flip), then opacity/blend/rename/visibility.
@@ -42,9 +41,11 @@ How addressing works:
 
 examples:
   python -m qil_core edit in.psd --out out.psd --layer 2 --move 10,-5 --scale 1.5 --layer Sky --hue 40 --saturation 0.2
-  python -m qil_core edit in.psd --out out.psd --layer -1 --rotate 30 --opacity 0.5 --delete 0 --move-to 2:0 --preview p.png
+  python -m qil_core edit in.psd --out out.psd --layer -1 --rotate 30 --opacity 0.5 --delete 0 \\
+      --move-to 2:0 --preview p.png
   python -m qil_core edit in.psd --out out.psd --layer Logo --replace-color "#1f244c:#802020:0.2" --blend multiply
 """
+
 
 def _steps(namespace: argparse.Namespace) -> list[Step]:
     """The ordered step list on the namespace (created per parse: a shared default list would leak)."""
@@ -180,8 +181,6 @@ def run_edit(args: argparse.Namespace) -> int:
     if args.preview is not None:
         check_suffix(args.preview, (".png",), "preview")
         outs.append(args.preview)
-    if len({os.path.abspath(p) for p in outs}) < len(outs):
-        raise InputError("--out and --preview name the same file")
     check_free(outs, overwrite=args.overwrite)
     t0 = time.perf_counter()
     stack = read_stack(args.inputs)
