@@ -114,7 +114,7 @@ def _check_resources(r: _Reader) -> None:
         sig, _rid, name_len = r.fmt("4sHB", "image resource header")
         if sig not in (b"8BIM", b"MeSa", b"AgHg", b"PHUT", b"DCSR"):
             raise _Stop(f"offset {start}: image resource signature {sig!r}, expected b'8BIM'")
-        r.take(name_len + (1 - name_len % 2 if (name_len + 1) % 2 else 0), "resource name")
+        r.take(name_len + (name_len + 1) % 2, "resource name")
         (size,) = r.fmt("I", "resource size")
         r.take(size + size % 2, "resource data")
         if r.pos > end:
@@ -257,13 +257,15 @@ def _check_rle(r: _Reader, what: str, rows: int, row_bytes: int, body: int, vers
             r.problem(f"{what}: empty rectangle but {body} bytes of RLE data", start)
         return
     if body < rows * cw:
-        r.problem(f"{what}: {body} bytes cannot hold a {rows}-row RLE table of {cw}-byte counts", start)
+        r.problem(f"{what}: {body} bytes cannot hold a {rows}-row RLE table of {cw}-byte counts "
+                  f"(truncated, or a wrong length before it)", start)
         return
     table = np.frombuffer(r.data, ">u2" if cw == 2 else ">u4", rows, r.pos).astype(np.int64)
     data_len = body - rows * cw
     if int(table.sum()) != data_len:
+        short = " (truncated)" if int(table.sum()) > data_len else ""
         r.problem(f"{what}: RLE row table sums to {int(table.sum())} bytes but {data_len} bytes follow "
-                  f"({cw}-byte counts; rule 5)", start)
+                  f"({cw}-byte counts; rule 5){short}", start)
         return
     if decode:
         data_at = r.pos + rows * cw
@@ -284,8 +286,9 @@ def _check_image_data(r: _Reader, version: int, channels: int, height: int, widt
     body = len(r.data) - r.pos
     if comp == 0:
         if body != channels * height * row_bytes:
+            short = " (truncated)" if body < channels * height * row_bytes else ""
             r.problem(f"merged image: raw data is {body} bytes, expected {channels}x{height}x{row_bytes} = "
-                      f"{channels * height * row_bytes}", start)
+                      f"{channels * height * row_bytes}{short}", start)
     elif comp == 1:
         _check_rle(r, "merged image", channels * height, row_bytes, body, version, decode, start)
     elif comp not in (2, 3):
