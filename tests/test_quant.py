@@ -1,4 +1,4 @@
-"""fp8 weights: quantisation maths, Fp8Linear (dequantise at matmul time, CPU included), swapping and in-place quantisation."""
+"""fp8 weights: quantisation maths, Fp8Linear (dequantised at matmul time, CPU too), swapping, in-place quantising."""
 
 from __future__ import annotations
 
