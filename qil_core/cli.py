@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
             "Qwen-Image-Layered layer tools: flatten, convert, edit and inspect layered documents (PSD or "
             "layer PNGs). Layers are always counted bottom first: index 0 is the bottom layer, -1 the top."
         ),
-        epilog=f"Run '{PROG} COMMAND --help' for the options of one command.",
+        epilog=f"Run '{PROG} COMMAND --help' for the options of one command. Exit status: 0 success; 2 bad "
+               "input or output path (a one-line message, -v adds the traceback); 1 other I/O failure; "
+               "130 interrupted. Existing files are never replaced without --overwrite.",
     )
     parser.add_argument("--version", action="version", version=f"qil_core {__version__}")
     _add_common_options(parser, top=True)

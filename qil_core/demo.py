@@ -29,12 +29,14 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# The demo's edits: recolour the near hill to autumn colours; move the sun with its glow, and enlarge the sun.
-DEMO_EDITS = (
-    LayerEdit("Near hill", {"hue_shift": -75.0, "saturation": 0.25}),
-    LayerEdit("Sun glow,Sun", {"move": (-60.0, 25.0)}),
-    LayerEdit("Sun", {"scale": 1.4}),
-)
+def demo_edits(size: tuple[int, int]) -> tuple[LayerEdit, ...]:
+    """The demo's edits: autumn colours for the near hill; the sun and its glow moved, the sun enlarged."""
+    w, h = size
+    return (
+        LayerEdit("Near hill", {"hue_shift": -75.0, "saturation": 0.25}),
+        LayerEdit("Sun glow,Sun", {"move": (round(-0.12 * w), round(0.065 * h))}),  # scales with the canvas
+        LayerEdit("Sun", {"scale": 1.4}),
+    )
 
 
 @dataclass
@@ -109,7 +111,7 @@ def run_demo(out_dir: str | os.PathLike[str], *, size: tuple[int, int] = DEFAULT
     report.files["composite"] = write_png(flat, targets["composite"], overwrite=overwrite)
     report.files["psd"] = _run(report, "write psd",
                                lambda: write_psd(stack, targets["psd"], overwrite=overwrite, merged=flat))
-    edited = _run(report, "edit", lambda: apply_edits(stack, DEMO_EDITS))
+    edited = _run(report, "edit", lambda: apply_edits(stack, demo_edits(stack.size)))
     flat_edited = _run(report, "composite edited", lambda: composite(edited))
     report.files["edited composite"] = write_png(flat_edited, targets["edited composite"], overwrite=overwrite)
     report.files["edited psd"] = _run(
