@@ -12,6 +12,8 @@ from .sample import DEFAULT_SIZE
 
 logger = logging.getLogger(__name__)
 
+DEFAULT_OUT = "qil_demo"
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `demo` command."""
@@ -22,7 +24,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "sample_edited.png and sample_edited.psd, and layers/sample_NN_NAME.png. Every PSD is "
                     "checked structurally and read back. Needs no model weights.",
     )
-    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write into (created)")
+    p.add_argument("--out", type=Path, default=Path(DEFAULT_OUT), metavar="DIR",
+                   help=f"folder to write into, created if missing (default ./{DEFAULT_OUT})")
     p.add_argument("--size", type=size_arg, default=DEFAULT_SIZE, metavar="WxH",
                    help=f"canvas size (default {DEFAULT_SIZE[0]}x{DEFAULT_SIZE[1]})")
     p.add_argument("--overwrite", action="store_true", help="replace files of an earlier demo run")

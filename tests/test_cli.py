@@ -426,6 +426,13 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+def test_demo_default_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path,
+                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert _run(capsys, "demo", "--size", "96x64")[0] == 0
+    assert lint_psd(tmp_path / "qil_demo" / "sample_edited.psd") == []
+
+
 def test_run_demo_reports_what_it_wrote(tmp_path: Path) -> None:
     report = run_demo(tmp_path / "d", size=(128, 96))
     assert isinstance(report, DemoReport)
