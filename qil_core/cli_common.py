@@ -28,13 +28,13 @@ T = TypeVar("T")
 
 
 def argtype(fn: Callable[[str], T], what: str) -> Callable[[str], T]:
-    """Wrap a parser that raises InputError/ValueError into an argparse type with a clear message."""
+    """Wrap a parser that raises InputError/ValueError into an argparse type named `what` (shown in usage errors)."""
 
     def parse(text: str) -> T:
         try:
             return fn(text)
         except ValueError as exc:  # InputError is a ValueError; plain ValueErrors come from int()/float()
-            raise argparse.ArgumentTypeError(f"{what}: {exc}") from None
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     parse.__name__ = what
     return parse
