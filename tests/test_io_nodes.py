@@ -158,13 +158,18 @@ def test_preview_layers_over_checkerboard(harness: Harness) -> None:
 
 
 # ------------------------------------------------------------------ graphs through the harness
-def _inputs(harness: Harness) -> None:
+def write_sample_inputs(folder: Path) -> None:
+    """The two input images EDIT_GRAPH loads: an opaque sky and a red logo block on transparency."""
     sky = np.zeros((32, 48, 3), np.uint8)
     sky[:] = (40, 90, 200)
-    Image.fromarray(sky).save(harness.input_dir / "sky.png")
+    Image.fromarray(sky).save(folder / "sky.png")
     logo = np.zeros((32, 48, 4), np.uint8)
     logo[8:20, 10:30] = (230, 30, 30, 255)
-    Image.fromarray(logo, "RGBA").save(harness.input_dir / "logo.png")
+    Image.fromarray(logo, "RGBA").save(folder / "logo.png")
+
+
+def _inputs(harness: Harness) -> None:
+    write_sample_inputs(harness.input_dir)
 
 
 EDIT_GRAPH = {

@@ -1,0 +1,276 @@
+"""The pack inside a real ComfyUI: server on loopback, POST /prompt, poll /history, check the files written.
+
+Runs when $COMFYUI_DIR points at a ComfyUI checkout (tested with 0.3.64); the server runs under $COMFYUI_PYTHON
+(default: this interpreter), which needs ComfyUI's requirements and ours. Skipped with a reason otherwise.
+The pack is copied into a temporary base directory (custom_nodes/, input/, output/, temp/, models/), so neither
+the checkout nor this repository is written to. Other tests can reuse the `comfy_server` fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from comfy_harness import ROOT, Harness, load_pack
+from PIL import Image
+from psd_tools import PSDImage
+from test_io_nodes import EDIT_GRAPH, write_sample_inputs
+from test_pack_import import EXPECTED_NODES
+
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+START_TIMEOUT = float(os.environ.get("QIL_COMFYUI_START_TIMEOUT", "240"))
+RUN_TIMEOUT = 180.0
+
+pytestmark = [
+    pytest.mark.comfyui,
+    pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI checkout to run the real "
+                                               "server against (set it, and COMFYUI_PYTHON to its Python)"),
+]
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
+
+
+def _copy_pack(dest: Path) -> None:
+    """The files ComfyUI needs from the pack (no tests, benches or caches)."""
+    dest.mkdir(parents=True)
+    for name in ("__init__.py", "pyproject.toml", "requirements.txt"):
+        shutil.copy2(ROOT / name, dest / name)
+    for name in ("nodes", "qil_core"):
+        shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ComfyServer:
+    """A ComfyUI server process on 127.0.0.1 with its own base directory, and a tiny HTTP client for it."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = base / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Launch main.py and wait (bounded) until our nodes are listed in /object_info."""
+        env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
+        cmd = [COMFYUI_PYTHON, str(Path(COMFYUI_DIR) / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
+               str(self.port), "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
+               "--disable-auto-launch"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, cwd=self.base, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited with {self.proc.returncode} while starting:\n{self.log_tail()}")
+            try:
+                if "QILSavePSD" in self.get("/object_info/QILSavePSD"):
+                    return
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+            time.sleep(1.0)
+        pytest.fail(f"ComfyUI did not list our nodes within {START_TIMEOUT:.0f} s:\n{self.log_tail()}")
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 20 s; the server runs in its own process group."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+
+    def log_tail(self, chars: int = 6000) -> str:
+        """The end of the server's log, for failure messages."""
+        return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else "(no log)"
+
+    def get(self, path: str) -> Any:
+        """GET a JSON endpoint."""
+        with _NO_PROXY.open(self.url + path, timeout=10) as r:
+            return json.loads(r.read())
+
+    def get_bytes(self, path: str) -> bytes:
+        """GET raw bytes (e.g. /view?filename=...)."""
+        with _NO_PROXY.open(self.url + path, timeout=10) as r:
+            return r.read()
+
+    def queue(self, graph: dict) -> tuple[int, dict]:
+        """POST /prompt; returns (HTTP status, JSON body), a 400 included."""
+        body = json.dumps({"prompt": graph, "client_id": "qil-tests"}).encode()
+        req = urllib.request.Request(self.url + "/prompt", data=body, headers={"Content-Type": "application/json"})
+        try:
+            with _NO_PROXY.open(req, timeout=30) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def run(self, graph: dict, timeout: float = RUN_TIMEOUT) -> dict:
+        """Queue `graph` and poll /history until it finished; returns its history entry."""
+        status, body = self.queue(graph)
+        assert status == 200, f"prompt refused: {json.dumps(body)[:2000]}"
+        prompt_id = body["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None and \
+                    entry["status"].get("status_str") in ("success", "error"):
+                return entry
+            if self.proc is not None and self.proc.poll() is not None:
+                pytest.fail(f"ComfyUI died while running the prompt:\n{self.log_tail()}")
+            time.sleep(0.5)
+        pytest.fail(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log_tail()}")
+
+
+@pytest.fixture(scope="module")
+def comfy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
+    base = tmp_path_factory.mktemp("comfy_base")
+    for sub in ("input", "output", "temp", "models/diffusion_models", "models/vae", "models/text_encoders",
+                "models/diffusers"):
+        (base / sub).mkdir(parents=True)
+    _copy_pack(base / "custom_nodes" / "qwen_layered")
+    server = ComfyServer(base)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.stop()
+
+
+def _messages(entry: dict, kind: str) -> list[dict]:
+    return [data for name, data in entry["status"].get("messages", []) if name == kind]
+
+
+def test_nodes_register_in_the_real_host(comfy_server: ComfyServer) -> None:
+    info = comfy_server.get("/object_info")
+    assert {k for k in info if k.startswith("QIL")} == set(EXPECTED_NODES)
+    for node_id, display in EXPECTED_NODES.items():
+        assert info[node_id]["display_name"] == display
+        assert info[node_id]["category"].startswith("Qwen-Image-Layered")
+        assert info[node_id]["description"]
+    assert info["QILSavePSD"]["output_node"] is True
+    assert "IMPORT FAILED" not in comfy_server.log_tail(200_000)
+
+
+def test_edit_graph_on_the_real_server_matches_the_harness(comfy_server: ComfyServer, tmp_path: Path) -> None:
+    write_sample_inputs(comfy_server.base / "input")
+    entry = comfy_server.run(EDIT_GRAPH)
+    assert entry["status"]["status_str"] == "success", comfy_server.log_tail()
+    outputs = entry["outputs"]
+    assert outputs["10"]["psd"] == [{"filename": "edit_00001_.psd", "subfolder": "QwenLayered", "type": "output"}]
+    assert outputs["10"]["images"] == [{"filename": "edit_00001_.png", "subfolder": "QwenLayered", "type": "output"}]
+    assert len(outputs["14"]["images"]) == 2 and all(i["type"] == "temp" for i in outputs["14"]["images"])
+    out = comfy_server.base / "output" / "QwenLayered"
+    assert sorted(p.name for p in out.iterdir()) == ["composite_00001_.png", "edit_00001_.png", "edit_00001_.psd",
+                                                     "reloaded_00001_.png", "reloaded_00002_.png"]
+    psd = PSDImage.open(out / "edit_00001_.psd")
+    assert [(layer.name, layer.left, layer.top) for layer in psd] == [("sky", 0, 0), ("ロゴ", 18, 12)]
+    png = comfy_server.get_bytes("/view?filename=edit_00001_.png&subfolder=QwenLayered&type=output")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "workflow" not in Image.open(out / "edit_00001_.png").info  # API prompts carry no workflow
+    assert "prompt" in Image.open(out / "edit_00001_.png").info
+
+    # The same graph through the CI harness (stand-ins for LoadImage/SaveImage) gives identical pixels.
+    harness = Harness(load_pack().NODE_CLASS_MAPPINGS, tmp_path / "harness")
+    write_sample_inputs(harness.input_dir)
+    harness.run(EDIT_GRAPH)
+    for name in ("composite_00001_.png", "reloaded_00001_.png", "reloaded_00002_.png", "edit_00001_.png"):
+        ours = np.asarray(Image.open(harness.output_dir / "QwenLayered" / name))
+        theirs = np.asarray(Image.open(out / name))
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs), name
+
+    cached = comfy_server.run(EDIT_GRAPH)  # unchanged inputs: served from ComfyUI's cache
+    assert cached["status"]["status_str"] == "success"
+    assert {"10", "11", "14"} <= set(_messages(cached, "execution_cached")[0]["nodes"])
+    assert len(list(out.iterdir())) == 5
+
+
+def test_errors_are_reported_and_the_server_keeps_going(comfy_server: ComfyServer) -> None:
+    write_sample_inputs(comfy_server.base / "input")
+    bad_value = json.loads(json.dumps(EDIT_GRAPH))
+    bad_value["6"]["inputs"]["dx"] = 1e9
+    status, body = comfy_server.queue(bad_value)
+    assert status == 400 and "6" in body["node_errors"]
+
+    escape = json.loads(json.dumps(EDIT_GRAPH))
+    escape["10"]["inputs"]["filename_prefix"] = "../escape"
+    entry = comfy_server.run(escape)
+    assert entry["status"]["status_str"] == "error"
+    (error,) = _messages(entry, "execution_error")
+    assert error["node_id"] == "10" and error["exception_type"].endswith("OutputPathError")
+    assert "filename_prefix '../escape' rejected" in error["exception_message"]
+    assert not (comfy_server.base / "escape_00001_.psd").exists()
+
+    ok = json.loads(json.dumps(EDIT_GRAPH))
+    ok["10"]["inputs"]["filename_prefix"] = "after_error/layers"
+    assert comfy_server.run(ok)["status"]["status_str"] == "success"
+    assert (comfy_server.base / "output" / "after_error" / "layers_00001_.psd").is_file()
+
+
+# Runs inside ComfyUI's Python with the real comfy modules loaded, the way they are when nodes execute.
+_HOST_PROBE = r"""
+import importlib.util, json, os, sys
+comfy_dir, pack, base = sys.argv[1:4]
+sys.path.insert(0, comfy_dir)
+from comfy.cli_args import args
+args.cpu, args.base_directory = True, base
+import torch
+import comfy.model_management as mm, comfy.model_patcher, comfy.utils, folder_paths
+name = pack.replace(".", "_x_")
+spec = importlib.util.spec_from_file_location(name, os.path.join(pack, "__init__.py"))
+module = importlib.util.module_from_spec(spec)
+sys.modules[name] = module
+spec.loader.exec_module(module)
+host = sys.modules[name + ".nodes.host"]
+net = torch.nn.Sequential(torch.nn.Linear(8, 8))
+patcher = host.wrap_model_patcher(net, host.get_torch_device(), mm.unet_offload_device())
+host.load_models_gpu([patcher])
+loaded = any(m.model is patcher for m in mm.current_loaded_models)
+seen = []
+comfy.utils.set_progress_bar_global_hook(lambda v, t, preview, node_id=None: seen.append([v, t]))
+callback = host.make_callback(3)
+callback(1, 3)
+callback(2, 3)
+mm.interrupt_current_processing(True)
+try:
+    callback(3, 3)
+    interrupted = False
+except mm.InterruptProcessingException:
+    interrupted = True
+print(json.dumps({"patcher": type(patcher).__module__ + "." + type(patcher).__name__, "loaded": loaded,
+                  "progress": seen, "interrupted": interrupted, "output": str(host.get_output_directory()),
+                  "vae": [str(p) for p in host.model_folders("vae")]}))
+"""
+
+
+def test_host_adapter_with_the_real_comfy_modules(tmp_path: Path) -> None:
+    pack = tmp_path / "custom_nodes" / "qwen_layered"
+    _copy_pack(pack)
+    proc = subprocess.run([COMFYUI_PYTHON, "-c", _HOST_PROBE, COMFYUI_DIR, str(pack), str(tmp_path)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["patcher"] == "comfy.model_patcher.ModelPatcher" and report["loaded"] is True
+    assert report["progress"] == [[1, 3], [2, 3]] and report["interrupted"] is True
+    assert report["output"] == str(tmp_path / "output")
+    assert str(tmp_path / "models" / "vae") in report["vae"]
