@@ -132,7 +132,9 @@ def _open_one(path: Path) -> tuple[Any, dict[str, TensorInfo], dict[str, str]]:
 class Checkpoint:
     """Lazy, memory-mapped view over the safetensors file(s) of one model component."""
 
-    def __init__(self, files: Sequence[Path], source: str, folder: Path | None = None) -> None:
+    def __init__(
+        self, files: Sequence[Path], source: str, folder: Path | None = None, weight_map: dict[str, str] | None = None
+    ) -> None:
         self.files = list(files)
         self.source = source
         self.folder = folder  # the component folder (config.json lives there), None for bare files
@@ -152,6 +154,14 @@ class Checkpoint:
                     )
                 self._infos[key] = info
             self.metadata.update(metadata)
+        for key, name in (weight_map or {}).items():
+            info = self._infos.get(key)
+            if info is None or info.file.name != name:
+                where = f"is in {info.file.name}" if info else "is in no shard"
+                raise CorruptFileError(
+                    f"{source}: the shard index puts {key!r} in {name} but it {where}; the index and the shards do "
+                    "not match, re-download the folder"
+                )
 
     def __repr__(self) -> str:
         return f"Checkpoint({self.source!r}, {len(self.files)} file(s), {len(self._infos)} tensors)"
@@ -232,7 +242,7 @@ def _shard_label(name: str, position: int, total: int) -> str:
     return f"shard {int(m.group(1))} of {int(m.group(2))}" if m else f"shard {position} of {total}"
 
 
-def _resolve_index(index: Path) -> list[Path]:
+def _resolve_index(index: Path) -> tuple[list[Path], dict[str, str]]:
     try:
         data = json.loads(index.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -244,12 +254,12 @@ def _resolve_index(index: Path) -> list[Path]:
     missing = [(i, n) for i, n in enumerate(names, 1) if not (index.parent / n).is_file()]
     if missing:
         i, n = missing[0]
-        labels = ", ".join(f"{_shard_label(m, j, len(names))} ({m})" for j, m in missing)
+        labels = ", ".join(f"{_shard_label(m, j, len(names))} missing ({m})" for j, m in missing)
         raise ModelFileNotFoundError(
-            f"{index.parent}: {labels} missing (looked for {index.parent / n}); "
+            f"{index.parent}: {labels}; looked for {index.parent / n}. "
             f"download all {len(names)} shards listed in {index.name}"
         )
-    return [index.parent / n for n in names]
+    return [index.parent / n for n in names], weight_map
 
 
 def _check_suffix(path: Path) -> None:
@@ -265,8 +275,8 @@ def _check_suffix(path: Path) -> None:
 
 def resolve_files(
     source: PathLike | Sequence[PathLike], *, subfolder: str | None = None, default_subfolder: str | None = None
-) -> tuple[list[Path], Path | None]:
-    """Find the safetensors file(s) of a component; return (files, its folder or None for bare files).
+) -> tuple[list[Path], Path | None, dict[str, str] | None]:
+    """Find the safetensors file(s) of a component: (files, its folder or None for bare files, shard weight_map).
 
     `source` is a .safetensors file, a list of them, a shard index, a component folder, or a diffusers
     pipeline folder (then `subfolder`, or `default_subfolder` when the folder has a model_index.json).
@@ -277,7 +287,7 @@ def resolve_files(
             if not p.is_file():
                 raise ModelFileNotFoundError(f"model file not found: {p} (looked in {p.parent})")
             _check_suffix(p)
-        return files, None
+        return files, None, None
     path = Path(source)  # type: ignore[arg-type]
     looked = [path]
     if path.is_dir():
@@ -293,18 +303,22 @@ def resolve_files(
         )
     if path.is_file():
         _check_suffix(path)
-        return (_resolve_index(path), path.parent) if path.name.endswith(".index.json") else ([path], None)
+        if path.name.endswith(".index.json"):
+            files, weight_map = _resolve_index(path)
+            return files, path.parent, weight_map
+        return [path], None, None
     for stem in WEIGHT_NAMES:
         index = path / f"{stem}.safetensors.index.json"
         if index.is_file():
-            return _resolve_index(index), path
+            files, weight_map = _resolve_index(index)
+            return files, path, weight_map
     for stem in WEIGHT_NAMES:
         for suffix in SAFETENSORS_SUFFIXES:
             if (path / f"{stem}{suffix}").is_file():
-                return [path / f"{stem}{suffix}"], path
+                return [path / f"{stem}{suffix}"], path, None
     found = sorted(p for p in path.iterdir() if p.suffix.lower() in SAFETENSORS_SUFFIXES)
     if len(found) == 1:
-        return found, path
+        return found, path, None
     pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
     if found:
         raise WeightsError(
@@ -327,16 +341,16 @@ def open_checkpoint(
     source: PathLike | Sequence[PathLike], *, subfolder: str | None = None, default_subfolder: str | None = None
 ) -> Checkpoint:
     """Open a component's safetensors file(s) lazily (headers only); see `resolve_files` for `source`."""
-    files, folder = resolve_files(source, subfolder=subfolder, default_subfolder=default_subfolder)
+    files, folder, weight_map = resolve_files(source, subfolder=subfolder, default_subfolder=default_subfolder)
     label = str(folder) if folder is not None else ", ".join(str(f) for f in files)
-    return Checkpoint(files, label, folder)
+    return Checkpoint(files, label, folder, weight_map)
 
 
 def checkpoint_fingerprint(
     source: PathLike | Sequence[PathLike], *, subfolder: str | None = None, default_subfolder: str | None = None
 ) -> tuple[tuple[str, int, int], ...]:
     """(path, mtime_ns, size) of every file a load would read, index and config included: a cache key (L10)."""
-    files, folder = resolve_files(source, subfolder=subfolder, default_subfolder=default_subfolder)
+    files, folder, _ = resolve_files(source, subfolder=subfolder, default_subfolder=default_subfolder)
     extra = [folder / n for n in ("config.json",)] if folder is not None else []
     extra += [f for f in (folder.iterdir() if folder is not None else []) if f.name.endswith(".index.json")]
     out = []

@@ -293,6 +293,20 @@ def _probe(model: nn.Module, ckpt: Checkpoint, plan: LoadPlan, keep_fp8: Mapping
             )
 
 
+def _foreign_component(keys: Sequence[str]) -> str | None:
+    """Name the component a checkpoint holds when it is clearly not a diffusion transformer."""
+    ks = set(keys)
+    if {"encoder.conv_in.weight", "post_quant_conv.weight"} <= ks or {"encoder.conv1.weight", "conv2.weight"} <= ks:
+        return "a VAE (select it in the VAE loader)"
+    if any(k.startswith(("first_stage_model.encoder.", "vae.encoder.")) for k in ks) and not any(
+        k.startswith(COMFY_PREFIX) for k in ks
+    ):
+        return "a VAE (select it in the VAE loader)"
+    if any("embed_tokens." in k or k.startswith(("visual.", "model.visual.")) for k in ks):
+        return "a text encoder (select it in the text encoder loader)"
+    return None
+
+
 def _strip_prefix(keys: Sequence[str], prefixes: Sequence[str]) -> Callable[[str], str | None]:
     """A rename that keeps only keys under the first prefix present (stripped), or every key when none is."""
     for prefix in prefixes:
@@ -313,6 +327,12 @@ def load_transformer(
     check_dtype(dtype)
     with open_checkpoint(source, subfolder=subfolder, default_subfolder="transformer") as ckpt:
         keys = ckpt.keys()
+        foreign = _foreign_component(keys)
+        if foreign:
+            raise ModelMismatchError(
+                f"{ckpt.source}: this is not a Qwen-Image-Layered transformer, it is {foreign}. Choose the "
+                "Qwen-Image-Layered diffusion model (qwen_image_layered_*.safetensors or the transformer/ folder)"
+            )
         rename = _strip_prefix(keys, (COMFY_PREFIX,))
         plan = plan_keys(ckpt, rename)
         if plan.ignored:
