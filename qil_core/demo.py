@@ -34,7 +34,9 @@ def demo_edits(size: tuple[int, int]) -> tuple[LayerEdit, ...]:
     w, h = size
     return (
         LayerEdit("Near hill", {"hue_shift": -75.0, "saturation": 0.25}),
-        LayerEdit("Sun glow,Sun", {"move": (round(-0.12 * w), round(0.065 * h))}),  # scales with the canvas
+        # Rightwards only: the glow is clipped at the top and right canvas edges, and this move keeps both clips
+        # outside the canvas, so no clipped edge becomes visible. Scales with the canvas.
+        LayerEdit("Sun glow,Sun", {"move": (round(0.06 * w), 0)}),
         LayerEdit("Sun", {"scale": 1.4}),
     )
 
