@@ -129,8 +129,14 @@ def _canvas(doc: dict, items: Sequence[dict]) -> tuple[int, int]:
     if canvas is None:
         if not items:
             raise InputError("LAYERS document has no 'canvas' and no layers; give canvas (width, height)")
-        sizes = [(_int(it, "x", 0, "layer") + _int(it, "w", np.shape(it["image"])[-2], "layer"),
-                  _int(it, "y", 0, "layer") + _int(it, "h", np.shape(it["image"])[-3], "layer")) for it in items]
+        sizes = []
+        for i, it in enumerate(items):
+            shape = np.shape(it.get("image", ()))
+            if len(shape) not in (3, 4):
+                raise InputError(f"layers[{i}].image must be an IMAGE [B, H, W, C], got shape {tuple(shape)}")
+            what = f"layers[{i}]"
+            sizes.append((_int(it, "x", 0, what) + _int(it, "w", shape[-2], what),
+                          _int(it, "y", 0, what) + _int(it, "h", shape[-3], what)))
         canvas = (max(1, max(s[0] for s in sizes)), max(1, max(s[1] for s in sizes)))
         logger.info("LAYERS document has no canvas; using %dx%d from its layers", *canvas)
     try:

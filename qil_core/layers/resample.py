@@ -52,14 +52,16 @@ def unpremultiply(prem: np.ndarray) -> np.ndarray:
     Kernel overshoot is clipped first (alpha to 0..1, colour to 0..alpha), so there is never a division
     by zero and never a colour brighter than its own coverage allows.
     """
-    out = np.array(prem, dtype=np.float32, copy=True)
-    a = np.clip(out[..., 3:4], 0, 1)
+    out = np.empty(prem.shape, np.float32)
+    a = out[..., 3]
+    np.clip(prem[..., 3], 0, 1, out=a)
     a[a < ALPHA_EPS] = 0
-    rgb = np.clip(out[..., :3], 0, a)
-    np.divide(rgb, a, out=rgb, where=a > 0)
-    rgb[np.broadcast_to(a <= 0, rgb.shape)] = 0
-    out[..., :3] = np.clip(rgb, 0, 1)
-    out[..., 3:4] = a
+    inv = np.divide(1, a, out=np.zeros_like(a), where=a > 0)  # 0 under alpha 0 zeroes the colour
+    for c in range(3):
+        ch = out[..., c]
+        np.clip(prem[..., c], 0, a, out=ch)
+        ch *= inv
+        np.minimum(ch, 1, out=ch)
     return out
 
 
@@ -114,7 +116,11 @@ def _kernel(interpolation: str) -> tuple[int, object]:
         return 2, cubic
 
     def lanczos(t: np.ndarray) -> np.ndarray:
-        return np.where(np.abs(t) < 3, np.sinc(t) * np.sinc(t / 3), 0)
+        # sinc(t)·sinc(t/3) = 3·sin(πt)·sin(πt/3) / (πt)², 1 at t = 0, 0 outside |t| < 3.
+        pt = np.float32(np.pi) * t.astype(np.float32)
+        den = pt * pt
+        val = np.divide(3 * np.sin(pt) * np.sin(pt / 3), den, out=np.ones_like(pt), where=den > 1e-12)
+        return np.where(np.abs(pt) < 3 * np.float32(np.pi), val, np.float32(0))
     return 3, lanczos
 
 
@@ -123,46 +129,58 @@ def warp_affine(prem: np.ndarray, inverse: np.ndarray, size: tuple[int, int],
     """Sample premultiplied (h, w, 4) at `inverse` @ (X + 0.5, Y + 0.5, 1) for every output pixel; -> (H, W, 4).
 
     `inverse` (2, 3) maps output pixel coordinates to source coordinates. Meant for rotations and
-    magnification: it does not widen the kernel, so shrink with `resample_box` first.
+    magnification: it does not widen the kernel, so shrink with `resample_box` first. Only output pixels whose
+    kernel reaches the source are computed; the rest stay transparent.
     """
     check_interpolation(interpolation)
     out_w, out_h = int(size[0]), int(size[1])
     m = np.asarray(inverse, np.float64)
+    h, w = prem.shape[:2]
     radius, kern = (0, None) if interpolation == "nearest" else _kernel(interpolation)
-    pad = radius + 1
-    src = np.pad(prem, ((pad, pad), (pad, pad), (0, 0)))  # transparent border: outside samples read zero
-    hp, wp = src.shape[:2]
-    flat = src.reshape(-1, 4)
-    out = np.zeros((out_h, out_w, 4), np.float32)
+    pad = 2 * radius + 1  # every tap of a sample within `radius` of the source stays inside the padding
+    hp, wp = h + 2 * pad, w + 2 * pad
+    # Planar padded source: gathers and multiply-adds then run on flat float32 arrays (fast in numpy).
+    planes = [np.pad(prem[..., c], pad).ravel() for c in range(4)]  # transparent border reads zero
+    out = np.zeros((out_h * out_w, 4), np.float32)
     xs = np.arange(out_w, dtype=np.float64) + 0.5
     rows = max(1, _WARP_CHUNK // max(1, out_w))
     for r0 in range(0, out_h, rows):
         ys = np.arange(r0, min(out_h, r0 + rows), dtype=np.float64)[:, None] + 0.5
-        u = m[0, 0] * xs + m[0, 1] * ys + m[0, 2] + pad  # (rows, W) source x in padded coordinates
-        v = m[1, 0] * xs + m[1, 1] * ys + m[1, 2] + pad
-        chunk = out[r0:r0 + ys.shape[0]]
-        if kern is None:
-            ix = np.clip(np.floor(u), 0, wp - 1).astype(np.intp)
-            iy = np.clip(np.floor(v), 0, hp - 1).astype(np.intp)
-            chunk[...] = flat[iy * wp + ix]
+        u = (m[0, 0] * xs + m[0, 1] * ys + m[0, 2]).ravel()  # source x of each output pixel centre
+        v = (m[1, 0] * xs + m[1, 1] * ys + m[1, 2]).ravel()
+        reach = max(radius, 1)
+        sel = np.flatnonzero((u > -reach) & (u < w + reach) & (v > -reach) & (v < h + reach))
+        if sel.size == 0:
             continue
-        bx = np.floor(u - 0.5).astype(np.intp) - radius + 1  # first tap column
-        by = np.floor(v - 0.5).astype(np.intp) - radius + 1
+        u, v = u[sel] + pad, v[sel] + pad  # padded coordinates
+        dest = out[r0 * out_w + sel]
+        if kern is None:
+            idx = np.floor(v).astype(np.intp) * wp + np.floor(u).astype(np.intp)
+            for c in range(4):
+                dest[:, c] = planes[c][idx]
+            out[r0 * out_w + sel] = dest
+            continue
+        fx, fy = np.floor(u - 0.5), np.floor(v - 0.5)
+        bx = fx.astype(np.intp) - radius + 1  # first tap column / row
+        by = fy.astype(np.intp) - radius + 1
         taps = range(2 * radius)
-        wx = np.stack([kern(u - 0.5 - (bx + k)) for k in taps]).astype(np.float32)  # (2R, rows, W)
+        wx = np.stack([kern(u - 0.5 - (bx + k)) for k in taps]).astype(np.float32)  # (2R, n)
         wy = np.stack([kern(v - 0.5 - (by + k)) for k in taps]).astype(np.float32)
         wx /= np.where(wx.sum(0) != 0, wx.sum(0), 1)  # normalise each axis so flat areas stay flat
         wy /= np.where(wy.sum(0) != 0, wy.sum(0), 1)
+        acc = np.zeros((4, sel.size), np.float32)
         for j in taps:
-            iy = np.clip(by + j, 0, hp - 1) * wp
+            row = (by + j) * wp
             for k in taps:
+                idx = row + (bx + k)
                 weight = wy[j] * wx[k]
-                chunk += flat[iy + np.clip(bx + k, 0, wp - 1)] * weight[..., None]
-        if radius > 1:
-            # Anti-ringing: keep each value within the range of the 2x2 source pixels around the sample.
-            # Cubic and Lanczos lobes otherwise draw a faint ghost outline 2-3 px outside a rotated edge.
-            x0 = np.clip(np.floor(u - 0.5).astype(np.intp), 0, wp - 2)
-            y0 = np.clip(np.floor(v - 0.5).astype(np.intp), 0, hp - 2) * wp
-            quad = np.stack([flat[y0 + x0], flat[y0 + x0 + 1], flat[y0 + wp + x0], flat[y0 + wp + x0 + 1]])
-            np.clip(chunk, quad.min(0), quad.max(0), out=chunk)
-    return out
+                for c in range(4):
+                    acc[c] += planes[c][idx] * weight
+        # Anti-ringing: keep each value within the range of the 2x2 source pixels around the sample.
+        # Cubic and Lanczos lobes otherwise draw a faint ghost outline 2-3 px outside a rotated edge.
+        i00 = fy.astype(np.intp) * wp + fx.astype(np.intp)
+        for c in range(4):
+            quad = np.stack([planes[c][i00], planes[c][i00 + 1], planes[c][i00 + wp], planes[c][i00 + wp + 1]])
+            dest[:, c] = np.clip(acc[c], quad.min(0), quad.max(0)) if radius > 1 else acc[c]
+        out[r0 * out_w + sel] = dest
+    return out.reshape(out_h, out_w, 4)
