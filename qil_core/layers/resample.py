@@ -138,7 +138,7 @@ def warp_affine(prem: np.ndarray, inverse: np.ndarray, size: tuple[int, int],
     h, w = prem.shape[:2]
     radius, kern = (0, None) if interpolation == "nearest" else _kernel(interpolation)
     pad = 2 * radius + 1  # every tap of a sample within `radius` of the source stays inside the padding
-    hp, wp = h + 2 * pad, w + 2 * pad
+    wp = w + 2 * pad  # padded row length
     # Planar padded source: gathers and multiply-adds then run on flat float32 arrays (fast in numpy).
     planes = [np.pad(prem[..., c], pad).ravel() for c in range(4)]  # transparent border reads zero
     out = np.zeros((out_h * out_w, 4), np.float32)
