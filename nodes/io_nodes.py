@@ -259,7 +259,7 @@ class QILPreviewLayers:
     DESCRIPTION = (
         "Shows each layer alone, at its place on the canvas, over a grey checkerboard that makes transparency "
         "visible (opacity applied, blend mode not), bottom layer first. The frames are also an RGB IMAGE batch "
-        "for other nodes. Preview files go to the temp folder."
+        "at full size for other nodes; the preview files in the temp folder are at most 1024 px."
     )
     CATEGORY = CATEGORY_IO
     RETURN_TYPES = ("IMAGE",)
@@ -287,7 +287,7 @@ class QILPreviewLayers:
             rgba = np.concatenate([rgba, composite(stack)[None]])
         board = checkerboard(stack.height, stack.width)
         shown = rgba[..., :3] * rgba[..., 3:] + board * (1 - rgba[..., 3:])  # (N, H, W, 3)
-        files = host.save_files(_preview_prefix(), [(f"{i:02}.png", _png_writer(f, level=1))
+        files = host.save_files(_preview_prefix(), [(f"{i:02}.png", _png_writer(f, level=1, max_side=PREVIEW_SIDE))
                                                     for i, f in enumerate(shown)], temp=True)
         return {"ui": {"images": [f.ui() for f in files]}, "result": (to_output(shown),)}
 

@@ -250,3 +250,17 @@ def test_graph_without_an_output_or_with_a_missing_input_is_refused(harness: Har
     del graph["6"]["inputs"]["layer"]
     with pytest.raises(GraphError, match="required input 'layer' is missing"):
         harness.run(graph)
+
+
+def test_preview_files_are_capped_and_bad_options_refused(harness: Harness) -> None:
+    wide = common.to_document(core.LayerStack(1500, 40, [core.Layer(np.ones((40, 1500, 4), np.float32), name="w")]))
+    with harness.host():
+        result = io_nodes.QILPreviewLayers().preview(wide)
+        with pytest.raises(errors.InputError, match="'depth' must be one of 8-bit, 16-bit"):
+            io_nodes.QILSavePSD().save(wide, "x", depth="32-bit")
+        with pytest.raises(errors.InputError, match="no layers"):
+            io_nodes.QILSaveLayerPNGs().save({"version": 1, "canvas": (4, 4), "layers": []}, "x")
+    assert result["result"][0].shape == (1, 40, 1500, 3)  # the IMAGE output keeps the full size
+    (item,) = result["ui"]["images"]
+    assert Image.open(harness.temp_dir / item["subfolder"] / item["filename"]).size == (1024, 27)
+    assert _files(harness.output_dir) == []
