@@ -76,6 +76,11 @@ def _clip_rect(a: Rect, b: Rect) -> Rect | None:
     return (l, t, r, bt) if l < r and t < bt else None
 
 
+def _workers() -> int:
+    """Threads for band work: the CPU count, capped at 8 (memory bandwidth saturates beyond)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
 def _parallel_rows(work: Callable[[int, int, dict], None], rows: int, row_pixels: int,
                    pool: ThreadPoolExecutor | None) -> None:
     """Run `work(start, stop, workspace)` over row bands, one contiguous run of bands per pool thread.
@@ -86,7 +91,7 @@ def _parallel_rows(work: Callable[[int, int, dict], None], rows: int, row_pixels
     """
     step = max(1, _BAND_PIXELS // max(1, row_pixels))
     nbands = -(-rows // step)
-    workers = 1 if pool is None else min(pool._max_workers, nbands)
+    workers = 1 if pool is None else min(_workers(), nbands)
     per = -(-nbands // workers) * step
 
     def run(start: int, stop: int) -> None:
@@ -205,7 +210,7 @@ def composite_layers(layers: Sequence[Layer], rect: Rect, *, background: Sequenc
     if bg is not None:
         planes[...] = np.concatenate([bg[:3] * bg[3], bg[3:]])[:, None, None]
         out[...] = bg if bg[3] > 0 else 0
-    with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+    with ThreadPoolExecutor(_workers()) as pool:
         touched = [hit for layer in layers if (hit := blend_layer_into(planes, (l, t), layer, pool)) is not None]
         for x0, y0, x1, y1 in _disjoint_cover(touched):
             planes_to_straight(planes[:, y0 - t:y1 - t, x0 - l:x1 - l], out[y0 - t:y1 - t, x0 - l:x1 - l], pool)
