@@ -208,7 +208,7 @@ def _plan(prefix: str, width: int, height: int, temp: bool) -> tuple[Path, str, 
     # Check before anything is created: ComfyUI's own check uses abspath, which a symlink inside output/ escapes.
     if not _inside(folder, root):
         raise OutputPathError(
-            f"filename_prefix {prefix!r} leads outside the output folder through a link "
+            f"filename_prefix {prefix!r} leads outside the {'temp' if temp else 'output'} folder through a link "
             f"({folder} -> {os.path.realpath(folder)}); choose another subfolder"
         )
     fp = _folder_paths()
@@ -221,8 +221,9 @@ def _plan(prefix: str, width: int, height: int, temp: bool) -> tuple[Path, str, 
         else:
             folder.mkdir(parents=True, exist_ok=True)
             counter = _next_counter(folder, base)
-    except (NotADirectoryError, FileExistsError, PermissionError) as e:
-        raise OutputPathError(f"cannot create the folder {folder} for {prefix!r}: {e.strerror}") from e
+    except OSError as e:  # a path part is a file, read-only or full disk, no permission
+        raise OutputPathError(f"cannot create or list the folder {folder} for {prefix!r}: {e.strerror or e}; "
+                              "check the output folder") from e
     if not folder.is_dir() or not _inside(folder, root):
         raise OutputPathError(f"cannot save into {folder}: not a folder inside {root}")
     return folder, base, int(counter), subfolder.replace("\\", "/"), "temp" if temp else "output"
@@ -282,13 +283,16 @@ def save_files(
     Each writer fills a path that does not exist yet in a hidden staging folder beside the targets; then every
     result is claimed exclusively. On a collision with another process the ones already claimed are moved back
     and the next counter is tried. Never overwrites; an error leaves no partial file. Returns `writers` order."""
+    suffixes = [suffix for suffix, _ in writers]
+    if len(set(suffixes)) != len(suffixes):
+        raise ValueError(f"save_files: suffixes must differ, got {suffixes}")
     folder, base, counter, subfolder, kind = _plan(prefix, width, height, temp)
     try:
         staging = Path(tempfile.mkdtemp(prefix=".qil-staging-", dir=folder))
     except OSError as e:
         raise OutputPathError(f"cannot write into {folder}: {e.strerror or e}; check the folder's permissions") from e
     try:
-        tmps = [staging / f"{base}_{i}{suffix}" for i, (suffix, _) in enumerate(writers)]
+        tmps = [staging / f"{base}_{counter:05}_{suffix}" for suffix in suffixes]  # the planned names, for messages
         for tmp, (_, write) in zip(tmps, writers):
             write(tmp)
             if not tmp.exists():

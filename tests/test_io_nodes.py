@@ -4,6 +4,8 @@ API-format graphs run end to end through the harness, including its validation a
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import zipfile
 from pathlib import Path
 
@@ -264,3 +266,41 @@ def test_preview_files_are_capped_and_bad_options_refused(harness: Harness) -> N
     (item,) = result["ui"]["images"]
     assert Image.open(harness.temp_dir / item["subfolder"] / item["filename"]).size == (1024, 27)
     assert _files(harness.output_dir) == []
+
+
+# A file-size limit makes every write past 64 KiB fail with EFBIG, like a full disk (robustness.md S6: as root,
+# chmod does not block writes). Runs in a child process so the limit cannot leak into the test session.
+_DISK_FULL_PROBE = r"""
+import json, resource, signal, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import numpy as np
+from comfy_harness import Harness, load_pack, pack_module
+harness = Harness(load_pack().NODE_CLASS_MAPPINGS, Path(sys.argv[2]))
+(harness.output_dir / "full").mkdir()
+(harness.output_dir / "full" / "doc_00001_.psd").write_bytes(b"keep me")
+core, common = pack_module("qil_core.layers"), pack_module("nodes.common")
+noise = np.random.default_rng(0).random((256, 256, 4), dtype=np.float32)
+doc = common.to_document(core.LayerStack(256, 256, [core.Layer(noise, name="noise")]))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+try:
+    with harness.host():
+        pack_module("nodes.io_nodes").QILSavePSD().save(doc, "full/doc")
+    outcome = "saved"
+except ValueError as e:
+    outcome = type(e).__name__ + ": " + str(e)
+files = sorted(str(p.relative_to(harness.output_dir)) for p in harness.output_dir.rglob("*"))
+print(json.dumps({"outcome": outcome, "files": files,
+                  "kept": (harness.output_dir / "full" / "doc_00001_.psd").read_bytes().decode()}))
+"""
+
+
+def test_disk_full_leaves_nothing_behind_and_keeps_existing_files(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", _DISK_FULL_PROBE, str(Path(__file__).parent), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["outcome"].startswith("OutputPathError") and "doc" in report["outcome"], report["outcome"]
+    assert report["files"] == ["full", "full/doc_00001_.psd"]
+    assert report["kept"] == "keep me"
