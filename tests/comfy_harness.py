@@ -532,8 +532,10 @@ class Harness:
             visit(n)
         return order
 
-    def run(self, graph: Mapping[str, Any]) -> RunResult:
-        """Validate and execute `graph`; raises GraphError for refused graphs, or whatever a node raised."""
+    def run(self, graph: Mapping[str, Any], *, extra_pnginfo: dict | None = None) -> RunResult:
+        """Validate and execute `graph`; raises GraphError for refused graphs, or whatever a node raised.
+
+        `extra_pnginfo` is what the frontend sends beside the prompt (e.g. {"workflow": ui_graph})."""
         graph = {str(k): v for k, v in graph.items()}
         constants = self.validate(graph)
         order = self._order(graph)
@@ -563,7 +565,7 @@ class Harness:
                     if cached[2] is not None:
                         ui[n] = cached[2]
                     continue
-                outputs[n], node_ui = self._execute(graph, n, cls, constants[n], outputs)
+                outputs[n], node_ui = self._execute(graph, n, cls, constants[n], outputs, extra_pnginfo)
                 executed.append(n)
                 if node_ui is not None:
                     ui[n] = node_ui
@@ -571,7 +573,7 @@ class Harness:
         return RunResult(outputs, ui, is_changed, executed, self.record)
 
     def _execute(self, graph: Mapping[str, Any], n: str, cls: type, consts: dict[str, Any],
-                 outputs: dict[str, tuple]) -> tuple[tuple, dict | None]:
+                 outputs: dict[str, tuple], extra_pnginfo: dict | None) -> tuple[tuple, dict | None]:
         node = graph[n]
         where = f"node {n} ({node['class_type']})"
         kwargs = dict(consts)
@@ -580,7 +582,7 @@ class Harness:
                 kwargs[name] = outputs[str(value[0])][value[1]]
         hidden = cls.INPUT_TYPES().get("hidden", {})
         for name, kind in hidden.items():
-            kwargs[name] = {"PROMPT": graph, "UNIQUE_ID": n}.get(kind)
+            kwargs[name] = {"PROMPT": graph, "UNIQUE_ID": n, "EXTRA_PNGINFO": extra_pnginfo}.get(kind)
         if n not in self._instances or type(self._instances[n]) is not cls:
             self._instances[n] = cls()
         result = getattr(self._instances[n], cls.FUNCTION)(**kwargs)

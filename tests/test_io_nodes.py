@@ -200,8 +200,11 @@ EDIT_GRAPH = {
 
 def test_edit_graph_runs_end_to_end_and_is_cached(harness: Harness) -> None:
     _inputs(harness)
-    result = harness.run(EDIT_GRAPH)
+    result = harness.run(EDIT_GRAPH, extra_pnginfo={"workflow": {"nodes": [], "links": []}})
     assert sorted(result.executed, key=int) == [str(i) for i in range(1, 15)]
+    png = Image.open(harness.output_dir / "QwenLayered" / "edit_00001_.png")
+    assert json.loads(png.info["workflow"]) == {"nodes": [], "links": []}  # drag the PNG back into ComfyUI
+    assert json.loads(png.info["prompt"])["10"]["class_type"] == "QILSavePSD"
     out = harness.output_dir / "QwenLayered"
     assert _files(out) == ["composite_00001_.png", "edit_00001_.png", "edit_00001_.psd", "reloaded_00001_.png",
                            "reloaded_00002_.png"]
