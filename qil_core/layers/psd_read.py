@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,7 @@ def _blend_name(layer, warn) -> str:
     return mode if mode in BLEND_MODES else "normal"
 
 
-def read_psd(path: str | os.PathLike[str]) -> LayerStack:
+def read_psd(path: str | os.PathLike[str], *, workers: int | None = None) -> LayerStack:
     """Read a PSD's raster layers (bottom first) with names, offsets, opacity, blend mode and visibility."""
     path = Path(path)
     psd = _open(path)
@@ -150,7 +151,7 @@ def read_psd(path: str | os.PathLike[str]) -> LayerStack:
             warned.add(msg)
             log.warning("%s: %s", os.fspath(path), msg)
 
-    layers: list[Layer] = []
+    leaves: list[tuple[object, bool, float]] = []  # (psd-tools layer, visible, opacity), bottom first
 
     def visit(items, visible: bool, opacity: float) -> None:
         for item in items:
@@ -158,28 +159,36 @@ def read_psd(path: str | os.PathLike[str]) -> LayerStack:
                 warn("layer groups are flattened: their children are kept in order, with the group's "
                      "visibility and opacity folded in")
                 visit(list(item), visible and item.visible, opacity * item.opacity / 255.0)
-                continue
-            if item.kind == "pixel":
-                px = _decode_channels(psd, item)
             else:
-                px = None
-                if item.has_pixels():
-                    px = _raster_preview(item)
-                    if px is not None:
-                        warn(f"layer {item.name!r} is a {item.kind} layer; read as its stored raster image")
-            if px is None:
-                if item.kind == "pixel":  # an empty (0x0) pixel layer is kept, so indices stay as written
-                    px = np.zeros((0, 0, 4), np.float32)
-                else:
-                    warn(f"layer {item.name!r} ({item.kind}) has no pixels and was skipped")
-                    continue
-            layers.append(Layer(pixels=px, x=item.left if px.size else 0, y=item.top if px.size else 0,
-                                name=item.name, opacity=opacity * item.opacity / 255.0,
-                                blend_mode=_blend_name(item, warn), visible=visible and item.visible))
+                leaves.append((item, visible and item.visible, opacity * item.opacity / 255.0))
+
+    def pixels(item) -> np.ndarray | None:
+        if item.kind == "pixel":  # an empty (0x0) pixel layer is kept, so indices stay as written
+            px = _decode_channels(psd, item)
+            return np.zeros((0, 0, 4), np.float32) if px is None else px
+        px = _raster_preview(item) if item.has_pixels() else None
+        if px is None:
+            warn(f"layer {item.name!r} ({item.kind}) has no pixels and was skipped")
+        else:
+            warn(f"layer {item.name!r} is a {item.kind} layer; read as its stored raster image")
+        return px
 
     _check_image_data(psd, path)
+    layers: list[Layer] = []
     try:
         visit(list(psd), True, 1.0)
+        n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+        if n_workers > 1 and len(leaves) > 1:  # numpy and the C decoder release the GIL
+            with ThreadPoolExecutor(n_workers) as pool:
+                decoded = list(pool.map(pixels, [item for item, _, _ in leaves]))
+        else:
+            decoded = [pixels(item) for item, _, _ in leaves]
+        for (item, visible, opacity), px in zip(leaves, decoded):
+            if px is None:
+                continue
+            layers.append(Layer(pixels=px, x=item.left if px.size else 0, y=item.top if px.size else 0,
+                                name=item.name, opacity=opacity, blend_mode=_blend_name(item, warn),
+                                visible=visible))
     except (ValueError, OSError, EOFError, struct.error, IndexError) as err:
         if isinstance(err, PSDError):
             raise

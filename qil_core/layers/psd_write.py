@@ -115,24 +115,40 @@ def _layer_record(rect: tuple[int, int, int, int], lengths: list[int], layer: La
     return b"".join(out)
 
 
-def _quantize(px: np.ndarray, depth: int, what: str, warn: Callable[[str], None], *,
-              matte: bool = False) -> np.ndarray:
+def _quantize(px: np.ndarray, depth: int, what: str, warn: Callable[[str], None], *, matte: bool = False,
+              pool: ThreadPoolExecutor | None = None) -> np.ndarray:
     """Float straight RGBA (h, w, 4) -> planar (4, h, w) uint8/uint16, rounded.
 
     Layers get RGB zeroed where alpha is 0. The merged image (`matte`) is stored the way Photoshop stores it
     and psd-tools/ImageMagick undo it: colour composited over white, c·a + (1 - a), with its alpha.
+    With a `pool`, row chunks are converted on its threads.
     """
     h, w = px.shape[:2]
-    scale = np.float32(255 if depth == 8 else 65535)
-    dtype = np.uint8 if depth == 8 else np.uint16
-    planes = np.empty((4, h, w), dtype)
+    planes = np.empty((4, h, w), np.uint8 if depth == 8 else np.uint16)
     if h == 0 or w == 0:
         return planes
+    if pool is None or h < 64:
+        clamped = _quantize_rows(px, planes, 0, h, depth, what, matte)
+    else:
+        step = -(-h // (4 * pool._max_workers))
+        jobs = [pool.submit(_quantize_rows, px, planes, r, min(h, r + step), depth, what, matte)
+                for r in range(0, h, step)]
+        clamped = any([j.result() for j in jobs])
+    if clamped:
+        warn(f"{what}: pixel values outside 0..1 were clamped")
+    return planes
+
+
+def _quantize_rows(px: np.ndarray, planes: np.ndarray, start: int, stop: int, depth: int, what: str,
+                   matte: bool) -> bool:
+    """Convert rows start..stop of `px` into `planes` in cache-sized bands; True when values were clamped."""
+    w = px.shape[1]
+    scale = np.float32(255 if depth == 8 else 65535)
     rows = max(1, _BAND_PIXELS // w)
     tmp = np.empty((rows, w, 4), np.float32)
     clamped = False
-    for r0 in range(0, h, rows):
-        r1 = min(h, r0 + rows)
+    for r0 in range(start, stop, rows):
+        r1 = min(stop, r0 + rows)
         t = tmp[: r1 - r0]
         np.multiply(px[r0:r1], scale, out=t)
         lo, hi = float(t.min()), float(t.max())
@@ -142,18 +158,20 @@ def _quantize(px: np.ndarray, depth: int, what: str, warn: Callable[[str], None]
         if lo < 0 or hi > scale:
             np.clip(t, 0, scale, out=t)
             clamped = True
-        if matte:
-            a = t[..., 3:4]
-            t[..., :3] *= a * (1 / scale)
-            t[..., :3] += scale - a
+        if matte:  # per channel: 2-D strided loops, not a broadcast with an inner axis of length 3
+            a = t[..., 3]
+            gain = a * np.float32(1 / scale)
+            offset = scale - a
+            for c in range(3):
+                tc = t[..., c]
+                np.multiply(tc, gain, out=tc)
+                np.add(tc, offset, out=tc)
         t += np.float32(0.5)
         band = planes[:, r0:r1]
         np.copyto(band.transpose(1, 2, 0), t, casting="unsafe")  # floor(x*scale + 0.5) per channel
         if not matte:
             band[:3] *= band[3] != 0  # zero RGB under fully transparent pixels
-    if clamped:
-        warn(f"{what}: pixel values outside 0..1 were clamped")
-    return planes
+    return clamped
 
 
 def _encode_planes(planes: np.ndarray, depth: int, compression: int) -> list[list[bytes | np.ndarray]]:
@@ -289,7 +307,7 @@ def _encoded_in_order(stack: LayerStack, depth: int, compression: int, warn: Cal
 def _merged_pieces(merged: np.ndarray, depth: int, compression: int, warn: Callable[[str], None],
                    pool: ThreadPoolExecutor | None) -> list[bytes | np.ndarray]:
     """The image-data section: compression, then (RLE) all channels' row tables, then all channels' data."""
-    planes = _quantize(np.asarray(merged, np.float32), depth, "merged image", warn, matte=True)
+    planes = _quantize(np.asarray(merged, np.float32), depth, "merged image", warn, matte=True, pool=pool)
     if compression == 0:
         return [struct.pack(">H", 0), planes.astype(">u2") if depth == 16 else planes]
 
