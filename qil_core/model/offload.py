@@ -1,0 +1,422 @@
+"""Placements that keep weights off the compute device: whole components between uses, or transformer blocks.
+
+Both implement the `Placement` protocol of `runtime.py`. The weights are never converted: a module's tensors
+are swapped (`param.data = ...`, buffers replaced) between a host copy on the CPU and a device copy made with
+`copy_`, so fp8 weights stream as fp8 and the device copy is bit-identical to the host copy (every mode gives
+the resident mode's outputs exactly). Inference never changes weights, so going back to the host is just
+re-pointing at the host copy: no device-to-host traffic.
+
+- `OffloadPlacement`: a component is copied to the device when a pipeline `use`s it and dropped afterwards,
+  unless its name is in `keep` (then it stays until `unload`). `keep=("transformer", "vae")` is the
+  "text encoder released after encoding" mode.
+- `BlockSwapPlacement`: the transformer's non-block weights and its first `resident_blocks` blocks stay on the
+  device; every other block is copied in just before it runs and dropped right after, while the next one is
+  copied on a side CUDA stream (ordered with events), so the transfer hides behind the current block's compute.
+  Peak device weights: rest + (resident_blocks + 2) blocks. On the CPU (or without prefetch) the same hooks
+  run synchronously, which is how the tests prove it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Collection, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from .runtime import Placement, ResidentPlacement
+
+logger = logging.getLogger(__name__)
+
+HOST = torch.device("cpu")
+# Components a BlockSwapPlacement streams block by block; everything else goes to its `others` placement.
+SWAPPED = ("transformer",)
+
+
+def _normalize(device: torch.device | str | None) -> torch.device:
+    """The device, with an index-less "cuda" pinned to the current CUDA device (so stream calls agree)."""
+    dev = torch.device(device) if device is not None else HOST
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return dev
+
+
+class ModuleStore:
+    """The host copies of a module's parameters and buffers, and the swap between them and device copies.
+
+    `skip` names direct children whose tensors are left alone (a BlockSwapPlacement stores blocks separately).
+    Host copies are the module's own CPU tensors (memory-mapped weights stay memory-mapped) unless `pin` asks
+    for page-locked copies, or the tensor lives on another device (then it is copied to the CPU once).
+    """
+
+    def __init__(
+        self, module: nn.Module, name: str, *, pin: bool = False, skip: Collection[str] = (),
+        reuse_on: torch.device | None = None,
+    ) -> None:
+        self.module = module
+        self.name = name
+        self.refs: list[tuple[nn.Module, str, bool]] = []  # (owner, attribute, is_parameter)
+        self.host: list[Tensor] = []
+        self.attached: list[Tensor] | None = None  # device copies while on the device
+        originals: list[Tensor] = []
+        seen: set[int] = set()
+        for owner in _modules(module, skip):
+            for attr, is_param, obj, t in _own_tensors(owner):
+                if id(obj) in seen:
+                    continue  # a tied parameter is one object: swapping its data once serves every owner
+                seen.add(id(obj))
+                if t.device.type == "meta":
+                    raise InputError(
+                        f"component {name!r} still has meta tensors ({type(owner).__name__}.{attr}); load its "
+                        "weights before running it"
+                    )
+                self.refs.append((owner, attr, is_param))
+                self.host.append(_host_copy(t, pin))
+                originals.append(t)
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.host)
+        if reuse_on is not None and reuse_on.type != "cpu" and originals and all(
+            _same(t.device, reuse_on) for t in originals
+        ):
+            self.attached = originals  # loaded straight onto the device: keep using those tensors, copy nothing
+        else:
+            self._set(self.host)
+
+    @property
+    def on_device(self) -> bool:
+        """True while device copies are attached."""
+        return self.attached is not None
+
+    def _set(self, tensors: list[Tensor]) -> None:
+        for (owner, attr, is_param), t in zip(self.refs, tensors, strict=True):
+            if is_param:
+                owner._parameters[attr].data = t  # type: ignore[union-attr]
+            else:
+                owner._buffers[attr] = t
+
+    def copies(self, device: torch.device, non_blocking: bool = False) -> list[Tensor]:
+        """Fresh device copies of every host tensor (same dtype, bit-identical), allocated on the current stream."""
+        out = []
+        for h in self.host:
+            d = torch.empty_like(h, device=device)
+            d.copy_(h, non_blocking=non_blocking)
+            out.append(d)
+        return out
+
+    def attach(self, tensors: list[Tensor]) -> None:
+        """Point the module at `tensors` (device copies made by `copies`)."""
+        self._set(tensors)
+        self.attached = tensors
+
+    def detach(self) -> None:
+        """Point the module back at its host copies; the device copies are freed when nothing else holds them."""
+        if self.attached is not None:
+            self._set(self.host)
+            self.attached = None
+
+
+def _modules(module: nn.Module, skip: Collection[str]) -> Iterator[nn.Module]:
+    """The module and its descendants, leaving out the direct children named in `skip` and their subtrees."""
+    yield module
+    for child_name, child in module.named_children():
+        if child_name not in skip:
+            yield from _modules(child, ())
+
+
+def _own_tensors(owner: nn.Module) -> Iterator[tuple[str, bool, object, Tensor]]:
+    """(attribute, is_parameter, the object that identifies it, its tensor) for the owner's direct tensors."""
+    for attr, p in owner._parameters.items():
+        if p is not None:
+            yield attr, True, p, p.data
+    for attr, b in owner._buffers.items():
+        if b is not None:
+            yield attr, False, b, b
+
+
+def _host_copy(t: Tensor, pin: bool) -> Tensor:
+    """`t` itself when it is a usable host tensor, else a CPU copy (page-locked when `pin`)."""
+    if t.device.type == "cpu" and (not pin or t.is_pinned()):
+        return t
+    out = torch.empty_like(t, device=HOST, pin_memory=pin)
+    out.copy_(t)
+    return out
+
+
+def _same(a: torch.device, b: torch.device) -> bool:
+    return a.type == b.type and (a.index or 0) == (b.index or 0)
+
+
+def _default_pin(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+class OffloadPlacement:
+    """Components live on the CPU and are copied to `device` for each `use`; names in `keep` stay there."""
+
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        keep: Collection[str] = (),
+        pin_memory: bool | None = None,
+    ) -> None:
+        self.device = _normalize(device)
+        self.dtype = dtype
+        self.keep = frozenset(keep)
+        self.pin_memory = _default_pin(self.device) if pin_memory is None else pin_memory
+        self._stores: dict[int, ModuleStore] = {}
+        self._active: dict[int, int] = {}
+
+    def _store(self, name: str, module: nn.Module) -> ModuleStore:
+        store = self._stores.get(id(module))
+        if store is None or store.module is not module:
+            store = self._stores[id(module)] = ModuleStore(module, name, pin=self.pin_memory, reuse_on=self.device)
+        return store
+
+    @contextlib.contextmanager
+    def _use(self, name: str, module: nn.Module) -> Iterator[nn.Module]:
+        store = self._store(name, module)
+        if not store.on_device:
+            logger.debug("offload: %s to %s (%.1f MB)", name, self.device, store.nbytes / 1e6)
+            store.attach(store.copies(self.device))
+        self._active[id(module)] = self._active.get(id(module), 0) + 1
+        try:
+            yield module
+        finally:
+            self._active[id(module)] -= 1
+            if not self._active[id(module)] and name not in self.keep:
+                store.detach()
+
+    def use(self, name: str, module: nn.Module) -> AbstractContextManager[nn.Module]:
+        """Context manager yielding `module` with its weights on `self.device` (dropped on exit unless kept)."""
+        return self._use(name, module)
+
+    def release(self, name: str, module: nn.Module) -> None:
+        """Nothing to do: components outside `keep` already left the device when their `use` ended."""
+
+    def unload(self) -> None:
+        """Drop every device copy, kept components included (their weights stay on the CPU)."""
+        for store in self._stores.values():
+            store.detach()
+
+    def device_bytes(self) -> int:
+        """Bytes of weights this placement holds on the device now."""
+        return sum(s.nbytes for s in self._stores.values() if s.on_device)
+
+    def __repr__(self) -> str:
+        return f"OffloadPlacement(device={self.device}, keep={sorted(self.keep)}, pin_memory={self.pin_memory})"
+
+
+@dataclass
+class SwapStats:
+    """What a BlockSwapPlacement did: block uploads, bytes copied, and the most streamed blocks held at once."""
+
+    uploads: int = 0
+    bytes_uploaded: int = 0
+    peak_streamed_blocks: int = 0
+
+
+class _Copy:
+    """A block's device copies, possibly still being written on the side stream until `event` completes."""
+
+    def __init__(self, tensors: list[Tensor], event: torch.cuda.Event | None) -> None:
+        self.tensors = tensors
+        self.event = event
+
+
+class BlockSwapPlacement:
+    """Stream the transformer's blocks from the CPU, keeping `resident_blocks` of them on the device.
+
+    The transformer's other weights and blocks 0..resident_blocks-1 are copied once and stay until `unload`
+    (or until `release` when keep_resident=False); the rest are streamed on every forward. Components other
+    than the transformer go to `others` (default: an OffloadPlacement that keeps the VAE).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str | None = None,
+        resident_blocks: int = 0,
+        dtype: torch.dtype | None = None,
+        *,
+        others: Placement | None = None,
+        blocks_attr: str = "transformer_blocks",
+        prefetch: bool | None = None,
+        pin_memory: bool | None = None,
+        keep_resident: bool = True,
+    ) -> None:
+        if not isinstance(resident_blocks, int) or isinstance(resident_blocks, bool) or resident_blocks < 0:
+            raise InputError(f"resident_blocks must be an int >= 0, got {resident_blocks!r}")
+        self.device = _normalize(device)
+        self.dtype = dtype
+        self.resident_blocks = resident_blocks
+        self.blocks_attr = blocks_attr
+        self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
+        self.pin_memory = _default_pin(self.device) if pin_memory is None else pin_memory
+        self.keep_resident = keep_resident
+        self.others: Placement = others if others is not None else OffloadPlacement(
+            self.device, dtype, keep=("vae",), pin_memory=self.pin_memory
+        )
+        self.stats = SwapStats()
+        self._rest: dict[int, ModuleStore] = {}
+        self._blocks: dict[int, list[ModuleStore]] = {}
+        self._stream: torch.cuda.Stream | None = None
+        self._active: set[int] = set()
+        self._pending: dict[int, dict[int, _Copy]] = {}  # module id -> block index -> copy in flight
+
+    # -- bookkeeping -------------------------------------------------------------------------------------------
+    def _block_list(self, module: nn.Module) -> nn.ModuleList:
+        blocks = getattr(module, self.blocks_attr, None)
+        if not isinstance(blocks, nn.ModuleList):
+            raise InputError(
+                f"block swap needs the transformer's blocks in an nn.ModuleList named {self.blocks_attr!r}; "
+                f"{type(module).__name__} has none. Use OffloadPlacement for this model"
+            )
+        return blocks
+
+    def _stores(self, name: str, module: nn.Module) -> tuple[ModuleStore, list[ModuleStore]]:
+        key = id(module)
+        rest = self._rest.get(key)
+        if rest is None or rest.module is not module:
+            blocks = self._block_list(module)
+            k = min(self.resident_blocks, len(blocks))
+            rest = self._rest[key] = ModuleStore(module, name, skip=(self.blocks_attr,), reuse_on=self.device)
+            self._blocks[key] = [
+                ModuleStore(b, f"{name}.{self.blocks_attr}.{i}", pin=self.pin_memory and i >= k,
+                            reuse_on=self.device if i < k else None)
+                for i, b in enumerate(blocks)
+            ]
+        return rest, self._blocks[key]
+
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
+    def _start_copy(self, store: ModuleStore) -> _Copy:
+        """Begin copying a block to the device: on the side stream for CUDA with prefetch, else right now."""
+        self.stats.uploads += 1
+        self.stats.bytes_uploaded += store.nbytes
+        if self.device.type != "cuda" or not self.prefetch:
+            return _Copy(store.copies(self.device), None)
+        main = torch.cuda.current_stream(self.device)
+        side = self._side_stream()
+        # Allocated on the main stream (which frees them later); the side stream must first wait for every
+        # kernel already queued there, since this memory may have held the block that just finished.
+        tensors = [torch.empty_like(h, device=self.device) for h in store.host]
+        side.wait_stream(main)
+        with torch.cuda.stream(side):
+            for d, h in zip(tensors, store.host, strict=True):
+                d.copy_(h, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(side)
+        return _Copy(tensors, event)
+
+    def _finish_copy(self, store: ModuleStore, copy: _Copy) -> None:
+        if copy.event is not None:
+            torch.cuda.current_stream(self.device).wait_event(copy.event)
+        store.attach(copy.tensors)
+
+    # -- the protocol --------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _use_transformer(self, name: str, module: nn.Module) -> Iterator[nn.Module]:
+        if id(module) in self._active:  # nested use: the hooks are already installed
+            yield module
+            return
+        rest, stores = self._stores(name, module)
+        blocks = self._block_list(module)
+        k = min(self.resident_blocks, len(stores))
+        for store in [rest, *stores[:k]]:
+            if not store.on_device:
+                store.attach(store.copies(self.device))
+        streamed = list(range(k, len(stores)))
+        pending: dict[int, _Copy] = self._pending.setdefault(id(module), {})
+        live: set[int] = set()
+
+        def next_streamed(i: int) -> int | None:
+            later = [j for j in streamed if j > i]
+            return later[0] if later else (streamed[0] if streamed else None)
+
+        def before(block_index: int) -> None:
+            store = stores[block_index]
+            if not store.on_device:
+                copy = pending.pop(block_index, None) or self._start_copy(store)
+                self._finish_copy(store, copy)
+                live.add(block_index)
+            if self.prefetch:
+                j = next_streamed(block_index)
+                if j is not None and j != block_index and j not in pending and not stores[j].on_device:
+                    pending[j] = self._start_copy(stores[j])
+            self.stats.peak_streamed_blocks = max(self.stats.peak_streamed_blocks, len(live) + len(pending))
+
+        def after(block_index: int) -> None:
+            stores[block_index].detach()
+            live.discard(block_index)
+
+        handles = []
+        for i in streamed:
+            handles.append(blocks[i].register_forward_pre_hook(lambda _m, _a, i=i: before(i)))
+            handles.append(blocks[i].register_forward_hook(lambda _m, _a, _o, i=i: after(i)))
+        if self.prefetch and streamed:
+            pending[streamed[0]] = self._start_copy(stores[streamed[0]])
+        self._active.add(id(module))
+        try:
+            yield module
+        finally:
+            self._active.discard(id(module))
+            for h in handles:
+                h.remove()
+            for copy in pending.values():
+                if copy.event is not None:  # the side stream may still write into memory about to be freed
+                    torch.cuda.current_stream(self.device).wait_event(copy.event)
+            pending.clear()
+            for i in streamed:
+                stores[i].detach()
+
+    def use(self, name: str, module: nn.Module) -> AbstractContextManager[nn.Module]:
+        """Context manager: the transformer with block streaming installed; other components via `others`."""
+        if name in SWAPPED:
+            return self._use_transformer(name, module)
+        return self.others.use(name, module)
+
+    def release(self, name: str, module: nn.Module) -> None:
+        """Forward to `others`; for the transformer, drop its resident part unless keep_resident."""
+        if name not in SWAPPED:
+            self.others.release(name, module)
+        elif not self.keep_resident:
+            self._drop(id(module))
+
+    def _drop(self, key: int) -> None:
+        rest = self._rest.pop(key, None)
+        if rest is not None:
+            rest.detach()
+        for store in self._blocks.pop(key, []):
+            store.detach()
+
+    def unload(self) -> None:
+        """Drop every device copy held by this placement (and by `others` when it can unload)."""
+        for key in list(self._rest):
+            self._drop(key)
+        unload = getattr(self.others, "unload", None)
+        if callable(unload):
+            unload()
+
+    def device_bytes(self) -> int:
+        """Bytes of transformer weights on the device now (plus `others`' when it reports them)."""
+        total = sum(s.nbytes for s in self._rest.values() if s.on_device)
+        total += sum(s.nbytes for stores in self._blocks.values() for s in stores if s.on_device)
+        total += sum(self._blocks[key][i].nbytes for key, p in self._pending.items() for i in p)
+        other = getattr(self.others, "device_bytes", None)
+        return total + (other() if callable(other) else 0)
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockSwapPlacement(device={self.device}, resident_blocks={self.resident_blocks}, "
+            f"prefetch={self.prefetch}, pin_memory={self.pin_memory}, others={self.others!r})"
+        )
+
+
+__all__ = ["BlockSwapPlacement", "ModuleStore", "OffloadPlacement", "ResidentPlacement", "SwapStats"]
