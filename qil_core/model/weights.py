@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _SCALE_SUFFIXES = {".weight_scale": "w", ".scale_weight": "w", ".input_scale": "i", ".scale_input": "i"}
-_BLOCK_RE = re.compile(r"^(.*?blocks)\.(\d+)\.")
+_BLOCK_RE = re.compile(r"^(.*?(?:blocks|layers))\.(\d+)\.")  # DiT/VAE blocks and text-encoder layers
 __all__ = [
     "LoadPlan", "check_dtype", "checkpoint_fingerprint", "load_into", "load_transformer", "load_vae",
     "open_checkpoint", "plan_keys",
