@@ -22,7 +22,7 @@ from ..errors import PSDError
 _BLOCK = 128
 _U64_SPREAD = np.uint64(0x0101010101010101)
 # Use the exact run encoder when runs are at most this fraction of the bytes.
-_RUNS_FRACTION = 1 / 8
+_RUNS_FRACTION = 1 / 32
 
 
 def encode_rows(a: np.ndarray, *, method: str = "auto") -> tuple[np.ndarray, np.ndarray]:
@@ -83,11 +83,21 @@ def _encode_runs(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     dst = np.cumsum(out_size) - out_size
     total = int(out_size.sum())
     out = np.empty(total, np.uint8)
-    # Literal bytes: the same bytes, in order, on both sides; place them with two boolean masks.
-    src_lit = np.repeat(~seg_rep, seg_len)
-    dst_lit = np.repeat(np.stack([np.zeros(npk, bool), ~rep], 1).reshape(-1),
-                        np.stack([np.ones(npk, np.int64), np.where(rep, 1, size)], 1).reshape(-1))
-    out[dst_lit] = flat[src_lit]
+    # Literal bytes: the same bytes, in the same order, on both sides.
+    lit_seg = ~seg_rep
+    n_lit = int(seg_len[lit_seg].sum())
+    if n_lit * 8 < n:  # few literals (alpha, flat graphics): explicit indices, no full-size masks
+        ls, ll = seg_src[lit_seg], seg_len[lit_seg]
+        src_idx = np.arange(n_lit) + np.repeat(ls - (np.cumsum(ll) - ll), ll)
+        lp = ~rep
+        pd, ps = dst[lp] + 1, size[lp]
+        dst_idx = np.arange(n_lit) + np.repeat(pd - (np.cumsum(ps) - ps), ps)
+        out[dst_idx] = flat[src_idx]
+    else:  # many literals: two boolean masks over the input and the output
+        src_lit = np.repeat(lit_seg, seg_len)
+        dst_lit = np.repeat(np.stack([np.zeros(npk, bool), ~rep], 1).reshape(-1),
+                            np.stack([np.ones(npk, np.int64), np.where(rep, 1, size)], 1).reshape(-1))
+        out[dst_lit] = flat[src_lit]
     out[dst] = np.where(rep, 257 - size, size - 1).astype(np.uint8)
     out[dst[rep] + 1] = flat[src[rep]]
     counts = np.bincount(seg_src[pk_seg] // w, weights=out_size, minlength=h).astype(np.int64)
@@ -125,7 +135,16 @@ def _encode_blocks(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             return counts, full.reshape(-1)
         rows = full.reshape(h, nb * (_BLOCK + 1))[:, : nb * (_BLOCK + 1) - (_BLOCK - tail)]
         return counts, np.ascontiguousarray(rows).reshape(-1)
-    keep = np.arange(_BLOCK + 1)[None, None, :] < out_size[:, :, None]  # (h, nb, 129)
+    # Which of the 129 slots of each block to keep, looked up per block (a take is ~10x cheaper than a compare):
+    # 0 = literal block (all), 1 = constant block (header + value), 2 = literal tail block (header + tail bytes).
+    patterns = np.zeros((3, _BLOCK + 1), bool)
+    patterns[0] = True
+    patterns[1, :2] = True
+    patterns[2, : 1 + tail] = True
+    kind = const.view(np.uint8).copy()
+    if tail != _BLOCK:
+        kind[:, -1] = np.where(const[:, -1], 1, 2)
+    keep = np.take(patterns, kind, axis=0)  # (h, nb, 129)
     return counts, full[keep]
 
 
