@@ -74,6 +74,18 @@ def test_forward_matches_diffusers(reference, ours, layers: int, hp: int, wp: in
     torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
 
 
+def test_product_loader_gives_the_same_model(reference, saved: Path) -> None:
+    from qil_core.model.weights import load_transformer
+
+    loaded = load_transformer(saved, dtype=torch.float32).eval()
+    assert loaded.config == tiny_transformer_config()
+    x, txt, sigma, shapes = inputs(3, 4, 6, txt_len=5)
+    ref = run_reference(reference, x, txt, None, sigma, shapes, torch.tensor([0]))
+    with torch.inference_mode():
+        out = loaded(x, txt, None, sigma, shapes, torch.tensor([0]))
+    torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
+
+
 def test_parity_is_sensitive_to_positions_and_t_cond(reference, ours) -> None:
     # guards the tolerance: a wrong frame index, text start (N+1 rule) or t-cond gives errors far above ATOL
     x, txt, sigma, shapes = inputs(20, 2, 4, txt_len=5)
