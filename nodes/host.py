@@ -446,11 +446,14 @@ def wrap_model_patcher(module: Any, load_device: Any, offload_device: Any, size:
     return StandalonePatcher(module, load_device, offload_device, size or 0)
 
 
-def load_models_gpu(patchers: Sequence[Any]) -> None:
-    """Make sure the wrapped modules are on their load device (ComfyUI frees room for them first)."""
+def load_models_gpu(patchers: Sequence[Any], *, memory_required: int = 0, force_full_load: bool = False) -> None:
+    """Make sure the wrapped modules are on their load device (ComfyUI frees room for them first).
+
+    `memory_required`: extra bytes to keep free for the work that follows; `force_full_load`: never load
+    partially (plain torch modules cannot run with some weights left on the offload device)."""
     mm = _host("comfy.model_management")
     if mm is not None and not all(isinstance(p, StandalonePatcher) for p in patchers):
-        mm.load_models_gpu(list(patchers))
+        mm.load_models_gpu(list(patchers), memory_required=memory_required, force_full_load=force_full_load)
         return
     for p in patchers:
         p.load()
