@@ -68,7 +68,8 @@ class AttentionBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         qkv = self.to_qkv(self.norm(x))  # (B, 3C, H, W)
-        qkv = qkv.reshape(b, 1, 3 * c, h * w).transpose(2, 3)  # (B, 1, HW, 3C)
+        # contiguous: with a strided last dim SDPA falls back to its math kernel and builds the HW x HW matrix
+        qkv = qkv.reshape(b, 1, 3 * c, h * w).transpose(2, 3).contiguous()  # (B, 1, HW, 3C)
         q, k, v = qkv.chunk(3, dim=-1)  # each (B, 1, HW, C)
         y = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C), scale 1/sqrt(C)
         y = y.squeeze(1).transpose(1, 2).reshape(b, c, h, w)
