@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,7 +203,7 @@ def test_matches_psd_tools_compositor_within_2_of_255_c1(mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", ["normal", "multiply", "screen", "overlay", "darken", "lighten", "difference"])
-def test_our_psd_composited_by_psd_tools_matches_ours(mode: str, tmp_path) -> None:
+def test_our_psd_composited_by_psd_tools_matches_ours(mode: str, tmp_path: Path) -> None:
     """The PSD our writer produces, composited from its layers by psd-tools, equals our composite (C1)."""
     from psd_tools import PSDImage
 
