@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -40,7 +40,7 @@ SWAPPED = ("transformer",)
 def _normalize(device: torch.device | str | None) -> torch.device:
     """The device, with an index-less "cuda" pinned to the current CUDA device (so stream calls agree)."""
     dev = torch.device(device) if device is not None else HOST
-    if dev.type == "cuda" and dev.index is None:
+    if dev.type == "cuda" and dev.index is None and torch.cuda.is_available():
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev
 
@@ -154,7 +154,13 @@ def _default_pin(device: torch.device) -> bool:
 
 
 class OffloadPlacement:
-    """Components live on the CPU and are copied to `device` for each `use`; names in `keep` stay there."""
+    """Components live on the CPU and are copied to `device` for each `use`; names in `keep` stay there.
+
+    With `budget_bytes`, kept components stay only while they fit: before a component comes in, idle kept ones
+    are evicted (released ones first, then the least recently used) until its weights plus its working memory
+    (`work_bytes[name]`) fit the budget. That is how a 48 GB card keeps the transformer between runs yet makes
+    room for the text encoder when a new prompt must be encoded.
+    """
 
     def __init__(
         self,
@@ -163,13 +169,20 @@ class OffloadPlacement:
         *,
         keep: Collection[str] = (),
         pin_memory: bool | None = None,
+        budget_bytes: int | None = None,
+        work_bytes: Mapping[str, int] | None = None,
     ) -> None:
         self.device = _normalize(device)
         self.dtype = dtype
         self.keep = frozenset(keep)
         self.pin_memory = _default_pin(self.device) if pin_memory is None else pin_memory
+        self.budget_bytes = budget_bytes
+        self.work_bytes = dict(work_bytes or {})
+        self.evictions = 0
         self._stores: dict[int, ModuleStore] = {}
         self._active: dict[int, int] = {}
+        self._last_use: dict[int, int] = {}  # module id -> use counter; released components get -1
+        self._clock = 0
 
     def _store(self, name: str, module: nn.Module) -> ModuleStore:
         store = self._stores.get(id(module))
@@ -177,18 +190,37 @@ class OffloadPlacement:
             store = self._stores[id(module)] = ModuleStore(module, name, pin=self.pin_memory, reuse_on=self.device)
         return store
 
+    def _make_room(self, name: str, incoming: ModuleStore) -> None:
+        if self.budget_bytes is None:
+            return
+        need = incoming.nbytes + self.work_bytes.get(name, 0)
+        idle = [k for k, s in self._stores.items() if s.on_device and s is not incoming and not self._active.get(k)]
+        for key in sorted(idle, key=lambda k: self._last_use.get(k, -1)):
+            if self.device_bytes() + need <= self.budget_bytes:
+                return
+            logger.debug("offload: evicting %s to make room for %s", self._stores[key].name, name)
+            self._stores[key].detach()
+            self.evictions += 1
+        if self.device_bytes() + need > self.budget_bytes:
+            logger.warning("offload: %s needs %.2f GB but only %.2f GB of the %.2f GB budget are free", name,
+                           need / 1e9, (self.budget_bytes - self.device_bytes()) / 1e9, self.budget_bytes / 1e9)
+
     @contextlib.contextmanager
     def _use(self, name: str, module: nn.Module) -> Iterator[nn.Module]:
         store = self._store(name, module)
+        key = id(module)
         if not store.on_device:
+            self._make_room(name, store)
             logger.debug("offload: %s to %s (%.1f MB)", name, self.device, store.nbytes / 1e6)
             store.attach(store.copies(self.device))
-        self._active[id(module)] = self._active.get(id(module), 0) + 1
+        self._active[key] = self._active.get(key, 0) + 1
+        self._clock += 1
+        self._last_use[key] = self._clock
         try:
             yield module
         finally:
-            self._active[id(module)] -= 1
-            if not self._active[id(module)] and name not in self.keep:
+            self._active[key] -= 1
+            if not self._active[key] and name not in self.keep:
                 store.detach()
 
     def use(self, name: str, module: nn.Module) -> AbstractContextManager[nn.Module]:
@@ -196,7 +228,9 @@ class OffloadPlacement:
         return self._use(name, module)
 
     def release(self, name: str, module: nn.Module) -> None:
-        """Nothing to do: components outside `keep` already left the device when their `use` ended."""
+        """Mark a kept component as the first to evict; others already left the device when their use ended."""
+        if id(module) in self._last_use:
+            self._last_use[id(module)] = -1
 
     def unload(self) -> None:
         """Drop every device copy, kept components included (their weights stay on the CPU)."""
@@ -208,7 +242,8 @@ class OffloadPlacement:
         return sum(s.nbytes for s in self._stores.values() if s.on_device)
 
     def __repr__(self) -> str:
-        return f"OffloadPlacement(device={self.device}, keep={sorted(self.keep)}, pin_memory={self.pin_memory})"
+        budget = "" if self.budget_bytes is None else f", budget={self.budget_bytes / 1e9:.2f} GB"
+        return f"OffloadPlacement(device={self.device}, keep={sorted(self.keep)}, pin_memory={self.pin_memory}{budget})"
 
 
 @dataclass
