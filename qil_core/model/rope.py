@@ -92,15 +92,27 @@ def rope_positions(
     return torch.cat(segments, dim=0), txt
 
 
-def rope_freqs(positions: torch.Tensor, axes_dims: Sequence[int], theta: int = ROPE_THETA) -> torch.Tensor:
-    """Unit complex rotations e^(i*pos*w) for [S, 3] integer positions -> complex64 [S, sum(axes_dims)/2]."""
+def rope_freqs(
+    positions: torch.Tensor,
+    axes_dims: Sequence[int],
+    theta: int = ROPE_THETA,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Unit complex rotations e^(i*pos*w) for [S, 3] integer positions -> complex64 [S, sum(axes_dims)/2].
+
+    Like the reference, a small per-axis table over the positions in use is computed on the CPU with the same
+    fp32 expression as diffusers' `rope_params` (bit-identical angles), moved to `device` and gathered there.
+    """
+    positions = positions.to(device) if device is not None else positions
     parts = []
     for axis, dim in enumerate(axes_dims):
-        # identical fp32 expression to diffusers' rope_params, so the angles match bit for bit
+        pos = positions[:, axis]
+        lo, hi = (int(pos.min()), int(pos.max())) if pos.numel() else (0, 0)
         inv_freq = 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float32).div(dim))  # (dim/2,)
-        parts.append(torch.outer(positions[:, axis].to(torch.float32), inv_freq))
-    angles = torch.cat(parts, dim=1)  # (S, head_dim/2)
-    return torch.polar(torch.ones_like(angles), angles)
+        angles = torch.outer(torch.arange(lo, hi + 1).to(torch.float32), inv_freq)  # (hi-lo+1, dim/2)
+        table = torch.polar(torch.ones_like(angles), angles)
+        parts.append(table.to(positions.device)[pos - lo])  # (S, dim/2)
+    return torch.cat(parts, dim=1)  # (S, head_dim/2)
 
 
 def layer3d_rope_freqs(
@@ -110,16 +122,14 @@ def layer3d_rope_freqs(
     condition: bool = True,
     device: torch.device | str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """RoPE rotations (img [S_img, head_dim/2], txt [txt_len, head_dim/2], complex64) for one forward.
+    """RoPE rotations (img [S_img, head_dim/2], txt [txt_len, head_dim/2], complex64) on `device`, per forward.
 
-    Computed on the CPU like the reference (bit-identical angles) and moved to `device` once per forward.
+    Only small per-axis tables are computed (on the CPU, bit-identical to the reference); the full tables are
+    gathered on `device`, so a forward costs a few small transfers, not an S x 64 upload.
     """
     img_pos, txt_pos = rope_positions(normalize_img_shapes(img_shapes), txt_len, condition)
-    img = rope_freqs(img_pos, cfg.axes_dims_rope)
-    txt = rope_freqs(txt_pos, cfg.axes_dims_rope)
-    if device is not None:
-        img, txt = img.to(device), txt.to(device)
-    return img, txt
+    axes = cfg.axes_dims_rope
+    return rope_freqs(img_pos, axes, device=device), rope_freqs(txt_pos, axes, device=device)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

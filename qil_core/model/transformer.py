@@ -302,10 +302,10 @@ class QwenImageLayeredTransformer(nn.Module):
             raise InputError(f"additional_t_cond must be 0 or 1 (0 for decomposition), got {t_cond.tolist()}")
         temb = self.time_text_embed(sigma, t_cond, dtype)  # (B, D)
 
-        img_freqs, txt_freqs = layer3d_rope_freqs(shapes, encoder_hidden_states.shape[1], cfg, condition)
+        img_freqs, txt_freqs = layer3d_rope_freqs(shapes, encoder_hidden_states.shape[1], cfg, condition, device)
         if txt_keep is not None:
-            txt_freqs = txt_freqs[txt_keep.cpu()]  # valid tokens keep their original positions
-        rope = Rope(img_freqs.to(device), txt_freqs.to(device))
+            txt_freqs = txt_freqs[txt_keep]  # valid tokens keep their original positions
+        rope = Rope(img_freqs, txt_freqs)
         key_mask = None
         if txt_mask is not None:
             key_mask = torch.cat([txt_mask, txt_mask.new_ones(batch, n_img)], dim=1)  # (B, L' + S_img)
