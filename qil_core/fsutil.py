@@ -216,8 +216,11 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, overwrite: bool = False,
-                 make_dirs: bool = False) -> Path:
-    """Write a file through `write(f)` atomically; an existing file is never touched unless `overwrite`."""
+                 make_dirs: bool = False, check: Callable[[Path], None] | None = None) -> Path:
+    """Write a file through `write(f)` atomically; an existing file is never touched unless `overwrite`.
+
+    `check(tmp_path)`, when given, inspects the finished temporary file and raises to stop publishing it.
+    """
     final = Path(path)
     check_output_name(final.name)
     folder = final.parent
@@ -226,6 +229,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
         raise _translate(OSError(errno.EEXIST, "File exists"), final)
     tmp = _write_temp(folder, final.name, write)
     try:
+        if check is not None:
+            check(tmp)
         _publish(tmp, final, overwrite)
     except OSError as err:
         _remove_quietly(tmp)

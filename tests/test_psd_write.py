@@ -363,3 +363,17 @@ def test_structure_details(tmp_path) -> None:
     ps = read_pytoshop(path)
     assert all(layer["channel_ids"] == [-1, 0, 1, 2] for layer in ps["layers"])
     assert read_psd_tools(path)["layer_count"] == -4
+
+
+def test_verify_lints_before_publishing(tmp_path, monkeypatch) -> None:
+    path = write_psd(_stack(), tmp_path / "v.psd", verify=True)
+    assert lint_psd(path) == []
+    real = psd_write._layer_record
+
+    def broken(rect, lengths, *args):  # a wrong channel length in every record
+        return real(rect, [n + 2 for n in lengths], *args)
+
+    monkeypatch.setattr(psd_write, "_layer_record", broken)
+    with pytest.raises(PSDError, match="failed the structural check"):
+        write_psd(_stack(), tmp_path / "bad.psd", verify=True)
+    assert os.listdir(tmp_path) == ["v.psd"]

@@ -7,9 +7,9 @@ file in one reader proves little; this walks the whole file instead. It reports 
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
-from pathlib import Path
 
 import numpy as np
 
@@ -33,7 +33,7 @@ class _Stop(Exception):
 class _Reader:
     """A bounds-checked cursor over the file bytes that records problems."""
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes | mmap.mmap) -> None:
         self.data = data
         self.pos = 0
         self.problems: list[str] = []
@@ -61,7 +61,17 @@ def lint_psd(source: str | os.PathLike[str] | bytes, *, decode: bool | None = No
 
     `decode` also decodes every RLE row strictly (default: when the file is at most 64 MiB).
     """
-    data = bytes(source) if isinstance(source, (bytes, bytearray, memoryview)) else Path(source).read_bytes()
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return _lint_bytes(bytes(source), decode)
+    with open(source, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return ["offset 0: the file is empty"]
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:  # no copy of large files
+            return _lint_bytes(data, decode)
+
+
+def _lint_bytes(data: bytes | mmap.mmap, decode: bool | None) -> list[str]:
+    """Walk the file bytes and collect problems."""
     r = _Reader(data)
     if decode is None:
         decode = len(data) <= _DECODE_LIMIT

@@ -321,11 +321,13 @@ def _merged_pieces(merged: np.ndarray, depth: int, compression: int, warn: Calla
 
 def write_psd(stack: LayerStack, path: str | os.PathLike[str], *, depth: int = 8, compression: str = "rle",
               overwrite: bool = False, merged: np.ndarray | None = None, icc_profile: bytes | None = None,
-              workers: int | None = None) -> Path:
+              workers: int | None = None, verify: bool = False) -> Path:
     """Write `stack` as a layered RGBA PSD at `path` (atomic, never overwrites unless asked) and return the path.
 
     `merged` (H, W, 4) straight RGBA float is the composite to store; by default it is
     `qil_core.layers.composite.composite(stack)`. 16-bit files embed `icc_profile` or, by default, sRGB.
+    `verify` re-opens the finished temporary file and runs the structural check before publishing it
+    (robustness.md rule 12; costs one read of the file).
     """
     comp = _validate(stack, depth, compression, merged)
     if merged is None:
@@ -384,4 +386,12 @@ def write_psd(stack: LayerStack, path: str | os.PathLike[str], *, depth: int = 8
         f.write(struct.pack(">II", lm_end - (lm_pos + 4), li_end + pad - (lm_pos + 8)))
         f.seek(end)
 
-    return atomic_write(path, write, overwrite=overwrite)
+    def check(tmp: Path) -> None:
+        from .psd_lint import lint_psd
+
+        problems = lint_psd(tmp, decode=False)
+        if problems:
+            raise PSDError(f"the PSD written for {os.fspath(path)!r} failed the structural check ({problems[0]}); "
+                           f"nothing was saved; please report this with the stack that caused it")
+
+    return atomic_write(path, write, overwrite=overwrite, check=check if verify else None)
