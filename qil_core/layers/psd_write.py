@@ -130,7 +130,7 @@ def _quantize(px: np.ndarray, depth: int, what: str, warn: Callable[[str], None]
     if pool is None or h < 64:
         clamped = _quantize_rows(px, planes, 0, h, depth, what, matte)
     else:
-        step = -(-h // (4 * pool._max_workers))
+        step = -(-h // 16)  # 16 row chunks: enough to keep any small pool busy
         jobs = [pool.submit(_quantize_rows, px, planes, r, min(h, r + step), depth, what, matte)
                 for r in range(0, h, step)]
         clamped = any([j.result() for j in jobs])
@@ -284,14 +284,13 @@ def _available_memory() -> int | None:
 
 
 def _encoded_in_order(stack: LayerStack, depth: int, compression: int, warn: Callable[[str], None],
-                      pool: ThreadPoolExecutor | None) -> Iterator[_Encoded]:
+                      pool: ThreadPoolExecutor | None, ahead: int) -> Iterator[_Encoded]:
     """Encode layers on the pool, yielding them in order with a bounded number in flight."""
     layers = stack.layers
     if pool is None:
         for i, layer in enumerate(layers):
             yield _encode_layer(layer, i, depth, compression, warn)
         return
-    ahead = pool._max_workers + 1
     futures: list[Future[_Encoded]] = []
     try:
         for i in range(len(layers)):
@@ -363,7 +362,7 @@ def write_psd(stack: LayerStack, path: str | os.PathLike[str], *, depth: int = 8
                 rec_pos.append(f.tell())
                 f.write(_layer_record((0, 0, 0, 0), [0] * 4, layer, names[i], PSD_BLEND_KEYS[layer.blend_mode], i + 1))
             written: list[tuple[tuple[int, int, int, int], list[int]]] = []
-            for enc in _encoded_in_order(stack, depth, comp, warn, pool):
+            for enc in _encoded_in_order(stack, depth, comp, warn, pool, n_workers + 1):
                 for ch in enc.channels:
                     _write_pieces(f, ch)
                 written.append(((enc.top, enc.left, enc.bottom, enc.right), enc.lengths()))
