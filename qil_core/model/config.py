@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from qil_core.errors import InputError, ModelMismatchError
+from ..errors import InputError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
 

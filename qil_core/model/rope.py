@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from qil_core.errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:
-    from qil_core.model.config import TransformerConfig
+    from .config import TransformerConfig
 
 ROPE_THETA = 10000
 FrameShape = tuple[int, int, int]

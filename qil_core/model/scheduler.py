@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from qil_core.errors import InputError
+from ..errors import InputError
 
 BASE_SEQ_LEN = 256  # 256*256/16/16 in the reference
 NUM_TRAIN_TIMESTEPS = 1000

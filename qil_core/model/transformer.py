@@ -15,16 +15,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qil_core.errors import InputError
-from qil_core.model.attention import (
+from ..errors import InputError
+from .attention import (
     gated_residual,
     joint_attention,
     modulated_layer_norm,
     rms_norm,
     timestep_embedding,
 )
-from qil_core.model.config import TransformerConfig
-from qil_core.model.rope import FrameShape, apply_rope, layer3d_rope_freqs, normalize_img_shapes
+from .config import TransformerConfig
+from .rope import FrameShape, apply_rope, layer3d_rope_freqs, normalize_img_shapes
 
 FP16_MAX = 65504.0
 
