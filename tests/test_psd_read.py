@@ -13,7 +13,7 @@ from psd_tools.constants import BlendMode
 
 from qil_core.errors import PSDError
 from qil_core.layers import Layer, LayerStack
-from qil_core.layers.psd import read_psd, write_psd
+from qil_core.layers.psd import lint_psd, read_psd, write_psd
 
 
 def _img(w: int, h: int, rgba: tuple[int, int, int, int]) -> Image.Image:
@@ -71,7 +71,9 @@ def test_round_trip_keeps_everything(tmp_path) -> None:
     stack = LayerStack(20, 12, [Layer(px, x=-3, y=6, name="a 😀", opacity=0.4, blend_mode="screen", visible=False),
                                 Layer(np.zeros((0, 0, 4), np.float32), name="empty")])
     for depth, tol in ((8, 0.5 / 255), (16, 0.5 / 65535)):
-        back = read_psd(write_psd(stack, tmp_path / f"rt{depth}.psd", depth=depth))
+        path = write_psd(stack, tmp_path / f"rt{depth}.psd", depth=depth)
+        assert lint_psd(path) == []
+        back = read_psd(path)
         assert len(back) == 2
         got = back[0]
         assert (got.name, got.x, got.y, got.blend_mode, got.visible) == ("a 😀", -3, 6, "screen", False)
@@ -96,7 +98,9 @@ def test_not_a_psd_names_the_file(tmp_path) -> None:
 @pytest.mark.parametrize("keep", [10, 200, 0.6])
 def test_truncated_file_gives_psd_error(tmp_path, keep) -> None:
     stack = LayerStack(30, 20, [Layer(np.ones((10, 10, 4), np.float32), name="a")])
-    full = write_psd(stack, tmp_path / "full.psd").read_bytes()
+    full_path = write_psd(stack, tmp_path / "full.psd")
+    assert lint_psd(full_path) == []
+    full = full_path.read_bytes()
     n = int(len(full) * keep) if isinstance(keep, float) else keep
     cut = tmp_path / "cut.psd"
     cut.write_bytes(full[:n])

@@ -355,6 +355,7 @@ def test_s6_disk_full_via_file_size_limit(tmp_path) -> None:
 def test_structure_details(tmp_path) -> None:
     """Channel order -1,0,1,2, negative count, luni padded to 4, 4 merged channels, layer info padded to 4."""
     path = write_psd(_stack(), tmp_path / "s.psd")
+    assert lint_psd(path) == []
     data = path.read_bytes()
     assert data[:4] == b"8BPS" and struct.unpack(">H", data[12:14])[0] == 4
     i = data.index(b"luni")
