@@ -25,7 +25,7 @@ from ..errors import CorruptFileError, ModelFileNotFoundError, WeightsError
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers components, transformers models
-CHUNK_BYTES = 64 * 2**20  # streaming buffer for dtype/device conversion
+CHUNK_BYTES = 16 * 2**20  # streaming buffer for dtype/device conversion
 
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -197,7 +197,7 @@ class Checkpoint:
         return self._handles[info.file].get_tensor(key)
 
     def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The tensor in `dtype` on `device`; zero-copy when nothing changes, else streamed in 64 MB chunks."""
+        """The tensor in `dtype` on `device`; zero-copy when nothing changes, else streamed in 16 MB chunks."""
         info = self._infos[key]
         dtype = dtype or info.dtype
         dev = torch.device(device)
