@@ -14,6 +14,10 @@ import pytest
 from comfy_harness import ROOT, load_pack
 
 EXPECTED_NODES = {
+    "QILLoadModel": "Load Qwen-Layered",
+    "QILDecompose": "Decompose Image",
+    "QILTextToLayers": "Text to Layers",
+    "QILDecomposeLayer": "Decompose Layer",
     "QILImagesToLayers": "Images to Layers",
     "QILLayersToImages": "Layers to Images",
     "QILLayerTransform": "Layer Transform",

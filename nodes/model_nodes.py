@@ -1,0 +1,170 @@
+"""Load Qwen-Layered: the model files from ComfyUI's folders, wrapped so ComfyUI manages their memory.
+
+The QIL_MODEL value is a `QILModel`: the loaded `QwenLayeredModel`, one ModelPatcher per component (ComfyUI
+loads, offloads and unloads them like its own models) and the memory mode. The only cache is a weak one keyed
+on the files' fingerprints (path, mtime, size): a second loader with the same files gets the same model while
+ComfyUI still holds it, a changed file loads again, and "Unload models" / a cleared cache really frees it.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..qil_core.errors import InputError, ModelFileNotFoundError, WeightsError
+from . import host
+from .common import CATEGORY
+from .model_runtime import MODEL_TYPE, Component, QILModel
+
+log = logging.getLogger(__name__)
+
+NONE = "none"
+WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+MEMORY_MODES = ("auto", "resident", "offload", "block swap")
+# Layers left in high precision when quantising on the fly: embedders and the output head are small and
+# sensitive, as in ComfyUI's fp8mixed files; only the transformer blocks are quantised.
+FP8_SKIP = ("time_text_embed.*", "img_in", "txt_in", "norm_out.*", "proj_out")
+
+_LOADED: weakref.WeakValueDictionary[tuple, QILModel] = weakref.WeakValueDictionary()
+
+
+def fingerprint(path: Path) -> tuple:
+    """(path, mtime_ns, size) of a file, or of every weight/config/tokenizer file in a folder."""
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in (".safetensors", ".json", ".txt"))
+        return (str(path),) + tuple(fingerprint(p)[1:] + (str(p.relative_to(path)),) for p in files)
+    st = path.stat()
+    return (str(path), st.st_mtime_ns, st.st_size)
+
+
+def resolve_files(transformer: str, vae: str, text_encoder: str, diffusers_folder: str = NONE) -> dict[str, Path]:
+    """Paths of the chosen files (or {"model_dir": folder}); typed errors name the input and the folder (L1, L5)."""
+    if diffusers_folder and diffusers_folder != NONE:
+        return {"model_dir": host.find_model("diffusers", str(diffusers_folder))}
+    out = {}
+    for name, kind, value in (("transformer", "diffusion_models", transformer), ("vae", "vae", vae),
+                              ("text_encoder", "text_encoders", text_encoder)):
+        if not value or value == NONE:
+            raise ModelFileNotFoundError(f"input {name!r} is empty: put the file into models/{kind} and refresh, "
+                                         "or choose a diffusers_folder")
+        out[name] = host.find_model(kind, str(value))
+    return out
+
+
+def pick_dtype(weight_dtype: str, device: torch.device) -> torch.dtype:
+    """Compute dtype: bf16 (fp16 without bf16 support) on CUDA, fp16 on MPS, fp32 on the CPU, unless chosen."""
+    if weight_dtype in _DTYPES:
+        return _DTYPES[weight_dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float16 if device.type == "mps" else torch.float32
+
+
+def _file_list(kind: str) -> list[str]:
+    return host.list_models(kind)
+
+
+class QILLoadModel:
+    """Load Qwen-Image-Layered (transformer, RGBA VAE, Qwen2.5-VL text encoder) for the decomposition nodes."""
+
+    DESCRIPTION = (
+        "Loads Qwen-Image-Layered from ComfyUI's model folders: the transformer from models/diffusion_models "
+        "(qwen_image_layered_bf16.safetensors, 40.9 GB, or qwen_image_layered_fp8mixed.safetensors, 20.5 GB), the "
+        "RGBA VAE from models/vae (qwen_image_layered_vae.safetensors, 254 MB) and the text encoder from "
+        "models/text_encoders (qwen_2.5_vl_7b_fp8_scaled.safetensors, 9.4 GB); or everything from a diffusers "
+        "folder in models/diffusers. Only .safetensors files are read; a wrong or damaged file is named in the "
+        "error. ComfyUI manages the memory like its own models (Unload models frees it); the same files are "
+        "loaded once, a changed file loads again. Memory mode: auto keeps components on the GPU when they fit "
+        "and streams transformer blocks when they do not; offload moves each component to the GPU only while "
+        "it runs (least VRAM, slower); block swap streams the transformer's blocks (for 16-24 GB cards)."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = (MODEL_TYPE,)
+    RETURN_NAMES = ("model",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "transformer": (_file_list("diffusion_models"), {"tooltip": "The Qwen-Image-Layered transformer in "
+                                "models/diffusion_models: qwen_image_layered_fp8mixed (20.5 GB) or _bf16 (40.9 GB)."}),
+                "vae": (_file_list("vae"), {"tooltip": "The RGBA VAE in models/vae: qwen_image_layered_vae.safetensors "
+                        "(not the RGB qwen_image_vae)."}),
+                "text_encoder": (_file_list("text_encoders"), {"tooltip": "Qwen2.5-VL-7B in models/text_encoders, e.g. "
+                                 "qwen_2.5_vl_7b_fp8_scaled.safetensors (the one Qwen-Image uses)."}),
+                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "Compute precision. default: "
+                                 "bf16 on the GPU, fp32 on the CPU (fp8 files stay fp8). fp8_e4m3fn quantises a bf16 "
+                                 "transformer's blocks while loading (half the VRAM, slightly different output)."}),
+                "memory_mode": (list(MEMORY_MODES), {"default": "auto", "tooltip": "auto: resident when it fits, "
+                                "else block swap. resident: ComfyUI keeps components on the GPU. offload: one "
+                                "component on the GPU at a time. block swap: stream transformer blocks."}),
+            },
+            "optional": {
+                "diffusers_folder": ([NONE, *_file_list("diffusers")], {"default": NONE, "tooltip": "A diffusers "
+                                     "Qwen-Image-Layered folder in models/diffusers; when set, the three files above "
+                                     "are ignored."}),
+            },
+        }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, transformer: str, vae: str, text_encoder: str, diffusers_folder: str = NONE) -> bool | str:
+        try:
+            resolve_files(transformer, vae, text_encoder, diffusers_folder)
+        except (ModelFileNotFoundError, WeightsError) as e:
+            return str(e)
+        return True
+
+    @classmethod
+    def IS_CHANGED(cls, transformer: str, vae: str, text_encoder: str, weight_dtype: str = "default",
+                   memory_mode: str = "auto", diffusers_folder: str = NONE) -> str:
+        try:
+            files = resolve_files(transformer, vae, text_encoder, diffusers_folder)
+        except (ModelFileNotFoundError, WeightsError) as e:
+            return f"missing: {e}"  # the run then fails with this message
+        return repr(sorted((k, fingerprint(p)) for k, p in files.items()))
+
+    def load(self, transformer: str, vae: str, text_encoder: str, weight_dtype: str = "default",
+             memory_mode: str = "auto", diffusers_folder: str = NONE) -> tuple[QILModel]:
+        if weight_dtype not in WEIGHT_DTYPES:
+            raise InputError(f"input 'weight_dtype' must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+        if memory_mode not in MEMORY_MODES:
+            raise InputError(f"input 'memory_mode' must be one of {', '.join(MEMORY_MODES)}, got {memory_mode!r}")
+        files = resolve_files(transformer, vae, text_encoder, diffusers_folder)
+        key = (tuple(sorted((k, fingerprint(p)) for k, p in files.items())), weight_dtype, memory_mode)
+        handle = _LOADED.get(key)
+        if handle is not None:
+            log.info("Load Qwen-Layered: these files are already loaded; reusing them")
+            return (handle,)
+        handle = load_handle(files, weight_dtype, memory_mode, key)
+        _LOADED[key] = handle
+        return (handle,)
+
+
+def load_handle(files: dict[str, Path], weight_dtype: str, memory_mode: str, key: tuple = ()) -> QILModel:
+    """Load the model onto the CPU (ComfyUI's offload device) and wrap every component in a ModelPatcher."""
+    from ..qil_core.model.bundle import load_model  # on first use: keeps the pack import fast
+    from ..qil_core.model.quant import quantize_module_fp8
+
+    device = torch.device(host.get_torch_device())
+    dtype = pick_dtype(weight_dtype, device)
+    model = load_model(model_dir=files.get("model_dir"), transformer=files.get("transformer"), vae=files.get("vae"),
+                       text_encoder=files.get("text_encoder"), dtype=dtype, device="cpu")
+    if weight_dtype == "fp8_e4m3fn":
+        quantize_module_fp8(model.transformer, skip=FP8_SKIP)
+    model.device = device
+    offload = torch.device("cpu")
+    patchers = {name: host.wrap_model_patcher(Component(module), device, offload)
+                for name, module in (("transformer", model.transformer), ("vae", model.vae),
+                                     ("text_encoder", model.text_encoder)) if module is not None}
+    return QILModel(model, patchers, memory_mode, device, key, files={k: str(v) for k, v in files.items()})
+
+
+NODE_CLASS_MAPPINGS = {"QILLoadModel": QILLoadModel}
+NODE_DISPLAY_NAME_MAPPINGS = {"QILLoadModel": "Load Qwen-Layered"}
+
