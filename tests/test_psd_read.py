@@ -106,3 +106,15 @@ def test_truncated_file_gives_psd_error(tmp_path, keep) -> None:
     cut.write_bytes(full[:n])
     with pytest.raises(PSDError, match=r"cut\.psd"):
         read_psd(cut)
+
+
+def test_grayscale_document_is_converted(tmp_path, caplog) -> None:
+    psd = PSDImage.new("L", (12, 10))
+    psd.append(PixelLayer.frompil(Image.new("L", (5, 4), 200), psd, "grey", top=2, left=3))
+    path = tmp_path / "grey.psd"
+    psd.save(path)
+    with caplog.at_level(logging.WARNING):
+        stack = read_psd(path)
+    assert "not RGB" in caplog.text
+    assert (stack[0].x, stack[0].y, stack[0].pixels.shape) == (3, 2, (4, 5, 4))
+    np.testing.assert_allclose(stack[0].pixels[0, 0], [200 / 255, 200 / 255, 200 / 255, 1], atol=1e-6)

@@ -142,8 +142,10 @@ def read_psd(path: str | os.PathLike[str], *, workers: int | None = None) -> Lay
     """Read a PSD's raster layers (bottom first) with names, offsets, opacity, blend mode and visibility."""
     path = Path(path)
     psd = _open(path)
-    if psd.color_mode != 3 and int(psd.color_mode) != 3:
-        log.warning("%s: colour mode %s is not RGB; layers are converted by psd-tools", path, psd.color_mode)
+    rgb = int(psd.color_mode) == 3
+    if not rgb:
+        log.warning("%s: colour mode %s is not RGB; layers are converted to RGBA by psd-tools", path,
+                    getattr(psd.color_mode, "name", psd.color_mode))
     warned: set[str] = set()
 
     def warn(msg: str) -> None:
@@ -164,7 +166,7 @@ def read_psd(path: str | os.PathLike[str], *, workers: int | None = None) -> Lay
 
     def pixels(item) -> np.ndarray | None:
         if item.kind == "pixel":  # an empty (0x0) pixel layer is kept, so indices stay as written
-            px = _decode_channels(psd, item)
+            px = _decode_channels(psd, item) if rgb else _raster_preview(item)
             return np.zeros((0, 0, 4), np.float32) if px is None else px
         px = _raster_preview(item) if item.has_pixels() else None
         if px is None:

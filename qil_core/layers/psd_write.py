@@ -70,7 +70,7 @@ class _Encoded:
 def _clean_name(name: str, index: int, warn: Callable[[str], None]) -> str:
     """The layer name as written: control characters to spaces, at most 255 characters, a default if empty."""
     text = str(name)
-    cleaned = "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+    cleaned = "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
     cleaned = cleaned.encode("utf-16-be", "replace").decode("utf-16-be")  # lone surrogates -> '?'
     if cleaned != text:
         warn(f"layer {index} name {text[:40]!r}: control characters (NUL, newline, ...) replaced by spaces")
@@ -277,10 +277,10 @@ def _check_memory(stack: LayerStack, depth: int) -> None:
 
 
 def _available_memory() -> int | None:
-    """Available RAM in bytes, or None where the OS does not say."""
-    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    return None
+    """Available RAM in bytes (reclaimable cache included), or None where the OS does not say."""
+    from .composite import available_memory_bytes
+
+    return available_memory_bytes()
 
 
 def _encoded_in_order(stack: LayerStack, depth: int, compression: int, warn: Callable[[str], None],
