@@ -266,7 +266,10 @@ def test_checkpoint_view(sharded: Path, tmp_path: Path) -> None:
         mapped = ckpt.get(key)
         converted = ckpt.read(key, torch.bfloat16)
         assert torch.equal(converted, mapped.to(torch.bfloat16))
-        assert ckpt.read(key) is not None and torch.equal(ckpt.read(key), mapped)
+        assert torch.equal(ckpt.read(key), mapped)
+        owned = ckpt.read(key, copy=True)  # the streamed path in the same dtype
+        assert torch.equal(owned, mapped) and owned.data_ptr() != mapped.data_ptr()
+        assert ckpt.read("proj_out.bias", torch.float16).dtype == torch.float16
     path = write_comfy_file({"a.weight": torch.randn(3, 3)}, tmp_path / "m.safetensors", style="metadata",
                             layers=["a"])
     with open_checkpoint(path) as ckpt:

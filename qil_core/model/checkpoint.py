@@ -196,12 +196,16 @@ class Checkpoint:
         info = self._infos[key]
         return self._handles[info.file].get_tensor(key)
 
-    def read(self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The tensor in `dtype` on `device`; zero-copy when nothing changes, else streamed in 16 MB chunks."""
+    def read(
+        self, key: str, dtype: torch.dtype | None = None, device: torch.device | str = "cpu", *, copy: bool = False
+    ) -> torch.Tensor:
+        """The tensor in `dtype` on `device`: zero-copy from the map when nothing changes (unless `copy`),
+        else a new tensor filled through a 16 MB buffer, so the file's pages never count on top of it.
+        Not thread-safe (one buffer per checkpoint)."""
         info = self._infos[key]
         dtype = dtype or info.dtype
         dev = torch.device(device)
-        if dtype == info.dtype and dev.type == "cpu":
+        if dtype == info.dtype and dev.type == "cpu" and not copy:
             return self.get(key)
         out = torch.empty(info.shape, dtype=dtype, device=dev)
         flat = out.view(-1)

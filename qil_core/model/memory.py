@@ -73,7 +73,8 @@ def available_device_memory(device: torch.device | str) -> int | None:
         return parse_bytes(forced)
     if dev.type == "cuda" and torch.cuda.is_available():
         free, _total = torch.cuda.mem_get_info(dev)
-        return int(free)
+        # Blocks cached by PyTorch's allocator but unused are free for our tensors too.
+        return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
     if dev.type == "mps" and torch.backends.mps.is_available():
         return int(torch.mps.recommended_max_memory() - torch.mps.driver_allocated_memory())
     return None
