@@ -170,7 +170,7 @@ def load_workflow(name: str) -> dict[str, Any]:
 
 
 def fast(graph: Mapping[str, Any], steps: int = 2, side: int = 64) -> dict[str, Any]:
-    """A copy of an API graph with CPU-test settings: few steps, custom resolution, small canvases, 2 layers."""
+    """A copy of an API graph with CPU-test settings: few steps, custom resolution and small canvases."""
     out = copy.deepcopy(dict(graph))
     for node in out.values():
         inputs = node["inputs"]
@@ -180,9 +180,6 @@ def fast(graph: Mapping[str, Any], steps: int = 2, side: int = 64) -> dict[str, 
             inputs["resolution"], inputs["max_side"] = "custom", side
         if node["class_type"] == "QILTextToLayers":
             inputs["width"], inputs["height"] = side, side
-        for key in ("layers", "sub_layers"):
-            if isinstance(inputs.get(key), int):
-                inputs[key] = 2
     return out
 
 

@@ -154,12 +154,12 @@ def build(name: str, spec: dict[str, Any], nodes_map: dict[str, type]) -> tuple[
                 links.append([len(links) + 1, src, slot, node_id, input_name, src_type])
     order = {nid: i for i, nid in enumerate(_topological(spec))}
     ui_nodes = []
-    for node_id, class_type, given, pos in spec["nodes"]:
+    for node_id, class_type, _, pos in spec["nodes"]:
         cls = nodes_map[class_type]
         decl = declared(cls)
         sockets = [k for k, d in decl.items() if not is_widget(d)]
         inputs = []
-        for slot, k in enumerate(sockets):
+        for k in sockets:
             link = next((ln[0] for ln in links if ln[3] == node_id and ln[4] == k), None)
             inputs.append({"name": k, "type": decl[k][0], "link": link})
         for ln in links:

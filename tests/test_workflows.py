@@ -1,0 +1,176 @@
+"""The example workflows: both formats describe the same graph, every input matches INPUT_TYPES, and every
+workflow runs end to end through the CI harness with tiny random weights under the users' file names."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from comfy_harness import CORE_NODES, Harness, pack_module
+from PIL import Image
+from psd_tools import PSDImage
+from qil_graphs import API_DIR, MODEL_FILES, WORKFLOWS, harness, items, load_workflow, workflow_names
+from qil_graphs import fast as fast_graph
+
+REQUIRED = {"decompose_to_psd", "decompose_edit_composite", "recursive_decomposition", "text_to_layers", "psd_edit"}
+VIRTUAL = {"Note", "MarkdownNote"}  # frontend-only nodes, never part of the API graph
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+# Stock core nodes a workflow may use: present in every ComfyUI since 0.3.
+CORE_SINCE_03 = {"LoadImage", "SaveImage", "PreviewImage"}
+NAMES = workflow_names()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    # Tiny models gain nothing from threads, and two threads on a loaded 2-core runner make convolutions 100x slower.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _mappings() -> dict[str, type]:
+    return {**CORE_NODES, **pack_module("nodes").NODE_CLASS_MAPPINGS}
+
+
+def _declared(cls: type) -> dict[str, tuple]:
+    spec = cls.INPUT_TYPES()
+    return {**spec.get("required", {}), **spec.get("optional", {})}
+
+
+def _is_widget(decl: tuple) -> bool:
+    return isinstance(decl[0], list) or decl[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")
+
+
+def ui_to_api(ui: dict[str, Any], mappings: dict[str, type]) -> dict[str, dict]:
+    """The API graph the frontend would send for a UI-format workflow (widgets mapped in INPUT_TYPES order)."""
+    links = {ln[0]: ln for ln in ui["links"]}
+    api: dict[str, dict] = {}
+    for node in ui["nodes"]:
+        if node["type"] in VIRTUAL:
+            continue
+        cls = mappings[node["type"]]
+        decl = _declared(cls)
+        inputs: dict[str, Any] = {}
+        sockets = [name for name, d in decl.items() if not _is_widget(d)]
+        assert [i["name"] for i in node["inputs"]] == sockets, f"node {node['id']}: sockets differ from INPUT_TYPES"
+        for slot, socket in enumerate(node["inputs"]):
+            if socket["link"] is None:
+                continue
+            _, src, src_slot, dst, dst_slot, type_name = links[socket["link"]]
+            assert (dst, dst_slot) == (node["id"], slot), f"link {socket['link']} does not end at this socket"
+            src_node = next(n for n in ui["nodes"] if n["id"] == src)
+            assert socket["link"] in src_node["outputs"][src_slot]["links"]
+            assert type_name == mappings[src_node["type"]].RETURN_TYPES[src_slot] == socket["type"]
+            inputs[socket["name"]] = [str(src), src_slot]
+        values = list(node["widgets_values"])
+        for name, d in decl.items():
+            if not _is_widget(d):
+                continue
+            assert values, f"node {node['id']} ({node['type']}): no widget value left for {name!r}"
+            inputs[name] = values.pop(0)
+            opts = d[1] if len(d) > 1 else {}
+            if opts.get("control_after_generate"):
+                assert values.pop(0) in CONTROL_VALUES
+            if opts.get("image_upload"):
+                assert values.pop(0) == "image"
+        assert values == [], f"node {node['id']} ({node['type']}): extra widget values {values}"
+        api[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return api
+
+
+def test_the_required_workflows_exist_in_both_formats() -> None:
+    assert REQUIRED <= set(NAMES)
+    assert sorted(p.stem for p in API_DIR.glob("*.json")) == NAMES
+    # ComfyUI lists custom_nodes/<pack>/workflows/*.json as templates: only UI files may be there.
+    for name in NAMES:
+        assert "nodes" in json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_ui_and_api_files_describe_the_same_graph(name: str, tmp_path: Path) -> None:
+    ui = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
+    api = load_workflow(name)
+    mappings = _mappings()
+    host = Harness(mappings, tmp_path).host()  # Load Image's INPUT_TYPES lists the input folder
+    host.__enter__()
+    assert ui["version"] == 0.4 and isinstance(ui["groups"], list)
+    assert ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
+    assert ui["last_link_id"] == max((ln[0] for ln in ui["links"]), default=0)
+    for node in ui["nodes"]:
+        assert len(node["pos"]) == 2 and len(node["size"]) == 2 and node["mode"] == 0
+    try:
+        converted = ui_to_api(ui, mappings)
+    finally:
+        host.__exit__(None, None, None)
+    assert converted == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
+    types = {n["type"] for n in ui["nodes"]}
+    assert all(t.startswith("QIL") or t in CORE_SINCE_03 | {"Note"} for t in types), types
+    (note,) = [n for n in ui["nodes"] if n["type"] == "Note"]
+    if "QILLoadModel" in types:  # the note says which files go where, with their sizes
+        for rel in MODEL_FILES.values():
+            assert rel.name in note["widgets_values"][0] and rel.parent.name in note["widgets_values"][0]
+        assert "GB" in note["widgets_values"][0] and "MB" in note["widgets_values"][0]
+        (loader,) = [n for n in api.values() if n["class_type"] == "QILLoadModel"]
+        assert {loader["inputs"][k] for k in ("transformer", "vae", "text_encoder")} == \
+            {p.name for p in MODEL_FILES.values()}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_input_name_and_type_matches_input_types(name: str, tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    constants = h.validate(load_workflow(name))  # unknown names, missing inputs, link types, ranges, combos
+    assert set(constants) == set(load_workflow(name))
+
+
+def _psds(out: Path) -> list[Path]:
+    return sorted(out.rglob("*.psd"))
+
+
+def _check_psd(path: Path) -> PSDImage:
+    lint = pack_module("qil_core.layers.psd").lint_psd
+    assert lint(path) == [], path
+    return PSDImage.open(path)  # psd-tools: a reader we did not write
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_workflow_runs_end_to_end(name: str, tmp_path: Path) -> None:
+    h = harness(tmp_path)
+    graph = fast_graph(load_workflow(name))
+    result = h.run(graph)
+    assert sorted(result.executed, key=int) == sorted(graph, key=int)
+    out = h.output_dir / "QwenLayered"
+    psds = _psds(out)
+    assert len(psds) == 1
+    psd = _check_psd(psds[0])
+    assert not list(h.output_dir.rglob(".qil-staging-*"))
+    names = [layer.name for layer in psd]
+    decomposed = ["Background", "Layer 1", "Layer 2", "Layer 3"]
+    if name == "decompose_to_psd":
+        assert names == decomposed and psd.size == (96, 72)  # output_size "original": the input's size
+        assert (out / psds[0].name.replace(".psd", ".png")).is_file()
+        assert len(result.ui["5"]["images"]) == 4  # Preview Layers: one frame per layer
+    elif name == "decompose_edit_composite":
+        assert names == decomposed and psd.size == (64, 64)  # processing size of 96x72 at max_side 64 (x32)
+        before, after = (pack_module("nodes.common").to_stack(items(result.outputs[n][0])[0]) for n in ("3", "5"))
+        assert after.layers[3].x == before.layers[3].x + 40 and after.layers[3].y == before.layers[3].y
+        assert np.array_equal(after.layers[1].alpha, before.layers[1].alpha)  # recolor keeps alpha
+        assert not np.array_equal(after.layers[1].pixels[..., :3], before.layers[1].pixels[..., :3])
+        png = np.asarray(Image.open(out / "edited_00001_.png"))
+        assert png.shape == (64, 64, 4)
+    elif name == "recursive_decomposition":
+        assert names == ["Background", "Layer 1", "Layer 2", "Layer 3 / 1", "Layer 3 / 2", "Layer 3 / 3"]
+        assert len(result.ui["6"]["images"]) == 3  # the sub-layers
+    elif name == "text_to_layers":
+        assert names == decomposed and psd.size == (64, 64)
+        assert result.outputs["2"][1].shape == (4, 64, 64, 4)
+    elif name == "psd_edit":
+        assert names == ["Background", "box", "title"] and psd.size == (96, 72)
+        assert (psd[2].left, psd[2].top) != (50, 6)  # the title moved
+    else:
+        pytest.fail(f"no checks written for workflow {name!r}")
