@@ -86,6 +86,7 @@ class Fp8Linear(nn.Module):
         self.use_scaled_mm = False
 
     def extra_repr(self) -> str:
+        """Sizes and the fp8 storage dtype, for print(model)."""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"weight_dtype={self.weight.dtype}"
@@ -109,6 +110,7 @@ class Fp8Linear(nn.Module):
         return dequantize_fp8(self.weight, self.weight_scale, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(..., in) -> (..., out) in x's dtype; the weight is dequantised to that dtype for this call only."""
         if self.use_scaled_mm and self._scaled_mm_ok(x):
             return self._forward_scaled_mm(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None

@@ -17,6 +17,7 @@ class FrameConv(nn.Conv3d):
     """A causal 3D convolution evaluated on a single frame: (B, C, H, W) -> (B, C', H, W)."""
 
     def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+        """(B, C, H, W) -> (B, C', H, W) with the last temporal tap of the 3D kernel."""
         # With T=1 the causal padding puts the real frame under the last temporal tap.
         return F.conv2d(x, self.weight[:, :, -1], self.bias, self.stride[1:], self.padding[1:])
 
@@ -50,6 +51,7 @@ class ResidualBlock(nn.Module):
         self.conv_shortcut: nn.Module = FrameConv(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, Cin, H, W) -> (B, Cout, H, W)."""
         h = self.conv_shortcut(x)
         x = self.conv1(F.silu(self.norm1(x)))
         x = self.conv2(self.dropout(F.silu(self.norm2(x))))
@@ -66,6 +68,7 @@ class AttentionBlock(nn.Module):
         self.proj = nn.Conv2d(dim, dim, 1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, C, H, W)."""
         b, c, h, w = x.shape
         qkv = self.to_qkv(self.norm(x))  # (B, 3C, H, W)
         # contiguous: with a strided last dim SDPA falls back to its math kernel and builds the HW x HW matrix
@@ -114,6 +117,7 @@ class MidBlock(nn.Module):
         self.attentions = nn.ModuleList([AttentionBlock(dim)])
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, C, h, w) -> (B, C, h, w)."""
         x = self.resnets[0](x)
         return self.resnets[1](self.attentions[0](x))
 
@@ -128,6 +132,7 @@ class UpBlock(nn.Module):
         self.upsamplers = nn.ModuleList([Resample(out_dim, upsample)]) if upsample else None
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, Cin, h, w) -> (B, Cout/2, 2h, 2w) with an upsampler, else (B, Cout, h, w)."""
         for resnet in self.resnets:
             x = resnet(x)
         if self.upsamplers is not None:
@@ -169,6 +174,7 @@ class Encoder(nn.Module):
         self.conv_out = FrameConv(dims[-1], z_dim2, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, Cin, H, W) -> (B, 2*z_dim, H/8, W/8)."""
         x = self.conv_in(x)
         for block in self.down_blocks:
             x = block(x)
@@ -206,6 +212,7 @@ class Decoder(nn.Module):
         self.conv_out = FrameConv(dims[-1], output_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
+        """(B, z_dim, h, w) -> (B, Cout, 8h, 8w)."""
         x = self.mid_block(self.conv_in(x))
         for block in self.up_blocks:
             x = block(x)

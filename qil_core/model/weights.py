@@ -251,6 +251,9 @@ def load_into(
                 state[layer + ".input_scale"] = ckpt.read(plan.input_scales[layer], torch.float32, dev).reshape(())
         model.load_state_dict(state, strict=True, assign=True)
         state.clear()
+        unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+        if unfilled:  # a module keeping non-persistent state would have to create it after loading
+            raise RuntimeError(f"{what}: {len(unfilled)} tensors not filled from {ckpt.source}, e.g. {unfilled[0]}")
         model.requires_grad_(False).eval()
         _probe(model, ckpt, plan, keep_fp8)
         ok = True
