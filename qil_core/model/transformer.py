@@ -118,6 +118,8 @@ class JointAttention(nn.Module):
         self.to_add_out = nn.Linear(dim, dim)
         self.norm_added_q = RMSNorm(head_dim)
         self.norm_added_k = RMSNorm(head_dim)
+        # q, k, v [B, L, H, Dh], key_mask -> [B, L, H*Dh]; speed.set_attention_backend swaps in faster kernels
+        self.attention_fn = joint_attention
 
     def forward(
         self, img: torch.Tensor, txt: torch.Tensor, rope: Rope, key_mask: torch.Tensor | None
@@ -136,7 +138,7 @@ class JointAttention(nn.Module):
         apply_rope(self.norm_added_k(self.add_k_proj(txt).unflatten(-1, split)), rope.txt, out=k[:, :n_txt])
         apply_rope(self.norm_k(self.to_k(img).unflatten(-1, split)), rope.img, out=k[:, n_txt:])
         v = torch.cat([self.add_v_proj(txt), self.to_v(img)], dim=1).unflatten(-1, split)  # (B, L+S, H, Dh)
-        out = joint_attention(q, k, v, key_mask)  # (B, L+S, D)
+        out = self.attention_fn(q, k, v, key_mask)  # (B, L+S, D)
         return self.to_out[0](out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
 
 
