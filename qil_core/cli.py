@@ -17,14 +17,14 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, NoReturn
 
-from . import __version__, cli_demo, cli_edit, cli_layers
+from . import __version__, cli_demo, cli_edit, cli_layers, cli_model
 from .errors import QILError
 
 logger = logging.getLogger(__name__)
 
 PROG = "python -m qil_core"
 # Sub-command modules, in the order their commands appear in --help; each has `register(subparsers)`.
-COMMAND_MODULES: tuple[ModuleType, ...] = (cli_layers, cli_edit, cli_demo)
+COMMAND_MODULES: tuple[ModuleType, ...] = (cli_layers, cli_edit, cli_demo, cli_model)
 
 # OSErrors that mean "the path the user gave is wrong" rather than "the machine failed".
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
