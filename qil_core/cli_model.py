@@ -103,6 +103,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         g = demo.add_argument_group("model part (decomposes with a tiny RANDOM model: shows the pipeline, not quality)")
         g.add_argument("--image", type=Path, metavar="IMAGE", help="decompose this image instead of the sample scene")
         g.add_argument("--no-model", dest="model", action="store_false", help="skip the model decomposition")
+        demo.description = (demo.description or "") + (
+            " Then it decomposes the sample scene (or --image) with a tiny model of RANDOM weights, written to a "
+            "temporary folder, into decomposed.psd and decomposed_layers/: the layers are noise, the run shows the "
+            "model pipeline end to end in seconds. --no-model skips it.")
         demo.set_defaults(handler=run_demo_with_model)
 
 
@@ -207,6 +211,14 @@ def run_text_to_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_targets(out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
+    """The demo's model outputs (PSD, PNG folder), checked for safe names and collisions before any work."""
+    psd, layer_dir = out_dir / "decomposed.psd", out_dir / "decomposed_layers"
+    pngs = _planned_names(int(DEMO_SETTINGS["layers"]), False, "decomposed")
+    check_free([psd, *(layer_dir / n for n in pngs)], overwrite=overwrite)
+    return psd, layer_dir
+
+
 def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool = False,
                    size: tuple[int, int] | None = None) -> tuple[LayerStack, list[Path], float]:
     """Decompose the sample scene (or `image`) with a tiny RANDOM model into OUT/decomposed.psd (+ layer PNGs)."""
@@ -217,10 +229,7 @@ def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool 
     from .model.tiny import write_tiny_model
     from .sample import DEFAULT_SIZE, sample_image
 
-    psd = out_dir / "decomposed.psd"
-    layer_dir = out_dir / "decomposed_layers"
-    pngs = _planned_names(int(DEMO_SETTINGS["layers"]), False, "decomposed")
-    check_free([psd, *(layer_dir / n for n in pngs)], overwrite=overwrite)
+    psd, layer_dir = _demo_targets(out_dir, overwrite)
     picture = _read_image(image) if image is not None else sample_image(size or DEFAULT_SIZE)
     t0 = time.perf_counter()
     logger.warning("demo: decomposing with a tiny model of RANDOM weights, written to a temporary folder. It "
@@ -246,6 +255,8 @@ def run_demo_with_model(args: argparse.Namespace) -> int:
     """Handler of `demo` when the model part is registered: the layer demo, then the tiny-model decomposition."""
     from .demo import run_demo
 
+    if args.model:
+        _demo_targets(args.out, args.overwrite)  # refuse before the layer demo writes anything
     report = run_demo(args.out, size=args.size, overwrite=args.overwrite)
     if args.model:
         stack, written, seconds = decompose_demo(args.out, image=args.image, overwrite=args.overwrite,

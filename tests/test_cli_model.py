@@ -1,0 +1,146 @@
+"""The model commands of the CLI (`decompose`, `text-to-layers`) and the model part of `demo`, with tiny random weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from qil_core import cli_model
+from qil_core.cli import main
+from qil_core.layers.psd import lint_psd, read_psd
+from qil_core.model.tiny import write_tiny_model
+
+FAST = ["--layers", "2", "--steps", "2", "--dtype", "fp32", "--device", "cpu", "--prompt", "a test scene"]
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return write_tiny_model(tmp_path_factory.mktemp("comfy"), layout="comfyui", seed=1)
+
+
+@pytest.fixture(scope="module")
+def diffusers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_model(tmp_path_factory.mktemp("diffusers"), layout="diffusers", seed=1)["model_dir"]
+
+
+@pytest.fixture()
+def image(tmp_path: Path) -> Path:
+    yy, xx = np.mgrid[0:70, 0:100]
+    rgb = np.stack([xx * 2.5, yy * 3.5, (xx + yy) % 255], axis=-1).astype(np.uint8)
+    path = tmp_path / "in.png"
+    Image.fromarray(rgb, "RGB").save(path)
+    return path
+
+
+def _files(paths: dict[str, Path]) -> list[str]:
+    return ["--transformer", str(paths["transformer"]), "--vae", str(paths["vae"]), "--text-encoder",
+            str(paths["text_encoder"])]
+
+
+def _run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
+    code = main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_decompose_single_files_to_psd_and_pngs(capsys, comfy, image: Path, tmp_path: Path) -> None:
+    out, pngs = tmp_path / "out.psd", tmp_path / "pngs"
+    code, err = _run(capsys, "decompose", image, "--out", out, "--png-dir", pngs, *_files(comfy), *FAST,
+                     "--resolution", "custom", "--max-side", "96")
+    assert code == 0, err
+    assert "RANDOM WEIGHTS" in err and "step 2/2" in err and "wrote" in err
+    assert lint_psd(out) == []
+    stack = read_psd(out)
+    assert stack.size == (96, 64) and [layer.name for layer in stack] == ["Background", "Layer 1"]
+    assert sorted(p.name for p in pngs.iterdir()) == ["out_00_Background.png", "out_01_Layer 1.png"]
+
+
+def test_decompose_model_dir_original_size(capsys, diffusers_dir: Path, image: Path, tmp_path: Path) -> None:
+    out = tmp_path / "o.psd"
+    code, err = _run(capsys, "decompose", image, "--out", out, "--model-dir", diffusers_dir, *FAST,
+                     "--resolution", "custom", "--max-side", "96", "--output-size", "original", "--keep-composite",
+                     "--no-cfg-normalize", "--seed", "-1")
+    assert code == 0, err
+    stack = read_psd(out)
+    assert stack.size == (100, 70)
+    assert [layer.name for layer in stack] == ["Background", "Layer 1", "Composite (model)"]
+    assert not stack.layers[-1].visible
+
+
+def test_outputs_are_checked_before_loading(capsys, comfy, image: Path, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "taken.psd"
+    out.write_bytes(b"keep me")
+    monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
+    code, err = _run(capsys, "decompose", image, "--out", out, *_files(comfy), *FAST)
+    assert code == 2 and "--overwrite" in err and out.read_bytes() == b"keep me"
+    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "x.png", *_files(comfy), *FAST)
+    assert code == 2 and "must end with .psd" in err
+
+
+def test_bad_options_give_one_line_errors(capsys, comfy, image: Path, tmp_path: Path) -> None:
+    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "a.psd", *FAST)
+    assert code == 2 and "--model-dir DIR, or --transformer F and --vae F" in err
+    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "a.psd", *_files(comfy), *FAST,
+                     "--resolution", "custom")
+    assert code == 2 and "needs max_side" in err and "Traceback" not in err
+    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "a.psd", *_files(comfy), "--layers", "21",
+                     "--dtype", "fp32", "--device", "cpu")
+    assert code == 2 and "layers must be in 1..20" in err
+    code, err = _run(capsys, "decompose", tmp_path / "missing.png", "--out", tmp_path / "a.psd", *_files(comfy))
+    assert code == 2 and "not found" in err
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    code, err = _run(capsys, "decompose", tmp_path / "bad.png", "--out", tmp_path / "a.psd", *_files(comfy))
+    assert code == 2 and "cannot read image" in err
+    assert not (tmp_path / "a.psd").exists()
+
+
+def test_interrupt_leaves_nothing(capsys, comfy, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def stop(label: str):
+        def callback(step: int, total: int) -> None:
+            raise KeyboardInterrupt
+
+        return callback
+
+    monkeypatch.setattr(cli_model, "_progress", stop)
+    out, pngs = tmp_path / "never.psd", tmp_path / "pngs"
+    code, err = _run(capsys, "decompose", image, "--out", out, "--png-dir", pngs, *_files(comfy), *FAST,
+                     "--resolution", "custom", "--max-side", "96")
+    assert code == 130 and "interrupted" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
+
+
+def test_text_to_layers_command(capsys, comfy, tmp_path: Path) -> None:
+    out = tmp_path / "t2l.psd"
+    code, err = _run(capsys, "text-to-layers", "a red balloon over a field", "--out", out, *_files(comfy),
+                     *FAST[:-2], "--width", "100", "--height", "64", "--layers", "3")
+    assert code == 0, err
+    stack = read_psd(out)
+    assert stack.size == (96, 64) and len(stack) == 3 and lint_psd(out) == []
+
+
+def test_demo_decomposes_the_sample_with_a_random_model(capsys, tmp_path: Path, image: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(cli_model.DEMO_SETTINGS, "max_side", 128)
+    monkeypatch.setitem(cli_model.DEMO_SETTINGS, "steps", 2)
+    out = tmp_path / "demo"
+    code, err = _run(capsys, "demo", "--out", out, "--size", "96x64")
+    assert code == 0, err
+    assert "RANDOM" in err and "decomposed psd" in err and "sample.psd" in err
+    stack = read_psd(out / "decomposed.psd")
+    assert stack.size == (96, 64) and [layer.name for layer in stack] == ["Background", "Layer 1", "Layer 2",
+                                                                          "Layer 3"]
+    assert len(list((out / "decomposed_layers").glob("decomposed_*.png"))) == 4
+    code, err = _run(capsys, "demo", "--out", out, "--size", "96x64")
+    assert code == 2 and "--overwrite" in err
+
+    other = tmp_path / "demo2"
+    code, err = _run(capsys, "demo", "--out", other, "--image", image, "--size", "96x64")
+    assert code == 0, err
+    assert read_psd(other / "decomposed.psd").size == (100, 70)
+    code, err = _run(capsys, "demo", "--out", tmp_path / "demo3", "--no-model", "--size", "96x64")
+    assert code == 0 and not (tmp_path / "demo3" / "decomposed.psd").exists()
+    assert (tmp_path / "demo3" / "sample.psd").is_file()
+
