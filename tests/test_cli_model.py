@@ -1,4 +1,4 @@
-"""The model commands of the CLI (`decompose`, `text-to-layers`) and the model part of `demo`, with tiny random weights."""
+"""The model commands of the CLI (`decompose`, `text-to-layers`) and the model part of `demo`, tiny random weights."""
 
 from __future__ import annotations
 
