@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from qil_core.layers import Layer, LayerStack  # noqa: E402
 from qil_core.layers.psd import lint_psd, read_psd, write_psd  # noqa: E402
 
-
 ANCHOR_S = 19.7  # psd-tools save() as the official app uses it, 20 layers at 4096² (performance.md)
 
 
