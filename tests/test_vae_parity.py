@@ -58,7 +58,7 @@ def _ref_decode(ref: AutoencoderKLQwenImage, z: torch.Tensor) -> torch.Tensor:
         return ref.decode(z[:, :, None]).sample[:, :, 0]
 
 
-@pytest.mark.parametrize("hw", [(64, 96), (48, 48), (32, 128)])
+@pytest.mark.parametrize("hw", [(64, 96), (48, 48)])
 def test_encode_decode_match_diffusers_from_folder(saved, hw: tuple[int, int]) -> None:
     ref, folder, _ = saved
     vae = load_vae(folder)
