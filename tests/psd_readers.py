@@ -180,8 +180,7 @@ def check_readers(path: Path, stack: LayerStack, *, depth: int = 8, names: list[
         assert ps["size"] == stack.size and ps["depth"] == depth
         for i, (got, exp) in enumerate(zip(ps["layers"], want)):
             assert got["name"] == names[i], f"pytoshop layer {i} name {got['name']!r}, expected {names[i]!r}"
-            # pytoshop decodes the MacRoman Pascal name as UTF-8 with replacement characters
-            assert got["pascal"] == pascal_name(names[i]).decode("utf-8", "replace")
+            assert got["pascal"] == pascal_name(names[i]).decode("ascii")
             assert got["channel_ids"] == [-1, 0, 1, 2], got["channel_ids"]
             assert (got["x"], got["y"], got["w"], got["h"]) == (exp["x"], exp["y"], exp["w"], exp["h"]), i
             assert_close(got["rgba"], exp["rgba"], tol, f"pytoshop layer {i}")

@@ -3,7 +3,11 @@
 Follows the rules of robustness.md section 2 (each number below is a rule there):
 - RGB colour mode with 4 channels and a *negative* layer count, so the 4th merged channel is the composite's
   transparency, never a spare alpha channel (1, 2). The merged image is always written (3).
-- Layer names as `luni` (UTF-16) plus a MacRoman Pascal fallback of at most 31 bytes, '?' for the rest (4).
+- Layer names as `luni` (UTF-16) plus a legacy Pascal name of at most 31 bytes (4). The Pascal name is plain
+  ASCII (a subset of MacRoman): accents are dropped ("façade" -> "facade") and anything else becomes '?'.
+  Only readers without `luni` show it (ImageMagick, OIIO, Pillow), and they decode those bytes as UTF-8 or
+  Latin-1, not MacRoman, so MacRoman accents would come out as other characters there; ASCII reads the same
+  everywhere.
 - Channels -1, 0, 1, 2 in that order (6); each channel-info length is exactly 2 + its data (5).
 - Layers are cropped to their alpha bounding box after quantisation; a fully transparent layer is kept as a
   legal 0x0 layer with compression-only channels, as Photoshop writes it, so layer indices never shift (7).
@@ -81,9 +85,9 @@ def _clean_name(name: str, index: int, warn: Callable[[str], None]) -> str:
 
 
 def pascal_name(name: str) -> bytes:
-    """The legacy layer name: MacRoman, '?' for unmappable characters, at most 31 bytes."""
-    raw = unicodedata.normalize("NFC", name).encode("mac_roman", "replace")[:PASCAL_NAME_BYTES]
-    return raw
+    """The legacy layer name: ASCII with accents dropped, '?' for other characters, at most 31 bytes."""
+    base = "".join(c for c in unicodedata.normalize("NFKD", name) if unicodedata.category(c) != "Mn")
+    return unicodedata.normalize("NFC", base).encode("ascii", "replace")[:PASCAL_NAME_BYTES]
 
 
 def _unicode_block(name: str) -> bytes:
