@@ -79,7 +79,11 @@ def write_sharded(sd: dict[str, torch.Tensor], folder: Path, shards: int = 3) ->
 
 
 def no_live_loaded_models() -> bool:
-    """True when every live transformer or VAE module holds only meta tensors (a failed load left nothing)."""
+    """True when every live transformer or VAE module holds only meta tensors (a failed load left nothing).
+
+    Call it while the caught exception is still referenced: its traceback keeps the loader's frames alive, as a
+    host that shows the error does.
+    """
     gc.collect()
     for obj in gc.get_objects():
         if type(obj) in (QwenImageLayeredTransformer, RGBAVAE):
@@ -239,23 +243,23 @@ def test_l7_nan_weights_are_detected_and_nothing_stays_loaded(tmp_path: Path, tr
     bad[key] = bad[key].clone()
     bad[key].view(-1)[3] = float("nan") if "bias" not in key else float("inf")
     path = save(bad, tmp_path / "nan.safetensors")
-    with pytest.raises(WeightsError, match=f"NaN/inf in {key} of nan.safetensors"):
+    with pytest.raises(WeightsError, match=f"NaN/inf in {key} of nan.safetensors") as e:
         load_transformer(path, dtype=torch.float32)
-    assert no_live_loaded_models()
+    assert e.value.__traceback__ is not None and no_live_loaded_models()
 
 
 def test_l7_nan_in_vae_and_in_fp8_scale(tmp_path: Path, vae_sd, transformer_sd) -> None:
     bad = dict(vae_sd)
     bad["decoder.conv_out.bias"] = torch.full_like(bad["decoder.conv_out.bias"], float("nan"))
-    with pytest.raises(WeightsError, match="NaN/inf in decoder.conv_out.bias"):
+    with pytest.raises(WeightsError, match="NaN/inf in decoder.conv_out.bias") as e1:
         load_vae(save(bad, tmp_path / "vae.safetensors"))
     sd = dict(transformer_sd)
     w8, _ = quantize_tensor_fp8(sd["transformer_blocks.0.attn.to_q.weight"])
     sd["transformer_blocks.0.attn.to_q.weight"] = w8
     sd["transformer_blocks.0.attn.to_q.weight_scale"] = torch.tensor(float("inf"))
-    with pytest.raises(WeightsError, match="NaN/inf in transformer_blocks.0.attn.to_q.weight_scale"):
+    with pytest.raises(WeightsError, match="NaN/inf in transformer_blocks.0.attn.to_q.weight_scale") as e2:
         load_transformer(save(sd, tmp_path / "fp8.safetensors"))
-    assert no_live_loaded_models()
+    assert e1.value.__traceback__ is not None and e2.value.__traceback__ is not None and no_live_loaded_models()
 
 
 # L8 -------------------------------------------------------------------------------------------------------------
