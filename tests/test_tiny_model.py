@@ -83,8 +83,8 @@ def test_diffusers_reads_the_diffusers_layout(written) -> None:
     shapes = [(1, 2, 4)] * 3
     with torch.no_grad():
         want = dit(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
-                   timestep=torch.tensor([0.5]), img_shapes=[shapes], additional_t_cond=torch.zeros(1, dtype=torch.long),
-                   return_dict=False)[0]
+                   timestep=torch.tensor([0.5]), img_shapes=[shapes],
+                   additional_t_cond=torch.zeros(1, dtype=torch.long), return_dict=False)[0]
         got = ours.transformer(x, txt, None, torch.tensor([0.5]), shapes)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         pix = torch.rand(1, 4, 32, 48, generator=g) * 2 - 1
