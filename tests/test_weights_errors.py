@@ -101,6 +101,10 @@ def test_l1_missing_file_names_where_it_looked(tmp_path: Path) -> None:
     (tmp_path / "pipe" / "model_index.json").write_text("{}")
     with pytest.raises(ModelFileNotFoundError, match=str(tmp_path / "pipe" / "vae")):
         load_vae(tmp_path / "pipe")  # a pipeline folder without its vae/ subfolder
+    (tmp_path / "pipe" / "vae").mkdir()
+    (tmp_path / "pipe" / "model_index.json").unlink()  # a bare folder of component subfolders also works
+    with pytest.raises(ModelFileNotFoundError, match=r"no \.safetensors weights in .*pipe/vae"):
+        load_vae(tmp_path / "pipe")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelFileNotFoundError, match="no .safetensors weights"):
         load_vae(tmp_path / "empty")

@@ -295,7 +295,10 @@ def resolve_files(
     path = Path(source)  # type: ignore[arg-type]
     looked = [path]
     if path.is_dir():
-        if subfolder is None and default_subfolder and (path / "model_index.json").is_file():
+        own_weights = any(p.suffix.lower() in SAFETENSORS_SUFFIXES for p in path.iterdir())
+        if subfolder is None and default_subfolder and (
+            (path / "model_index.json").is_file() or ((path / default_subfolder).is_dir() and not own_weights)
+        ):
             subfolder = default_subfolder
         if subfolder:
             path = path / subfolder
