@@ -18,7 +18,7 @@ import torch
 from ..qil_core.errors import InputError, ModelFileNotFoundError, WeightsError
 from . import host
 from .common import CATEGORY
-from .model_runtime import MODEL_TYPE, Component, QILModel
+from .model_runtime import HOLDERS, MODEL_TYPE, QILModel
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +159,7 @@ def load_handle(files: dict[str, Path], weight_dtype: str, memory_mode: str, key
         quantize_module_fp8(model.transformer, skip=FP8_SKIP)
     model.device = device
     offload = torch.device("cpu")
-    patchers = {name: host.wrap_model_patcher(Component(module), device, offload)
+    patchers = {name: host.wrap_model_patcher(HOLDERS[name](module), device, offload)
                 for name, module in (("transformer", model.transformer), ("vae", model.vae),
                                      ("text_encoder", model.text_encoder)) if module is not None}
     return QILModel(model, patchers, memory_mode, device, key, files={k: str(v) for k, v in files.items()})

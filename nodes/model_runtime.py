@@ -37,6 +37,13 @@ class Component(torch.nn.Module):
         self.inner = inner
 
 
+# One holder class per component, so ComfyUI's log says "Requested to load QwenLayeredTransformer".
+HOLDERS: dict[str, type[Component]] = {
+    name: type(f"QwenLayered{label}", (Component,), {"__doc__": f"Holds the {name} for a ModelPatcher."})
+    for name, label in (("transformer", "Transformer"), ("vae", "VAE"), ("text_encoder", "TextEncoder"))
+}
+
+
 @dataclass(eq=False)
 class QILModel:
     """A QIL_MODEL: the loaded model, one ModelPatcher per component, the memory mode and the files' key."""

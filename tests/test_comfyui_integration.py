@@ -24,9 +24,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from comfy_harness import ROOT, Harness, load_pack
+from comfy_harness import ROOT, Harness, load_pack, pack_module
 from PIL import Image
 from psd_tools import PSDImage
+from qil_graphs import fast as fast_graph
+from qil_graphs import install_models, load_workflow, workflow_names, write_inputs
 from test_io_nodes import EDIT_GRAPH, write_sample_inputs
 from test_pack_import import EXPECTED_NODES
 
@@ -274,3 +276,93 @@ def test_host_adapter_with_the_real_comfy_modules(tmp_path: Path) -> None:
     assert report["progress"] == [[1, 3], [2, 3]] and report["interrupted"] is True
     assert report["output"] == str(tmp_path / "output")
     assert str(tmp_path / "models" / "vae") in report["vae"]
+
+
+# ------------------------------------------------------------------ the example workflows on the real server
+def _server_graph(name: str) -> dict:
+    """A workflow's API graph with CPU-test settings, saving under its own subfolder of output/."""
+    graph = fast_graph(load_workflow(name))
+    for node in graph.values():
+        prefix = node["inputs"].get("filename_prefix")
+        if isinstance(prefix, str):
+            node["inputs"]["filename_prefix"] = prefix.replace("QwenLayered/", f"workflows/{name}/", 1)
+    return graph
+
+
+@pytest.fixture(scope="module")
+def models_installed(comfy_server: ComfyServer) -> ComfyServer:
+    """Tiny random weights under the users' file names in the server's models/ folders, and the sample inputs."""
+    install_models(comfy_server.base)
+    write_inputs(comfy_server.base / "input")
+    return comfy_server
+
+
+@pytest.mark.parametrize("name", workflow_names())
+def test_every_workflow_runs_on_the_real_server(models_installed: ComfyServer, name: str) -> None:
+    server = models_installed
+    entry = server.run(_server_graph(name))
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
+    out = server.base / "output" / "workflows" / name
+    psds = sorted(out.glob("*.psd"))
+    assert len(psds) == 1
+    assert pack_module("qil_core.layers.psd").lint_psd(psds[0]) == []
+    names = [layer.name for layer in PSDImage.open(psds[0])]
+    expected = {"psd_edit": ["Background", "box", "title"],
+                "recursive_decomposition": ["Background", "Layer 1", "Layer 2", "Layer 3 / 1", "Layer 3 / 2",
+                                            "Layer 3 / 3"]}.get(name, ["Background", "Layer 1", "Layer 2", "Layer 3"])
+    assert names == expected
+    saved = [i for ui in entry["outputs"].values() for key in ("psd", "images") for i in ui.get(key, [])]
+    assert {"filename": psds[0].name, "subfolder": f"workflows/{name}", "type": "output"} in saved
+    for item in saved:  # every file the UI lists can be fetched back
+        data = server.get_bytes(f"/view?filename={item['filename']}&subfolder={item['subfolder']}&type={item['type']}")
+        assert data[:4] in (b"8BPS", b"\x89PNG")
+
+    again = server.run(_server_graph(name))  # unchanged inputs: every node served from ComfyUI's cache
+    assert again["status"]["status_str"] == "success"
+    assert set(_messages(again, "execution_cached")[0]["nodes"]) == set(_server_graph(name))
+    assert sorted(out.glob("*.psd")) == psds
+
+
+def test_cancel_on_the_real_server_leaves_nothing(models_installed: ComfyServer) -> None:
+    server = models_installed
+    graph = _server_graph("decompose_to_psd")
+    graph["3"]["inputs"].update(steps=1000, seed=12345, max_side=128)  # long enough to press Cancel mid-sampling
+    before = sorted((server.base / "output").rglob("*"))
+    status, body = server.queue(graph)
+    assert status == 200, body
+    prompt_id = body["prompt_id"]
+    deadline = time.monotonic() + 60
+    while not server.get("/queue")["queue_running"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(3.0)  # let it load the (cached) model and start sampling
+    req = urllib.request.Request(server.url + "/interrupt", data=b"{}", headers={"Content-Type": "application/json"})
+    with _NO_PROXY.open(req, timeout=10) as r:
+        assert r.status == 200
+    deadline = time.monotonic() + RUN_TIMEOUT
+    entry = None
+    while time.monotonic() < deadline:
+        entry = server.get(f"/history/{prompt_id}").get(prompt_id)
+        if entry and entry.get("status", {}).get("completed") is not None:
+            break
+        time.sleep(0.5)
+    assert entry is not None and entry["status"]["status_str"] == "error"
+    assert _messages(entry, "execution_interrupted"), json.dumps(entry["status"])[:2000]
+    assert sorted((server.base / "output").rglob("*")) == before  # no PSD, no PNG, no staging folder
+
+
+def test_unload_models_really_frees_the_model(models_installed: ComfyServer) -> None:
+    server = models_installed
+    graph = _server_graph("text_to_layers")
+    assert server.run(graph)["status"]["status_str"] == "success"
+    loads = server.log_tail(10**7).count("Qwen-Image-Layered: transformer ")
+    req = urllib.request.Request(server.url + "/free", data=json.dumps({"unload_models": True, "free_memory": True})
+                                 .encode(), headers={"Content-Type": "application/json"})
+    with _NO_PROXY.open(req, timeout=10) as r:  # the "Unload models" / "Free model and node cache" buttons
+        assert r.status == 200
+    time.sleep(2.0)  # the worker applies the flags when it wakes up
+    graph["2"]["inputs"]["seed"] = 99
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success"
+    assert "1" not in _messages(entry, "execution_cached")[0]["nodes"]
+    # Loaded from disk again: no cache of ours kept the model alive once ComfyUI let go of it.
+    assert server.log_tail(10**7).count("Qwen-Image-Layered: transformer ") == loads + 1
