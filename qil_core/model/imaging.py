@@ -284,8 +284,12 @@ def to_model_pixels(rgba: np.ndarray, dtype: torch.dtype, device: torch.device |
 
 
 def from_model_pixels(x: torch.Tensor) -> np.ndarray:
-    """Decoder output (B, 4, H, W) in [-1, 1] -> straight RGBA float32 (B, H, W, 4) in [0, 1] (x/2 + 0.5, clamped)."""
-    y = (x.float() * 0.5 + 0.5).clamp(0, 1)  # the reference's denormalize, in float32
+    """Decoder output (B, 4, H, W) in [-1, 1] -> straight RGBA float32 (B, H, W, 4) in [0, 1] (x/2 + 0.5, clamped).
+
+    Computed in float32; the reference does it in the VAE's dtype, so with a bf16 VAE its 8-bit pixels can differ
+    from these by one step (bf16 cannot hold every 1/255 near 1).
+    """
+    y = (x.float() * 0.5 + 0.5).clamp(0, 1)
     return y.permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -10,8 +10,9 @@ Semantics, documented once:
   layers are kept as empty (0x0) layers so the count is always N.
 - Frame 0 (the model's re-prediction of the whole image) is dropped; `keep_composite=True` adds it on top as a
   hidden layer named "Composite (model)".
-- Prompts: embeddings may be given instead of strings. No prompt at all means the empty prompt (with a
-  warning): the reference would auto-caption, which needs the vision tower this pack does not run.
+- Prompts: one string for all images, or embeddings (B = 1, or one row per image) instead. No prompt (None,
+  "" or blank) encodes the empty/blank prompt with a warning: the reference would auto-caption, which needs
+  the vision tower this pack does not run.
 - True CFG runs only when cfg > 1 and a negative (string or embeddings) is given, as in the reference.
 - Seeds are taken modulo 2**64. A batch of images of one processing size draws its noise as one
   (B, N+1, 16, h, w) tensor like the reference, so image b gets the reference's noise slice b; images of
@@ -85,10 +86,11 @@ def _conditions(
     if cfg > 1 and not has_negative:
         logger.warning("cfg is %g but no negative prompt or embeddings were given: guidance is off", cfg)
     strings = []
-    if embeds is None and prompt is None:
-        logger.warning("no prompt given: using the empty prompt. The model works best with a caption of the whole "
-                       "image (automatic captioning is not available here)")
-        prompt = ""
+    if embeds is None and (prompt is None or not prompt.strip()):
+        logger.warning("no prompt given: encoding %r as the prompt. The model works best with a caption of the whole "
+                       "image (the reference would auto-caption; that needs the vision tower, not run here)",
+                       prompt or "")
+        prompt = prompt or ""
     if embeds is None:
         strings.append(prompt)
     if guided and neg_embeds is None:
@@ -251,7 +253,7 @@ def decompose(
     model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
         model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
     mode = check_resolution(resolution, max_side)
-    output_size = chk.check_output_size(output_size)
+    output_size = chk.check_output_mode(output_size)
     images = prepare_images(image, mask)
     originals = image_sizes(images)
     for i, (w, h) in enumerate(originals):

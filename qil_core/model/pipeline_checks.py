@@ -79,7 +79,7 @@ def check_seed(seed: Any) -> int:
     return int(seed) % SEED_MODULUS
 
 
-def check_output_size(output_size: Any) -> str:
+def check_output_mode(output_size: Any) -> str:
     """'processing' (the bucket size the model ran at) or 'original' (mapped back to the input's size)."""
     if output_size not in OUTPUT_SIZES:
         raise InputError(f"output_size must be 'processing' or 'original', got {output_size!r}")
