@@ -23,8 +23,9 @@ SEMANTICS = (
     "order rebuilds the picture. The prompt describes the WHOLE image (what is in it), not one layer; empty works "
     "too (there is no automatic captioning). IMAGE outputs are RGBA on the full canvas; MASK outputs are 1 - alpha "
     "(ComfyUI's convention: 1 = transparent). 50 steps with true CFG 4.0 is the reference setting; 20-30 steps "
-    "are faster. VRAM: about 41 GB of weights in bf16, 21 GB with the fp8 transformer; the loader's memory mode "
-    "streams what does not fit. Cancel stops after the current step."
+    "are faster. VRAM: the transformer is 40.9 GB in bf16 (20.5 GB as fp8mixed) and the text encoder 9.4 GB "
+    "(fp8); the loader's memory mode keeps what fits on the GPU and streams the rest. Cancel stops after the "
+    "current step."
 )
 
 

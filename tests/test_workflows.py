@@ -119,6 +119,12 @@ def test_ui_and_api_files_describe_the_same_graph(name: str, tmp_path: Path) -> 
         (loader,) = [n for n in api.values() if n["class_type"] == "QILLoadModel"]
         assert {loader["inputs"][k] for k in ("transformer", "vae", "text_encoder")} == \
             {p.name for p in MODEL_FILES.values()}
+        # properties.models lets the frontend offer the downloads when a file is missing
+        (ui_loader,) = [n for n in ui["nodes"] if n["type"] == "QILLoadModel"]
+        links = {(m["name"], m["directory"]) for m in ui_loader["properties"]["models"]}
+        assert links == {(p.name, p.parent.name) for p in MODEL_FILES.values()}
+        for m in ui_loader["properties"]["models"]:
+            assert m["url"].startswith("https://huggingface.co/Comfy-Org/") and m["url"].endswith("/" + m["name"])
 
 
 @pytest.mark.parametrize("name", NAMES)

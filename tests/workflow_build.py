@@ -23,12 +23,24 @@ WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CORE_TITLES = {"LoadImage": "Load Image", "SaveImage": "Save Image", "PreviewImage": "Preview Image"}
 MODEL = {"transformer": "qwen_image_layered_fp8mixed.safetensors", "vae": "qwen_image_layered_vae.safetensors",
          "text_encoder": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "diffusers_folder": "none"}
+_LAYERED = "https://huggingface.co/Comfy-Org/Qwen-Image-Layered_ComfyUI/resolve/main/split_files"
+_QWEN = "https://huggingface.co/Comfy-Org/Qwen-Image_ComfyUI/resolve/main/split_files"
+# The frontend offers these downloads when a file is missing (properties.models, as core templates do).
+MODEL_LINKS = [
+    {"name": MODEL["transformer"], "url": f"{_LAYERED}/diffusion_models/{MODEL['transformer']}",
+     "directory": "diffusion_models"},
+    {"name": MODEL["vae"], "url": f"{_LAYERED}/vae/{MODEL['vae']}", "directory": "vae"},
+    {"name": MODEL["text_encoder"], "url": f"{_QWEN}/text_encoders/{MODEL['text_encoder']}",
+     "directory": "text_encoders"},
+]
 MODEL_NOTE = (
     "MODEL FILES (put them here, then press R in ComfyUI to refresh the lists):\n"
     "- ComfyUI/models/diffusion_models/qwen_image_layered_fp8mixed.safetensors (20.5 GB)\n"
     "  or qwen_image_layered_bf16.safetensors (40.9 GB)\n"
     "- ComfyUI/models/vae/qwen_image_layered_vae.safetensors (254 MB)\n"
     "- ComfyUI/models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors (9.4 GB)\n"
+    "Downloads: huggingface.co/Comfy-Org/Qwen-Image-Layered_ComfyUI (split_files/diffusion_models, split_files/vae) "
+    "and huggingface.co/Comfy-Org/Qwen-Image_ComfyUI (split_files/text_encoders).\n"
     "Or a diffusers Qwen-Image-Layered folder in ComfyUI/models/diffusers (pick it in diffusers_folder).\n\n"
     "Layers are bottom first. The prompt describes the WHOLE picture (optional). 50 steps / cfg 4 is the "
     "reference setting; 20-30 steps are faster. memory_mode auto streams what does not fit in VRAM.\n"
@@ -186,11 +198,15 @@ def build(name: str, spec: dict[str, Any], nodes_map: dict[str, type]) -> tuple[
                 values.append("image")
         widgets = len(values) + sum(3 for k, d in decl.items() if is_widget(d) and d[1].get("multiline"))
         height = 46 + 22 * max(len(inputs), len(outputs)) + 26 * widgets
+        properties: dict[str, Any] = {"Node name for S&R": class_type}
+        if class_type == "QILLoadModel":
+            properties["models"] = MODEL_LINKS
         ui_nodes.append({"id": node_id, "type": class_type, "pos": list(pos), "size": [340, height], "flags": {},
                          "order": order[node_id], "mode": 0, "inputs": inputs, "outputs": outputs,
-                         "properties": {"Node name for S&R": class_type}, "widgets_values": values})
+                         "properties": properties, "widgets_values": values})
     note_id = max(n[0] for n in spec["nodes"]) + 1
-    ui_nodes.append({"id": note_id, "type": "Note", "pos": [40, -260], "size": [760, 330], "flags": {},
+    ui_nodes.append({"id": note_id, "type": "Note", "title": "Read me", "pos": [40, -300], "size": [760, 370],
+                     "flags": {},
                      "order": len(spec["nodes"]), "mode": 0, "inputs": [], "outputs": [], "properties": {},
                      "widgets_values": [spec["note"]], "color": "#432", "bgcolor": "#653"})
     ui = {"last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": links, "groups": [],
