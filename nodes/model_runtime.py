@@ -3,16 +3,17 @@
 Memory modes (chosen on the loader):
 - resident: each component is handed to ComfyUI (`load_models_gpu`) when the pipeline uses it; ComfyUI keeps
   it on the GPU between runs and unloads it (or our other components) when something else needs the room.
-- offload: a component is on the GPU only while it runs (our OffloadPlacement); least VRAM, more transfers.
+- offload: components are copied to the GPU when used and kept only while they fit (memory_plan's budget),
+  all dropped when the run ends; little VRAM, more transfers.
 - block swap: the transformer's blocks stream from the CPU, as many kept resident as fit (BlockSwapPlacement).
-- auto: resident when the transformer plus its working memory fit on the device, else block swap (decided on
-  the first run of a loaded model). In offload and block swap ComfyUI is first asked to free the room needed.
+- auto: qil_core.model.memory_plan decides on the first run of a loaded model: resident when every phase fits
+  on the device (ComfyUI evicting between phases as needed), else block swap with as many blocks as fit.
+In offload, block swap and the auto decision ComfyUI is first asked to free the room (unloading other models).
 """
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 MODEL_TYPE = "QIL_MODEL"
 CONNECT_HINT = "connect a Load Qwen-Layered node to 'model'"
+PLAN_MODES = {"offload": "offload", "block swap": "block_swap"}  # loader choice -> memory_plan mode
+TEXT_TOKENS = 512  # a generous prompt length for the working-memory estimate
 
 
 class Component(torch.nn.Module):
@@ -66,18 +69,13 @@ def check_model(model: Any) -> QILModel:
     return model
 
 
-def module_bytes(module: torch.nn.Module | None) -> int:
-    """Bytes of a module's parameters and buffers (0 for None)."""
-    if module is None:
-        return 0
-    return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
-
-
 def work_bytes(handle: QILModel, width: int, height: int, layers: int) -> int:
-    """Rough activation memory of one transformer step at (width, height) px with `layers` output layers."""
-    tokens = (layers + 2) * (height // 16) * (width // 16) + 1024  # N+1 noisy frames, the condition, the text
-    elem = torch.finfo(handle.model.dtype).bits // 8
-    return tokens * handle.model.transformer.config.inner_dim * elem * 24  # qkv, MLP (4x), CFG pair, headroom
+    """Estimated transformer working memory of one step at (width, height) px with `layers` layers (cost model)."""
+    from ..qil_core.model.memory_plan import estimate_activation_bytes, image_tokens
+
+    dit = handle.model.transformer
+    return estimate_activation_bytes(image_tokens(width, height, layers) + TEXT_TOKENS, width=dit.config.inner_dim,
+                                     dtype=handle.model.dtype)
 
 
 class HostPlacement:
@@ -103,57 +101,36 @@ class HostPlacement:
         """Nothing to do: ComfyUI unloads the component when another model needs the room."""
 
 
-def _choose_mode(handle: QILModel, work: int) -> str:
-    """auto: resident when the transformer and its working memory fit on the device, else block swap."""
-    from ..qil_core.model.memory import available_device_memory, format_bytes
+def _plan(handle: QILModel, mode: str, width: int, height: int, layers: int) -> Any:
+    """memory_plan's choice for this run, after asking ComfyUI to make room (it unloads other models)."""
+    from ..qil_core.model.memory_plan import module_bytes, plan_for_model
 
-    device = handle.load_device
-    if device.type == "cpu":
-        return "resident"
-    need = module_bytes(handle.model.transformer) + work
-    host.free_memory(need, device)  # ComfyUI unloads other models to make the room if it can
-    free = available_device_memory(device)
-    mode = "resident" if free is None or free >= need else "block swap"
-    log.info("memory mode auto -> %s (transformer + work %s, %s free on %s)", mode, format_bytes(need),
-             "unknown" if free is None else format_bytes(free), device)
-    return mode
-
-
-def _resident_blocks(handle: QILModel, work: int) -> int:
-    """How many transformer blocks stay on the device in block swap (the rest stream), from the free memory."""
-    from ..qil_core.model.memory import available_device_memory
-
-    dit = handle.model.transformer
-    blocks = [module_bytes(b) for b in dit.transformer_blocks]
-    rest = module_bytes(dit) - sum(blocks)
-    host.free_memory(rest + 2 * max(blocks) + work, handle.load_device)
-    free = available_device_memory(handle.load_device)
-    if free is None:
-        return 0
-    return max(0, min(len(blocks), int((free - rest - work - 2 * max(blocks)) // max(blocks))))
+    model, device = handle.model, handle.load_device
+    if device.type != "cpu":
+        weights = sum(module_bytes(m) for m in (model.transformer, model.vae, model.text_encoder) if m is not None)
+        host.free_memory(weights + work_bytes(handle, width, height, layers), device)
+    return plan_for_model(model, width=width, height=height, layers=layers, mode=mode, device=device)
 
 
 @contextlib.contextmanager
-def run_placement(handle: QILModel, work: int) -> Iterator[Any]:
-    """The Placement for one run in the handle's memory mode; device copies are dropped afterwards (even on Cancel)."""
+def run_placement(handle: QILModel, width: int, height: int, layers: int) -> Iterator[Any]:
+    """The Placement for one run at (width, height) px with `layers` layers, in the handle's memory mode.
+
+    Streaming placements drop their device copies when the run ends, on Cancel too, so between runs ComfyUI
+    alone decides what stays on the GPU.
+    """
     mode = handle.memory_mode
     if mode == "auto":
-        handle.resolved_mode = mode = handle.resolved_mode or _choose_mode(handle, work)
+        if handle.resolved_mode is None:  # decided once: resident (ComfyUI evicts as needed) or block swap
+            chosen = _plan(handle, "auto", width, height, layers).mode
+            handle.resolved_mode = "block swap" if chosen == "block_swap" else "resident"
+        mode = handle.resolved_mode
     if mode == "resident":
-        yield HostPlacement(handle, work)
+        yield HostPlacement(handle, work_bytes(handle, width, height, layers))
         return
-    from ..qil_core.model.offload import BlockSwapPlacement, OffloadPlacement
-
-    device, dtype = handle.load_device, handle.model.dtype
-    placement: Any
-    if mode == "offload":
-        model = handle.model
-        host.free_memory(max(module_bytes(m) for m in (model.transformer, model.vae, model.text_encoder)) + work,
-                         device)
-        placement = OffloadPlacement(device, dtype)
-    else:
-        placement = BlockSwapPlacement(device, _resident_blocks(handle, work), dtype)
-    log.info("memory mode %s: %r", mode, placement)
+    plan = _plan(handle, PLAN_MODES[mode], width, height, layers)
+    placement = plan.placement(handle.model.dtype)
+    log.info("memory mode %s: %s; %r", mode, plan.describe(), placement)
     try:
         yield placement
     finally:

@@ -14,7 +14,7 @@ from ..qil_core.errors import InputError
 from ..qil_core.layers import stack_to_images
 from . import host
 from .common import CATEGORY, LAYERS_TIP, SELECT_TIP, image_batch, mask_batch, select, to_document, to_output, to_stack
-from .model_runtime import MODEL_TYPE, check_model, run_placement, work_bytes
+from .model_runtime import MODEL_TYPE, check_model, run_placement
 
 RESOLUTIONS = ("640", "1024", "custom")
 OUTPUT_SIZES = ("processing", "original")
@@ -78,10 +78,13 @@ def _checked(model: Any, layers: Any, steps: Any, name: str = "layers") -> tuple
     return check_model(model), check_int(name, layers, 1, MAX_LAYERS), check_steps(steps)
 
 
-def _side(resolution: int | str, max_side: Any) -> tuple[int, int]:
-    """The largest processing (width, height) a resolution mode can give, for the working-memory estimate."""
-    side = max_side if resolution == "custom" and isinstance(max_side, int) else 1024 if resolution == 1024 else 640
-    return int(side), int(side)
+def _size(width: int, height: int, resolution: int | str, max_side: Any) -> tuple[int, int]:
+    """The processing size the pipeline will use, for the memory plan (a square guess where it cannot tell)."""
+    from ..qil_core.model.imaging import bucket_size
+
+    if resolution == "custom" and not isinstance(max_side, int):
+        return 640, 640  # the pipeline refuses it with a message naming max_side
+    return bucket_size(max(1, width), max(1, height), resolution, max_side if resolution == "custom" else None)
 
 
 def _images(stacks: list) -> tuple[torch.Tensor, torch.Tensor]:
@@ -148,7 +151,7 @@ class QILDecompose:
         handle, layers, steps = _checked(model, layers, steps)
         img = image_batch(image)  # [B, H, W, C]; a missing batch dimension is added (D2)
         res = _resolution(resolution)
-        with run_placement(handle, work_bytes(handle, *_side(res, max_side), layers)) as pl:
+        with run_placement(handle, *_size(img.shape[2], img.shape[1], res, max_side), layers) as pl:
             stacks = decompose(handle.model, img, mask=_mask(mask, img), prompt=prompt, negative_prompt=negative_prompt,
                                layers=layers, steps=steps, cfg=cfg, cfg_normalize=bool(cfg_normalize), seed=seed,
                                resolution=res, max_side=max_side if res == "custom" else None,
@@ -194,7 +197,7 @@ class QILTextToLayers:
 
         handle, layers, steps = _checked(model, layers, steps)
         width, height = check_int("width", width, 64, 4096), check_int("height", height, 64, 4096)
-        with run_placement(handle, work_bytes(handle, width, height, layers)) as pl:
+        with run_placement(handle, width, height, layers) as pl:
             stack = text_to_layers(handle.model, prompt, width=width, height=height, negative_prompt=negative_prompt,
                                    layers=layers, steps=steps, cfg=cfg, cfg_normalize=bool(cfg_normalize), seed=seed,
                                    placement=pl, callback=host.make_callback(steps, node_id=unique_id,
@@ -244,7 +247,8 @@ class QILDecomposeLayer:
         if len(chosen) != 1:
             raise InputError(f"input 'layer' {layer!r} selects {len(chosen)} layers; choose exactly one ({SELECT_TIP})")
         res = _resolution(resolution)
-        with run_placement(handle, work_bytes(handle, *_side(res, max_side), sub_layers)) as pl:
+        target = stack.layers[chosen[0]]
+        with run_placement(handle, *_size(target.width, target.height, res, max_side), sub_layers) as pl:
             out = decompose_layer(handle.model, stack, chosen[0], layers=sub_layers, prompt=prompt,
                                   negative_prompt=negative_prompt, steps=steps, cfg=cfg,
                                   cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,

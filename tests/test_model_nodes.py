@@ -233,9 +233,42 @@ def test_memory_modes_give_the_resident_layers(env: tuple, mode: str, monkeypatc
             _, got, _ = sample_nodes.QILDecompose().decompose(handle, _picture(), **SETTINGS)
     assert torch.equal(got, expected)
     assert env[1].memory_mode == "auto" and env[1].resolved_mode == "resident"
-    shown = {"offload": "memory mode offload: OffloadPlacement(device=cpu", "resident": "",
-             "block swap": "memory mode block swap: BlockSwapPlacement(device=cpu, resident_blocks=0"}[mode]
-    assert shown in caplog.text
+    shown = {"offload": "; OffloadPlacement(device=cpu", "resident": "memory mode",
+             "block swap": "; BlockSwapPlacement(device=cpu, resident_blocks=0"}[mode]
+    assert (shown in caplog.text) == (mode != "resident")  # resident: ComfyUI's memory management, no streaming
+
+
+@pytest.mark.parametrize(("planned", "resolved"), [("block_swap", "block swap"), ("offload", "resident"),
+                                                  ("resident", "resident")])
+def test_auto_memory_mode_makes_room_then_follows_the_plan(env: tuple, monkeypatch: pytest.MonkeyPatch,
+                                                          planned: str, resolved: str) -> None:
+    h, handle = env
+    plan_module = pack_module("qil_core.model.memory_plan")
+    runtime = pack_module("nodes.model_runtime")
+    asked: list[dict] = []
+
+    def plan(model: Any, **kw: Any) -> Any:  # what memory_plan would say for a small GPU
+        asked.append(kw)
+        mode = planned if kw["mode"] == "auto" else kw["mode"]
+        return plan_module.MemoryPlan(mode, torch.device("cuda"), ("vae",), resident_blocks=3)
+
+    monkeypatch.setattr(plan_module, "plan_for_model", plan)
+    gpu = runtime.QILModel(handle.model, handle.patchers, "auto", torch.device("cuda"))  # no CUDA is touched
+    h.record.free_memory.clear()
+    with h.host():
+        with runtime.run_placement(gpu, 640, 480, 4) as placement:
+            kind = type(placement).__name__
+        with runtime.run_placement(gpu, 640, 480, 4):
+            pass
+    assert gpu.resolved_mode == resolved  # decided on the first run only
+    assert asked[0] == {"width": 640, "height": 480, "layers": 4, "mode": "auto", "device": torch.device("cuda")}
+    assert h.record.free_memory[0][1] == torch.device("cuda")  # ComfyUI was asked to unload other models first
+    assert h.record.free_memory[0][0] >= sum(p.size for p in handle.patchers.values())
+    if resolved == "block swap":
+        assert kind == "BlockSwapPlacement" and placement.resident_blocks == 3
+        assert [a["mode"] for a in asked] == ["auto", "block_swap", "block_swap"]
+    else:
+        assert kind == "HostPlacement" and len(asked) == 1  # ComfyUI's own memory management from then on
 
 
 def test_fp8_on_the_fly_quantises_the_transformer_blocks(env: tuple) -> None:
