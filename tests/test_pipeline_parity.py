@@ -139,18 +139,17 @@ def test_decompose_matches_reference_with_embeddings_no_normalize(pipe, model) -
 
 
 def test_batch_is_grouped_correctly_unlike_the_reference(pipe, model) -> None:
-    """Two images: the reference slices its B*N decoded layers in groups of N+1 (wrong); ours in groups of N.
+    """Two images, one layer each: the reference slices its B*N decoded layers in groups of N+1 (wrong); ours by N.
 
     Noise for a batch is one (B, N+1, 16, h, w) draw, like the reference, so image b's layers equal the
     reference's layers b*N..(b+1)*N-1 (test_pipeline_inputs checks them against single-image runs).
     """
     imgs = [_image(2), _image(3)]
     ref = pipe(image=[Image.fromarray(i, "RGBA") for i in imgs], prompt=[PROMPT, PROMPT], negative_prompt=[" ", " "],
-               true_cfg_scale=4.0, layers=2, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(9),
+               true_cfg_scale=4.0, layers=1, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(9),
                resolution=640, cfg_normalize=True).images
-    assert [len(g) for g in ref] == [3, 1]  # the reference bug: groups of N+1 = 3 out of B*N = 4 layers
-    flat = [im for group in ref for im in group]
-    ours = decompose(model, np.stack(imgs), prompt=PROMPT, layers=2, steps=STEPS, seed=9, resolution=640)
-    assert len(ours) == 2
-    _assert_layers_match(flat[0:2], ours[0])
-    _assert_layers_match(flat[2:4], ours[1])
+    assert [len(g) for g in ref] == [2, 0]  # the reference bug: image 0 gets both images' layers, image 1 none
+    ours = decompose(model, np.stack(imgs), prompt=PROMPT, layers=1, steps=STEPS, seed=9, resolution=640)
+    assert len(ours) == 2 and [len(s) for s in ours] == [1, 1]
+    _assert_layers_match(ref[0][0:1], ours[0])
+    _assert_layers_match(ref[0][1:2], ours[1])
