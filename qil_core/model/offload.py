@@ -50,7 +50,8 @@ class ModuleStore:
 
     `skip` names direct children whose tensors are left alone (a BlockSwapPlacement stores blocks separately).
     Host copies are the module's own CPU tensors (memory-mapped weights stay memory-mapped) unless `pin` asks
-    for page-locked copies, or the tensor lives on another device (then it is copied to the CPU once).
+    for page-locked copies. A module already on `reuse_on` keeps its tensors attached as the device copies and
+    gets its host copies only when it is first detached (no RAM spent on parts that never leave the device).
     """
 
     def __init__(
@@ -59,9 +60,8 @@ class ModuleStore:
     ) -> None:
         self.module = module
         self.name = name
+        self.pin = pin
         self.refs: list[tuple[nn.Module, str, bool]] = []  # (owner, attribute, is_parameter)
-        self.host: list[Tensor] = []
-        self.attached: list[Tensor] | None = None  # device copies while on the device
         originals: list[Tensor] = []
         seen: set[int] = set()
         for owner in _modules(module, skip):
@@ -75,15 +75,24 @@ class ModuleStore:
                         "weights before running it"
                     )
                 self.refs.append((owner, attr, is_param))
-                self.host.append(_host_copy(t, pin))
                 originals.append(t)
-        self.nbytes = sum(t.numel() * t.element_size() for t in self.host)
+        self.nbytes = sum(t.numel() * t.element_size() for t in originals)
+        self.attached: list[Tensor] | None = None  # device copies while on the device
+        self._host: list[Tensor] | None = None
         if reuse_on is not None and reuse_on.type != "cpu" and originals and all(
             _same(t.device, reuse_on) for t in originals
         ):
             self.attached = originals  # loaded straight onto the device: keep using those tensors, copy nothing
         else:
-            self._set(self.host)
+            self._host = [_host_copy(t, pin) for t in originals]
+            self._set(self._host)
+
+    @property
+    def host(self) -> list[Tensor]:
+        """The host copies (made now from the attached tensors if the module started on the device)."""
+        if self._host is None:
+            self._host = [_host_copy(t, self.pin) for t in self.attached or ()]
+        return self._host
 
     @property
     def on_device(self) -> bool:
