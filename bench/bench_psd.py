@@ -163,7 +163,7 @@ def bench(kind: str, stack: LayerStack, folder: Path, naive_layers: int) -> None
     t0 = time.perf_counter()
     fresh = [layer.pixels.copy() for layer in back.layers]  # the reader must allocate its output too
     t_copy_new = time.perf_counter() - t0
-    fresh = None
+    del fresh
     back = None  # free the first read before timing the second
     t0 = time.thread_time()
     read_psd(path, workers=1)
