@@ -149,7 +149,7 @@ def _host_copy(t: Tensor, pin: bool) -> Tensor:
     """`t` itself when it is a usable host tensor, else a CPU copy (page-locked when `pin`)."""
     if t.device.type == "cpu" and (not pin or t.is_pinned()):
         return t
-    out = torch.empty_like(t, device=HOST, pin_memory=pin)
+    out = torch.empty(t.shape, dtype=t.dtype, device=HOST, pin_memory=pin)
     out.copy_(t)
     return out
 
