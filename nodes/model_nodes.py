@@ -79,9 +79,11 @@ class QILLoadModel:
         "models/text_encoders (qwen_2.5_vl_7b_fp8_scaled.safetensors, 9.4 GB); or everything from a diffusers "
         "folder in models/diffusers. Only .safetensors files are read; a wrong or damaged file is named in the "
         "error. ComfyUI manages the memory like its own models (Unload models frees it); the same files are "
-        "loaded once, a changed file loads again. Memory mode: auto keeps components on the GPU when they fit "
-        "and streams transformer blocks when they do not; offload moves each component to the GPU only while "
-        "it runs (least VRAM, slower); block swap streams the transformer's blocks (for 16-24 GB cards)."
+        "loaded once, a changed file loads again. Memory mode: auto keeps the components on the GPU when each "
+        "step of a run fits (ComfyUI swapping them as needed) and otherwise streams the transformer's blocks; "
+        "offload copies a component to the GPU when it runs, keeps it only while there is room and drops it "
+        "after the run; block swap streams the transformer's blocks, as many staying on the GPU as fit (least "
+        "VRAM, slowest)."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = (MODEL_TYPE,)
@@ -102,8 +104,8 @@ class QILLoadModel:
                                  "bf16 on the GPU, fp32 on the CPU (fp8 files stay fp8). fp8_e4m3fn quantises a bf16 "
                                  "transformer's blocks while loading (half the VRAM, slightly different output)."}),
                 "memory_mode": (list(MEMORY_MODES), {"default": "auto", "tooltip": "auto: resident when it fits, "
-                                "else block swap. resident: ComfyUI keeps components on the GPU. offload: one "
-                                "component on the GPU at a time. block swap: stream transformer blocks."}),
+                                "else block swap. resident: ComfyUI keeps components on the GPU. offload: components "
+                                "on the GPU only while used and room allows. block swap: stream transformer blocks."}),
             },
             "optional": {
                 "diffusers_folder": ([NONE, *_file_list("diffusers")], {"default": NONE, "tooltip": "A diffusers "
