@@ -129,7 +129,9 @@ def test_qil_core_and_nodes_never_import_comfyui() -> None:
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         bad = _absolute_imports(tree) & HOST_MODULES
         assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
-    for path in _python_files("nodes", "__init__.py"):  # inside the pack only relative imports of our code
+    # Inside the pack only relative imports of our own code: ComfyUI loads the pack under a path-derived
+    # module name, so `import qil_core` (or `nodes`) would fail or pick up ComfyUI's own `nodes` module.
+    for path in _python_files("qil_core", "nodes", "__init__.py"):
         tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
         assert not _absolute_imports(tree) & {"qil_core", "nodes"}, path.relative_to(ROOT)
 
