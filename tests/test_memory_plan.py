@@ -42,7 +42,7 @@ def test_estimates_follow_the_cost_model() -> None:
     assert 3.4 * GB < big < 3.6 * GB  # "3.5 GB at 1024²/N=8"
     assert mp.estimate_activation_bytes(100, batch=2) == 2 * mp.estimate_activation_bytes(100)
     assert mp.estimate_activation_bytes(100, dtype=torch.float32) == 2 * mp.estimate_activation_bytes(100)
-    assert mp.estimate_activation_bytes(0, fp8=True) == 4 * 3072 * 3072 * 2
+    assert mp.estimate_activation_bytes(0, fp8=True) == 2 * 4 * 3072 * 3072 * 2  # two bf16 copies of the MLP weight
     assert mp.estimate_vae_decode_bytes(1000, 1000) == 4.2 * GB
     assert mp.estimate_vae_decode_bytes(1000, 1000, frames=8) == 8 * 4.2 * GB
     with pytest.raises(InputError):

@@ -43,13 +43,14 @@ def estimate_activation_bytes(
 ) -> int:
     """Peak transformer working memory of one forward over `tokens` (text + image) tokens for `batch` samples.
 
-    With fp8 weights one Linear is dequantised at a time: its largest (4 x width x width) weight is added.
+    With fp8 weights one Linear is dequantised at a time, through two temporaries of its size (the cast and the
+    scaled copy, measured by bench/bench_memory.py): twice the largest (4 x width x width) weight is added.
     """
     if tokens < 0 or batch < 1:
         raise InputError(f"tokens must be >= 0 and batch >= 1, got tokens={tokens}, batch={batch}")
     item = torch.empty((), dtype=dtype).element_size()
     act = tokens * batch * ACTIVATION_WIDTHS_PER_TOKEN * width * item
-    return act + (4 * width * width * item if fp8 else 0)
+    return act + (2 * 4 * width * width * item if fp8 else 0)
 
 
 def estimate_vae_decode_bytes(width: int, height: int, *, frames: int = 1, dtype: torch.dtype = torch.bfloat16) -> int:
