@@ -11,7 +11,7 @@ import torch
 from ..qil_core.errors import InputError
 from ..qil_core.layers import LayerStack
 from ..qil_core.layers.document import stack_from_document, stack_to_document
-from ..qil_core.layers.ops import parse_layer_keys
+from ..qil_core.layers.ops import layer_indices, parse_layer_keys
 from . import host
 
 CATEGORY = "Qwen-Image-Layered"
@@ -67,7 +67,7 @@ def to_document(stack: LayerStack) -> dict:
 
 
 def select(stack: LayerStack, spec: str, name: str = "layer") -> list[int]:
-    """Indices chosen by a selection string ('all', '0', '-1', 'sky', '0, 2', '1-3'), bottom first, no repeats."""
+    """Indices chosen by a selection string ('all', '0', '-1', 'sky', '0, 2', '1-3') in the order given, no repeats."""
     text = str(spec).strip()
     if text.lower() in ("all", "*"):
         if not stack.layers:
@@ -75,13 +75,7 @@ def select(stack: LayerStack, spec: str, name: str = "layer") -> list[int]:
         return list(range(len(stack.layers)))
     if not text:
         raise InputError(f"input {name!r} is empty; {SELECT_TIP}")
-    keys = parse_layer_keys(text)
-    out: list[int] = []
-    for key in keys:
-        i = stack.index_of(key)
-        if i not in out:
-            out.append(i)
-    return out
+    return layer_indices(stack, parse_layer_keys(text))
 
 
 def image_batch(image: Any, name: str = "image") -> torch.Tensor:

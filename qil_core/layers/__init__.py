@@ -22,6 +22,7 @@ from .ops import (
     delete_layers,
     drop_empty_layers,
     duplicate_layer,
+    layer_indices,
     merge_down,
     move_layer,
     parse_layer_keys,
@@ -38,7 +39,8 @@ __all__ = [
     "BLEND_MODES", "BLEND_MODE_FROM_PSD_KEY", "INTERPOLATIONS", "MAX_CANVAS_SIDE", "PSD_APPROXIMATE_MODES",
     "PSD_BLEND_KEYS", "PSD_KEY_FALLBACKS", "Layer", "LayerStack", "alpha_to_mask", "blend_function",
     "blend_mode_from_psd_key", "composite", "composite_layers", "delete_layers", "drop_empty_layers",
-    "duplicate_layer", "mask_to_alpha", "merge_down", "move_layer", "parse_color", "parse_layer_keys",
+    "duplicate_layer",
+    "layer_indices", "mask_to_alpha", "merge_down", "move_layer", "parse_color", "parse_layer_keys",
     "recolor_layer", "reorder_layers", "resize_stack", "select_layers", "set_layer_props", "source_over",
     "stack_from_document", "stack_from_images", "stack_to_document", "stack_to_images", "transform_layer",
 ]

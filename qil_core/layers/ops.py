@@ -46,8 +46,8 @@ def parse_layer_keys(spec: str) -> list[Key]:
     return keys
 
 
-def _indices(stack: LayerStack, keys: Sequence[Key] | Key) -> list[int]:
-    """Resolve keys to indices, first occurrence kept (duplicates dropped)."""
+def layer_indices(stack: LayerStack, keys: Sequence[Key] | Key) -> list[int]:
+    """Resolve keys (indices or names) to indices in the order given, first occurrence kept."""
     if isinstance(keys, (int, str)):
         keys = [keys]
     out: list[int] = []
@@ -60,12 +60,12 @@ def _indices(stack: LayerStack, keys: Sequence[Key] | Key) -> list[int]:
 
 def select_layers(stack: LayerStack, keys: Sequence[Key] | Key) -> LayerStack:
     """A stack holding only the addressed layers, in the order the keys list them (duplicates once)."""
-    return stack.replace(layers=[stack.layers[i] for i in _indices(stack, keys)])
+    return stack.replace(layers=[stack.layers[i] for i in layer_indices(stack, keys)])
 
 
 def delete_layers(stack: LayerStack, keys: Sequence[Key] | Key) -> LayerStack:
     """The stack without the addressed layers (deleting all of them leaves an empty stack)."""
-    drop = set(_indices(stack, keys))
+    drop = set(layer_indices(stack, keys))
     return stack.replace(layers=[layer for i, layer in enumerate(stack.layers) if i not in drop])
 
 
