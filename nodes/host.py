@@ -25,6 +25,7 @@ from types import ModuleType
 from typing import Any
 
 from ..qil_core.errors import ModelFileNotFoundError, OutputPathError, WeightsError
+from ..qil_core.fsutil import ensure_inside, name_problem
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +33,6 @@ MODEL_KINDS: tuple[str, ...] = ("diffusion_models", "vae", "text_encoders", "dif
 # Legacy folder names ComfyUI still searches for the same kinds.
 _LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
 WEIGHT_SUFFIXES = (".safetensors", ".sft")
-MAX_NAME_BYTES = 200
-_WINDOWS_RESERVED = {"con", "prn", "aux", "nul", *(f"com{i}" for i in range(1, 10)), *(f"lpt{i}" for i in range(1, 10))}
-_WINDOWS_BAD_CHARS = set('<>:"|?*')
 
 
 def _host(name: str) -> ModuleType | None:
@@ -168,27 +166,19 @@ def check_prefix(prefix: str) -> tuple[str, str]:
         raise OutputPathError(f"filename_prefix {shown} is an absolute path; files stay in the output folder, {hint}")
     parts = [p for p in norm.split("/") if p]
     for part in parts:
-        why = None
-        if part in (".", ".."):
-            why = "'.' and '..' are not allowed (files must stay inside the output folder)"
-        elif part.startswith("."):
-            why = f"{part!r} starts with '.', which makes a hidden file or folder"
-        elif part[-1] in " .":
-            why = f"{part!r} ends with a space or a dot, which Windows strips"
-        elif _WINDOWS_BAD_CHARS & set(part):
-            why = f"{part!r} contains one of {''.join(sorted(_WINDOWS_BAD_CHARS))}, not allowed in Windows file names"
-        elif part.split(".")[0].strip().lower() in _WINDOWS_RESERVED:
-            why = f"{part!r} is a reserved device name on Windows"
-        elif len(part.encode("utf-8")) > MAX_NAME_BYTES:
-            why = f"a name part is {len(part.encode('utf-8'))} bytes long, the limit is {MAX_NAME_BYTES}"
+        why = "'.' and '..' are not allowed (files must stay inside the output folder)" if part in (".", "..") \
+            else name_problem(part)  # the same rules as every file the library writes
         if why:
-            raise OutputPathError(f"filename_prefix {shown} rejected: {why}; {hint}")
+            raise OutputPathError(f"filename_prefix {shown} rejected: {part[:40]!r}: {why}; {hint}")
     return "/".join(parts[:-1]), parts[-1]
 
 
 def _inside(path: Path, root: Path) -> bool:
-    real, real_root = os.path.realpath(path), os.path.realpath(root)
-    return os.path.commonpath([real, real_root]) == real_root
+    try:
+        ensure_inside(path, root)
+    except OutputPathError:
+        return False
+    return True
 
 
 def _next_counter(folder: Path, base: str) -> int:

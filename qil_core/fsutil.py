@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MAX_NAME_BYTES = 200  # robustness.md 3.3: names over 200 bytes are rejected
 _WINDOWS_RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f"LPT{i}" for i in range(1, 10))}
+_WINDOWS_BAD_CHARS = set('<>:"|?*')
 _UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK}
 _WRITE_BUFFER = 1 << 20
@@ -33,8 +34,8 @@ class OutputExistsError(OutputPathError, FileExistsError):
     """The target name is taken; the existing file was left untouched."""
 
 
-def _reason_invalid(name: str) -> str | None:
-    """Why `name` is not acceptable as one output file name, or None when it is."""
+def name_problem(name: str) -> str | None:
+    """Why `name` is not acceptable as one output file or folder name, or None when it is."""
     if not name or not name.strip():
         return "it is empty"
     if name in (".", ".."):
@@ -47,6 +48,8 @@ def _reason_invalid(name: str) -> str | None:
         return "it contains a NUL or control character"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"it is {len(name.encode('utf-8', 'surrogatepass'))} bytes long (at most {MAX_NAME_BYTES})"
+    if _WINDOWS_BAD_CHARS & set(name):
+        return f"it contains one of {''.join(sorted(_WINDOWS_BAD_CHARS))}, not allowed in Windows file names"
     if name.split(".")[0].strip().upper() in _WINDOWS_RESERVED:
         return "it is a reserved device name on Windows (CON, PRN, AUX, NUL, COM1-9, LPT1-9)"
     if name.endswith((" ", ".")):
@@ -56,7 +59,7 @@ def _reason_invalid(name: str) -> str | None:
 
 def check_output_name(name: str) -> str:
     """Return `name` unchanged when it is a safe single file name, else raise OutputPathError with the reason."""
-    reason = _reason_invalid(str(name))
+    reason = name_problem(str(name))
     if reason is not None:
         raise OutputPathError(f"output file name {name!r} is not allowed: {reason}; choose a plain name "
                               f"such as 'layers_00001_.psd'")
