@@ -140,7 +140,7 @@ def _write_checkpoints(folder: Path, blocks: int) -> dict[str, Any]:
 
     from qil_core.model.config import TransformerConfig
     from qil_core.model.memory_plan import module_bytes
-    from qil_core.model.quant import quantize_module_fp8
+    from qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
     from qil_core.model.transformer import build_transformer
     from qil_core.model.vae import RGBAVAE
 
@@ -160,7 +160,7 @@ def _write_checkpoints(folder: Path, blocks: int) -> dict[str, Any]:
     sizes = {"rest_bf16": module_bytes(model) - module_bytes(model.transformer_blocks),
              "block_bf16": module_bytes(model.transformer_blocks[0]), "transformer_bf16": module_bytes(model)}
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "transformer_bf16.safetensors")
-    quantize_module_fp8(model, skip=("img_in", "txt_in", "proj_out", "norm_out.*", "time_text_embed.*"))
+    quantize_module_fp8(model, skip=TRANSFORMER_FP8_SKIP)
     sizes.update(block_fp8=module_bytes(model.transformer_blocks[0]), transformer_fp8=module_bytes(model),
                  rest_fp8=module_bytes(model) - module_bytes(model.transformer_blocks))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "transformer_fp8.safetensors")

@@ -45,13 +45,12 @@ from qil_core.model import memory_plan as mp  # noqa: E402
 from qil_core.model import speed  # noqa: E402
 from qil_core.model.config import TransformerConfig  # noqa: E402
 from qil_core.model.offload import BlockSwapPlacement  # noqa: E402
-from qil_core.model.quant import quantize_module_fp8  # noqa: E402
+from qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
 from qil_core.model.transformer import build_transformer  # noqa: E402
 from qil_core.model.vae import RGBAVAE, VAEConfig  # noqa: E402
 
 REAL_BLOCKS = 60
 GFLOP_L, MFLOP_L2 = 13.59e9, 0.737e6  # performance.md cost model, 60 blocks
-FP8_SKIP = ("img_in", "txt_in", "proj_out", "norm_out.*", "time_text_embed.*")
 CARD_24GB_FREE = int(23.5e9)  # free memory of a 24 GB card with a CUDA context, for the block-swap plan
 DIFFUSERS_BACKENDS = {"flash_attn": "flash", "flash_attn3": "_flash_3", "sageattention": "sage"}
 TINY = TransformerConfig(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
@@ -384,7 +383,7 @@ def _run(b: Bench, settings: list[Setting]) -> dict[str, Any]:
     gc.collect()
 
     # --- fp8: quantise in place (bf16 layers freed one by one), dequant path, fp8 x fp8, block swap ------------
-    quantize_module_fp8(ours, skip=FP8_SKIP)
+    quantize_module_fp8(ours, skip=TRANSFORMER_FP8_SKIP)
     fp8_weights, fp8_block = mp.module_bytes(ours), mp.module_bytes(ours.transformer_blocks[0])
     missing8 = (REAL_BLOCKS - b.blocks) * fp8_block if not b.dry else 0
     b.log(f"quantised to fp8: {fp8_weights / 1e9:.2f} GB ({fp8_block / 1e6:.0f} MB per block)")

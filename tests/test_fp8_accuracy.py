@@ -16,14 +16,13 @@ from perf_models import transformer_inputs
 
 from qil_core.model.config import TransformerConfig
 from qil_core.model.memory_plan import module_bytes
-from qil_core.model.quant import Fp8Linear, quantize_module_fp8
+from qil_core.model.quant import TRANSFORMER_FP8_SKIP, Fp8Linear, quantize_module_fp8
 from qil_core.model.speed import enable_fp8_matmul
 from qil_core.model.transformer import build_transformer
 
 CFG = TransformerConfig(num_layers=4, attention_head_dim=64, num_attention_heads=4, joint_attention_dim=64,
                         axes_dims_rope=(16, 24, 24))
-# Layers kept in bf16: the small input/output projections and the timestep MLP (as ComfyUI's fp8 files do).
-SKIP = ("img_in", "txt_in", "proj_out", "norm_out.*", "time_text_embed.*")
+SKIP = TRANSFORMER_FP8_SKIP  # the small input/output projections and the timestep MLP stay in bf16
 FP8_VS_BF16 = 0.05
 FP8XFP8_VS_BF16 = 0.065
 BF16_VS_FP32 = 0.015
@@ -113,3 +112,27 @@ def test_fp8_matmul_off_where_unsupported() -> None:
     quantize_module_fp8(model, skip=SKIP)
     assert enable_fp8_matmul(model) == 0  # the CPU has no fp8 tensor cores: dequantise per layer instead
     assert not any(m.use_scaled_mm for m in model.modules() if isinstance(m, Fp8Linear))
+
+
+def test_quantize_on_load_matches_in_memory_quantisation(tmp_path) -> None:
+    from safetensors.torch import save_file
+
+    from qil_core.errors import InputError
+    from qil_core.model.weights import load_transformer
+
+    base = _model(4).to(torch.bfloat16)
+    path = tmp_path / "layered_bf16.safetensors"
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, path)
+    loaded = load_transformer(path, dtype=torch.bfloat16, quantize="float8_e4m3fn", config=CFG)
+    expected = copy.deepcopy(base)
+    names = quantize_module_fp8(expected, skip=TRANSFORMER_FP8_SKIP)
+    assert {n for n, m in loaded.named_modules() if isinstance(m, Fp8Linear)} == set(names)
+    assert loaded.img_in.weight.dtype == torch.bfloat16 and not isinstance(loaded.proj_out, Fp8Linear)
+    got, want = loaded.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    inputs = transformer_inputs(CFG, layers=1, hp=4, wp=4, n_txt=8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        ref, out = base(**inputs), loaded(**inputs)
+    assert _rel(out, ref) < FP8_VS_BF16
+    with pytest.raises(InputError, match="quantize"):
+        load_transformer(path, quantize="int4")

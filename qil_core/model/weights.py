@@ -23,7 +23,7 @@ from ..errors import InputError, ModelMismatchError, WeightsError
 from .checkpoint import Checkpoint, PathLike, checkpoint_fingerprint, open_checkpoint, read_config
 from .config import COMFY_PREFIX, TransformerConfig
 from .memory import check_device_memory, check_ram, format_bytes
-from .quant import FP8_FORMATS, is_fp8, swap_fp8_linears
+from .quant import FP8_FORMATS, TRANSFORMER_FP8_SKIP, is_fp8, quantize_module_fp8, swap_fp8_linears
 from .transformer import QwenImageLayeredTransformer
 from .vae import RGBAVAE, VAEConfig
 from .vae_keys import KNOWN_VAE_PREFIXES, is_wan_naming, wan_to_diffusers_keys
@@ -335,9 +335,17 @@ def load_transformer(
     device: torch.device | str = "cpu",
     subfolder: str | None = None,
     config: TransformerConfig | None = None,
+    quantize: str | None = None,
 ) -> QwenImageLayeredTransformer:
-    """Load the Qwen-Image-Layered transformer from a diffusers folder/pipeline or a ComfyUI single file."""
+    """Load the Qwen-Image-Layered transformer from a diffusers folder/pipeline or a ComfyUI single file.
+
+    `quantize="float8_e4m3fn"` (or "float8_e5m2") stores the block Linear weights of a high-precision file in
+    fp8 with per-tensor scales, quantised layer by layer on `device` from the memory-mapped file (fp8 layers of
+    the file stay as they are); computation stays in `dtype`.
+    """
     check_dtype(dtype)
+    if quantize is not None and quantize not in FP8_FORMATS:
+        raise InputError(f"quantize must be None or one of {', '.join(FP8_FORMATS)}, got {quantize!r}")
     with open_checkpoint(source, subfolder=subfolder, default_subfolder="transformer") as ckpt:
         keys = ckpt.keys()
         foreign = _foreign_component(keys)
@@ -359,7 +367,12 @@ def load_transformer(
             model = QwenImageLayeredTransformer(config)
         fix = ("Choose the Qwen-Image-Layered transformer (diffusers transformer/ folder, or ComfyUI's "
                "qwen_image_layered_*.safetensors in models/diffusion_models), or re-download it if it is damaged.")
-        return load_into(model, ckpt, plan, dtype=dtype, device=device, what="Qwen-Image-Layered transformer", fix=fix)  # type: ignore[return-value]
+        what = "Qwen-Image-Layered transformer"
+        if quantize is None:
+            return load_into(model, ckpt, plan, dtype=dtype, device=device, what=what, fix=fix)  # type: ignore[return-value]
+        load_into(model, ckpt, plan, dtype=dtype, device="cpu", what=what, fix=fix)
+    quantize_module_fp8(model, skip=TRANSFORMER_FP8_SKIP, fp8_dtype=FP8_FORMATS[quantize], device=device)
+    return model.to(device)
 
 
 def _vae_rename(ckpt: Checkpoint) -> Callable[[str], str | None]:
