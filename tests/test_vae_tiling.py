@@ -154,3 +154,28 @@ def test_bad_tiles_refused(tile: int, overlap: int) -> None:
         vt.tiled_decode(LocalVAE(), torch.zeros(1, 16, 20, 20), tile=tile, overlap=overlap)
     with pytest.raises(InputError):
         vt.tiled_encode(LocalVAE(), torch.zeros(1, 4, 36, 36), tile=64, overlap=16)  # 36 is not a multiple of 8
+
+
+def test_pipeline_vae_tile_option() -> None:
+    import numpy as np
+    from perf_models import random_transformer
+
+    from qil_core.model.bundle import QwenLayeredModel
+    from qil_core.model.pipeline import decompose
+
+    model = QwenLayeredModel(random_transformer(seed=8), _local_vae(), dtype=torch.float32, device=torch.device("cpu"))
+    img = (np.random.default_rng(3).random((96, 96, 4)) * 255).astype(np.uint8)
+    pos = torch.randn(1, 4, 48, generator=torch.Generator().manual_seed(9))
+    opts = dict(prompt_embeds=pos, negative_prompt=None, layers=1, steps=1, resolution="custom", max_side=96, seed=3)
+
+    def canvas(tile: int | None) -> np.ndarray:
+        layer = decompose(model, img, vae_tile=tile, **opts)[0].layers[0]
+        out = np.zeros((96, 96, 4), np.float32)
+        out[layer.y : layer.y + layer.height, layer.x : layer.x + layer.width] = layer.pixels
+        return out
+
+    whole, big_tile, tiled = canvas(None), canvas(96), canvas(64)
+    assert np.array_equal(big_tile, whole)  # one tile covers the image: exactly the untiled path
+    assert not np.array_equal(tiled, whole) and float(np.abs(tiled - whole).mean()) < 0.05
+    with pytest.raises(InputError, match="vae_tile"):
+        decompose(model, img, vae_tile=100, **opts)

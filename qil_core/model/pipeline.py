@@ -33,6 +33,7 @@ from ..layers.composite import paste_layer
 from ..layers.stack import Layer, LayerStack
 from ..layers.transform import resize_stack
 from . import pipeline_checks as chk
+from . import vae_tiling
 from .bundle import QwenLayeredModel
 from .imaging import (
     bucket_size,
@@ -161,6 +162,7 @@ def _run(
     model: QwenLayeredModel, placement: Placement, inputs: list[np.ndarray | None], sizes: list[tuple[int, int]],
     layers: int, steps: int, cfg: float, cfg_normalize: bool, seed: int, cfg_batch: bool | str,
     callback: Callback | None, generator_device: torch.device, noise: Any, text: tuple, keep_composite: bool,
+    vae_tile: int | None = None,
 ) -> list[list[np.ndarray]]:
     """Sample and decode every image; returns per image the RGBA float frames 1..N (+ frame 0 last if kept).
 
@@ -177,7 +179,8 @@ def _run(
         conds: list[torch.Tensor | None] = [None] * len(inputs)
         if any(im is not None for im in inputs):
             with placement.use("vae", model.vae) as vae:
-                conds = [None if im is None else encode_condition(vae, im, dtype, device) for im in inputs]
+                conds = [None if im is None else encode_condition(vae, im, dtype, device, vae_tile)
+                         for im in inputs]
         with placement.use("transformer", model.transformer) as dit:
             for b, (h, w) in enumerate(grids):
                 hp, wp = h // 2, w // 2
@@ -195,7 +198,7 @@ def _run(
         with placement.use("vae", model.vae) as vae:
             for b, (h, w) in enumerate(grids):
                 z = unpack_latents(finals[b], layers + 1, h, w)[0]  # (N+1, 16, h, w)
-                out.append(decode_frames(vae, z, frames))
+                out.append(decode_frames(vae, z, frames, vae_tile))
         placement.release("vae", model.vae)
     return out
 
@@ -243,15 +246,18 @@ def decompose(
     noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     keep_composite: bool = False,
+    vae_tile: int | None = None,
 ) -> list[LayerStack]:
     """Decompose each image (IMAGE [B,H,W,C], array, PIL or a list) into N RGBA layers; one LayerStack per image.
 
     Images are resized to the resolution bucket (640/1024 area, or "custom" with max_side) as the reference
     does; `output_size="original"` maps the layers back to each input's size with premultiplied Lanczos.
     `mask` (ComfyUI MASK, 1 = transparent) replaces the input alpha; `noise` overrides the seeded noise.
+    `vae_tile` (pixels, e.g. 512) encodes and decodes in overlapping tiles to bound VAE memory on large images.
     """
     model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
         model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
+    vae_tile = vae_tiling.check_tile(vae_tile)
     mode = check_resolution(resolution, max_side)
     output_size = chk.check_output_mode(output_size)
     images = prepare_images(image, mask)
@@ -269,7 +275,7 @@ def decompose(
     logger.info("decomposing %d image(s) into %d layers at %s, %d steps, cfg %g%s, seed %d", len(inputs), layers,
                 ", ".join(f"{w}x{h}" for w, h in sizes), steps, cfg, " (normalized)" if cfg_normalize else "", seed)
     frames = _run(model, placement, inputs, sizes, layers, steps, cfg, cfg_normalize, seed, cfg_batch, callback,
-                  gen_dev, noise, text, keep_composite)
+                  gen_dev, noise, text, keep_composite, vae_tile)
     stacks = []
     for f, size, orig in zip(frames, sizes, originals, strict=True):
         stack = _stack(f, size, layers, layer_names(layers))
@@ -302,6 +308,7 @@ def text_to_layers(
     noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     keep_composite: bool = False,
+    vae_tile: int | None = None,
 ) -> LayerStack:
     """Generate N RGBA layers (plus the composite frame, dropped unless kept) from a prompt, with no input image.
 
@@ -312,6 +319,7 @@ def text_to_layers(
     """
     model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
         model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
+    vae_tile = vae_tiling.check_tile(vae_tile)
     w0 = chk.check_int("width", width, 64, 4096)
     h0 = chk.check_int("height", height, 64, 4096)
     size = (max(16, round(w0 / 16) * 16), max(16, round(h0 / 16) * 16))
@@ -320,7 +328,7 @@ def text_to_layers(
     text = _conditions(model, placement, 1, prompt, negative_prompt, prompt_embeds, prompt_mask, negative_embeds,
                        negative_mask, cfg, max_sequence_length)
     frames = _run(model, placement, [None], [size], layers, steps, cfg, cfg_normalize, seed, cfg_batch, callback,
-                  gen_dev, noise, text, keep_composite)
+                  gen_dev, noise, text, keep_composite, vae_tile)
     return _stack(frames[0], size, layers, layer_names(layers))
 
 

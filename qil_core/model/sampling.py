@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from . import vae_tiling
 from .imaging import from_model_pixels, pack_latents, to_model_pixels
 from .memory import available_device_memory
 from .rope import FrameShape
@@ -79,19 +80,29 @@ def draw_noise(
     return [torch.randn((1, f, LATENT_CHANNELS, h, w), generator=gen, device=dev, dtype=dtype) for f, h, w in shapes]
 
 
-def encode_condition(vae: RGBAVAE, rgba: np.ndarray, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """Processing-size RGBA uint8 (H, W, 4) -> normalised, packed condition tokens (1, (H/16)(W/16), 64)."""
+def encode_condition(
+    vae: RGBAVAE, rgba: np.ndarray, dtype: torch.dtype, device: torch.device, tile: int | None = None
+) -> Tensor:
+    """Processing-size RGBA uint8 (H, W, 4) -> normalised, packed condition tokens (1, (H/16)(W/16), 64).
+
+    `tile` (pixels) encodes in overlapping tiles (vae_tiling) to bound memory on large images.
+    """
     x = to_model_pixels(rgba, vae.dtype, device)  # (1, 4, H, W) in [-1, 1]
-    z = vae.normalize_latents(vae.encode(x))  # (1, 16, h, w)
+    z = vae.normalize_latents(vae_tiling.encode(vae, x, tile))  # (1, 16, h, w)
     return pack_latents(z[:, None]).to(dtype)  # (1, 1, 16, h, w) -> (1, hp*wp, 64)
 
 
-def decode_frames(vae: RGBAVAE, latents: Tensor, frames: Sequence[int]) -> list[np.ndarray]:
-    """Normalised latents (F, 16, h, w) -> straight RGBA float32 (H, W, 4) for each frame in `frames`, one at a time."""
+def decode_frames(
+    vae: RGBAVAE, latents: Tensor, frames: Sequence[int], tile: int | None = None
+) -> list[np.ndarray]:
+    """Normalised latents (F, 16, h, w) -> straight RGBA float32 (H, W, 4) for each frame in `frames`, one at a time.
+
+    `tile` (pixels) decodes each frame in overlapping tiles (vae_tiling) to bound memory on large outputs.
+    """
     z = vae.denormalize_latents(latents.to(vae.dtype))  # (F, 16, h, w), the reference's z / (1/std) + mean
     out = []
     for k in frames:
-        out.append(from_model_pixels(vae.decode(z[k : k + 1]))[0])  # (1, 4, H, W) -> (H, W, 4)
+        out.append(from_model_pixels(vae_tiling.decode(vae, z[k : k + 1], tile))[0])  # (1, 4, H, W) -> (H, W, 4)
     return out
 
 

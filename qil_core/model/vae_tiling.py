@@ -111,14 +111,37 @@ def tiled_encode(vae: RGBAVAE, x: Tensor, *, tile: int = DEFAULT_TILE, overlap: 
     return _tiled(vae.encode, x, tile, overlap, 1 / f, vae.config.z_dim, vae.dtype)
 
 
-def decode(vae: RGBAVAE, z: Tensor, tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> Tensor:
+MIN_TILE = 64
+
+
+def check_tile(tile: object, name: str = "vae_tile") -> int | None:
+    """Validate a pipeline's tile option: None (no tiling) or pixels, a multiple of 8 of at least 64."""
+    if tile is None:
+        return None
+    if not isinstance(tile, int) or isinstance(tile, bool) or tile < MIN_TILE or tile % 8:
+        raise InputError(
+            f"{name} must be None (decode whole frames) or a tile size in pixels, a multiple of 8 and at least "
+            f"{MIN_TILE} (e.g. 512), got {tile!r}"
+        )
+    return tile
+
+
+def overlap_for(tile: int) -> int:
+    """The overlap used with a tile size: 64 px, or a quarter of smaller tiles (rounded down to 8 px)."""
+    return min(DEFAULT_OVERLAP, tile // 4 // 8 * 8)
+
+
+def decode(vae: RGBAVAE, z: Tensor, tile: int | None = None) -> Tensor:
     """`vae.decode(z)` when `tile` is None, else `tiled_decode` with that tile size (the pipelines' switch)."""
-    return vae.decode(z) if tile is None else tiled_decode(vae, z, tile=tile, overlap=overlap)
+    return vae.decode(z) if tile is None else tiled_decode(vae, z, tile=tile, overlap=overlap_for(tile))
 
 
-def encode(vae: RGBAVAE, x: Tensor, tile: int | None = None, overlap: int = DEFAULT_OVERLAP) -> Tensor:
+def encode(vae: RGBAVAE, x: Tensor, tile: int | None = None) -> Tensor:
     """`vae.encode(x)` when `tile` is None, else `tiled_encode` with that tile size (the pipelines' switch)."""
-    return vae.encode(x) if tile is None else tiled_encode(vae, x, tile=tile, overlap=overlap)
+    return vae.encode(x) if tile is None else tiled_encode(vae, x, tile=tile, overlap=overlap_for(tile))
 
 
-__all__ = ["DEFAULT_OVERLAP", "DEFAULT_TILE", "decode", "encode", "tile_starts", "tiled_decode", "tiled_encode"]
+__all__ = [
+    "DEFAULT_OVERLAP", "DEFAULT_TILE", "check_tile", "decode", "encode", "overlap_for", "tile_starts", "tiled_decode",
+    "tiled_encode",
+]  # fmt: skip
