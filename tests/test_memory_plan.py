@@ -216,3 +216,17 @@ def test_decompositions_identical_across_modes(bundle, cfg_batch: bool) -> None:
     for mode, out in outs.items():
         assert [(x, y) for x, y, _ in out] == [(x, y) for x, y, _ in base], mode
         assert all(np.array_equal(a, b) for (_, _, a), (_, _, b) in zip(out, base, strict=True)), mode
+
+
+def test_pipeline_auto_cfg_batch_uses_cfg_batch_fits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from qil_core.model.sampling import choose_cfg_batch
+
+    dit = random_transformer()
+    tokens = 5000
+    need = mp.estimate_activation_bytes(tokens, width=dit.config.inner_dim, dtype=torch.float32, batch=2)
+    for free, expected in ((need // 2, False), (10 * need + 2 * mp.RESERVE_BYTES, True)):
+        monkeypatch.setenv("QIL_ASSUME_FREE_RAM", str(free))
+        assert choose_cfg_batch("auto", dit, tokens, torch.float32, torch.device("cpu")) is expected
+        assert mp.cfg_batch_fits(tokens, free_device_bytes=free, width=dit.config.inner_dim,
+                                 dtype=torch.float32) is expected
+    assert choose_cfg_batch(True, dit, tokens, torch.float32, torch.device("cpu")) is True

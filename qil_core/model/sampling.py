@@ -21,6 +21,8 @@ from torch import Tensor
 from . import vae_tiling
 from .imaging import from_model_pixels, pack_latents, to_model_pixels
 from .memory import available_device_memory
+from .memory_plan import cfg_batch_fits, estimate_activation_bytes
+from .quant import is_fp8
 from .rope import FrameShape
 from .scheduler import euler_step, timesteps_for_model
 from .transformer import QwenImageLayeredTransformer
@@ -31,10 +33,6 @@ logger = logging.getLogger(__name__)
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
 PATCH = 2
-# Bytes of activations per token and model-width unit of one forward, per sample (qkv, attention output,
-# modulated inputs, the 4x MLP hidden and its GELU, residuals); a deliberate over-estimate for cfg_batch="auto".
-_ACTIVATION_FACTOR = 16
-_BATCH_MARGIN = 1 << 30  # free memory kept in reserve when deciding to batch the CFG passes
 
 
 @dataclass
@@ -138,8 +136,8 @@ def batch_text(a: TextCond, b: TextCond) -> TextCond:
 
 
 def estimate_forward_bytes(dit: QwenImageLayeredTransformer, tokens: int, dtype: torch.dtype) -> int:
-    """Rough peak activation bytes of one sample's transformer forward over `tokens` (text + image) tokens."""
-    return tokens * dit.config.inner_dim * _ACTIVATION_FACTOR * torch.empty((), dtype=dtype).element_size()
+    """Peak activation bytes of one sample's transformer forward over `tokens` (text + image) tokens."""
+    return estimate_activation_bytes(tokens, width=dit.config.inner_dim, dtype=dtype)
 
 
 def choose_cfg_batch(cfg_batch: bool | str, dit: QwenImageLayeredTransformer, tokens: int, dtype: torch.dtype,
@@ -148,9 +146,9 @@ def choose_cfg_batch(cfg_batch: bool | str, dit: QwenImageLayeredTransformer, to
     if cfg_batch != "auto":
         return bool(cfg_batch)
     free = available_device_memory(device)
-    need = 2 * estimate_forward_bytes(dit, tokens, dtype) + _BATCH_MARGIN
-    use = free is not None and free >= need
-    logger.debug("cfg_batch auto: %s (free %s, need %d)", use, free, need)
+    fp8 = any(is_fp8(p.dtype) for p in dit.transformer_blocks[0].parameters()) if len(dit.transformer_blocks) else False
+    use = cfg_batch_fits(tokens, free_device_bytes=free, width=dit.config.inner_dim, dtype=dtype, fp8=fp8)
+    logger.debug("cfg_batch auto: %s (free %s, %d tokens)", use, free, tokens)
     return use
 
 
