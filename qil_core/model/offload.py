@@ -256,10 +256,12 @@ class BlockSwapPlacement:
         live: set[int] = set()
 
         def next_streamed(i: int) -> int | None:
+            """The streamed block after block i, wrapping to the first one for the next forward."""
             later = [j for j in streamed if j > i]
             return later[0] if later else (streamed[0] if streamed else None)
 
         def before(block_index: int) -> None:
+            """Pre-hook: the block's weights on the device (waiting for its prefetch); start the next copy."""
             store = stores[block_index]
             if not store.on_device:
                 copy = pending.pop(block_index, None) or self._start_copy(store)
@@ -272,6 +274,7 @@ class BlockSwapPlacement:
             self.stats.peak_streamed_blocks = max(self.stats.peak_streamed_blocks, len(live) + len(pending))
 
         def after(block_index: int) -> None:
+            """Post-hook: drop the block's device copies."""
             stores[block_index].detach()
             live.discard(block_index)
 
