@@ -308,6 +308,23 @@ def test_l9_low_ram_is_refused_before_allocating(tmp_path: Path, transformer_sd,
     assert isinstance(e.value, MemoryError) and "fp8" in str(e.value)
 
 
+def test_l9_memory_mapped_weights_do_not_count_as_allocated_ram(
+    tmp_path: Path, transformer_sd, monkeypatch, caplog
+) -> None:
+    # Same dtype as the file: the tensors stay views of the file (page cache), so little free RAM is no reason
+    # to refuse (a block-swap user streams them to the GPU), but running on the CPU is warned about.
+    path = save(transformer_sd, tmp_path / "dit.safetensors")
+    stored = next(iter(transformer_sd.values())).dtype
+    monkeypatch.setenv(memory.ENV_FREE_RAM, "1K")
+    with caplog.at_level("WARNING"):
+        model = load_transformer(path, dtype=stored)
+    assert next(model.parameters()).dtype == stored
+    assert "memory-mapped" in caplog.text and "slow" in caplog.text
+    converted = torch.float16 if stored != torch.float16 else torch.bfloat16
+    with pytest.raises(ResourceError, match="not enough RAM"):
+        load_transformer(path, dtype=converted)
+
+
 def test_l9_memory_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert memory.parse_bytes("512M") == 512 * 2**20 and memory.parse_bytes("1.5G") == int(1.5 * 2**30)
     assert memory.parse_bytes("2GiB") == 2 * 2**30 and memory.parse_bytes("4096") == 4096

@@ -22,7 +22,7 @@ from torch import nn
 from ..errors import InputError, ModelMismatchError, WeightsError
 from .checkpoint import Checkpoint, PathLike, checkpoint_fingerprint, open_checkpoint, read_config
 from .config import COMFY_PREFIX, TransformerConfig
-from .memory import check_device_memory, check_ram, format_bytes
+from .memory import available_ram, check_device_memory, check_ram, format_bytes
 from .quant import FP8_FORMATS, TRANSFORMER_FP8_SKIP, is_fp8, quantize_module_fp8, swap_fp8_linears
 from .transformer import QwenImageLayeredTransformer
 from .vae import RGBAVAE, VAEConfig
@@ -216,7 +216,20 @@ def load_into(
     # Resident bytes after loading: fp8 weights as stored, everything else in the target dtype.
     target = {k: keep_fp8.get(_layer_of(k) or "", dtype) if k.endswith(".weight") else dtype for k in expected}
     total = sum(torch.Size(expected[k]).numel() * target[k].itemsize for k in expected)
-    check_device_memory(total, dev, f"the {what} ({ckpt.source})")
+    if dev.type == "cpu":
+        # Tensors stored in their target dtype stay memory-mapped views of the file: page cache the kernel can
+        # reclaim, not allocated RAM. Only converted tensors are new memory, so only they must fit.
+        mapped = sum(torch.Size(expected[k]).numel() * target[k].itemsize for k in expected
+                     if ckpt.info(plan.names[k]).dtype == target[k])
+        if total > mapped:
+            check_ram(total - mapped, f"the {what} ({ckpt.source}; {format_bytes(mapped)} more stays memory-mapped)")
+        free = available_ram()
+        if free is not None and mapped > free:
+            logger.warning("%s: %s of weights stay memory-mapped but only %s of RAM is free; running on the CPU "
+                           "will read them from disk again and again (slow). Stream them to a GPU instead.",
+                           ckpt.source, format_bytes(mapped), format_bytes(free))
+    else:
+        check_device_memory(total, dev, f"the {what} ({ckpt.source})")
     if dev.type != "cpu":
         check_ram(64 * 2**20, f"the staging buffer of the {what}")
     if keep_fp8:
