@@ -57,6 +57,42 @@ def test_decompose_single_files_to_psd_and_pngs(capsys, comfy, image: Path, tmp_
     assert sorted(p.name for p in pngs.iterdir()) == ["out_00_Background.png", "out_01_Layer 1.png"]
 
 
+@pytest.mark.parametrize("extra", [["--memory", "offload"], ["--memory", "block_swap"], ["--vae-tile", "128"]])
+def test_memory_modes_and_vae_tiling_give_the_resident_result(capsys, comfy, image: Path, tmp_path: Path,
+                                                              extra: list[str]) -> None:
+    args = [*_files(comfy), *FAST, "--resolution", "custom", "--max-side", "96"]
+    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "ref.psd", *args, "--memory", "resident")
+    assert code == 0, err
+    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "alt.psd", *args, *extra)
+    assert code == 0, err
+    assert "memory plan" in err
+    ref, alt = read_psd(tmp_path / "ref.psd"), read_psd(tmp_path / "alt.psd")
+    assert [layer.bbox() for layer in alt] == [layer.bbox() for layer in ref]
+    for a, b in zip(alt, ref):
+        # A 96 px output fits one 128 px VAE tile, so tiling must change nothing (the tiling tests cover seams).
+        np.testing.assert_array_equal(a.pixels, b.pixels)
+
+
+def test_fp8_option_quantises_the_transformer(capsys, comfy, image: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from qil_core.model import quant
+
+    seen: list[int] = []
+    original = quant.quantize_module_fp8
+
+    def spy(module, **kwargs):
+        out = original(module, **kwargs)
+        seen.append(sum(isinstance(m, quant.Fp8Linear) for m in module.modules()))
+        return out
+
+    monkeypatch.setattr(quant, "quantize_module_fp8", spy)
+    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "fp8.psd", *_files(comfy), *FAST,
+                     "--resolution", "custom", "--max-side", "96", "--fp8")
+    assert code == 0, err
+    assert seen and seen[0] > 0, "the transformer's Linear layers were not quantised"
+    assert lint_psd(tmp_path / "fp8.psd") == []
+
+
 def test_decompose_model_dir_original_size(capsys, diffusers_dir: Path, image: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.psd"
     code, err = _run(capsys, "decompose", image, "--out", out, "--model-dir", diffusers_dir, *FAST,
