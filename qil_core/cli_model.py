@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .cli_common import check_free, check_suffix, existing_input, finite_float, log_written
-from .errors import InputError, PSDError
+from .errors import InputError, OutputPathError, PSDError
 from .layers.composite import composite
 from .layers.export import export_pngs, layer_file_names
 from .layers.psd import lint_psd, read_psd, write_psd
@@ -172,12 +172,21 @@ def _planned_names(layers: int, keep_composite: bool, prefix: str) -> list[str]:
 
 
 def _targets(args: argparse.Namespace, layers: int, keep_composite: bool) -> None:
-    """Check every file the command will write before any work (suffix, safe names, no collisions)."""
+    """Check the sampling numbers and every file the command will write before any work (suffix, safe names,
+    no collisions, an existing folder for --out): loading and sampling take minutes with the real weights."""
+    from .model.pipeline_checks import check_cfg, check_layers, check_steps
+
+    check_layers(layers)
+    check_steps(args.steps)
+    check_cfg(args.cfg)
     check_suffix(args.out, (".psd",), "output")
+    folder = args.out.parent
+    if not folder.is_dir():
+        what = ("is a file, not a folder; choose another folder" if folder.exists()
+                else "does not exist; create it first")
+        raise OutputPathError(f"cannot write {str(args.out)!r}: the folder {str(folder)!r} {what}")
     paths = [args.out]
     if args.png_dir is not None:
-        if not 1 <= layers <= 20:
-            raise InputError(f"layers must be in 1..20, got {layers}")
         paths += [args.png_dir / n for n in _planned_names(layers, keep_composite, args.out.stem)]
     check_free(paths, overwrite=args.overwrite)
 
@@ -207,9 +216,10 @@ def run_decompose(args: argparse.Namespace) -> int:
     from .model.pipeline import decompose
 
     _targets(args, args.layers, args.keep_composite)
-    from .model.imaging import bucket_size, check_resolution
+    from .model.imaging import bucket_size, check_image_size, check_resolution
 
     image = _read_image(Path(args.image))
+    check_image_size(image.width, image.height, f"image {args.image!r}")
     resolution = check_resolution(args.resolution, args.max_side)
     work_w, work_h = bucket_size(image.width, image.height, resolution, args.max_side)
     model = _load(args)

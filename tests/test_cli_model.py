@@ -116,6 +116,31 @@ def test_outputs_are_checked_before_loading(capsys, comfy, image: Path, tmp_path
     assert code == 2 and "must end with .psd" in err
 
 
+def test_numbers_image_size_and_out_folder_are_checked_before_loading(capsys, comfy, image: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression: --layers 0, --steps 0, a 1x1 image and a missing --out folder used to fail only after the
+    # model had loaded (the folder only after the whole decomposition had run).
+    monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
+    tiny = tmp_path / "tiny.png"
+    Image.new("RGB", (1, 1)).save(tiny)
+    out = tmp_path / "a.psd"
+    cases = [
+        ([image, "--out", out, "--layers", "0"], "layers must be in 1..20"),
+        ([image, "--out", out, "--steps", "0"], "steps must be in 1..1000"),
+        ([image, "--out", out, "--cfg", "0.5"], "cfg must be a finite number in 1..100"),
+        ([tiny, "--out", out], "is 1x1 px; the shorter side must be at least 32 px"),
+        ([image, "--out", tmp_path / "no" / "a.psd"], "does not exist; create it first"),
+        ([image, "--out", image / "a.psd"], "is a file, not a folder"),
+    ]
+    for argv, message in cases:
+        code, err = _run(capsys, "decompose", *_files(comfy), *FAST, *argv)  # argv last: its options win
+        assert code == 2 and message in err and "Traceback" not in err, (argv, err)
+        assert len(err.strip().splitlines()) == 1, err
+    code, err = _run(capsys, "text-to-layers", "a cat", "--out", tmp_path / "no" / "t.psd", *_files(comfy), *FAST)
+    assert code == 2 and "does not exist; create it first" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "tiny.png"]
+
+
 def test_bad_options_give_one_line_errors(capsys, comfy, image: Path, tmp_path: Path) -> None:
     code, err = _run(capsys, "decompose", image, "--out", tmp_path / "a.psd", *FAST)
     assert code == 2 and "--model-dir DIR, or --transformer F and --vae F" in err
