@@ -144,8 +144,8 @@ def _placement(args: argparse.Namespace, model: Any, width: int, height: int, la
     """The memory plan's placement for this run (resident on CPU; planned from free memory on a GPU)."""
     from .model.memory_plan import plan_for_model
 
+    # plan_for_model logs the plan's description itself (once).
     plan = plan_for_model(model, width=width, height=height, layers=layers, mode=args.memory, device=model.device)
-    logger.info("%s", plan.describe())
     return plan.placement(model.dtype)
 
 

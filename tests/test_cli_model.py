@@ -51,6 +51,7 @@ def test_decompose_single_files_to_psd_and_pngs(capsys, comfy, image: Path, tmp_
                      "--resolution", "custom", "--max-side", "96")
     assert code == 0, err
     assert "RANDOM WEIGHTS" in err and "step 2/2" in err and "wrote" in err
+    assert err.count("memory plan:") == 1, err  # regression: the plan was logged twice
     assert lint_psd(out) == []
     stack = read_psd(out)
     assert stack.size == (96, 64) and [layer.name for layer in stack] == ["Background", "Layer 1"]
