@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .cli_common import check_free, check_suffix, existing_input, finite_float, log_written
 from .errors import InputError, OutputPathError, PSDError
@@ -200,11 +200,13 @@ def _write(stack: LayerStack, args: argparse.Namespace) -> list[Path]:
 
 
 def _read_image(path: Path) -> Image.Image:
-    """Open an image file (first frame) for decomposition."""
+    """Open an image file (first frame) for decomposition, turned upright by its EXIF orientation (as viewers and
+    ComfyUI's Load Image show it; phone photos are often stored sideways with an orientation tag)."""
     try:
         with Image.open(existing_input(path, "image")) as im:
             im.load()
-            return im.copy()
+            upright = ImageOps.exif_transpose(im)
+            return upright if upright is not im else im.copy()
     except (UnidentifiedImageError, OSError) as e:
         if isinstance(e, FileNotFoundError):
             raise

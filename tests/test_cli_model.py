@@ -142,6 +142,25 @@ def test_numbers_image_size_and_out_folder_are_checked_before_loading(capsys, co
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "tiny.png"]
 
 
+def test_decompose_turns_an_exif_rotated_photo_upright(capsys, comfy, tmp_path: Path) -> None:
+    # Regression: the EXIF orientation was ignored, so a phone photo stored sideways was decomposed sideways
+    # (and --output-size original gave the stored, not the displayed, size).
+    stored = np.zeros((64, 96, 3), np.uint8)  # 96 wide, 64 high as stored
+    stored[:, :48] = (255, 0, 0)  # left half red as stored
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray(stored, "RGB").save(photo, exif=exif.tobytes(), quality=95)
+    out = tmp_path / "photo.psd"
+    code, err = _run(capsys, "decompose", photo, "--out", out, *_files(comfy), *FAST, "--resolution", "custom",
+                     "--max-side", "96", "--output-size", "original")
+    assert code == 0, err
+    assert read_psd(out).size == (64, 96)  # displayed: 64 wide, 96 high
+    assert cli_model._read_image(photo).size == (64, 96)
+    upright = np.asarray(cli_model._read_image(photo).convert("RGB"), np.float32)
+    assert upright[:48, :, 0].mean() > 200 and upright[48:, :, 0].mean() < 50  # red on top once upright
+
+
 def test_bad_options_give_one_line_errors(capsys, comfy, image: Path, tmp_path: Path) -> None:
     code, err = _run(capsys, "decompose", image, "--out", tmp_path / "a.psd", *FAST)
     assert code == 2 and "--model-dir DIR, or --transformer F and --vae F" in err
