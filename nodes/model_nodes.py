@@ -28,7 +28,6 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MEMORY_MODES = ("auto", "resident", "offload", "block swap")
 # Layers left in high precision when quantising on the fly: embedders and the output head are small and
 # sensitive, as in ComfyUI's fp8mixed files; only the transformer blocks are quantised.
-FP8_SKIP = ("time_text_embed.*", "img_in", "txt_in", "norm_out.*", "proj_out")
 
 _LOADED: weakref.WeakValueDictionary[tuple, QILModel] = weakref.WeakValueDictionary()
 
@@ -151,14 +150,14 @@ class QILLoadModel:
 def load_handle(files: dict[str, Path], weight_dtype: str, memory_mode: str, key: tuple = ()) -> QILModel:
     """Load the model onto the CPU (ComfyUI's offload device) and wrap every component in a ModelPatcher."""
     from ..qil_core.model.bundle import load_model  # on first use: keeps the pack import fast
-    from ..qil_core.model.quant import quantize_module_fp8
+    from ..qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
 
     device = torch.device(host.get_torch_device())
     dtype = pick_dtype(weight_dtype, device)
     model = load_model(model_dir=files.get("model_dir"), transformer=files.get("transformer"), vae=files.get("vae"),
                        text_encoder=files.get("text_encoder"), dtype=dtype, device="cpu")
     if weight_dtype == "fp8_e4m3fn":
-        quantize_module_fp8(model.transformer, skip=FP8_SKIP)
+        quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP)
     model.device = device
     offload = torch.device("cpu")
     patchers = {name: host.wrap_model_patcher(HOLDERS[name](module), device, offload)

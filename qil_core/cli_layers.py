@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import BinaryIO
 
@@ -171,13 +172,19 @@ def layer_table(stack: LayerStack) -> str:
          f"{layer.opacity:.3f}", layer.blend_mode, "yes" if layer.visible else "no")
         for i, layer in enumerate(stack.layers)
     ]
-    widths = [max(len(r[c]) for r in rows) for c in range(len(header))]
+    widths = [max(_display_width(r[c]) for r in rows) for c in range(len(header))]
     right = {0, 2, 3, 4, 5, 6}  # numbers align right
     lines = [f"canvas {stack.width}x{stack.height}, {len(stack)} layers, bottom first"]
     for r in rows:
-        cells = [r[c].rjust(widths[c]) if c in right else r[c].ljust(widths[c]) for c in range(len(header))]
+        pads = [" " * (widths[c] - _display_width(r[c])) for c in range(len(header))]
+        cells = [pads[c] + r[c] if c in right else r[c] + pads[c] for c in range(len(header))]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines) + "\n"
+
+
+def _display_width(text: str) -> int:
+    """Terminal columns of `text`: East Asian wide/fullwidth characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
 
 
 def run_info(args: argparse.Namespace) -> int:

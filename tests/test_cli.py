@@ -6,6 +6,7 @@ import json
 import logging
 import runpy
 import sys
+import unicodedata
 import zipfile
 from pathlib import Path
 
@@ -248,6 +249,19 @@ def test_psd_to_layers_refuses_taken_names(capsys: pytest.CaptureFixture[str], t
 
 
 # ---------------------------------------------------------------- info
+
+
+def test_info_columns_stay_aligned_with_wide_names(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # Regression: CJK names take two terminal columns each; padding by len() pushed the next columns out of line.
+    px = np.ones((4, 4, 4), np.float32)
+    stack = LayerStack(16, 16, [Layer(px, name="背景レイヤー"), Layer(px, x=3, name="ab"), Layer(px, name="e\u0301")])
+    path = write_psd(stack, tmp_path / "wide.psd")
+    code, out, _ = _run(capsys, "info", path)
+    assert code == 0
+    rows = out.splitlines()[2:]
+    cols = {sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1
+                for c in row[: row.index(" normal")]) for row in rows}
+    assert len(cols) == 1, out
 
 
 def test_info_table_and_json(capsys: pytest.CaptureFixture[str], small_psd: Path) -> None:
