@@ -129,6 +129,22 @@ def test_found_in_comfyui_install(tokenizer_dir: Path, tmp_path: Path, monkeypat
     assert load_tokenizer().folder == expected
 
 
+def test_found_in_the_comfyui_install_holding_a_symlinked_pack(tokenizer_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Regression: the pack symlinked into custom_nodes resolved to its real folder and lost the ComfyUI root.
+    import qil_core.model.tokenizer as tokenizer_module
+
+    comfy = tmp_path / "ComfyUI"
+    _copy(tokenizer_dir, comfy / "comfy" / "text_encoders" / "qwen25_tokenizer")
+    (comfy / "custom_nodes").mkdir()
+    repo = Path(tokenizer_module.__file__).resolve().parents[2]
+    (comfy / "custom_nodes" / "qwen_layered").symlink_to(repo, target_is_directory=True)
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    monkeypatch.setattr(tokenizer_module, "__file__",
+                        str(comfy / "custom_nodes" / "qwen_layered" / "qil_core" / "model" / "tokenizer.py"))
+    assert load_tokenizer().folder == comfy / "comfy" / "text_encoders" / "qwen25_tokenizer"
+
+
 def test_missing_files_name_where_it_looked(tokenizer_dir: Path, tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
     empty = tmp_path / "empty"
