@@ -19,6 +19,7 @@ from .layers.export import read_layer_pngs
 from .layers.psd import read_psd
 from .layers.recolor import parse_color
 from .layers.stack import MAX_CANVAS_SIDE, LayerStack
+from .layers.transform import MAX_SCALE
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,14 @@ def _unit(text: str) -> float:
     return v
 
 
+def _scale(text: str) -> float:
+    """A scale factor in (0, MAX_SCALE] from text (the transform's own limit, named for the option)."""
+    v = _finite(text)
+    if not 0.0 < v <= MAX_SCALE:
+        raise InputError(f"{text!r} is outside (0, {MAX_SCALE:g}]; 1 keeps the size, 0.5 halves, 2 doubles")
+    return v
+
+
 def _size(text: str) -> tuple[int, int]:
     """'WxH' -> (width, height), each 1..MAX_CANVAS_SIDE."""
     parts = text.lower().replace("*", "x").split("x")
@@ -77,6 +86,7 @@ def _pair(text: str) -> tuple[float, float]:
 
 finite_float = argtype(_finite, "number")
 unit_float = argtype(_unit, "value in 0..1")
+scale_float = argtype(_scale, "scale factor")
 size_arg = argtype(_size, "size")
 pair_arg = argtype(_pair, "offset")
 color_arg = argtype(parse_color, "colour")  # '#RRGGBB', '#RGB', a CSS name, 'r,g,b' -> RGB in 0..1

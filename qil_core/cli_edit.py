@@ -15,6 +15,7 @@ from .cli_common import (
     log_written,
     pair_arg,
     read_stack,
+    scale_float,
     size_arg,
     unit_float,
     write_png,
@@ -130,9 +131,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("transform (per --layer)")
     lo = {"action": _LayerOption}
     g.add_argument("--move", **lo, type=pair_arg, metavar="DX,DY", help="move by DX,DY px (y down)")
-    g.add_argument("--scale", **lo, type=finite_float, metavar="S", help="scale both axes about the layer centre")
-    g.add_argument("--scale-x", **lo, type=finite_float, metavar="SX", help="horizontal scale")
-    g.add_argument("--scale-y", **lo, type=finite_float, metavar="SY", help="vertical scale")
+    g.add_argument("--scale", **lo, type=scale_float, metavar="S", help="scale both axes about the layer centre")
+    g.add_argument("--scale-x", **lo, type=scale_float, metavar="SX", help="horizontal scale")
+    g.add_argument("--scale-y", **lo, type=scale_float, metavar="SY", help="vertical scale")
     g.add_argument("--rotate", **lo, dest="rotation", type=finite_float, metavar="DEG",
                    help="rotate clockwise in degrees; the layer grows to fit")
     g.add_argument("--flip-h", **lo, nargs=0, const=True, help="mirror left-right")
