@@ -66,7 +66,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write into (created)")
     p.add_argument("--prefix", help="file name prefix (default: the input's stem)")
     p.add_argument("--cropped", action="store_true",
-                   help="store each layer cropped to its content (default: full-canvas PNGs)")
+                   help="store each layer cropped to its content, offsets in the manifest (default: full-canvas "
+                        "PNGs, which cut off any part of a layer lying outside the canvas; --cropped keeps it)")
     p.add_argument("--zip", action="store_true", help="write one ZIP (PNGs + manifest.json) instead of loose files")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(handler=run_psd_to_layers)
