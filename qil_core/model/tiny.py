@@ -105,7 +105,7 @@ def _randomize(module: nn.Module, seed: int) -> nn.Module:
             else:
                 fan_in = max(1, p[0].numel())
                 p.copy_(noise / fan_in**0.5)
-    return module.eval()
+    return module.train(False)
 
 
 def build_tiny_modules(seed: int = 0, text_vocab: int = 272) -> tuple[QwenImageLayeredTransformer, RGBAVAE,
