@@ -71,50 +71,70 @@ def _check_image_data(psd, path: Path) -> None:
                        f"re-export or re-download the file")
 
 
-def _decode_plane(data, depth: int, version: int, w: int, h: int) -> np.ndarray:
-    """One stored channel as a (h, w) array of its raw sample type (uint8, >u2 or >f4)."""
-    from psd_tools.compression import decompress, rle_impl
+def _rle_rows(data, depth: int, version: int, w: int, h: int) -> tuple[memoryview, np.ndarray] | None:
+    """(compressed bytes, row start offsets (h + 1,)) of an RLE channel whose row table adds up, else None."""
+    if data.compression != 1:
+        return None
+    cw = 2 if version == 1 else 4
+    buf = memoryview(data.data)  # slices of a memoryview are views: the compressed bytes are never copied
+    if len(buf) < h * cw:
+        return None
+    table = np.frombuffer(buf, ">u2" if cw == 2 else ">u4", h)
+    starts = np.empty(h + 1, np.int64)
+    starts[0] = h * cw
+    np.cumsum(table, dtype=np.int64, out=starts[1:])
+    starts[1:] += h * cw
+    if int(starts[-1]) != len(buf):
+        return None
+    return buf, starts
 
-    row_bytes = w * _DTYPE[depth].itemsize
-    raw = None
-    if data.compression == 1:  # RLE: one C call over all rows instead of one per row
-        cw = 2 if version == 1 else 4
-        buf = data.data
-        table = np.frombuffer(buf, ">u2" if cw == 2 else ">u4", h) if len(buf) >= h * cw else None
-        if table is not None and int(table.sum(dtype=np.int64)) == len(buf) - h * cw:
-            raw = rle_impl.decode(buf[h * cw:], h * row_bytes)
-    if raw is None:  # raw, ZIP, or a damaged RLE table: psd-tools' tolerant per-row path
-        raw = decompress(data.data, data.compression, w, h, depth, version)
+
+def _decode_plane(data, depth: int, version: int, w: int, h: int) -> np.ndarray:
+    """One stored channel as a (h, w) array of its raw sample type (uint8, >u2 or >f4), decoded in one go."""
+    from psd_tools.compression import decompress
+
+    raw = decompress(data.data, data.compression, w, h, depth, version)  # psd-tools' tolerant per-row path
     return np.frombuffer(raw, _DTYPE[depth], w * h).reshape(h, w)
 
 
 def _decode_channels(psd, layer) -> np.ndarray | None:
     """Straight RGBA float32 (h, w, 4) of a raster layer from its stored channels, or None when it has none."""
+    from psd_tools.compression import rle_impl
+
     w, h = layer.width, layer.height
     if w <= 0 or h <= 0:
         return None
     depth = psd.depth
     if depth not in _DTYPE:
         raise PSDError(f"layer {layer.name!r}: {depth}-bit channels are not supported (8, 16 or 32 bit)")
-    planes: dict[int, np.ndarray] = {}
-    for info, data in zip(layer._record.channel_info, layer._channels):
-        if info.id in (-1, 0, 1, 2):
-            planes[info.id] = _decode_plane(data, depth, psd.version, w, h)
-    if any(c not in planes for c in (0, 1, 2)):
+    stored = {info.id: data for info, data in zip(layer._record.channel_info, layer._channels)
+              if info.id in (-1, 0, 1, 2)}
+    if any(c not in stored for c in (0, 1, 2)):
         return None
-    order = [planes[0], planes[1], planes[2], planes.get(-1)]
+    dtype = _DTYPE[depth]
+    row_bytes = w * dtype.itemsize
+    # Per channel: (buffer, row offsets) for RLE decoded band by band, a whole decoded plane for raw, ZIP or a
+    # damaged row table, or None for a missing alpha. Decoding RLE a band at a time keeps every temporary small
+    # (reused heap memory, in cache) instead of a fresh full-size plane per channel, which costs page faults.
+    sources = [None if key not in stored else (_rle_rows(stored[key], depth, psd.version, w, h)
+                                               or _decode_plane(stored[key], depth, psd.version, w, h))
+               for key in (0, 1, 2, -1)]
     out = np.empty((h, w, 4), np.float32)
     scale = np.float32(1.0 / _SCALE[depth])
     rows = max(1, _BAND_PIXELS // w)
-    band = np.empty((rows, w, 4), _DTYPE[depth].newbyteorder("="))
+    band = np.empty((rows, w, 4), dtype.newbyteorder("="))
     for r0 in range(0, h, rows):  # interleave in cache-sized bands, then one contiguous convert
         r1 = min(h, r0 + rows)
         b = band[: r1 - r0]
-        for c, plane in enumerate(order):
-            if plane is None:
+        for c, src in enumerate(sources):
+            if src is None:
                 b[..., c] = 1 if depth == 32 else int(_SCALE[depth])
+            elif isinstance(src, np.ndarray):
+                b[..., c] = src[r0:r1]
             else:
-                b[..., c] = plane[r0:r1]
+                buf, starts = src
+                raw = rle_impl.decode(buf[starts[r0]:starts[r1]], (r1 - r0) * row_bytes)
+                b[..., c] = np.frombuffer(raw, dtype, (r1 - r0) * w).reshape(r1 - r0, w)
         np.multiply(b, scale, out=out[r0:r1])
     return out
 
