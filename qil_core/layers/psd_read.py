@@ -2,7 +2,10 @@
 
 psd-tools' own `numpy()`/`topil()` path re-checks budgets and converts through several float copies per layer;
 decoding each channel with psd-tools' C PackBits decoder and stacking the planes once is several times faster
-and gives the same pixels. Groups are flattened (their children kept in order, with the group's visibility
+and gives the same pixels. psd-tools parses from a memory map of the file whose large pixel-data reads are
+views, not copies, and RLE channels are decoded a band of rows at a time into a small reused buffer: fresh
+memory (page faults dominate on VMs) is then little more than the float32 output itself.
+Groups are flattened (their children kept in order, with the group's visibility
 and opacity folded in, and one warning); text, shape and smart-object layers are read from the raster preview
 Photoshop stores with them, with a warning; layers with no pixels at all (adjustments, empty fills) are
 skipped with a warning.
@@ -11,6 +14,7 @@ skipped with a warning.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -27,27 +31,121 @@ log = logging.getLogger(__name__)
 _SCALE = {8: 255.0, 16: 65535.0, 32: 1.0}
 _DTYPE = {8: np.dtype(np.uint8), 16: np.dtype(">u2"), 32: np.dtype(">f4")}
 _BAND_PIXELS = 1 << 16  # pixels per conversion band (stays in cache)
+_VIEW_MIN = 1 << 20  # reads this large in the pixel-data regions come back as views of the mapped file
+
+
+class _MappedReader:
+    """Seekable read-only file object over a memory map that hands out large pixel-data reads without copying.
+
+    psd-tools reads every channel into its own bytes object (the whole file again, in fresh memory); reads of
+    at least `_VIEW_MIN` bytes that start inside the layer-info block or the merged-image section come back as
+    memoryviews of the map instead. All other reads (headers, records, descriptors, embedded files) are bytes,
+    so psd-tools' parsing sees exactly what it sees from a real file.
+    """
+
+    def __init__(self, mm: mmap.mmap, regions: list[tuple[int, int]]) -> None:
+        self._mm = mm
+        self._mv = memoryview(mm)
+        self._pos = 0
+        self._regions = regions
+        self._views: list[memoryview] = []
+
+    def read(self, size: int = -1) -> bytes | memoryview:
+        """Up to `size` bytes from the current position (all that remain when negative)."""
+        start = min(self._pos, len(self._mv))
+        end = len(self._mv) if size is None or size < 0 else min(len(self._mv), start + size)
+        self._pos = end
+        if end - start >= _VIEW_MIN and any(lo <= start < hi for lo, hi in self._regions):
+            view = self._mv[start:end]
+            self._views.append(view)
+            return view
+        return bytes(self._mv[start:end])
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Move like a binary file's seek; returns the new position."""
+        base = {0: 0, 1: self._pos, 2: len(self._mv)}[whence]
+        if base + offset < 0:
+            raise OSError(f"negative seek position {base + offset}")
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        """The current position."""
+        return self._pos
+
+    def readable(self) -> bool:
+        """Always True (a read-only stream)."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always True."""
+        return True
+
+    def close(self) -> None:
+        """Release the handed-out views and unmap the file (left to the collector if a view is still in use)."""
+        for view in self._views:
+            try:
+                view.release()
+            except BufferError:  # something still holds a buffer of this view: unmapped when that goes
+                return
+        self._views.clear()
+        self._mv.release()
+        try:
+            self._mm.close()
+        except BufferError:  # a view made from a handed-out one is still alive: unmapped when it goes
+            pass
+
+
+def _pixel_regions(head: mmap.mmap, size: int) -> list[tuple[int, int]]:
+    """File ranges of the layer-info block and the merged image, from the section lengths; [] if inconsistent."""
+    wide = head[4:6] == b"\x00\x02"  # PSB: 8-byte layer-and-mask lengths
+    pos = 26
+    for _ in range(2):  # colour-mode data, image resources: 4-byte length each
+        if pos + 4 > len(head):
+            return []
+        pos += 4 + int.from_bytes(head[pos:pos + 4], "big")
+    n = 8 if wide else 4
+    if pos + 2 * n > len(head):
+        return []
+    lm_start = pos + n
+    image_start = lm_start + int.from_bytes(head[pos:pos + n], "big")
+    li_start = lm_start + n
+    li_end = li_start + int.from_bytes(head[lm_start:lm_start + n], "big")
+    if not li_start <= li_end <= image_start <= size:
+        return []
+    return [(li_start, li_end), (image_start, size)]
 
 
 def _open(path: Path):
-    """psd-tools' PSDImage for `path`, with file problems turned into PSDError naming the file."""
+    """(psd-tools' PSDImage for `path`, the mapped reader to close after use or None), errors as PSDError."""
     from psd_tools import PSDImage
 
     try:
         with open(path, "rb") as f:
             head = f.read(26)
+            try:
+                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if len(head) >= 26 else None
+            except (OSError, ValueError):  # not mappable (a pipe, some network file systems): read normally
+                mm = None
     except FileNotFoundError:
         raise PSDError(f"PSD file {os.fspath(path)!r} not found; check the path") from None
     except IsADirectoryError:
         raise PSDError(f"{os.fspath(path)!r} is a folder, not a PSD file") from None
-    if head[:4] != b"8BPS":
-        raise PSDError(f"{os.fspath(path)!r} is not a PSD file (it starts with {head[:4]!r}, not b'8BPS'); "
-                       f"open it as an image instead")
-    if len(head) < 26:
+    if head[:4] != b"8BPS" or len(head) < 26:
+        if mm is not None:
+            mm.close()
+        if head[:4] != b"8BPS":
+            raise PSDError(f"{os.fspath(path)!r} is not a PSD file (it starts with {head[:4]!r}, not b'8BPS'); "
+                           f"open it as an image instead")
         raise PSDError(f"{os.fspath(path)!r} is truncated: {len(head)} bytes, shorter than a PSD header")
+    reader = None
+    if mm is not None:
+        reader = _MappedReader(mm, _pixel_regions(mm, len(mm)))
     try:
-        return PSDImage.open(path)
+        return PSDImage.open(reader if reader is not None else path), reader
     except (ValueError, OSError, EOFError, struct.error, IndexError, KeyError) as err:
+        if reader is not None:
+            reader.close()
         raise PSDError(f"{os.fspath(path)!r} is truncated or damaged and cannot be parsed "
                        f"({type(err).__name__}: {err}); re-export it from the application that made it") from err
 
@@ -93,7 +191,7 @@ def _decode_plane(data, depth: int, version: int, w: int, h: int) -> np.ndarray:
     """One stored channel as a (h, w) array of its raw sample type (uint8, >u2 or >f4), decoded in one go."""
     from psd_tools.compression import decompress
 
-    raw = decompress(data.data, data.compression, w, h, depth, version)  # psd-tools' tolerant per-row path
+    raw = decompress(bytes(data.data), data.compression, w, h, depth, version)  # psd-tools' tolerant per-row path
     return np.frombuffer(raw, _DTYPE[depth], w * h).reshape(h, w)
 
 
@@ -141,6 +239,9 @@ def _decode_channels(psd, layer) -> np.ndarray | None:
 
 def _raster_preview(layer) -> np.ndarray | None:
     """Straight RGBA float32 of a non-pixel layer through psd-tools' own rendering, or None."""
+    for data in layer._channels:  # psd-tools' own paths get bytes, as from a file it read itself
+        if isinstance(data.data, memoryview):
+            data.data = bytes(data.data)
     img = layer.topil()
     if img is None:
         return None
@@ -161,7 +262,16 @@ def _blend_name(layer, warn) -> str:
 def read_psd(path: str | os.PathLike[str], *, workers: int | None = None) -> LayerStack:
     """Read a PSD's raster layers (bottom first) with names, offsets, opacity, blend mode and visibility."""
     path = Path(path)
-    psd = _open(path)
+    psd, reader = _open(path)
+    try:
+        return _read_layers(psd, path, workers)
+    finally:
+        if reader is not None:
+            reader.close()
+
+
+def _read_layers(psd, path: Path, workers: int | None) -> LayerStack:
+    """The layers of an opened PSD (see read_psd)."""
     rgb = int(psd.color_mode) == 3
     if not rgb:
         log.warning("%s: colour mode %s is not RGB; layers are converted to RGBA by psd-tools", path,
@@ -200,7 +310,7 @@ def read_psd(path: str | os.PathLike[str], *, workers: int | None = None) -> Lay
     try:
         visit(list(psd), True, 1.0)
         n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-        if n_workers > 1 and len(leaves) > 1:  # numpy and the C decoder release the GIL
+        if n_workers > 1 and len(leaves) > 1:  # numpy releases the GIL: layers convert while others decode
             with ThreadPoolExecutor(n_workers) as pool:
                 decoded = list(pool.map(pixels, [item for item, _, _ in leaves]))
         else:
