@@ -59,11 +59,13 @@ def to_numpy(value: Any, what: str) -> np.ndarray:
     elif not np.issubdtype(arr.dtype, np.floating):
         raise InputError(f"{what} must hold float (0..1) or uint8 values, got dtype {arr.dtype}")
     arr = arr.astype(np.float32, copy=False)
-    if arr.size and not np.isfinite(arr).all():
-        raise InputError(f"{what} contains NaN or infinite values; fix the node that produced it")
-    if arr.size and (arr.min() < 0 or arr.max() > 1):
-        logger.warning("%s has values outside 0..1 (%.3g..%.3g); clamped", what, arr.min(), arr.max())
-        arr = np.clip(arr, 0, 1)
+    if arr.size:
+        lo, hi = float(arr.min()), float(arr.max())  # NaN and inf propagate into min/max: one pass each
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            raise InputError(f"{what} contains NaN or infinite values; fix the node that produced it")
+        if lo < 0 or hi > 1:
+            logger.warning("%s has values outside 0..1 (%.3g..%.3g); clamped", what, lo, hi)
+            arr = np.clip(arr, 0, 1)
     return arr
 
 

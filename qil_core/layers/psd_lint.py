@@ -14,12 +14,12 @@ import struct
 import numpy as np
 
 from ..errors import PSDError
+from .blend import PSD_BLEND_KEYS, PSD_KEY_FALLBACKS
 from .packbits import decode_rows
 
 _COLOR_MODES = {0: 1, 1: 1, 2: 1, 3: 3, 4: 4, 7: 1, 8: 1, 9: 3}  # mode -> colour channels (multichannel: 1)
-_BLEND_KEYS = {b"pass", b"norm", b"diss", b"dark", b"mul ", b"idiv", b"lbrn", b"dkCl", b"lite", b"scrn", b"div ",
-               b"lddg", b"lgCl", b"over", b"sLit", b"hLit", b"vLit", b"lLit", b"pLit", b"hMix", b"diff", b"smud",
-               b"fsub", b"fdiv", b"hue ", b"sat ", b"colr", b"lum "}
+# Every key we write plus the Photoshop keys we read (dissolve, pass-through, darker/lighter colour...).
+_BLEND_KEYS = {k.encode("ascii") for k in (*PSD_BLEND_KEYS.values(), *PSD_KEY_FALLBACKS)}
 # Tagged blocks whose length field is 8 bytes in PSB files.
 _PSB_LONG_KEYS = {b"LMsk", b"Lr16", b"Lr32", b"Layr", b"Mt16", b"Mt32", b"Mtrn", b"Alph", b"FMsk", b"lnk2", b"FEid",
                   b"FXid", b"PxSD", b"lnkE", b"pths", b"cinf"}

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
+from ..layers.document import mask_to_alpha
 from ..layers.stack import MAX_CANVAS_SIDE
 from .memory import available_ram, format_bytes
 
@@ -166,7 +167,7 @@ def _mask_alphas(mask: Any, count: int) -> list[np.ndarray]:
         raise InputError(f"mask batch is {m.shape[0]} but there are {count} images; pass 1 or {count} masks")
     out = []
     for b in range(count):
-        alpha = 1.0 - _to_numpy(m[min(b, m.shape[0] - 1)]).astype(np.float32)
+        alpha = mask_to_alpha(_to_numpy(m[min(b, m.shape[0] - 1)]).astype(np.float32))
         out.append(_to_rgba8(alpha[..., None], f"mask {b}")[..., 0])
     return out
 
