@@ -103,15 +103,18 @@ def rope_freqs(
     Like the reference, a small per-axis table over the positions in use is computed on the CPU with the same
     fp32 expression as diffusers' `rope_params` (bit-identical angles), moved to `device` and gathered there.
     """
-    positions = positions.to(device) if device is not None else positions
+    # Ranges are read from the positions where they were built (the CPU), so a GPU run does not wait on the
+    # device for them; only the gather happens on `device`.
+    on_device = positions.to(device) if device is not None else positions
     parts = []
     for axis, dim in enumerate(axes_dims):
-        pos = positions[:, axis]
-        lo, hi = (int(pos.min()), int(pos.max())) if pos.numel() else (0, 0)
+        host = positions[:, axis]
+        lo, hi = (int(host.min()), int(host.max())) if host.numel() else (0, 0)
+        pos = on_device[:, axis]
         inv_freq = 1.0 / torch.pow(theta, torch.arange(0, dim, 2).to(torch.float32).div(dim))  # (dim/2,)
         angles = torch.outer(torch.arange(lo, hi + 1).to(torch.float32), inv_freq)  # (hi-lo+1, dim/2)
         table = torch.polar(torch.ones_like(angles), angles)
-        parts.append(table.to(positions.device)[pos - lo])  # (S, dim/2)
+        parts.append(table.to(on_device.device)[pos - lo])  # (S, dim/2)
     return torch.cat(parts, dim=1)  # (S, head_dim/2)
 
 

@@ -178,16 +178,15 @@ def denoise(
         inp = x if condition is None else torch.cat([x, condition], dim=1)  # (1, S_img, 64)
         if pair is not None:
             t = timesteps_for_model(sigmas[i], x.dtype, 2, device)
-            zeros = torch.zeros(2, dtype=torch.long, device=device)
-            out = dit(inp.expand(2, -1, -1), pair.embeds, pair.mask, t, img_shapes, zeros, has_cond)[:, :n]
+            # additional_t_cond None = zeros ("is_rgb" 0), as the reference always passes
+            out = dit(inp.expand(2, -1, -1), pair.embeds, pair.mask, t, img_shapes, None, has_cond)[:, :n]
             v = guided_velocity(out[0:1], out[1:2], guidance.scale, guidance.normalize)  # type: ignore[union-attr]
         else:
             t = timesteps_for_model(sigmas[i], x.dtype, 1, device)
-            zeros = torch.zeros(1, dtype=torch.long, device=device)
-            v = dit(inp, text.embeds, text.mask, t, img_shapes, zeros, has_cond)[:, :n]
+            v = dit(inp, text.embeds, text.mask, t, img_shapes, None, has_cond)[:, :n]
             if guidance is not None:
                 neg = guidance.negative
-                v_neg = dit(inp, neg.embeds, neg.mask, t, img_shapes, zeros, has_cond)[:, :n]
+                v_neg = dit(inp, neg.embeds, neg.mask, t, img_shapes, None, has_cond)[:, :n]
                 v = guided_velocity(v, v_neg, guidance.scale, guidance.normalize)
         x = euler_step(x, v, sigmas[i], sigmas[i + 1])
         if on_step is not None:

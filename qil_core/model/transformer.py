@@ -297,11 +297,12 @@ class QwenImageLayeredTransformer(nn.Module):
         if sigma.numel() not in (1, batch):
             raise InputError(f"timestep must hold 1 or {batch} values, got shape {tuple(sigma.shape)}")
         sigma = sigma.reshape(-1).expand(batch).to(dtype)  # the reference casts sigma to the compute dtype
-        if additional_t_cond is None:
-            additional_t_cond = torch.zeros(batch, dtype=torch.long, device=device)
-        t_cond = additional_t_cond.to(device=device, dtype=torch.long).reshape(-1).expand(batch)
-        if bool(((t_cond < 0) | (t_cond > 1)).any()):
-            raise InputError(f"additional_t_cond must be 0 or 1 (0 for decomposition), got {t_cond.tolist()}")
+        if additional_t_cond is None:  # the pipelines' case: zeros, nothing to check (no device sync per step)
+            t_cond = torch.zeros(batch, dtype=torch.long, device=device)
+        else:
+            t_cond = additional_t_cond.to(device=device, dtype=torch.long).reshape(-1).expand(batch)
+            if bool(((t_cond < 0) | (t_cond > 1)).any()):
+                raise InputError(f"additional_t_cond must be 0 or 1 (0 for decomposition), got {t_cond.tolist()}")
         temb = self.time_text_embed(sigma, t_cond, dtype)  # (B, D)
 
         img_freqs, txt_freqs = layer3d_rope_freqs(shapes, encoder_hidden_states.shape[1], cfg, condition, device)
