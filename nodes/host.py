@@ -219,15 +219,6 @@ def _plan(prefix: str, width: int, height: int, temp: bool) -> tuple[Path, str, 
     return folder, base, int(counter), subfolder.replace("\\", "/"), "temp" if temp else "output"
 
 
-def save_path(prefix: str, suffix: str, width: int = 0, height: int = 0, *, temp: bool = False) -> SavedFile:
-    """Plan the next free `{base}_{counter:05}_{suffix}` for `prefix` inside the output folder (creates folders).
-
-    Only a plan: another process may take the name first; `save_files` writes with exclusive creation."""
-    folder, base, counter, subfolder, kind = _plan(prefix, width, height, temp)
-    name = f"{base}_{counter:05}_{suffix}"
-    return SavedFile(folder / name, name, subfolder, kind)
-
-
 _NO_HARDLINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
 
 

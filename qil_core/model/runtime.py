@@ -20,9 +20,6 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# Component names the pipelines use; placements may key their bookkeeping on them.
-COMPONENTS = ("text_encoder", "transformer", "vae")
-
 
 @runtime_checkable
 class Placement(Protocol):

@@ -21,7 +21,7 @@ from torch import Tensor
 from . import vae_tiling
 from .imaging import from_model_pixels, pack_latents, to_model_pixels
 from .memory import available_device_memory
-from .memory_plan import cfg_batch_fits, estimate_activation_bytes
+from .memory_plan import cfg_batch_fits
 from .quant import is_fp8
 from .rope import FrameShape
 from .scheduler import euler_step, timesteps_for_model
@@ -32,7 +32,6 @@ logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16
 VAE_SCALE = 8
-PATCH = 2
 
 
 @dataclass
@@ -133,11 +132,6 @@ def batch_text(a: TextCond, b: TextCond) -> TextCond:
         masks.append(torch.cat([valid, valid.new_zeros((1, length - n))], dim=1))
     mask = torch.cat(masks, dim=0)  # (2, L)
     return TextCond(torch.cat(rows, dim=0), None if bool(mask.all()) else mask)
-
-
-def estimate_forward_bytes(dit: QwenImageLayeredTransformer, tokens: int, dtype: torch.dtype) -> int:
-    """Peak activation bytes of one sample's transformer forward over `tokens` (text + image) tokens."""
-    return estimate_activation_bytes(tokens, width=dit.config.inner_dim, dtype=dtype)
 
 
 def choose_cfg_batch(cfg_batch: bool | str, dit: QwenImageLayeredTransformer, tokens: int, dtype: torch.dtype,

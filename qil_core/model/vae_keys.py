@@ -123,8 +123,3 @@ def wan_to_diffusers_keys(keys: Iterable[str]) -> dict[str, str]:
     ks = list(keys)
     nrb = wan_num_res_blocks(ks)
     return {k: wan_to_diffusers_key(k, nrb) for k in ks}
-
-
-def diffusers_to_wan_keys(keys: Iterable[str], num_res_blocks: int) -> dict[str, str]:
-    """Map every diffusers key to its Wan name: {diffusers_key: wan_key}."""
-    return {k: diffusers_to_wan_key(k, num_res_blocks) for k in keys}
