@@ -10,7 +10,6 @@ We never *import* ComfyUI modules: importing `folder_paths` or `comfy.*` outside
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import re
@@ -25,7 +24,7 @@ from types import ModuleType
 from typing import Any
 
 from ..qil_core.errors import ModelFileNotFoundError, OutputPathError, WeightsError
-from ..qil_core.fsutil import ensure_inside, name_problem
+from ..qil_core.fsutil import ensure_inside, name_problem, publish_exclusive
 
 log = logging.getLogger(__name__)
 
@@ -219,9 +218,6 @@ def _plan(prefix: str, width: int, height: int, temp: bool) -> tuple[Path, str, 
     return folder, base, int(counter), subfolder.replace("\\", "/"), "temp" if temp else "output"
 
 
-_NO_HARDLINK = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EXDEV, errno.EMLINK}
-
-
 def _claim(tmp: Path, target: Path) -> bool:
     """Move a finished temp file or folder to `target` unless `target` exists (False then). Never overwrites."""
     if tmp.is_dir():
@@ -233,21 +229,7 @@ def _claim(tmp: Path, target: Path) -> bool:
             os.replace(child, target / child.name)
         tmp.rmdir()
         return True
-    try:
-        os.link(tmp, target)  # atomic, fails with EEXIST instead of replacing
-    except FileExistsError:
-        return False
-    except OSError as e:
-        if e.errno not in _NO_HARDLINK:
-            raise
-        try:  # file systems without hard links: reserve the name exclusively, then move the data in
-            os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            return False
-        os.replace(tmp, target)
-        return True
-    os.unlink(tmp)
-    return True
+    return publish_exclusive(tmp, target)  # atomic, never replaces an existing file
 
 
 def save_files(

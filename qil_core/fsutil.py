@@ -197,25 +197,35 @@ def _write_temp(folder: Path, final_name: str, write: Callable[[BinaryIO], None]
     return tmp
 
 
+def publish_exclusive(tmp: Path, final: Path) -> bool:
+    """Give the finished file `tmp` the name `final` unless that name exists (then False, `tmp` kept). Atomic.
+
+    A hard link fails with EEXIST instead of replacing. Where links are unsupported (FAT, some network or FUSE
+    file systems) the name is first reserved with an exclusive create, then the data is moved onto it.
+    """
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        return False
+    except OSError as err:
+        if err.errno not in _LINK_UNSUPPORTED:
+            raise
+        try:
+            os.close(os.open(final, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        os.replace(tmp, final)
+        return True
+    os.unlink(tmp)
+    return True
+
+
 def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
     """Give the finished temporary file its final name; never replaces an existing file unless `overwrite`."""
     if overwrite:
         os.replace(tmp, final)
-        return
-    try:
-        os.link(tmp, final)
-    except FileExistsError:
-        raise
-    except OSError as err:
-        if err.errno not in _LINK_UNSUPPORTED:
-            raise
-        # No hard links here (FAT, some network or FUSE file systems): a checked rename. A writer racing in
-        # between the check and the rename could still be replaced; Windows' rename refuses existing names.
-        if os.path.lexists(final):
-            raise FileExistsError(errno.EEXIST, "File exists", os.fspath(final)) from err
-        os.rename(tmp, final)
-        return
-    os.unlink(tmp)
+    elif not publish_exclusive(tmp, final):
+        raise FileExistsError(errno.EEXIST, "File exists", os.fspath(final))
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, overwrite: bool = False,
