@@ -16,7 +16,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..qil_core.errors import InputError
 from ..qil_core.layers import alpha_to_mask, composite, stack_to_images
-from ..qil_core.layers.export import export_pngs, export_zip, layer_file_names
+from ..qil_core.layers.export import export_pngs, export_zip, layer_file_names, quantize_rgba8
 from ..qil_core.layers.psd import read_psd, write_psd
 from . import host
 from .common import CATEGORY_IO, LAYERS_TIP, checkerboard, to_document, to_output, to_stack
@@ -31,9 +31,7 @@ def _png_writer(rgba: np.ndarray, info: PngInfo | None = None, level: int = 4,
     """A writer for host.save_files: (H, W, 3|4) float 0..1 -> 8-bit PNG (RGB under alpha 0 zeroed)."""
 
     def write(path: Path) -> None:
-        px = np.clip(np.asarray(rgba, np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
-        if px.shape[-1] == 4:
-            px[..., :3] *= (px[..., 3:] > 0)
+        px = quantize_rgba8(np.asarray(rgba, np.float32))
         img = Image.fromarray(px, "RGBA" if px.shape[-1] == 4 else "RGB")
         if max_side is not None and max(img.size) > max_side:
             img.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)

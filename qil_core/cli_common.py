@@ -15,7 +15,7 @@ from PIL import Image
 
 from .errors import InputError, OutputPathError
 from .fsutil import atomic_write, check_output_name
-from .layers.export import read_layer_pngs
+from .layers.export import quantize_rgba8, read_layer_pngs
 from .layers.psd import read_psd
 from .layers.recolor import parse_color
 from .layers.stack import MAX_CANVAS_SIDE, LayerStack
@@ -140,16 +140,9 @@ def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
         raise OutputPathError(f"{what} {os.fspath(path)!r} must end with {' or '.join(suffixes)}")
 
 
-def to_uint8(rgba: np.ndarray) -> np.ndarray:
-    """(H, W, 4) float straight RGBA 0..1 -> (H, W, 4) uint8, RGB zeroed where alpha quantises to 0."""
-    out = np.round(np.clip(rgba, 0.0, 1.0) * 255.0).astype(np.uint8)
-    out[out[..., 3] == 0, :3] = 0
-    return out
-
-
 def write_png(rgba: np.ndarray, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
     """Write (H, W, 4) float straight RGBA as an 8-bit PNG atomically (RGB when fully opaque); returns the path."""
-    px = to_uint8(rgba)
+    px = quantize_rgba8(rgba)
     img = Image.fromarray(px[..., :3], "RGB") if bool((px[..., 3] == 255).all()) else Image.fromarray(px, "RGBA")
 
     def write(f: BinaryIO) -> None:

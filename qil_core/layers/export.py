@@ -29,13 +29,23 @@ _META_KEY = "qil:layer"  # PNG text chunk holding the layer's JSON record
 MANIFEST = "manifest.json"
 
 
+def quantize_rgba8(pixels: np.ndarray) -> np.ndarray:
+    """(..., 3|4) float straight colour 0..1 -> uint8 (round half up, clipped); RGB zeroed where alpha is 0.
+
+    The one 8-bit quantisation of every PNG the pack writes (zeroed RGB under alpha 0 keeps files small).
+    """
+    q = np.empty(pixels.shape, np.uint8)
+    np.copyto(q, np.clip(pixels, 0, 1) * np.float32(255) + np.float32(0.5), casting="unsafe")
+    if q.shape[-1] == 4:
+        q[..., :3] *= q[..., 3:4] != 0
+    return q
+
+
 def _to_rgba8(layer: Layer, width: int, height: int, full_canvas: bool) -> np.ndarray:
     """The layer as 8-bit straight RGBA: on the canvas at its offset (clipped) or its own cropped pixels."""
     if not np.isfinite(layer.pixels).all():
         raise InputError(f"layer {layer.name!r}: pixels contain NaN or infinity; fix the image before exporting")
-    q = np.empty(layer.pixels.shape, np.uint8)
-    np.copyto(q, np.clip(layer.pixels, 0, 1) * np.float32(255) + np.float32(0.5), casting="unsafe")
-    q[..., :3] *= q[..., 3:4] != 0  # zero RGB under fully transparent pixels
+    q = quantize_rgba8(layer.pixels)
     if not full_canvas:
         return q if q.size else np.zeros((1, 1, 4), np.uint8)
     out = np.zeros((height, width, 4), np.uint8)
