@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import InputError
 from .blend import lum, set_lum
-from .stack import Layer
+from .stack import Layer, finite_param
 
 ColorLike = str | Sequence[float]
 
@@ -87,18 +87,6 @@ def parse_color(value: ColorLike) -> tuple[float, float, float]:
     raise InputError(f"colour must be a string or a tuple of numbers, got {type(value).__name__}")
 
 
-def _param(name: str, value: float, lo: float | None, hi: float | None) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise InputError(f"{name} must be in {lo:g}..{hi:g}, got {value!r}")
-    return v
-
-
 def rgb_to_hsl(rgb: np.ndarray) -> np.ndarray:
     """RGB (..., 3) in 0..1 -> HSL (..., 3) with hue in 0..1."""
     mx, mn = rgb.max(-1), rgb.min(-1)
@@ -141,13 +129,13 @@ def recolor_layer(layer: Layer, *, hue_shift: float = 0, saturation: float = 0, 
     replace_with: pixels within `tolerance` (0..1, RGB distance / √3) move by the colour difference, fully
     up to half the tolerance and fading out to it, so shading and anti-aliased edges survive.
     """
-    hue_shift = _param("hue_shift", hue_shift, None, None)
-    saturation = _param("saturation", saturation, -1, 1)
-    lightness = _param("lightness", lightness, -1, 1)
-    brightness = _param("brightness", brightness, -1, 1)
-    contrast = _param("contrast", contrast, -1, 1)
-    tint_strength = _param("tint_strength", tint_strength, 0, 1)
-    tolerance = _param("tolerance", tolerance, 0, 1)
+    hue_shift = finite_param("hue_shift", hue_shift, None, None)
+    saturation = finite_param("saturation", saturation, -1, 1)
+    lightness = finite_param("lightness", lightness, -1, 1)
+    brightness = finite_param("brightness", brightness, -1, 1)
+    contrast = finite_param("contrast", contrast, -1, 1)
+    tint_strength = finite_param("tint_strength", tint_strength, 0, 1)
+    tolerance = finite_param("tolerance", tolerance, 0, 1)
     tint_rgb = parse_color(tint) if tint is not None else None
     if (replace_color is None) != (replace_with is None):
         raise InputError("replace_color and replace_with must be given together (the colour to find and its new value)")

@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import InputError
 from .composite import check_canvas
 from .resample import check_interpolation, premultiply, resample_box, unpremultiply, warp_affine
-from .stack import MAX_CANVAS_SIDE, Layer, LayerStack
+from .stack import MAX_CANVAS_SIDE, Layer, LayerStack, finite_param
 
 logger = logging.getLogger(__name__)
 
@@ -31,18 +31,8 @@ _INT32 = (-(2**31), 2**31 - 1)
 _EPS = 1e-6
 
 
-def _finite(name: str, value: float) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    return v
-
-
 def _check_scale(name: str, value: float) -> float:
-    v = _finite(name, value)
+    v = finite_param(name, value)
     if not 0 < v <= MAX_SCALE:
         raise InputError(f"{name} must be in (0, {MAX_SCALE:g}], got {value!r}; use 1 to keep the size")
     return v
@@ -71,7 +61,7 @@ def _pivot(layer: Layer, pivot: str | tuple[float, float]) -> tuple[float, float
         raise InputError(f"pivot must be 'center', 'top-left' or (x, y) canvas coordinates, got {pivot!r}")
     if len(pivot) != 2:
         raise InputError(f"pivot must be 'center', 'top-left' or (x, y) canvas coordinates, got {pivot!r}")
-    return _finite("pivot x", pivot[0]), _finite("pivot y", pivot[1])
+    return finite_param("pivot x", pivot[0]), finite_param("pivot y", pivot[1])
 
 
 def _check_result_size(width: float, height: float, what: str) -> None:
@@ -153,12 +143,12 @@ def transform_layer(layer: Layer, *, dx: float = 0, dy: float = 0, scale_x: floa
 
     `canvas` (width, height), when given, only enables a warning for a layer moved fully off the canvas.
     """
-    ddx, ddy = _finite("dx", dx), _finite("dy", dy)
+    ddx, ddy = finite_param("dx", dx), finite_param("dy", dy)
     sx, sy = _check_scale("scale_x", scale_x), _check_scale("scale_y", scale_y)
-    rot = _finite("rotation", rotation) % 360.0
+    rot = finite_param("rotation", rotation) % 360.0
     check_interpolation(interpolation)
     if opacity is not None:
-        op = _finite("opacity", opacity)
+        op = finite_param("opacity", opacity)
         if not 0 <= op <= 1:
             raise InputError(f"opacity must be in 0..1, got {opacity!r}")
     p = _pivot(layer, pivot)
