@@ -26,8 +26,6 @@ NONE = "none"
 WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MEMORY_MODES = ("auto", "resident", "offload", "block swap")
-# Layers left in high precision when quantising on the fly: embedders and the output head are small and
-# sensitive, as in ComfyUI's fp8mixed files; only the transformer blocks are quantised.
 
 _LOADED: weakref.WeakValueDictionary[tuple, QILModel] = weakref.WeakValueDictionary()
 

@@ -20,10 +20,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .cli_common import check_free, check_suffix, existing_input, finite_float, log_written
-from .errors import InputError, OutputPathError, PSDError
+from .demo import check_psd
+from .errors import InputError, OutputPathError
 from .layers.composite import composite
 from .layers.export import export_pngs, layer_file_names
-from .layers.psd import lint_psd, read_psd, write_psd
+from .layers.psd import write_psd
 from .layers.stack import Layer, LayerStack
 
 logger = logging.getLogger(__name__)
@@ -290,10 +291,7 @@ def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [write_psd(stack, psd, overwrite=overwrite, merged=composite(stack))]
     written += export_pngs(stack, layer_dir, prefix="decomposed", overwrite=overwrite)
-    problems = lint_psd(psd)
-    back = read_psd(psd)
-    if problems or [layer.name for layer in back] != [layer.name for layer in stack]:
-        raise PSDError(f"demo: {psd} failed its check: {problems or 'layer names differ after reading back'}")
+    check_psd(psd, stack)
     return stack, written, time.perf_counter() - t0
 
 

@@ -76,7 +76,7 @@ def _run(report: DemoReport, label: str, fn: Callable[[], T]) -> T:
         return fn()
 
 
-def _check_psd(path: Path, expect: LayerStack) -> None:
+def check_psd(path: Path, expect: LayerStack) -> None:
     """Lint a PSD we wrote and read it back: the layer names and offsets must survive."""
     problems = lint_psd(path)
     if problems:
@@ -125,6 +125,6 @@ def run_demo(out_dir: str | os.PathLike[str], *, size: tuple[int, int] = DEFAULT
     for path in pngs:
         report.files[f"layer {path.stem.split('_')[1]}"] = path
     with report.timed("verify"):
-        _check_psd(report.files["psd"], stack)
-        _check_psd(report.files["edited psd"], edited)
+        check_psd(report.files["psd"], stack)
+        check_psd(report.files["edited psd"], edited)
     return report

@@ -15,6 +15,7 @@ from .layers.ops import (
     delete_layers,
     drop_empty_layers,
     duplicate_layer,
+    layer_indices,
     merge_down,
     move_layer,
     parse_layer_keys,
@@ -53,10 +54,7 @@ Step = LayerEdit | StackEdit
 
 def resolve_keys(stack: LayerStack, keys: str) -> list[int]:
     """Indices (bottom first, no duplicates, in stack order) addressed by a KEYS spec."""
-    indices = sorted({stack.index_of(k) for k in parse_layer_keys(keys)})
-    if not indices:
-        raise InputError(f"--layer {keys!r} addresses no layer")
-    return indices
+    return sorted(layer_indices(stack, parse_layer_keys(keys)))  # parse_layer_keys never returns an empty list
 
 
 def edit_layer(layer: Layer, opts: dict[str, Any], canvas: tuple[int, int]) -> Layer:
