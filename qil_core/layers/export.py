@@ -132,14 +132,16 @@ def export_zip(stack: LayerStack, path: str | os.PathLike[str], *, full_canvas: 
 def _layer_from_png(data: bytes | Path, fallback_name: str, record: dict | None) -> tuple[Layer, dict | None]:
     """One Layer from PNG bytes or a path, using its stored record (or `record`) when present."""
     try:
-        img = Image.open(io.BytesIO(data) if isinstance(data, bytes) else data)
-        img.load()
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
+            img.load()
+            info = dict(img.info)
+            rgba = img.convert("RGBA")
     except (OSError, SyntaxError) as err:
         raise InputError(f"{fallback_name!r} is not a readable PNG image ({err}); export it again") from err
     meta = record
-    if meta is None and _META_KEY in img.info:
-        meta = json.loads(img.info[_META_KEY])
-    px = np.asarray(img.convert("RGBA"), np.float32) / np.float32(255.0)
+    if meta is None and _META_KEY in info:
+        meta = json.loads(info[_META_KEY])
+    px = np.asarray(rgba, np.float32) / np.float32(255.0)
     if meta is None:
         return Layer.from_canvas(px, name=fallback_name), None
     blend = meta.get("blend_mode", "normal")
@@ -169,7 +171,10 @@ def read_layer_pngs(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[
         if meta is not None and canvas is None:
             canvas = tuple(meta["canvas"])
     if canvas is None:  # plain PNGs: the canvas is the largest image, every layer placed at (0, 0)
-        sizes = [Image.open(p).size for p in items]
+        sizes = []
+        for p in items:
+            with Image.open(p) as im:  # reads the header only
+                sizes.append(im.size)
         canvas = (max(s[0] for s in sizes), max(s[1] for s in sizes))
     return LayerStack(canvas[0], canvas[1], layers)
 
