@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 import pytest
-from psd_readers import check_readers, read_pillow_merged, read_psd_tools, read_pytoshop
+from psd_readers import check_readers, imagemagick_result, read_pillow_merged, read_psd_tools, read_pytoshop
 from psd_tools.compression import rle_impl
 
 from qil_core.errors import InputError, OutputPathError, PSDError, ResourceError
@@ -133,7 +133,7 @@ def test_s1_unicode_names_luni_and_pascal_fallback(tmp_path) -> None:
               for i, n in enumerate(names)]
     stack = LayerStack(40, 30, layers)
     out = write_and_check(tmp_path, stack)
-    im_names = [f["name"] for f in out["imagemagick"]["layers"]]
+    im_names = [f["name"] for f in imagemagick_result(out)["layers"]]
     assert im_names[0] == b"???? ?"  # CJK and emoji have no legacy form (rule 4)
     assert im_names[1] == b"???? ??????"  # Hebrew likewise; full names come from luni
     assert im_names[2] == b"ete cafe"  # accents dropped, same bytes in every reader
@@ -190,7 +190,7 @@ def test_s10_offsets_empty_one_pixel_and_off_canvas_layers(tmp_path) -> None:
     pt = out["psd_tools"]["layers"]
     assert (pt[2]["w"], pt[2]["h"], pt[3]["w"]) == (0, 0, 0)  # kept as 0x0 layers (rule 7)
     assert (pt[4]["x"], pt[4]["y"], pt[4]["w"], pt[4]["h"]) == (7, 8, 1, 1)
-    assert len(out["imagemagick"]["layers"]) == 4  # ImageMagick drops the two empty ones, as documented
+    assert len(imagemagick_result(out)["layers"]) == 4  # ImageMagick drops the two empty ones, as documented
     back = read_psd(tmp_path / "out.psd")
     assert len(back) == 6 and back[2].pixels.shape == (0, 0, 4) and back[5].x == -50
 
@@ -222,7 +222,7 @@ def test_s12_sixteen_bit_with_icc(tmp_path) -> None:
     stack = LayerStack(20, 16, [Layer(rgba(8, 10, seed=7), x=2, y=3, name="16-bit 😀"),
                                 Layer(blob(16, 20, (0.3, 0.6, 0.9)), name="base")])
     out = write_and_check(tmp_path, stack, name="deep.psd", depth=16)
-    assert out["imagemagick"]["merged"]["depth"] == 16
+    assert imagemagick_result(out)["merged"]["depth"] == 16
     from psd_tools import PSDImage
 
     icc = PSDImage.open(tmp_path / "deep.psd").image_resources.get_data(1039)
