@@ -124,9 +124,10 @@ def weight_bytes(fmt: str, out_features: int, in_features: int) -> int:
     plain = {"bf16": 2, "fp16": 2, "fp32": 4}
     if fmt in plain:
         return plain[fmt] * out_features * in_features
+    if fmt == "int8_tensorwise":  # one fp32 scale per row, as ComfyUI's files (and ConvRot) have them
+        return out_features * in_features + 4 * out_features
     layout = storage_layout(parse_marker(fmt), out_features, in_features)
-    extra = 4 * out_features if fmt == "int8_tensorwise" else 0  # per-row scales (ComfyUI's files use them)
-    return extra + sum(torch.Size(s).numel() * dt.itemsize for s, dt in layout.values())
+    return sum(torch.Size(s).numel() * dt.itemsize for s, dt in layout.values())
 
 
 # --- swizzled block scales ---------------------------------------------------------------------------------
