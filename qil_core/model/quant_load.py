@@ -143,4 +143,28 @@ def scale_state(
     return out
 
 
-__all__ = ["FP8_NAMES", "check_formats", "read_markers", "scale_shapes", "scale_state", "storage_shape_ok"]
+def dequantize_at_load(
+    plan: LoadPlan, ckpt: Checkpoint, layer: str, shape: tuple[int, ...], dtype: torch.dtype, dev: torch.device
+) -> Tensor:
+    """A quantised tensor outside a Linear (e.g. an int8 embedding table): dequantised once, here, to `dtype`."""
+    fmt = plan.formats[layer]
+    w = ckpt.read(plan.names[layer + ".weight"])
+    scale = ckpt.read(plan.scales[layer])
+    if fmt.name == "int8_tensorwise":
+        out = qf.dequantize_int8(w, scale, dtype, fmt)
+    elif fmt.name == "mxfp8":
+        out = qf.dequantize_mxfp8(w, scale.view(torch.uint8), dtype, (shape[0], shape[1]))
+    else:
+        out = qf.dequantize_nvfp4(w, scale, ckpt.read(plan.scales2[layer], torch.float32), dtype, (shape[0], shape[1]))
+    return out.to(dev)
+
+
+__all__ = [
+    "FP8_NAMES",
+    "check_formats",
+    "dequantize_at_load",
+    "read_markers",
+    "scale_shapes",
+    "scale_state",
+    "storage_shape_ok",
+]

@@ -220,6 +220,8 @@ def load_into(
             fkey, layer = plan.names[key], _layer_of(key)
             if layer in keep_fp8:
                 state[key] = ckpt.read(fkey, None, dev)  # stays fp8, zero-copy on the CPU
+            elif layer in plan.formats:  # e.g. an int8 embedding table: dequantised once, here
+                state[key] = quant_load.dequantize_at_load(plan, ckpt, layer, expected[key], dtype, dev)
             elif layer in plan.fp8_layers:  # an fp8 tensor outside a Linear: dequantise once, here
                 state[key] = _dequantize_at_load(ckpt, fkey, plan.scales.get(layer), dtype, dev)
             else:
