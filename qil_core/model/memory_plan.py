@@ -23,6 +23,8 @@ from torch import nn
 from ..errors import InputError, ResourceError
 from .memory import available_device_memory, available_ram, format_bytes
 from .offload import BlockSwapPlacement, OffloadPlacement
+from .quant import dequant_transient_bytes
+from .quant_formats import weight_bytes
 from .runtime import Placement, ResidentPlacement
 
 logger = logging.getLogger(__name__)
@@ -266,10 +268,10 @@ def plan_for_model(
     if te is not None:
         comp["text_encoder"] = module_bytes(te)
     cfg = dit.config
-    fp8 = any(p.dtype.itemsize == 1 and p.dtype.is_floating_point for p in dit.parameters())
     tokens = image_tokens(width, height, layers) + text_tokens
-    act = estimate_activation_bytes(tokens, width=cfg.inner_dim, dtype=dit.dtype, batch=2 if cfg_batch else 1,
-                                    fp8=fp8)
+    # Quantised weights (any format) are dequantised one layer at a time: that layer's temporaries come on top.
+    act = estimate_activation_bytes(tokens, width=cfg.inner_dim, dtype=dit.dtype, batch=2 if cfg_batch else 1)
+    act += dequant_transient_bytes(dit, dit.dtype)
     vae_work = estimate_vae_decode_bytes(width, height, dtype=model.vae.dtype)  # type: ignore[attr-defined]
     free_dev = free_device_bytes if free_device_bytes is not None else available_device_memory(dev)
     free_ram = free_ram_bytes if free_ram_bytes is not None else available_ram()
@@ -280,7 +282,38 @@ def plan_for_model(
     return plan
 
 
+def transformer_bytes(fmt: str = "bf16", shapes: Mapping[str, tuple[int, ...]] | None = None) -> int:
+    """Bytes of the transformer's weights stored in `fmt` ("bf16", "fp16", "fp32" or a ComfyUI format such as
+    "int8_tensorwise", "mxfp8", "nvfp4", "float8_e4m3fn"), its block Linear layers quantised and everything else
+    in bf16, the way quantise-on-load and ComfyUI's mixed files keep them. `shapes` (key -> shape) defaults to
+    the real 20B transformer's, built on the meta device (qwen_image_layered_int8_convrot: about 20.5 GB).
+    """
+    import fnmatch
+
+    from .quant import TRANSFORMER_FP8_SKIP
+
+    if shapes is None:
+        from .config import TransformerConfig
+        from .transformer import QwenImageLayeredTransformer
+
+        with torch.device("meta"):
+            model = QwenImageLayeredTransformer(TransformerConfig())
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    total = 0
+    for key, shape in shapes.items():
+        layer = key[: -len(".weight")]
+        linear = key.endswith(".weight") and len(shape) == 2
+        if linear and fmt not in ("bf16", "fp16", "fp32") and not any(
+            fnmatch.fnmatchcase(layer, p) for p in TRANSFORMER_FP8_SKIP
+        ):
+            total += weight_bytes(fmt, shape[0], shape[1])
+        else:
+            total += torch.Size(shape).numel() * (4 if fmt == "fp32" else 2)
+    return total
+
+
 __all__ = [
     "MODES", "MemoryPlan", "cfg_batch_fits", "estimate_activation_bytes", "estimate_vae_decode_bytes",
     "image_tokens", "module_bytes", "plan_for_model", "plan_memory", "transformer_block_bytes",
+    "transformer_bytes",
 ]  # fmt: skip

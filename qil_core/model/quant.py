@@ -328,6 +328,27 @@ def quantize_module_fp8(
     return names
 
 
+def dequant_bytes_per_value(fmt: LayerFormat, dtype: torch.dtype) -> int:
+    """Transient bytes per weight value while the portable path dequantises one layer to `dtype` (peak).
+
+    fp8: the cast and the scaled copy; int8 / mxfp8: an fp32 product beside the fp32 data (or rotation), then the
+    cast; nvfp4: the unpacked codes (int64 indices), the values and the scaled copy.
+    """
+    item = dtype.itemsize
+    if fmt.is_fp8:
+        return 2 * item
+    return 9 + 2 * item if fmt.name == "nvfp4" else 8 + item
+
+
+def dequant_transient_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Peak extra bytes the portable path of `module`'s largest quantised Linear allocates (0 without any)."""
+    return max(
+        (m.in_features * m.out_features * dequant_bytes_per_value(m.fmt, dtype)
+         for m in module.modules() if isinstance(m, Fp8Linear)),
+        default=0,
+    )  # fmt: skip
+
+
 def is_quantized(module: nn.Module) -> bool:
     """True when any Linear of `module` keeps a quantised weight (any format)."""
     return any(isinstance(m, Fp8Linear) for m in module.modules())
