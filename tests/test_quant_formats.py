@@ -270,3 +270,31 @@ def test_memory_plan_knows_each_format() -> None:
     quantize_module_fp8(model, fmt=LayerFormat("int8_tensorwise", True, 16))
     largest = max(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
     assert dequant_transient_bytes(model, torch.bfloat16) == largest * (8 + 2)  # fp32 product + data, bf16 cast
+
+
+def test_quantised_on_load_saves_as_comfyui_file(tiny_sd, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    from qil_core.model.quant_load import comfy_state_dict
+
+    src = tmp_path / "bf16.safetensors"
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in tiny_sd.items()}, str(src))
+    model = load_transformer(src, dtype=torch.bfloat16, config=CONFIG)
+    fmt = LayerFormat("int8_tensorwise", True, G)
+    names = quantize_module_fp8(
+        model, skip=("img_in", "txt_in", "proj_out", "norm_out.*", "time_text_embed.*"), fmt=fmt
+    )
+    out = tmp_path / "int8_convrot.safetensors"
+    save_file(comfy_state_dict(model), str(out))
+    saved = load_file(str(out))
+    layout, options, marker = KINDS["int8-convrot"]
+    for name in names:
+        qt = QuantizedTensor.from_float(tiny_sd[name + ".weight"].to(torch.bfloat16), layout, **options)
+        for key, value in qt.state_dict(name + ".weight").items():
+            assert saved[key].shape == value.shape and torch.equal(bits(saved[key]), bits(value)), key
+        assert json.loads(bytes(saved[name + ".comfy_quant"].tolist())) == marker
+    again = load_transformer(out, dtype=torch.bfloat16, config=CONFIG)
+    inputs = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v
+              for k, v in transformer_inputs(CONFIG).items()}  # fmt: skip
+    with torch.no_grad():
+        assert torch.equal(again(**inputs), model(**inputs))

@@ -159,6 +159,23 @@ def dequantize_at_load(
     return out.to(dev)
 
 
+def comfy_state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
+    """`module`'s tensors in ComfyUI's file layout: quantised Linears as weight, scales and a `comfy_quant` marker.
+
+    Saved with safetensors, this is the file ComfyUI (and this loader) reads back; after quantising on load it
+    holds exactly the tensors comfy-kitchen's quantiser makes from the same weights.
+    """
+    from .quant import Fp8Linear
+
+    out = dict(module.state_dict())
+    for name, m in module.named_modules():
+        if isinstance(m, Fp8Linear):
+            if m.fmt.name == "int8_tensorwise" and m.weight_scale.numel() > 1:
+                out[f"{name}.weight_scale"] = m.weight_scale.reshape(-1, 1)
+            out[f"{name}.comfy_quant"] = qf.marker_tensor(m.fmt)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
 __all__ = [
     "FP8_NAMES",
     "check_formats",
