@@ -15,6 +15,7 @@ from __future__ import annotations
 import fnmatch
 import logging
 from collections.abc import Collection, Iterable, Mapping
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +85,10 @@ class Fp8Linear(nn.Module):
     unless `kernel` is "comfy-kitchen" (quant_kernels.py: fused quantised matmuls, falling back to this path).
     """
 
+    weight_scale: Tensor
+    weight_scale_2: Tensor | None
+    input_scale: Tensor | None
+
     def __init__(
         self,
         in_features: int,
@@ -126,7 +131,7 @@ class Fp8Linear(nn.Module):
             f"weight_dtype={self.weight.dtype}, format={self.fmt.name}{' convrot' if self.fmt.convrot else ''}"
         )
 
-    def _apply(self, fn, recurse: bool = True):  # type: ignore[no-untyped-def]
+    def _apply(self, fn, recurse: bool = True):
         # `module.to(dtype)` must not turn the quantised weight or its scales into the compute dtype.
         keep = {id(t): t.dtype for t in (self.weight, self.weight_scale, self.weight_scale_2, self.input_scale)
                 if t is not None}  # fmt: skip
@@ -310,13 +315,13 @@ def quantize_module_fp8(
         n for n, m in module.named_modules()
         if isinstance(m, nn.Linear) and not any(fnmatch.fnmatchcase(n, p) for p in patterns)
     ]  # fmt: skip
-    unfit = [n for n in names if not fits_format(fmt, module.get_submodule(n).in_features)]
+    unfit = [n for n in names if not fits_format(fmt, cast(nn.Linear, module.get_submodule(n)).in_features)]
     if unfit:
         logger.info("%d Linear layers cannot take %s and stay in high precision (e.g. %s)", len(unfit), fmt, unfit[0])
         names = [n for n in names if n not in unfit]
     before = after = 0
     for name in names:
-        old = module.get_submodule(name)
+        old = cast(nn.Linear, module.get_submodule(name))
         before += old.weight.numel() * old.weight.element_size()
         if device is not None:
             old = old.to(device)
@@ -331,13 +336,15 @@ def quantize_module_fp8(
 def dequant_bytes_per_value(fmt: LayerFormat, dtype: torch.dtype) -> int:
     """Transient bytes per weight value while the portable path dequantises one layer to `dtype` (peak).
 
-    fp8: the cast and the scaled copy; int8 / mxfp8: an fp32 product beside the fp32 data (or rotation), then the
-    cast; nvfp4: the unpacked codes (int64 indices), the values and the scaled copy.
+    fp8: the cast and the scaled copy; int8 / mxfp8: the fp32 data scaled in place, then the cast (ConvRot: the
+    rotated fp32 copy beside it); nvfp4: the unpacked codes (int32 indices) and the values, scaled in place.
     """
     item = dtype.itemsize
     if fmt.is_fp8:
         return 2 * item
-    return 9 + 2 * item if fmt.name == "nvfp4" else 8 + item
+    if fmt.convrot:
+        return 8 + item
+    return 5 + item if fmt.name == "nvfp4" else 4 + item
 
 
 def dequant_transient_bytes(module: nn.Module, dtype: torch.dtype) -> int:

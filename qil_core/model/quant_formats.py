@@ -193,7 +193,7 @@ def _row_scale(scale: Tensor, rows: int) -> Tensor:
 
 def dequantize_int8(q: Tensor, scale: Tensor, dtype: torch.dtype, fmt: LayerFormat) -> Tensor:
     """int8 (out, in) with a scalar or per-row scale -> (out, in) in `dtype`, rotated back for ConvRot."""
-    w = q.float() * _row_scale(scale, q.shape[0])
+    w = q.float().mul_(_row_scale(scale, q.shape[0]))  # in place: one fp32 temporary, same bits
     if fmt.convrot:
         w = rotate_groups(w, fmt.group_size)
     return w.to(dtype)
@@ -204,7 +204,7 @@ def dequantize_mxfp8(q: Tensor, block_scales: Tensor, dtype: torch.dtype, shape:
     rows, cols = q.shape
     nb = cols // MXFP8_BLOCK
     scales = e8m0_to_float(unswizzle(block_scales.view(torch.uint8), rows, nb))
-    w = (q.float().reshape(rows, nb, MXFP8_BLOCK) * scales.unsqueeze(-1)).reshape(rows, cols).to(dtype)
+    w = q.float().reshape(rows, nb, MXFP8_BLOCK).mul_(scales.unsqueeze(-1)).reshape(rows, cols).to(dtype)
     return w[: shape[0], : shape[1]]
 
 
@@ -214,12 +214,13 @@ def dequantize_nvfp4(
     """Packed E2M1 pairs with swizzled e4m3 block scales and an fp32 tensor scale -> (out, in) in `dtype`."""
     rows, cols = q.shape[0], q.shape[1] * 2
     nb = cols // NVFP4_BLOCK
-    codes = torch.stack([q >> 4, q & 0x0F], dim=-1).reshape(rows, cols).long()
+    codes = torch.stack([q >> 4, q & 0x0F], dim=-1).reshape(rows, cols).int()
     table = torch.tensor([*E2M1_VALUES, *(-v for v in E2M1_VALUES)], dtype=dtype, device=q.device)
     values = table[codes].reshape(rows, nb, NVFP4_BLOCK)
+    del codes
     scales = unswizzle(block_scales.view(torch.float8_e4m3fn), rows, nb)
     total = tensor_scale.to(dtype) * scales.to(dtype)
-    return (values * total.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
+    return values.mul_(total.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
 
 
 # --- quantisation -----------------------------------------------------------------------------------------

@@ -22,11 +22,15 @@ from __future__ import annotations
 import importlib
 import logging
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from .quant import Fp8Linear
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +64,7 @@ def resolve_backend(backend: str, device: torch.device | str) -> str:
 
 def enable_quant_kernels(model: nn.Module, backend: str = "auto", *, device: torch.device | str | None = None) -> int:
     """Set the kernel backend of every quantised Linear of `model`; return how many use comfy-kitchen."""
-    from .quant import Fp8Linear
+    from .quant import Fp8Linear  # noqa: F811 - at run time (quant imports this module lazily)
 
     layers = [m for m in model.modules() if isinstance(m, Fp8Linear)]
     if not layers:
@@ -73,38 +77,38 @@ def enable_quant_kernels(model: nn.Module, backend: str = "auto", *, device: tor
     return len(layers) if chosen == KITCHEN else 0
 
 
-def kernel_forward(layer: nn.Module, x: Tensor) -> Tensor | None:
+def kernel_forward(layer: Fp8Linear, x: Tensor) -> Tensor | None:
     """The layer's output from comfy-kitchen's kernel, or None to use the portable path (then for good)."""
     ck = load_kitchen()
     try:
         if ck is None:
             raise RuntimeError("comfy-kitchen is not importable")
-        return _KERNELS[layer.fmt.name](ck, layer, x)  # type: ignore[union-attr]
+        return _KERNELS[layer.fmt.name](ck, layer, x)
     except Exception as e:  # noqa: BLE001 - any kernel failure falls back to the exact portable path
         logger.warning(
             "comfy-kitchen kernel for a %s layer (%dx%d) failed (%s); using per-layer dequantisation for it",
-            layer.fmt.name, layer.out_features, layer.in_features, e,  # type: ignore[union-attr]
+            layer.fmt.name, layer.out_features, layer.in_features, e,
         )  # fmt: skip
         layer.kernel = "portable"
         return None
 
 
-def _bias(layer: nn.Module, x: Tensor) -> Tensor | None:
-    return layer.bias.to(x.dtype) if layer.bias is not None else None  # type: ignore[union-attr, operator]
+def _bias(layer: Fp8Linear, x: Tensor) -> Tensor | None:
+    return layer.bias.to(x.dtype) if layer.bias is not None else None
 
 
-def _int8(ck: ModuleType, layer: nn.Module, x: Tensor) -> Tensor:
-    fmt = layer.fmt  # type: ignore[union-attr]
-    scale = layer.weight_scale.float().reshape(-1)  # type: ignore[union-attr, operator]
+def _int8(ck: ModuleType, layer: Fp8Linear, x: Tensor) -> Tensor:
+    fmt = layer.fmt
+    scale = layer.weight_scale.float().reshape(-1)
     return ck.int8_linear(
         x, layer.weight, scale, _bias(layer, x), x.dtype, convrot=fmt.convrot, convrot_groupsize=fmt.group_size
     )
 
 
-def _fp8(ck: ModuleType, layer: nn.Module, x: Tensor) -> Tensor:
-    if not layer._scaled_mm_ok(x):  # type: ignore[operator]
+def _fp8(ck: ModuleType, layer: Fp8Linear, x: Tensor) -> Tensor:
+    if not layer._scaled_mm_ok(x):
         raise RuntimeError("no fp8 matmul for this layout or dtype")
-    return layer._forward_scaled_mm(x)  # type: ignore[operator]
+    return layer._forward_scaled_mm(x)
 
 
 def _padded_rows(x2: Tensor, multiple: int) -> tuple[Tensor, int]:
@@ -115,11 +119,11 @@ def _padded_rows(x2: Tensor, multiple: int) -> tuple[Tensor, int]:
     return x2, rows
 
 
-def _nvfp4(ck: ModuleType, layer: nn.Module, x: Tensor) -> Tensor:
+def _nvfp4(ck: ModuleType, layer: Fp8Linear, x: Tensor) -> Tensor:
     x2, rows = _padded_rows(x.reshape(-1, x.shape[-1]), 16)
     x_scale = (x2.abs().amax().float() / (448.0 * 6.0)).clamp(min=torch.finfo(torch.float32).tiny)
     qx, bx = ck.quantize_nvfp4(x2, x_scale)
-    w_blocks = layer.weight_scale.view(torch.float8_e4m3fn)  # type: ignore[union-attr]
+    w_blocks = layer.weight_scale.view(torch.float8_e4m3fn)
     y = ck.scaled_mm_nvfp4(
         qx, layer.weight, tensor_scale_a=x_scale, tensor_scale_b=layer.weight_scale_2,
         block_scale_a=bx, block_scale_b=w_blocks, bias=None, out_dtype=x.dtype,
@@ -127,20 +131,20 @@ def _nvfp4(ck: ModuleType, layer: nn.Module, x: Tensor) -> Tensor:
     return _finish(layer, x, y, rows)
 
 
-def _mxfp8(ck: ModuleType, layer: nn.Module, x: Tensor) -> Tensor:
+def _mxfp8(ck: ModuleType, layer: Fp8Linear, x: Tensor) -> Tensor:
     x2, rows = _padded_rows(x.reshape(-1, x.shape[-1]), 32)
     qx, bx = ck.quantize_mxfp8(x2)
-    w_blocks = layer.weight_scale.view(torch.float8_e8m0fnu)  # type: ignore[union-attr]
+    w_blocks = layer.weight_scale.view(torch.float8_e8m0fnu)
     y = ck.scaled_mm_mxfp8(qx, layer.weight, bx, w_blocks, bias=None, out_dtype=x.dtype)
     return _finish(layer, x, y, rows)
 
 
-def _finish(layer: nn.Module, x: Tensor, y: Tensor, rows: int) -> Tensor:
-    y = y[:rows, : layer.out_features]  # type: ignore[misc]
+def _finish(layer: Fp8Linear, x: Tensor, y: Tensor, rows: int) -> Tensor:
+    y = y[:rows, : layer.out_features]
     bias = _bias(layer, x)
     if bias is not None:
         y = y + bias
-    return y.reshape(*x.shape[:-1], layer.out_features)  # type: ignore[misc]
+    return y.reshape(*x.shape[:-1], layer.out_features)
 
 
 _KERNELS = {

@@ -102,7 +102,7 @@ def storage_shape_ok(plan: LoadPlan, ckpt: Checkpoint, key: str, expected: tuple
 
 def scale_shapes(plan: LoadPlan, ckpt: Checkpoint, layers: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     """int8 layers' scale shapes as their module holds them: () or (out, 1); `layers` maps name -> logical shape."""
-    out = {}
+    out: dict[str, tuple[int, ...]] = {}
     for layer, fmt in plan.formats.items():
         if fmt.name == "int8_tensorwise" and layer in layers:
             n = torch.Size(ckpt.info(plan.scales[layer]).shape).numel()

@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -23,7 +24,15 @@ from . import quant_load
 from .checkpoint import Checkpoint, PathLike, checkpoint_fingerprint, open_checkpoint, read_config
 from .config import COMFY_PREFIX, TransformerConfig
 from .memory import available_ram, check_device_memory, check_ram, format_bytes
-from .quant import FP8_FORMATS, QUANT_CHOICES, TRANSFORMER_FP8_SKIP, is_fp8, quantize_module_fp8, swap_fp8_linears
+from .quant import (
+    FP8_FORMATS,
+    QUANT_CHOICES,
+    TRANSFORMER_FP8_SKIP,
+    Fp8Linear,
+    is_fp8,
+    quantize_module_fp8,
+    swap_fp8_linears,
+)
 from .quant_formats import LayerFormat
 from .transformer import QwenImageLayeredTransformer
 from .vae import RGBAVAE, VAEConfig
@@ -228,9 +237,10 @@ def load_into(
                 src = ckpt.info(fkey).dtype
                 state[key] = ckpt.read(fkey, dtype if src.is_floating_point else src, dev)
         for layer in keep_fp8:
-            shape = model.get_submodule(layer).weight_scale.shape
+            qlayer = cast(Fp8Linear, model.get_submodule(layer))
+            shape = qlayer.weight_scale.shape
             if layer in formats:
-                state.update(quant_load.scale_state(plan, ckpt, layer, model.get_submodule(layer), dev))
+                state.update(quant_load.scale_state(plan, ckpt, layer, qlayer, dev))
             elif layer in plan.scales:
                 state[layer + ".weight_scale"] = ckpt.read(plan.scales[layer], torch.float32, dev).reshape(shape)
             else:  # plain fp8 cast without a scale (e.g. *_fp8_e4m3fn.safetensors)
