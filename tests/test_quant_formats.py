@@ -259,17 +259,17 @@ def test_weight_bytes_per_format() -> None:
 
 def test_memory_plan_knows_each_format() -> None:
     from qil_core.model import memory_plan as mp
-    from qil_core.model.quant import dequant_transient_bytes
+    from qil_core.model.quant import transformer_bytes
 
-    sizes = {f: mp.transformer_bytes(f) for f in ("bf16", "float8_e4m3fn", "int8_tensorwise", "mxfp8", "nvfp4")}
+    sizes = {f: transformer_bytes(f) for f in ("bf16", "float8_e4m3fn", "int8_tensorwise", "mxfp8", "nvfp4")}
     assert round(sizes["bf16"] / 1e9, 1) == 40.9  # the real 20B transformer
     assert 20.4e9 < sizes["float8_e4m3fn"] < sizes["int8_tensorwise"] < 20.6e9 < sizes["mxfp8"] < 21.2e9
     assert 11.5e9 < sizes["nvfp4"] < 11.6e9
     model = random_transformer(seed=1)
-    assert dequant_transient_bytes(model, torch.bfloat16) == 0
+    assert mp.dequant_transient_bytes(model, torch.bfloat16) == 0
     quantize_module_fp8(model, fmt=LayerFormat("int8_tensorwise", True, 16))
     largest = max(m.in_features * m.out_features for m in model.modules() if isinstance(m, QuantLinear))
-    assert dequant_transient_bytes(model, torch.bfloat16) == largest * (8 + 2)  # fp32 product + data, bf16 cast
+    assert mp.dequant_transient_bytes(model, torch.bfloat16) == largest * (8 + 2)  # fp32 product + data, bf16 cast
 
 
 def test_quantised_on_load_saves_as_comfyui_file(tiny_sd, tmp_path: Path) -> None:

@@ -23,8 +23,6 @@ from torch import nn
 from ..errors import InputError, ResourceError
 from .memory import available_device_memory, available_ram, format_bytes
 from .offload import BlockSwapPlacement, OffloadPlacement
-from .quant import dequant_transient_bytes
-from .quant_formats import weight_bytes
 from .runtime import Placement, ResidentPlacement
 
 logger = logging.getLogger(__name__)
@@ -75,6 +73,14 @@ def module_bytes(module: nn.Module) -> int:
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total
+
+
+def dequant_transient_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Peak extra bytes of dequantising `module`'s largest quantised Linear (quant.Fp8Linear, any format) to
+    `dtype`: the layers say what their format needs (fp8 2 bytes per value in bf16, int8 6, INT8 ConvRot 10,
+    mxfp8 6, nvfp4 7); 0 without quantised layers."""
+    sizes = [m.dequant_transient_bytes(dtype) for m in module.modules() if hasattr(m, "dequant_transient_bytes")]
+    return max(sizes, default=0)
 
 
 def _reserve(free: int) -> int:
@@ -282,38 +288,8 @@ def plan_for_model(
     return plan
 
 
-def transformer_bytes(fmt: str = "bf16", shapes: Mapping[str, tuple[int, ...]] | None = None) -> int:
-    """Bytes of the transformer's weights stored in `fmt` ("bf16", "fp16", "fp32" or a ComfyUI format such as
-    "int8_tensorwise", "mxfp8", "nvfp4", "float8_e4m3fn"), its block Linear layers quantised and everything else
-    in bf16, the way quantise-on-load and ComfyUI's mixed files keep them. `shapes` (key -> shape) defaults to
-    the real 20B transformer's, built on the meta device (qwen_image_layered_int8_convrot: about 20.5 GB).
-    """
-    import fnmatch
-
-    from .quant import TRANSFORMER_FP8_SKIP
-
-    if shapes is None:
-        from .config import TransformerConfig
-        from .transformer import QwenImageLayeredTransformer
-
-        with torch.device("meta"):
-            model = QwenImageLayeredTransformer(TransformerConfig())
-        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    total = 0
-    for key, shape in shapes.items():
-        layer = key[: -len(".weight")]
-        linear = key.endswith(".weight") and len(shape) == 2
-        if linear and fmt not in ("bf16", "fp16", "fp32") and not any(
-            fnmatch.fnmatchcase(layer, p) for p in TRANSFORMER_FP8_SKIP
-        ):
-            total += weight_bytes(fmt, shape[0], shape[1])
-        else:
-            total += torch.Size(shape).numel() * (4 if fmt == "fp32" else 2)
-    return total
-
-
 __all__ = [
     "MODES", "MemoryPlan", "cfg_batch_fits", "estimate_activation_bytes", "estimate_vae_decode_bytes",
     "image_tokens", "module_bytes", "plan_for_model", "plan_memory", "transformer_block_bytes",
-    "transformer_bytes",
+    "dequant_transient_bytes",
 ]  # fmt: skip

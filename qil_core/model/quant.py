@@ -168,6 +168,10 @@ class Fp8Linear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
+    def dequant_transient_bytes(self, dtype: torch.dtype) -> int:
+        """Peak extra bytes of one portable forward's dequantisation to `dtype` (memory_plan reads this)."""
+        return self.in_features * self.out_features * dequant_bytes_per_value(self.fmt, dtype)
+
     def _scaled_mm_ok(self, x: Tensor) -> bool:
         return (
             hasattr(torch, "_scaled_mm")
@@ -347,13 +351,29 @@ def dequant_bytes_per_value(fmt: LayerFormat, dtype: torch.dtype) -> int:
     return 5 + item if fmt.name == "nvfp4" else 4 + item
 
 
-def dequant_transient_bytes(module: nn.Module, dtype: torch.dtype) -> int:
-    """Peak extra bytes the portable path of `module`'s largest quantised Linear allocates (0 without any)."""
-    return max(
-        (m.in_features * m.out_features * dequant_bytes_per_value(m.fmt, dtype)
-         for m in module.modules() if isinstance(m, Fp8Linear)),
-        default=0,
-    )  # fmt: skip
+def transformer_bytes(fmt: str = "bf16", shapes: Mapping[str, tuple[int, ...]] | None = None) -> int:
+    """Bytes of the transformer's weights stored in `fmt` ("bf16", "fp16", "fp32" or a ComfyUI format such as
+    "int8_tensorwise", "mxfp8", "nvfp4", "float8_e4m3fn"), its Linear layers quantised except TRANSFORMER_FP8_SKIP
+    and everything else in bf16, as quantise-on-load keeps them. `shapes` (key -> shape) defaults to the real 20B
+    transformer's, built on the meta device.
+    """
+    if shapes is None:
+        from .config import TransformerConfig
+        from .transformer import QwenImageLayeredTransformer
+
+        with torch.device("meta"):
+            model = QwenImageLayeredTransformer(TransformerConfig())
+        shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    total = 0
+    for key, shape in shapes.items():
+        layer = key[: -len(".weight")]
+        if fmt not in ("bf16", "fp16", "fp32") and key.endswith(".weight") and len(shape) == 2 and not any(
+            fnmatch.fnmatchcase(layer, p) for p in TRANSFORMER_FP8_SKIP
+        ):
+            total += qf.weight_bytes(fmt, shape[0], shape[1])
+        else:
+            total += torch.Size(shape).numel() * (4 if fmt == "fp32" else 2)
+    return total
 
 
 def is_quantized(module: nn.Module) -> bool:

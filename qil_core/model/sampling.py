@@ -21,8 +21,7 @@ from torch import Tensor
 from . import vae_tiling
 from .imaging import from_model_pixels, pack_latents, to_model_pixels
 from .memory import available_device_memory
-from .memory_plan import cfg_batch_fits
-from .quant import dequant_transient_bytes
+from .memory_plan import cfg_batch_fits, dequant_transient_bytes
 from .rope import FrameShape
 from .scheduler import euler_step, timesteps_for_model
 from .transformer import QwenImageLayeredTransformer
