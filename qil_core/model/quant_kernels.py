@@ -85,12 +85,18 @@ def kernel_forward(layer: Fp8Linear, x: Tensor) -> Tensor | None:
             raise RuntimeError("comfy-kitchen is not importable")
         return _KERNELS[layer.fmt.name](ck, layer, x)
     except Exception as e:  # noqa: BLE001 - any kernel failure falls back to the exact portable path
-        logger.warning(
-            "comfy-kitchen kernel for a %s layer (%dx%d) failed (%s); using per-layer dequantisation for it",
-            layer.fmt.name, layer.out_features, layer.in_features, e,
+        key = (layer.fmt.name, x.device.type, type(e).__name__)
+        log = logger.debug if key in _WARNED else logger.warning
+        _WARNED.add(key)
+        log(
+            "comfy-kitchen kernel for %s layers failed on %s (%s); those layers dequantise per call instead "
+            "(first: %dx%d)", layer.fmt.name, x.device.type, e, layer.out_features, layer.in_features,
         )  # fmt: skip
         layer.kernel = "portable"
         return None
+
+
+_WARNED: set[tuple[str, str, str]] = set()  # (format, device type, error) already reported
 
 
 def _bias(layer: Fp8Linear, x: Tensor) -> Tensor | None:
