@@ -191,8 +191,8 @@ def test_text_encoder_reads_int8_convrot_and_int8_embeddings(tmp_path: Path) -> 
     assert torch.equal(ours.embed_tokens.weight, ref.embed_tokens.weight)
     ids = torch.randint(0, 512, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(2, 9, dtype=torch.long)
-    with torch.no_grad():
-        assert torch.equal(ours(ids, mask), ref(ids, mask))
+    with torch.no_grad():  # 18 tokens: ConvRot rotates the activations, the same product up to fp32 rounding
+        torch.testing.assert_close(ours(ids, mask), ref(ids, mask), rtol=1e-5, atol=1e-5)
 
 
 def test_loader_node_weight_dtype_int8_convrot(tmp_path: Path) -> None:

@@ -166,6 +166,10 @@ class Fp8Linear(nn.Module):
         if self.use_scaled_mm and self._scaled_mm_ok(x):
             return self._forward_scaled_mm(x)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
+        if self.fmt.convrot and x.numel() < self.out_features * self.in_features:
+            # Fewer rows than outputs: rotate the activations, not the weight (same product; quant_formats).
+            plain = qf.dequantize_int8(self.weight, self.weight_scale, x.dtype, LayerFormat(self.fmt.name))
+            return F.linear(qf.rotate_activations(x, self.fmt.group_size), plain, bias)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 
     def dequant_transient_bytes(self, dtype: torch.dtype) -> int:

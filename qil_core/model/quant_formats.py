@@ -186,6 +186,17 @@ def rotate_groups(w: Tensor, group_size: int) -> Tensor:
     return torch.matmul(w.reshape(out_f, in_f // group_size, group_size), h.T).reshape(out_f, in_f)
 
 
+def rotate_activations(x: Tensor, group_size: int) -> Tensor:
+    """x (..., in) -> x H per group of inputs, formed in fp32 and returned in x's dtype.
+
+    With W = D H (D the unrotated dequantised ConvRot weight, H symmetric), x Wᵀ = (x H) Dᵀ: rotating the
+    activations instead of the weight gives the same product, cheaper when there are fewer rows than outputs.
+    """
+    h = hadamard(group_size, x.device, torch.float32)
+    grouped = x.float().reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+    return torch.matmul(grouped, h).reshape(x.shape).to(x.dtype)
+
+
 def _row_scale(scale: Tensor, rows: int) -> Tensor:
     scale = scale.float()
     return scale.reshape(rows, 1) if scale.numel() == rows and scale.numel() != 1 else scale
@@ -295,5 +306,5 @@ def quantize_nvfp4(w: Tensor, tensor_scale: Tensor | None = None) -> tuple[Tenso
 __all__ = [
     "FORMATS", "FP8_NAMES", "LayerFormat", "dequantize_int8", "dequantize_mxfp8", "dequantize_nvfp4",
     "hadamard", "marker_tensor", "parse_marker", "quantize_int8", "quantize_mxfp8", "quantize_nvfp4",
-    "rotate_groups", "storage_layout", "swizzle", "unswizzle", "weight_bytes",
+    "rotate_activations", "rotate_groups", "storage_layout", "swizzle", "unswizzle", "weight_bytes",
 ]  # fmt: skip
