@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from qil_core.assets import TOKENIZER_DIR
 from qil_core.errors import CorruptFileError, InputError, ModelFileNotFoundError
 from qil_core.model.tokenizer import QwenTokenizer, load_tokenizer
 
@@ -150,7 +151,7 @@ def test_missing_files_name_where_it_looked(tokenizer_dir: Path, tmp_path: Path,
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelFileNotFoundError, match="Looked in") as e:
-        load_tokenizer(empty)
+        load_tokenizer(empty, bundled=False)
     assert str(empty) in str(e.value) and str(empty / "tokenizer") in str(e.value)
     partial = _copy(tokenizer_dir, tmp_path / "partial", ("vocab.json",))
     with pytest.raises(ModelFileNotFoundError, match="merges.txt"):
@@ -185,3 +186,14 @@ def test_added_tokens_json_fallback(tokenizer_dir: Path, tmp_path: Path, tok: Qw
     (folder / "added_tokens.json").write_text(json.dumps(table), encoding="utf-8")
     text = TEMPLATE.format("a cat 猫")
     assert load_tokenizer(folder).encode(text) == tok.encode(text)
+
+
+def test_bundled_copy_when_nothing_else_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                               tok: QwenTokenizer) -> None:
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    empty = tmp_path / "weights_without_tokenizer"
+    empty.mkdir()
+    found = load_tokenizer(empty)
+    assert found.folder == TOKENIZER_DIR and (TOKENIZER_DIR / "vocab.json").is_file()
+    text = "A poster: 红色的狐狸 on snow 🦊"
+    assert found.encode(text) == tok.encode(text) and found.vocab_size == tok.vocab_size == 151669

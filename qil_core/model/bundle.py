@@ -151,7 +151,7 @@ def load_model(
     if te_path is not None:
         tok_source = tokenizer if tokenizer is not None else te_path
         search = [root] if root is not None else []
-        tok = load_tokenizer(tok_source, search=search)
+        tok = load_tokenizer(tok_source, search=search, bundled=tokenizer is None)  # a named one must exist
         te = load_text_encoder(te_path, dtype=dtype, device=dev)
         check_text_width(dit, te, str(te_path))
         if tok.vocab_size > te.config.vocab_size:

@@ -16,6 +16,7 @@ from pathlib import Path
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 
+from ..assets import TOKENIZER_DIR
 from ..errors import CorruptFileError, InputError, ModelFileNotFoundError
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,14 @@ def _replace_lone_surrogates(text: str) -> str:
     return text
 
 
-def load_tokenizer(path: str | Path | None = None, *, search: Sequence[Path] = ()) -> QwenTokenizer:
-    """Find and load the Qwen2.5 tokenizer: at/next to `path`, then in `search`, then in a ComfyUI install."""
+def load_tokenizer(
+    path: str | Path | None = None, *, search: Sequence[Path] = (), bundled: bool = True
+) -> QwenTokenizer:
+    """Find and load the Qwen2.5 tokenizer: at/next to `path`, then in `search`, then in a ComfyUI install.
+
+    When none of those has it, the copy bundled with the package is used (`bundled=False`: raise instead, for a
+    tokenizer the user named explicitly).
+    """
     looked: list[Path] = []
     roots: list[Path] = [Path(path)] if path is not None else []
     roots += [Path(p) for p in search]
@@ -103,6 +110,9 @@ def load_tokenizer(path: str | Path | None = None, *, search: Sequence[Path] = (
             looked.append(folder)
             if (folder / VOCAB_FILE).is_file() or (folder / MERGES_FILE).is_file():
                 return _load_folder(folder)
+    if bundled:
+        log.info("no Qwen2.5 tokenizer next to the weights or in a ComfyUI install; using the bundled copy")
+        return _load_folder(TOKENIZER_DIR)
     where = "\n  ".join(str(p) for p in looked) or "(nowhere: no path given and no ComfyUI install found)"
     raise ModelFileNotFoundError(
         f"Qwen2.5 tokenizer files ({VOCAB_FILE}, {MERGES_FILE}, {CONFIG_FILE}) not found. Looked in:\n  {where}\n"
