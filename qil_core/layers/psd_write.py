@@ -49,7 +49,7 @@ from .stack import MAX_CANVAS_SIDE, Layer, LayerStack
 log = logging.getLogger(__name__)
 
 MAX_LAYERS = 8000  # Photoshop's own limit; the field is int16
-MAX_NAME_CHARS = 255  # psd-tools' name setter raises at 256 (robustness.md 4)
+MAX_NAME_CHARS = 255  # psd-tools' name setter raises at 256 (robustness.md rule 4)
 PASCAL_NAME_BYTES = 31  # Photoshop keeps the legacy name to 31 bytes
 COMPRESSIONS = {"raw": 0, "rle": 1}
 _BAND_PIXELS = 1 << 16  # pixels per quantisation band: 1 MiB of float32 RGBA, stays in cache

@@ -1,6 +1,6 @@
 """Choose where the weights live from the free memory: resident, offloaded, or transformer block swap.
 
-The estimates follow the cost model in shared/docs/performance.md: transformer activations are linear in the
+The estimates follow the cost model in docs/performance.md: transformer activations are linear in the
 token count, about 86 KB per token in bf16 at the real width (14 values of the model width per token, the peak
 inside one block call; blocks do not accumulate activations in inference); VAE decoding needs about 4.2 GB per
 megapixel per decoded frame in bf16. A run has three phases (text encoding, denoising, VAE) and a plan fits when
