@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qil_core.model.config import TransformerConfig  # noqa: E402
-from qil_core.model.memory_plan import module_bytes  # noqa: E402
-from qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
-from qil_core.model.speed import enable_fp8_matmul  # noqa: E402
-from qil_core.model.transformer import build_transformer  # noqa: E402
+from bench.speed import enable_fp8_matmul  # noqa: E402
+from qil_core.model.arch.config import TransformerConfig  # noqa: E402
+from qil_core.model.arch.transformer import build_transformer  # noqa: E402
+from qil_core.model.runtime.memory_plan import module_bytes  # noqa: E402
+from qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
 
 
 def build(blocks: int) -> torch.nn.Module:

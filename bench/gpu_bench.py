@@ -41,13 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qil_core.model import memory_plan as mp  # noqa: E402
-from qil_core.model import speed  # noqa: E402
-from qil_core.model.config import TransformerConfig  # noqa: E402
-from qil_core.model.offload import BlockSwapPlacement  # noqa: E402
-from qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
-from qil_core.model.transformer import build_transformer  # noqa: E402
-from qil_core.model.vae import RGBAVAE, VAEConfig  # noqa: E402
+from bench import speed  # noqa: E402
+from qil_core.model.arch.config import TransformerConfig  # noqa: E402
+from qil_core.model.arch.transformer import build_transformer  # noqa: E402
+from qil_core.model.arch.vae import RGBAVAE, VAEConfig  # noqa: E402
+from qil_core.model.runtime import memory_plan as mp  # noqa: E402
+from qil_core.model.runtime.offload import BlockSwapPlacement  # noqa: E402
+from qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
 
 REAL_BLOCKS = 60
 GFLOP_L, MFLOP_L2 = 13.59e9, 0.737e6  # performance.md cost model, 60 blocks
