@@ -127,11 +127,11 @@ def _default_roots() -> list[Path]:
     env = os.environ.get("COMFYUI_DIR")
     if env:
         roots.append(Path(env))
-    # <ComfyUI>/custom_nodes/<pack>/qil_core/model/tokenizer.py; the pack may be a symlink into custom_nodes,
+    # <ComfyUI>/custom_nodes/<pack>/qil_core/model/weights/tokenizer.py; the pack may be a symlink into custom_nodes,
     # so look at the path as imported (absolute, links kept) as well as the resolved one.
     for here in (Path(os.path.abspath(__file__)), Path(__file__).resolve()):
-        if len(here.parents) > 4 and here.parents[3].name == "custom_nodes" and here.parents[4] not in roots:
-            roots.append(here.parents[4])
+        if len(here.parents) > 5 and here.parents[4].name == "custom_nodes" and here.parents[5] not in roots:
+            roots.append(here.parents[5])
     return roots
 
 

@@ -138,11 +138,11 @@ def test_found_in_the_comfyui_install_holding_a_symlinked_pack(tokenizer_dir: Pa
     comfy = tmp_path / "ComfyUI"
     _copy(tokenizer_dir, comfy / "comfy" / "text_encoders" / "qwen25_tokenizer")
     (comfy / "custom_nodes").mkdir()
-    repo = Path(tokenizer_module.__file__).resolve().parents[2]
+    repo = Path(tokenizer_module.__file__).resolve().parents[3]
     (comfy / "custom_nodes" / "qwen_layered").symlink_to(repo, target_is_directory=True)
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
-    monkeypatch.setattr(tokenizer_module, "__file__",
-                        str(comfy / "custom_nodes" / "qwen_layered" / "qil_core" / "model" / "tokenizer.py"))
+    monkeypatch.setattr(tokenizer_module, "__file__", str(comfy / "custom_nodes" / "qwen_layered" / "qil_core" / "model"
+                                                          / "weights" / "tokenizer.py"))
     assert load_tokenizer().folder == comfy / "comfy" / "text_encoders" / "qwen25_tokenizer"
 
 
