@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputPathError
+from .errors import OutputExistsError, OutputPathError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ _WINDOWS_BAD_CHARS = set('<>:"|?*')
 _UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK}
 _WRITE_BUFFER = 1 << 20
-
-
-class OutputExistsError(OutputPathError, FileExistsError):
-    """The target name is taken; the existing file was left untouched."""
 
 
 def name_problem(name: str) -> str | None:

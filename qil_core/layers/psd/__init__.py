@@ -1,7 +1,10 @@
 """PSD in and out for `LayerStack`: the public entry points (writer, reader, structural check).
 
-The work lives in psd_write.py (our fast writer), psd_read.py (psd-tools parsing, our channel decoding),
-psd_lint.py (the structural checker) and packbits.py (vectorised RLE).
+- `write.py`: our fast writer (`write_psd`), one cropped pixel layer per `Layer` plus a real merged image.
+- `read.py`: the reader (`read_psd`): psd-tools parses the structure, our code decodes the channels.
+- `lint.py`: the structural checker (`lint_psd`) for every length, table and count readers trust.
+- `packbits.py`: vectorised PackBits (RLE) for PSD channels.
+- `icc.py`: the embedded sRGB ICC profile.
 """
 
 from __future__ import annotations

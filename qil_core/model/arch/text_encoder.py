@@ -127,7 +127,7 @@ class TextEncoderConfig:
         return out
 
 
-class RMSNorm(nn.Module):
+class TextEncoderRMSNorm(nn.Module):
     """RMS normalisation computed in fp32, cast back, then scaled (the order transformers uses)."""
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -205,8 +205,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = Attention(cfg)
         self.mlp = MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = TextEncoderRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = TextEncoderRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
         """(B, L, D) -> (B, L, D)."""
@@ -222,7 +222,7 @@ class Qwen25TextEncoder(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = TextEncoderRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -29,7 +29,7 @@ from .rope import FrameShape, apply_rope, layer3d_rope_freqs, normalize_img_shap
 FP16_MAX = 65504.0
 
 
-class RMSNorm(nn.Module):
+class DiTRMSNorm(nn.Module):
     """RMSNorm with a learnable weight (key `<name>.weight`), eps 1e-6."""
 
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -106,8 +106,8 @@ class JointAttention(nn.Module):
     def __init__(self, dim: int, head_dim: int) -> None:
         super().__init__()
         self.head_dim = head_dim
-        self.norm_q = RMSNorm(head_dim)
-        self.norm_k = RMSNorm(head_dim)
+        self.norm_q = DiTRMSNorm(head_dim)
+        self.norm_k = DiTRMSNorm(head_dim)
         self.to_q = nn.Linear(dim, dim)
         self.to_k = nn.Linear(dim, dim)
         self.to_v = nn.Linear(dim, dim)
@@ -116,8 +116,8 @@ class JointAttention(nn.Module):
         self.add_q_proj = nn.Linear(dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
         self.to_add_out = nn.Linear(dim, dim)
-        self.norm_added_q = RMSNorm(head_dim)
-        self.norm_added_k = RMSNorm(head_dim)
+        self.norm_added_q = DiTRMSNorm(head_dim)
+        self.norm_added_k = DiTRMSNorm(head_dim)
         # q, k, v [B, L, H, Dh], key_mask -> [B, L, H*Dh]; speed.set_attention_backend swaps in faster kernels
         self.attention_fn = joint_attention
 
@@ -207,7 +207,7 @@ class QwenImageLayeredTransformer(nn.Module):
         self.config = config
         dim = config.inner_dim
         self.time_text_embed = TimeTextEmbed(dim)
-        self.txt_norm = RMSNorm(config.joint_attention_dim)
+        self.txt_norm = DiTRMSNorm(config.joint_attention_dim)
         self.img_in = nn.Linear(config.in_channels, dim)
         self.txt_in = nn.Linear(config.joint_attention_dim, dim)
         self.transformer_blocks = nn.ModuleList(
@@ -245,7 +245,11 @@ class QwenImageLayeredTransformer(nn.Module):
         self, i: int, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: Rope,
         key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run block i on (img [B, S, D], txt [B, L, D]); the single place to hook block swap or offload."""
+        """Run block i on (img [B, S, D], txt [B, L, D]): the step `forward` repeats for every block.
+
+        Block swap and offload do not hook this method: they install forward hooks on the block modules
+        themselves (runtime/offload.py), so any caller of a block gets the right weights.
+        """
         return self.transformer_blocks[i](img, txt, temb, rope, key_mask)
 
     def project_out(self, img: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ class FrameConv(nn.Conv3d):
         return F.conv2d(x, self.weight[:, :, -1], self.bias, self.stride[1:], self.padding[1:])
 
 
-class RMSNorm(nn.Module):
+class ChannelRMSNorm(nn.Module):
     """Channel L2 normalisation times sqrt(C) and a learned gain; `gamma` is (C,1,1,1) or (C,1,1) as stored."""
 
     def __init__(self, dim: int, gamma_dims: int) -> None:
@@ -43,9 +43,9 @@ class ResidualBlock(nn.Module):
 
     def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
         super().__init__()
-        self.norm1 = RMSNorm(in_dim, gamma_dims=3)
+        self.norm1 = ChannelRMSNorm(in_dim, gamma_dims=3)
         self.conv1 = FrameConv(in_dim, out_dim, 3, padding=1)
-        self.norm2 = RMSNorm(out_dim, gamma_dims=3)
+        self.norm2 = ChannelRMSNorm(out_dim, gamma_dims=3)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = FrameConv(out_dim, out_dim, 3, padding=1)
         self.conv_shortcut: nn.Module = FrameConv(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
@@ -63,7 +63,7 @@ class AttentionBlock(nn.Module):
 
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.norm = RMSNorm(dim, gamma_dims=2)
+        self.norm = ChannelRMSNorm(dim, gamma_dims=2)
         self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
         self.proj = nn.Conv2d(dim, dim, 1)
 
@@ -170,7 +170,7 @@ class Encoder(nn.Module):
                 scale /= 2.0
         self.down_blocks = nn.ModuleList(blocks)
         self.mid_block = MidBlock(dims[-1], dropout)
-        self.norm_out = RMSNorm(dims[-1], gamma_dims=3)
+        self.norm_out = ChannelRMSNorm(dims[-1], gamma_dims=3)
         self.conv_out = FrameConv(dims[-1], z_dim2, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -208,7 +208,7 @@ class Decoder(nn.Module):
                 mode = "upsample3d" if temperal_upsample[i] else "upsample2d"
             blocks.append(UpBlock(in_dim, out_dim, num_res_blocks, dropout, mode))
         self.up_blocks = nn.ModuleList(blocks)
-        self.norm_out = RMSNorm(dims[-1], gamma_dims=3)
+        self.norm_out = ChannelRMSNorm(dims[-1], gamma_dims=3)
         self.conv_out = FrameConv(dims[-1], output_channels, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:

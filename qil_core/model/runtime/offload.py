@@ -1,6 +1,6 @@
 """Placements that keep weights off the compute device: whole components between uses, or transformer blocks.
 
-Both implement the `Placement` protocol of `runtime.py`. The weights are never converted: a module's tensors
+Both implement the `Placement` protocol of `placement.py`. The weights are never converted: a module's tensors
 are swapped (`param.data = ...`, buffers replaced) between a host copy on the CPU and a device copy made with
 `copy_`, so fp8 weights stream as fp8 and the device copy is bit-identical to the host copy (every mode gives
 the resident mode's outputs exactly). Inference never changes weights, so going back to the host is just

@@ -1,6 +1,6 @@
 """Load `Qwen25TextEncoder` from a diffusers `text_encoder/` folder or a ComfyUI single file (plain or fp8-scaled).
 
-Strict, through the shared loader (checkpoint.py, weights.py): the config comes from config.json or from the
+Strict, through the shared loader (checkpoint.py, loading.py): the config comes from config.json or from the
 tensor shapes, the model is built on the meta device, and `load_state_dict(strict=True, assign=True)` receives
 exactly the language-model tensors (text_keys.py says which file keys those are and which are skipped by name).
 Tensors are memory-mapped and used in place, or streamed one at a time when converted, so no second full copy
