@@ -3,7 +3,8 @@
 - `qil_core.layers` never imports `qil_core.model` (the layer engine runs without torch or weights).
 - The library (`qil_core` minus `qil_core.cli`) never imports the CLI or the ComfyUI adapters (`nodes`).
 - `qil_core` never imports ComfyUI.
-- Inside `qil_core.model`, `arch` imports no other room (the networks know nothing of files, memory or jobs).
+- Inside `qil_core.model` the rooms import each other only along the arrows in MODEL_ARROWS: `arch` (the networks)
+  imports no other room, `pipeline` (the jobs) may import them all.
 """
 
 from __future__ import annotations
@@ -104,10 +105,26 @@ def test_qil_core_never_imports_comfyui(top: str) -> None:
     assert _hits(sorted(PACKAGE.rglob("*.py")), {top}) == []
 
 
-def test_model_arch_imports_no_other_room() -> None:
-    files = sorted((PACKAGE / "model" / "arch").rglob("*.py"))
-    rooms = {f"qil_core.model.{room}" for room in ("weights", "runtime", "pipeline", "loader")}
-    assert _hits(files, rooms | {"qil_core.layers", "qil_core.demo", "safetensors"}) == []
+# Which rooms of qil_core.model each room may import (the arrows of docs/architecture.md).
+MODEL_ARROWS = {
+    "arch": set(),
+    "runtime": {"arch"},
+    "weights": {"arch", "runtime"},
+    "loader": {"arch", "weights"},
+    "pipeline": {"arch", "weights", "runtime", "loader"},
+}
+
+
+@pytest.mark.parametrize("room", sorted(MODEL_ARROWS))
+def test_model_rooms_import_only_along_the_arrows(room: str) -> None:
+    model = PACKAGE / "model"
+    files = [model / "loader.py"] if room == "loader" else sorted((model / room).rglob("*.py"))
+    banned = {f"qil_core.model.{other}" for other in MODEL_ARROWS if other != room and other not in MODEL_ARROWS[room]}
+    assert files and _hits(files, banned | {"qil_core.demo"}) == []
+
+
+def test_arch_reads_no_files() -> None:
+    assert _hits(sorted((PACKAGE / "model" / "arch").rglob("*.py")), {"safetensors", "qil_core.layers"}) == []
 
 
 def test_import_qil_core_stays_light() -> None:

@@ -6,5 +6,6 @@
 - `pipeline/`: the jobs (decompose, text-to-layers, decompose-layer), their checks, prompt, schedule, denoise loop.
 - `loader.py`: `load_model` and `QwenLayeredModel`, the loaded model as one value.
 
-Arrows point one way: pipeline -> runtime/arch/weights, loader -> weights -> arch; arch imports no other room.
+Arrows point one way (tests/test_architecture.py checks them): pipeline -> loader, weights, runtime, arch;
+loader -> weights, arch; weights -> runtime (memory checks), arch; runtime -> arch; arch -> no other room.
 """

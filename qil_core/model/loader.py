@@ -20,6 +20,7 @@ from ..errors import InputError, ModelFileNotFoundError, ModelMismatchError
 from .arch.text_encoder import Qwen25TextEncoder
 from .arch.transformer import QwenImageLayeredTransformer
 from .arch.vae import RGBAVAE
+from .weights.checkpoint import RANDOM_WEIGHTS_KEY
 from .weights.loading import check_dtype, load_transformer, load_vae
 from .weights.text_loading import load_text_encoder
 from .weights.tokenizer import QwenTokenizer, load_tokenizer
@@ -27,8 +28,6 @@ from .weights.tokenizer import QwenTokenizer, load_tokenizer
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
-# Safetensors metadata key that marks a file of random (test/demo) weights; see tiny.py.
-RANDOM_WEIGHTS_KEY = "qil_random_weights"
 
 
 @dataclass

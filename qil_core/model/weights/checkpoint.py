@@ -26,6 +26,8 @@ SAFETENSORS_SUFFIXES = (".safetensors", ".sft")
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
 WEIGHT_NAMES = ("diffusion_pytorch_model", "model")  # diffusers components, transformers models
 CHUNK_BYTES = 16 * 2**20  # streaming buffer for dtype/device conversion
+# Safetensors metadata key that marks a file of random (test/demo) weights: tiny.py writes it, the loader warns.
+RANDOM_WEIGHTS_KEY = "qil_random_weights"
 
 _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -27,7 +27,7 @@ from ..arch.config import TransformerConfig
 from ..arch.text_encoder import Qwen25TextEncoder, TextEncoderConfig
 from ..arch.transformer import QwenImageLayeredTransformer
 from ..arch.vae import LATENTS_MEAN, LATENTS_STD, RGBAVAE, VAEConfig
-from ..loader import RANDOM_WEIGHTS_KEY
+from .checkpoint import RANDOM_WEIGHTS_KEY
 from .vae_keys import diffusers_to_wan_key
 
 logger = logging.getLogger(__name__)
