@@ -94,7 +94,8 @@ def main() -> None:
                        ("fp8 x fp8 (_scaled_mm)", y88, t88)):
         print(f"{name:22s} {rel(y, ref16):15.4%} {rel(y, ref32):15.4%} {cos(y, ref16):15.6f} {t:10.3f} "
               f"{t / t16:12.2f}x")
-    print("stated bound (tests/test_fp8_accuracy.py): fp8 weights within 5% of bf16, fp8 x fp8 within 6.5%")
+    print("stated bound (tests/model/weights/test_fp8_accuracy.py): fp8 weights within 5% of bf16, "
+          "fp8 x fp8 within 6.5%")
 
 
 if __name__ == "__main__":

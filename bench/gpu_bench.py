@@ -18,7 +18,7 @@ projected 50-step end-to-end time, and the fp8 velocity error against bf16. Resu
 
     python bench/gpu_bench.py [--quick] [--blocks K] [--out FILE.json] [--attention auto|sdpa|flash_attn|...]
                               [--sdpa default|cudnn|flash|efficient] [--compile] [--budget-s 420]
-    python bench/gpu_bench.py --dry-run      # tiny model on the CPU in seconds (run by tests/test_gpu_bench.py)
+    python bench/gpu_bench.py --dry-run      # tiny model on the CPU in seconds (run by tests/bench/test_gpu_bench.py)
 
 --blocks K builds K blocks and scales the times by 60/K (block work is 99.8% of a forward); peaks are
 projected by adding the missing blocks' bytes. Variants that would start after --budget-s are skipped.

@@ -118,7 +118,7 @@ class JointAttention(nn.Module):
         self.to_add_out = nn.Linear(dim, dim)
         self.norm_added_q = DiTRMSNorm(head_dim)
         self.norm_added_k = DiTRMSNorm(head_dim)
-        # q, k, v [B, L, H, Dh], key_mask -> [B, L, H*Dh]; speed.set_attention_backend swaps in faster kernels
+        # q, k, v [B, L, H, Dh], key_mask -> [B, L, H*Dh]; bench/speed.py can swap in faster kernels
         self.attention_fn = joint_attention
 
     def forward(
