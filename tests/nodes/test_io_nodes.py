@@ -300,7 +300,8 @@ print(json.dumps({"outcome": outcome, "files": files,
 
 
 def test_disk_full_leaves_nothing_behind_and_keeps_existing_files(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-c", _DISK_FULL_PROBE, str(Path(__file__).parent), str(tmp_path)],
+    support = Path(__file__).parents[1] / "support"  # comfy_harness
+    proc = subprocess.run([sys.executable, "-c", _DISK_FULL_PROBE, str(support), str(tmp_path)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
