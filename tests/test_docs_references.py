@@ -168,7 +168,7 @@ def parse_citations(text: str, where: str) -> list[Ref]:
         doc = f"{cited[-1].group('stem')}.md" if cited else "model_spec.md"
         line = f"{where}:{text.count(chr(10), 0, m.start()) + 1}"
         refs += [Ref(doc, "file", "", line), Ref(doc, "section", m.group(1), line)]
-    return refs
+    return list(dict.fromkeys(refs))  # a row cited right after the name is also found by the line scan
 
 
 def parse_test_names(text: str, where: str) -> list[Ref]:
