@@ -67,6 +67,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_import_by_path_is_fast_quiet_and_registers_everything(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(tmp_path)}
     env.pop("COMFYUI_DIR", None)
