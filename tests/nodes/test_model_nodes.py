@@ -256,7 +256,7 @@ def test_memory_modes_give_the_resident_layers(env: tuple, mode: str, monkeypatc
                                                caplog: pytest.LogCaptureFixture) -> None:
     h = env[0]
     # CFG runs sequentially in both runs whatever memory is free (the node's default, cfg_batch "auto", reads it).
-    monkeypatch.setattr(pack_module("qil_core.model.pipeline"), "choose_cfg_batch", lambda *a, **k: False)
+    monkeypatch.setattr(pack_module("qil_core.model.pipeline.decompose"), "choose_cfg_batch", lambda *a, **k: False)
     with h.host():
         (handle,) = model_nodes.QILLoadModel().load(*FILES, memory_mode=mode)
         assert handle is not env[1]
