@@ -267,6 +267,7 @@ def test_not_found_names_both_layouts(tmp_path: Path, monkeypatch: pytest.Monkey
     assert "tokenizer.json" in msg and "vocab.json + merges.txt" in msg and str(tmp_path / "tokenizer") in msg
 
 
+@pytest.mark.slow
 def test_decompose_model_dir_with_a_tokenizer_json_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # The reported failure: `decompose --model-dir` on a folder saved by current diffusers/transformers.
     import numpy as np
