@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .cli_common import check_free, check_suffix, existing_input, finite_float, log_written
 from .demo import check_psd
 from .errors import InputError, OutputPathError
 from .layers.composite import composite
 from .layers.export import export_pngs, layer_file_names
+from .layers.image_file import open_image
 from .layers.psd import write_psd
 from .layers.stack import Layer, LayerStack
 
@@ -202,16 +203,9 @@ def _write(stack: LayerStack, args: argparse.Namespace) -> list[Path]:
 
 def _read_image(path: Path) -> Image.Image:
     """Open an image file (first frame) for decomposition, turned upright by its EXIF orientation (as viewers and
-    ComfyUI's Load Image show it; phone photos are often stored sideways with an orientation tag)."""
-    try:
-        with Image.open(existing_input(path, "image")) as im:
-            im.load()
-            upright = ImageOps.exif_transpose(im)
-            return upright if upright is not im else im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise InputError(f"cannot read image {str(path)!r}: {e}; give a PNG, JPEG, WebP or TIFF file") from None
+    ComfyUI's Load Image show it; phone photos are often stored sideways with an orientation tag). The header is
+    checked (size, decompression-bomb limit, RAM) before decoding."""
+    return open_image(existing_input(path, "image"), f"image {str(path)!r}", upright=True)
 
 
 def run_decompose(args: argparse.Namespace) -> int:

@@ -89,8 +89,14 @@ def available_device_bytes(device: Any) -> int | None:
     return None
 
 
-def check_allocation(nbytes: int, what: str, *, available: int | None = None, reserve: int = 0,
-                     hint: str = "use a smaller size or free memory") -> int:
+def check_allocation(
+    nbytes: int,
+    what: str,
+    *,
+    available: int | None = None,
+    reserve: int = 0,
+    hint: str = "use a smaller size or free memory",
+) -> int:
     """Raise ResourceError, before allocating, when `nbytes` (+ `reserve`) exceed the available RAM.
 
     The message names what needed the memory, how much, and the limit. Returns `nbytes`; does nothing when
@@ -103,6 +109,8 @@ def check_allocation(nbytes: int, what: str, *, available: int | None = None, re
         return need
     if need + reserve > free:
         extra = f" plus {format_bytes(reserve)} headroom" if reserve else ""
-        raise ResourceError(f"not enough RAM for {what}: it needs {format_bytes(need)}{extra}, but only "
-                            f"{format_bytes(free)} of RAM is available; {hint}")
+        raise ResourceError(
+            f"not enough RAM for {what}: it needs {format_bytes(need)}{extra}, but only "
+            f"{format_bytes(free)} of RAM is available; {hint}"
+        )
     return need
