@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO, TypeVar
@@ -14,12 +15,13 @@ import numpy as np
 from PIL import Image
 
 from .errors import InputError, OutputPathError
-from .fsutil import atomic_write, check_output_name
+from .fsutil import atomic_write, check_output_name, name_problem
 from .layers.export import quantize_rgba8, read_layer_pngs
 from .layers.psd import read_psd
 from .layers.recolor import parse_color
 from .layers.stack import MAX_CANVAS_SIDE, LayerStack
 from .layers.transform import MAX_SCALE
+from .resources import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,37 @@ def check_free(paths: Sequence[Path], *, overwrite: bool) -> None:
             )
 
 
+def check_prefix(prefix: str, option: str = "--prefix") -> str:
+    """Refuse a file-name prefix that is a path (it would lead outside the output folder) or otherwise unsafe."""
+    if "/" in prefix or "\\" in prefix or prefix in (".", ".."):
+        raise OutputPathError(f"{option} {prefix!r} is a path, and files named with it would land outside the "
+                              "output folder; give a plain name (choose the folder with --out)")
+    reason = name_problem(f"{prefix}_00_layer.png")
+    if reason is not None:
+        raise OutputPathError(f"{option} {prefix!r} is not allowed: {reason}; give a plain name")
+    return prefix
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work when `folder` (or, while it does not exist, its nearest existing parent) is not
+    writable: a read-only disk or a folder of another user would otherwise be found after minutes of work."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return  # a path through a file: the writers report it with its own message
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write into {os.fspath(probe)!r}: the folder is read-only or not writable by "
+                              "this user; choose a writable output folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".qil-probe-", dir=probe)
+    except OSError as err:
+        raise OutputPathError(f"cannot write into {os.fspath(probe)!r}: {err.strerror or err}; choose a writable "
+                              "output folder") from None
+    os.close(fd)
+    os.unlink(name)
+
+
 def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
     """Refuse an output whose extension does not match its format (a .png that holds a PSD misleads readers)."""
     if path.suffix.lower() not in suffixes:
@@ -141,7 +174,14 @@ def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
 
 
 def write_png(rgba: np.ndarray, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write (H, W, 4) float straight RGBA as an 8-bit PNG atomically (RGB when fully opaque); returns the path."""
+    """Write (H, W, 4) float straight RGBA as an 8-bit PNG atomically (RGB when fully opaque); returns the path.
+
+    NaN or infinite pixels are refused (nothing is written): they have no colour, and no NaN may reach a file.
+    """
+    bad = int(rgba.size - np.count_nonzero(np.isfinite(rgba)))
+    if bad:
+        raise InputError(f"cannot write {os.fspath(path)!r}: the image holds {bad} NaN or infinite values (a damaged "
+                         "input, e.g. a 32-bit PSD with invalid floats); nothing was written. Repair the input")
     px = quantize_rgba8(rgba)
     img = Image.fromarray(px[..., :3], "RGB") if bool((px[..., 3] == 255).all()) else Image.fromarray(px, "RGBA")
 
@@ -151,17 +191,7 @@ def write_png(rgba: np.ndarray, path: str | os.PathLike[str], *, overwrite: bool
     return atomic_write(path, write, overwrite=overwrite)
 
 
-def human_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
-
-
 def log_written(paths: Sequence[Path], *, level: int = logging.INFO) -> None:
     """Log each written file with its size."""
     for p in paths:
-        logger.log(level, "wrote %s (%s)", os.fspath(p), human_bytes(p.stat().st_size))
+        logger.log(level, "wrote %s (%s)", os.fspath(p), format_bytes(p.stat().st_size))

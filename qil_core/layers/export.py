@@ -79,6 +79,10 @@ def _png_bytes(rgba: np.ndarray, record: dict, compress_level: int) -> bytes:
     return buf.getvalue()
 
 
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    f.write(data)
+
+
 def layer_file_names(stack: LayerStack, prefix: str = "layer") -> list[str]:
     """The PNG file names `export_pngs` uses for `stack`, bottom first."""
     digits = max(2, len(str(len(stack.layers) - 1)))
@@ -101,7 +105,7 @@ def png_items(stack: LayerStack, out_dir: str | os.PathLike[str], *, prefix: str
         def write(staged: Path, layer: Layer = layer, i: int = i, name: str = name) -> Path:
             data = _png_bytes(_to_rgba8(layer, stack.width, stack.height, full_canvas),
                               _record(layer, i, name, stack, full_canvas), compress_level)
-            return atomic_write(staged, lambda f: f.write(data))
+            return atomic_write(staged, lambda f: _write_all(f, data))
 
         items.append((out / name, write))
     return items

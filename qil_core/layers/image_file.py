@@ -76,7 +76,9 @@ def open_image(source: str | os.PathLike[str] | bytes, what: str, *, upright: bo
     except IsADirectoryError:
         raise InputError(f"{what} is a folder; give an image file") from None
     except UnidentifiedImageError:
-        raise InputError(f"cannot read {what}: it is not a readable PNG, JPEG, WebP or TIFF image (unknown format)") from None
+        raise InputError(
+            f"cannot read {what}: it is not a readable PNG, JPEG, WebP or TIFF image (unknown format)"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as err:
         if isinstance(err, InputError):
             raise
