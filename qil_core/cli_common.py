@@ -6,6 +6,7 @@ import argparse
 import logging
 import math
 import os
+import struct
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -115,13 +116,27 @@ def read_stack(paths: Sequence[str | os.PathLike[str]]) -> LayerStack:
             raise InputError(
                 f"got {len(files)} inputs including a PSD ({psd[0].name}); pass either one PSD or layer images"
             )
-        return read_psd(files[0])
+        return _read_psd(files[0])
     bad = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
     if bad:
         raise InputError(
             f"unsupported input type {', '.join(bad)}; expected .psd/.psb or layer images ({', '.join(IMAGE_SUFFIXES)})"
         )
     return read_layer_pngs(files)
+
+
+# What a damaged PSD may raise inside a parser (beyond its typed errors): shown as one line, never a traceback.
+_PARSER_ERRORS = (struct.error, IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError,
+                  EOFError, UnicodeDecodeError, RecursionError, AssertionError)
+
+
+def _read_psd(path: Path) -> LayerStack:
+    """read_psd with a damaged file's stray parser errors turned into one InputError naming the file."""
+    try:
+        return read_psd(path)
+    except _PARSER_ERRORS as err:
+        raise InputError(f"cannot read PSD {os.fspath(path)!r}: the file is damaged or uses an unsupported "
+                         f"structure ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
 
 
 def check_free(paths: Sequence[Path], *, overwrite: bool) -> None:
