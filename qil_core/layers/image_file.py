@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -35,15 +36,18 @@ def _bomb_limit() -> int | None:
     return None if limit is None else 2 * int(limit)
 
 
+def _bomb_message(what: str, claimed: str, limit: int) -> str:
+    return (
+        f"cannot read {what}: its header claims {claimed}, over the decompression-bomb limit of {limit:,} px; "
+        "it is corrupt or hostile, or too large: downscale it first"
+    )
+
+
 def check_header(width: int, height: int, what: str) -> None:
     """Refuse an image whose header size is absurd, before decoding it (bomb limit, side limit, RAM)."""
     limit = _bomb_limit()
     if limit is not None and width * height > limit:
-        raise InputError(
-            f"{what} claims {width}x{height} px ({width * height / 1e6:.0f} MP), over the "
-            f"decompression-bomb limit of {limit / 1e6:.0f} MP; it is corrupt or hostile, or "
-            "too large: downscale it first"
-        )
+        raise InputError(_bomb_message(what, f"{width}x{height} px ({width * height:,} px)", limit))
     if width > MAX_CANVAS_SIDE or height > MAX_CANVAS_SIDE:
         raise InputError(
             f"{what} is {width}x{height} px, over the {MAX_CANVAS_SIDE} px per side limit; downscale it first"
@@ -69,8 +73,10 @@ def open_image(source: str | os.PathLike[str] | bytes, what: str, *, upright: bo
                 im.load()
                 out = ImageOps.exif_transpose(im) if upright else im
                 return out if out is not im else im.copy()
-    except Image.DecompressionBombError as err:
-        raise InputError(f"{what} is over the decompression-bomb limit ({err}); downscale it first") from None
+    except Image.DecompressionBombError as err:  # Pillow refuses in Image.open, before check_header sees the size
+        found = re.search(r"\((\d+) pixels\)", str(err))
+        claimed = f"{int(found.group(1)):,} px" if found else "too many pixels"
+        raise InputError(_bomb_message(what, claimed, _bomb_limit() or 0)) from None
     except FileNotFoundError:
         raise InputError(f"{what} not found; check the path") from None
     except IsADirectoryError:
