@@ -68,7 +68,8 @@ def test_decompose_and_the_layer_commands_read_the_same_pixels(name: str, reques
 
 @pytest.mark.parametrize("name", ["grey16", "float_tiff"])
 def test_compose_info_and_layers_to_psd_keep_16_bit_and_float_tones(
-        name: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    name: str, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = request.getfixturevalue(name)
     want = _expected(path)
     assert main(["compose", str(path), "--out", str(tmp_path / "flat.png")]) == 0
@@ -76,8 +77,9 @@ def test_compose_info_and_layers_to_psd_keep_16_bit_and_float_tones(
     np.testing.assert_allclose(flat, want, atol=1 / 255 + 1e-6)
     assert main(["layers-to-psd", str(path), "--out", str(tmp_path / "doc.psd")]) == 0
     layer = read_psd(tmp_path / "doc.psd").layers[0]
-    np.testing.assert_allclose(layer.pixels[..., 1], want[layer.y:, layer.x:][:layer.height, :layer.width],
-                               atol=1 / 255 + 1e-6)
+    np.testing.assert_allclose(
+        layer.pixels[..., 1], want[layer.y :, layer.x :][: layer.height, : layer.width], atol=1 / 255 + 1e-6
+    )
     assert main(["edit", str(path), "--out", str(tmp_path / "e.psd"), "--layer", "0", "--opacity", "0.5"]) == 0
     edited = read_psd(tmp_path / "e.psd").layers[0]
     np.testing.assert_allclose(edited.pixels[..., 0], layer.pixels[..., 0], atol=1e-6)
@@ -105,8 +107,9 @@ def test_huge_hue_shift_is_reduced_modulo_360_first() -> None:
     assert np.abs(a - layer.pixels).max() > 0.1  # it did shift
 
 
-def test_nan_never_reaches_a_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_nan_never_reaches_a_png(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = np.full((4, 4, 4), 0.5, np.float32)
     bad[1, 1, 0] = np.nan
     with pytest.raises(InputError, match="1 NaN or infinite values"):
