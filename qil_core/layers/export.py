@@ -16,6 +16,7 @@ import json
 import math
 import os
 import zipfile
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -276,7 +277,10 @@ def _read_zip(path: Path) -> LayerStack:
                 data = _member(z, rec.get("file"), path, MAX_MEMBER_BYTES)
                 layer, _ = _layer_from_png(data, Path(rec["file"]).stem, rec, f"{rec['file']!r} in {where}")
                 layers.append(layer)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError) as err:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError, ValueError,
+            zlib.error) as err:
+        if isinstance(err, InputError):
+            raise
         raise InputError(f"{where} is not a readable ZIP archive ({err}); export the layers again") from None
     if canvas is None:
         canvas = _fit_canvas(layers, [])
