@@ -22,7 +22,7 @@ from .cli_common import (
     write_png,
 )
 from .errors import InputError
-from .fsutil import atomic_write, safe_name, write_group
+from .fsutil import atomic_write_bytes, safe_name, write_group
 from .layers.composite import composite
 from .layers.export import export_zip, layer_file_names, png_items
 from .layers.psd import write_psd
@@ -152,7 +152,7 @@ def run_psd_to_layers(args: argparse.Namespace) -> int:
         data = json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
 
         def write_manifest(staged: Path) -> Path:
-            return atomic_write(staged, lambda f: f.write(data) and None)
+            return atomic_write_bytes(staged, data)
 
         # The PNGs and their manifest are one group: all replaced together, or (on any failure) none changes.
         items = png_items(stack, out_dir, prefix=prefix, full_canvas=full) + [(manifest_path, write_manifest)]

@@ -260,6 +260,15 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     return final
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
+    """`atomic_write` of ready bytes."""
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    return atomic_write(path, write, overwrite=overwrite)
+
+
 def save_with_counter(folder: str | os.PathLike[str], stem: str, suffix: str, write: Callable[[BinaryIO], None], *,
                       start: int = 1, max_tries: int = 100_000, make_dirs: bool = False) -> Path:
     """Write once, then publish as the first free `{stem}_{counter:05}_{suffix}` (exclusive; retries counter+1)."""
@@ -334,6 +343,16 @@ def sweep_stale(folder: str | os.PathLike[str], *, older_than_s: float = STALE_A
     return removed
 
 
+def _keep_copy(path: Path, backup: Path) -> None:
+    """Keep the current `path` as `backup`: a hard link (no data copied), or a copy where links are unsupported."""
+    try:
+        os.link(path, backup)
+    except OSError as err:
+        if err.errno not in _LINK_UNSUPPORTED:
+            raise
+        shutil.copy2(path, backup)
+
+
 def write_group(items: Sequence[tuple[str | os.PathLike[str], Callable[[Path], object]]], *,
                 overwrite: bool = False, make_dirs: bool = False) -> list[Path]:
     """Write several files as one group: all appear (or replace their old versions), or none changes.
@@ -370,7 +389,7 @@ def write_group(items: Sequence[tuple[str | os.PathLike[str], Callable[[Path], o
             backup = None
             if overwrite and os.path.lexists(final):
                 backup = tmp.with_name(f".old.{final.name}")
-                os.link(final, backup)
+                _keep_copy(final, backup)
             try:
                 _publish(tmp, final, overwrite)
             except BaseException:

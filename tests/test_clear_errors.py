@@ -14,7 +14,7 @@ from PIL import Image, PngImagePlugin
 from qil_core import cli_model
 from qil_core.cli import main
 from qil_core.errors import OutputPathError
-from qil_core.fsutil import atomic_write
+from qil_core.fsutil import atomic_write_bytes
 from qil_core.layers.export import export_pngs, export_zip, read_layer_pngs
 from qil_core.layers.psd import read_psd, write_psd
 from qil_core.model.tiny import write_tiny_model
@@ -305,7 +305,7 @@ def test_existing_file_message_names_the_command_line_option(tmp_path: Path) -> 
     target = tmp_path / "a.bin"
     target.write_bytes(b"old")
     with pytest.raises(OutputPathError, match="--overwrite on the command line"):
-        atomic_write(target, lambda f: f.write(b"new") and None)
+        atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"old"
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 from ..errors import InputError, OutputPathError
-from ..fsutil import atomic_write, check_output_name, safe_name, write_group
+from ..fsutil import atomic_write, atomic_write_bytes, check_output_name, safe_name, write_group
 from ..resources import check_allocation, format_bytes
 from .image_file import read_rgba
 from .stack import BLEND_MODES, MAX_CANVAS_SIDE, Layer, LayerStack
@@ -80,10 +80,6 @@ def _png_bytes(rgba: np.ndarray, record: dict, compress_level: int) -> bytes:
     return buf.getvalue()
 
 
-def _write_all(f: BinaryIO, data: bytes) -> None:
-    f.write(data)
-
-
 def layer_file_names(stack: LayerStack, prefix: str = "layer") -> list[str]:
     """The PNG file names `export_pngs` uses for `stack`, bottom first."""
     digits = max(2, len(str(len(stack.layers) - 1)))
@@ -106,7 +102,7 @@ def png_items(stack: LayerStack, out_dir: str | os.PathLike[str], *, prefix: str
         def write(staged: Path, layer: Layer = layer, i: int = i, name: str = name) -> Path:
             data = _png_bytes(_to_rgba8(layer, stack.width, stack.height, full_canvas),
                               _record(layer, i, name, stack, full_canvas), compress_level)
-            return atomic_write(staged, lambda f: _write_all(f, data))
+            return atomic_write_bytes(staged, data)
 
         items.append((out / name, write))
     return items
