@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import InputError, OutputPathError
-from ..fsutil import name_problem
+from ..fsutil import STAGING_PREFIX, name_problem
 from ..layers.export import read_layer_pngs
 from ..layers.psd import read_psd
 from ..layers.recolor import parse_color
@@ -158,13 +158,11 @@ def check_writable(folder: Path) -> None:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputPathError(f"cannot write into {os.fspath(probe)!r}: the folder is read-only or not writable by "
                               "this user; choose a writable output folder")
-    try:
-        fd, name = tempfile.mkstemp(prefix=".qil-probe-", dir=probe)
+    try:  # named like a staging folder, so a run killed right here leaves nothing the sweep would not remove
+        os.rmdir(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=probe))
     except OSError as err:
         raise OutputPathError(f"cannot write into {os.fspath(probe)!r}: {err.strerror or err}; choose a writable "
                               "output folder") from None
-    os.close(fd)
-    os.unlink(name)
 
 
 def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
