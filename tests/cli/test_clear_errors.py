@@ -155,6 +155,7 @@ def test_cuda_device_without_cuda_fails_clearly_before_loading(
     assert "CUDA is not available" in err and "--device cpu" in err
 
 
+@pytest.mark.slow
 def test_int32_weights_are_a_one_line_error(capsys, comfy, image: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file, save_file
 

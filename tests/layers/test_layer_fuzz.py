@@ -106,6 +106,7 @@ def test_layer_png_and_zip_readers_give_clean_reads_or_typed_errors(kind: str) -
     assert problems == [], "\n".join(problems)
 
 
+@pytest.mark.slow
 def test_psd_reader_gives_clean_reads_or_typed_errors() -> None:
     problems = _child("psd")
     assert problems == [], "\n".join(problems)
