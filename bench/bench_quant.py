@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fp8 import build  # noqa: E402
 
-from qil_core.model.memory_plan import module_bytes  # noqa: E402
-from qil_core.model.quant import QUANT_CHOICES, TRANSFORMER_FP8_SKIP, QuantLinear, quantize_module_fp8  # noqa: E402
-from qil_core.model.quant_kernels import enable_quant_kernels, load_kitchen  # noqa: E402
+from qil_core.model.runtime.memory_plan import module_bytes  # noqa: E402
+from qil_core.model.weights.quant import QUANT_CHOICES, TRANSFORMER_FP8_SKIP, QuantLinear, quantize_module_fp8  # noqa: E402
+from qil_core.model.weights.quant_kernels import enable_quant_kernels, load_kitchen  # noqa: E402
 
 VARIANTS = ("fp8", "int8", "int8-convrot", "mxfp8", "nvfp4")
 

@@ -1,0 +1,14 @@
+"""Weight files: reading checkpoints into the networks of `arch`, and writing tiny random ones.
+
+- `checkpoint.py`: opening safetensors files, sharded folders and pipeline subfolders.
+- `loading.py`: strict memory-mapped loading of the transformer and the RGBA-VAE (`load_transformer`, `load_vae`).
+- `text_loading.py`: loading the text encoder from a diffusers folder or a ComfyUI single file.
+- `vae_keys.py`: VAE key names, diffusers <-> ComfyUI/Wan.
+- `text_keys.py`: text encoder key names, and which tensors are skipped.
+- `quant.py`: quantised Linear weights (`Fp8Linear` = `QuantLinear`, every ComfyUI format), quantise on load.
+- `quant_formats.py`: ComfyUI's fp8 / int8 (ConvRot) / mxfp8 / nvfp4 layouts: dequantise and quantise.
+- `quant_load.py`: reading the `comfy_quant` markers and quantised layers; saving in ComfyUI's layout.
+- `quant_kernels.py`: comfy-kitchen's quantised matmuls on CUDA, with the portable path as the fallback.
+- `tokenizer.py`: the Qwen2 BPE tokenizer from vocab.json + merges.txt.
+- `tiny.py`: tiny RANDOM weights in the real file layouts (demo, tests).
+"""
