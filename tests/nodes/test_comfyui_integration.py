@@ -495,3 +495,34 @@ def test_soak_the_queue(models_installed: ComfyServer) -> None:
     print(f"\nsoak: {SOAK_PROMPTS} prompts in {elapsed:.1f} s, {len(expected)} files; server RSS after 5 prompts "
           f"{rss_early / 2**20:.0f} MiB, after the run {rss_end / 2**20:.0f} MiB ({growth:+.1%})")
     assert abs(growth) <= 0.10
+
+
+def test_int8_convrot_file_on_the_real_server(models_installed: ComfyServer) -> None:
+    """The file users have, made by comfy-kitchen (ComfyUI's quantiser), decomposed by the real server."""
+    import torch
+    from comfy_kitchen.tensor import QuantizedTensor
+    from safetensors.torch import load_file, save_file
+
+    server = models_installed
+    diffusion = server.base / "models" / "diffusion_models"
+    sd = load_file(str(diffusion / "qwen_image_layered_fp8mixed.safetensors"))
+    marker = json.dumps({"format": "int8_tensorwise", "convrot": True, "convrot_groupsize": 64}).encode("utf-8")
+    quantised = 0
+    for key in [k for k, v in sd.items() if k.endswith(".weight") and v.ndim == 2 and ".attn." in k]:
+        qt = QuantizedTensor.from_float(sd[key].to(torch.bfloat16), "TensorWiseINT8Layout", per_channel=True,
+                                        convrot=True, convrot_groupsize=64)  # fmt: skip
+        sd.update({k: v.contiguous() for k, v in qt.state_dict(key).items()})
+        sd[key[: -len(".weight")] + ".comfy_quant"] = torch.tensor(list(marker), dtype=torch.uint8)
+        quantised += 1
+    assert quantised >= 16
+    save_file(sd, str(diffusion / "qwen_image_layered_int8_convrot.safetensors"))
+    graph = _server_graph("decompose_to_psd")
+    for node in graph.values():
+        if node["class_type"] == "QILLoadModel":
+            node["inputs"]["transformer"] = "qwen_image_layered_int8_convrot.safetensors"
+        if isinstance(node["inputs"].get("filename_prefix"), str):
+            node["inputs"]["filename_prefix"] = "workflows/int8_convrot/out"
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + server.log_tail()
+    psds = sorted((server.base / "output" / "workflows" / "int8_convrot").glob("*.psd"))
+    assert len(psds) == 1 and len(list(PSDImage.open(psds[0]))) == 4

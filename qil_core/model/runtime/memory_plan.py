@@ -79,8 +79,8 @@ def dequant_transient_bytes(module: nn.Module, dtype: torch.dtype) -> int:
     """Peak extra bytes of dequantising `module`'s largest quantised Linear (quant.Fp8Linear, any format) to
     `dtype`: the layers say what their format needs (fp8 2 bytes per value in bf16, int8 6, INT8 ConvRot 10,
     mxfp8 6, nvfp4 7); 0 without quantised layers."""
-    sizes = [m.dequant_transient_bytes(dtype) for m in module.modules() if hasattr(m, "dequant_transient_bytes")]
-    return max(sizes, default=0)
+    costs = [getattr(m, "dequant_transient_bytes", None) for m in module.modules()]
+    return max((int(cost(dtype)) for cost in costs if callable(cost)), default=0)
 
 
 def _reserve(free: int) -> int:
