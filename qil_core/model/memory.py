@@ -10,57 +10,23 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-from pathlib import Path
 
 import torch
 
-from ..errors import InputError, ResourceError
+from ..errors import ResourceError
+
+# The RAM probe and byte formatting live in qil_core.resources (the layer engine uses them too); re-exported.
+from ..resources import ENV_FREE_RAM as ENV_FREE_RAM
+from ..resources import _meminfo_available as _meminfo_available
+from ..resources import available_ram as available_ram
+from ..resources import format_bytes as format_bytes
+from ..resources import parse_bytes as parse_bytes
 
 logger = logging.getLogger(__name__)
 
-ENV_FREE_RAM = "QIL_ASSUME_FREE_RAM"
 ENV_FREE_VRAM = "QIL_ASSUME_FREE_VRAM"
 # Headroom left for the OS, the host and activations when judging whether a load fits.
 RAM_RESERVE_BYTES = 512 * 2**20
-_UNITS = {"": 1, "B": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-
-
-def parse_bytes(text: str) -> int:
-    """'1073741824', '512M', '1.5G', '2GiB' -> bytes; raise InputError on anything else."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", text.upper())
-    if m is None:
-        raise InputError(f"cannot read a byte count from {text!r}; use e.g. 1073741824, 512M or 1.5G")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def format_bytes(n: float) -> str:
-    """Bytes as a short human string, e.g. '40.86 GB'."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
-
-
-def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
-    if not path.is_file():
-        return None
-    for line in path.read_text().splitlines():
-        if line.startswith("MemAvailable:"):
-            return int(line.split()[1]) * 1024  # the value is in kB
-    return None
-
-
-def available_ram() -> int | None:
-    """Bytes of RAM the OS can give us now (override: QIL_ASSUME_FREE_RAM); None when it cannot be told."""
-    forced = os.environ.get(ENV_FREE_RAM)
-    if forced:
-        return parse_bytes(forced)
-    try:
-        import psutil
-    except ImportError:
-        return _meminfo_available()
-    return int(psutil.virtual_memory().available)
 
 
 def available_device_memory(device: torch.device | str) -> int | None:
