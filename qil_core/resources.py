@@ -61,5 +61,6 @@ def check_allocation(need: int, what: str, fix: str, *, available: int | None = 
     """
     free = available if available is not None else available_ram()
     if free is not None and need > free:
-        raise ResourceError(f"{what} needs {format_bytes(need)} of RAM, but only {format_bytes(free)} is available; "
-                            f"{fix}")
+        raise ResourceError(
+            f"{what} needs {format_bytes(need)} of RAM, but only {format_bytes(free)} is available; {fix}"
+        )

@@ -23,7 +23,7 @@ def rle_rows(plane: np.ndarray) -> list[bytes]:
     rows = []
     for row in np.asarray(plane, np.uint8):
         data = row.tobytes()
-        out = b"".join(bytes([len(data[i:i + 128]) - 1]) + data[i:i + 128] for i in range(0, len(data), 128))
+        out = b"".join(bytes([len(data[i : i + 128]) - 1]) + data[i : i + 128] for i in range(0, len(data), 128))
         rows.append(out)
     return rows
 
@@ -57,8 +57,16 @@ def rgba_layer(name: str, top: int, left: int, rgba: np.ndarray, depth: int = 8,
     return CraftLayer(name, (top, left, top + h, left + w), chans, **kw)
 
 
-def mask_block(top: int, left: int, bottom: int, right: int, default: int = 0, disabled: bool = False,
-               density: int | None = None, feather: float | None = None) -> bytes:
+def mask_block(
+    top: int,
+    left: int,
+    bottom: int,
+    right: int,
+    default: int = 0,
+    disabled: bool = False,
+    density: int | None = None,
+    feather: float | None = None,
+) -> bytes:
     """A user-mask data block; density / feather add a parameters byte (flags bit 4)."""
     flags = (2 if disabled else 0) | (16 if density is not None or feather is not None else 0)
     out = struct.pack(">4iBB", top, left, bottom, right, default, flags)
@@ -92,9 +100,19 @@ def _record(layer: CraftLayer, version: int) -> bytes:
     return out + struct.pack(">I", len(extra)) + extra
 
 
-def psd_bytes(width: int, height: int, layers: list[CraftLayer], *, depth: int = 8, version: int = 1,
-              mode: int = 3, channels: int | None = None, merged: np.ndarray | None = None,
-              resources: list[tuple[int, bytes]] | None = None, merged_cut: int = 0) -> bytes:
+def psd_bytes(
+    width: int,
+    height: int,
+    layers: list[CraftLayer],
+    *,
+    depth: int = 8,
+    version: int = 1,
+    mode: int = 3,
+    channels: int | None = None,
+    merged: np.ndarray | None = None,
+    resources: list[tuple[int, bytes]] | None = None,
+    merged_cut: int = 0,
+) -> bytes:
     """A PSD (version 1) or PSB (2): header, resources, layer records and channels, then a raw merged image.
 
     `merged` is (H, W, C) in the depth's sample type (default: zeros with C = `channels`); `merged_cut` drops
@@ -125,6 +143,7 @@ def psd_bytes(width: int, height: int, layers: list[CraftLayer], *, depth: int =
 
 def matrix_profile(name: str, rgb_xyz: list[tuple[float, float, float]], gamma: float) -> bytes:
     """A minimal ICC v2 RGB matrix/TRC display profile with one gamma for all channels (D50 white)."""
+
     def s15(vals):
         return b"".join(struct.pack(">i", int(round(v * 65536))) for v in vals)
 
@@ -141,7 +160,44 @@ def matrix_profile(name: str, rgb_xyz: list[tuple[float, float, float]], gamma: 
         table += struct.pack(">4sII", sig, offset + len(blob), len(data))
         blob += data
     size = offset + len(blob)
-    header = (struct.pack(">I", size) + b"\x00" * 4 + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
-              + b"\x00" * 12 + b"acsp" + b"\x00" * 24 + struct.pack(">I", 0) + s15((0.9642, 1.0, 0.8249))
-              + b"\x00" * 48)
+    header = (
+        struct.pack(">I", size)
+        + b"\x00" * 4
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + b"\x00" * 12
+        + b"acsp"
+        + b"\x00" * 24
+        + struct.pack(">I", 0)
+        + s15((0.9642, 1.0, 0.8249))
+        + b"\x00" * 48
+    )
     return header + struct.pack(">I", len(tags)) + table + blob
+
+
+def group_layers(
+    name: str,
+    children: list[CraftLayer],
+    *,
+    blend: bytes = b"pass",
+    opacity: int = 255,
+    mask: tuple[bytes, bytes] | None = None,
+) -> list[CraftLayer]:
+    """A group, bottom first: its end marker, the children, then the group record ('lsct' section dividers).
+
+    `mask` is (mask data block, mask channel body) for a group mask.
+    """
+    empty = [(c, b"\x00\x00") for c in (-1, 0, 1, 2)]
+    end = CraftLayer("</Layer group>", (0, 0, 0, 0), list(empty), blocks=[(b"lsct", struct.pack(">I", 3))])
+    head = CraftLayer(
+        name,
+        (0, 0, 0, 0),
+        list(empty),
+        blend=b"norm" if blend == b"pass" else blend,
+        opacity=opacity,
+        blocks=[(b"lsct", struct.pack(">I", 1) + b"8BIM" + blend)],
+    )
+    if mask is not None:
+        head.mask = mask[0]
+        head.channels.append((-2, mask[1]))
+    return [end, *children, head]

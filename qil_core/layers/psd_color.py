@@ -21,9 +21,9 @@ import numpy as np
 Warn = Callable[[str, str], None]
 
 # sRGB primaries in the D50 connection space (Bradford-adapted), as every sRGB ICC profile stores them.
-_SRGB_D50 = np.array([[0.4360747, 0.3850649, 0.1430804],
-                      [0.2225045, 0.7168786, 0.0606169],
-                      [0.0139322, 0.0971045, 0.7141733]])
+_SRGB_D50 = np.array(
+    [[0.4360747, 0.3850649, 0.1430804], [0.2225045, 0.7168786, 0.0606169], [0.0139322, 0.0971045, 0.7141733]]
+)
 
 
 def srgb_encode(lin: np.ndarray) -> np.ndarray:
@@ -47,16 +47,16 @@ class _Profile:
 
 def _text(data: bytes, offset: int, size: int) -> str:
     """A 'desc' (v2) or 'mluc' (v4) tag's first string."""
-    kind = data[offset:offset + 4]
+    kind = data[offset : offset + 4]
     try:
         if kind == b"desc":
-            (n,) = struct.unpack(">I", data[offset + 8:offset + 12])
-            return data[offset + 12:offset + 12 + n].split(b"\x00")[0].decode("latin-1").strip()
+            (n,) = struct.unpack(">I", data[offset + 8 : offset + 12])
+            return data[offset + 12 : offset + 12 + n].split(b"\x00")[0].decode("latin-1").strip()
         if kind == b"mluc":
-            count, _rec = struct.unpack(">II", data[offset + 8:offset + 16])
+            count, _rec = struct.unpack(">II", data[offset + 8 : offset + 16])
             if count:
-                length, start = struct.unpack(">II", data[offset + 20:offset + 28])
-                return data[offset + start:offset + start + length].decode("utf-16-be").strip("\x00 ")
+                length, start = struct.unpack(">II", data[offset + 20 : offset + 28])
+                return data[offset + start : offset + start + length].decode("utf-16-be").strip("\x00 ")
     except (struct.error, UnicodeDecodeError):
         pass
     return ""
@@ -64,23 +64,23 @@ def _text(data: bytes, offset: int, size: int) -> str:
 
 def _curve(data: bytes, offset: int) -> Callable[[np.ndarray], np.ndarray] | None:
     """A 'curv' or 'para' tag as a decoding function (encoded value -> linear), or None when unreadable."""
-    kind = data[offset:offset + 4]
+    kind = data[offset : offset + 4]
     if kind == b"curv":
-        (n,) = struct.unpack(">I", data[offset + 8:offset + 12])
+        (n,) = struct.unpack(">I", data[offset + 8 : offset + 12])
         if n == 0:
             return lambda v: v
         if n == 1:
-            gamma = struct.unpack(">H", data[offset + 12:offset + 14])[0] / 256.0
+            gamma = struct.unpack(">H", data[offset + 12 : offset + 14])[0] / 256.0
             return lambda v: np.power(np.clip(v, 0, None), gamma)
         table = np.frombuffer(data, ">u2", n, offset + 12).astype(np.float64) / 65535.0
         grid = np.linspace(0.0, 1.0, n)
         return lambda v: np.interp(v, grid, table)
     if kind == b"para":
-        (fn,) = struct.unpack(">H", data[offset + 8:offset + 10])
+        (fn,) = struct.unpack(">H", data[offset + 8 : offset + 10])
         count = {0: 1, 1: 3, 2: 4, 3: 5, 4: 7}.get(fn)
         if count is None:
             return None
-        p = [x / 65536.0 for x in struct.unpack(f">{count}i", data[offset + 12:offset + 12 + 4 * count])]
+        p = [x / 65536.0 for x in struct.unpack(f">{count}i", data[offset + 12 : offset + 12 + 4 * count])]
         g, a, b, c, d, e, f = (p + [0.0] * 7)[:7] if count > 1 else (p[0], 1.0, 0.0, 0.0, 0.0, 0.0, 0.0)
         if fn == 1:
             return lambda v: np.where(v >= -b / a, np.power(np.clip(a * v + b, 0, None), g), 0.0)
@@ -105,14 +105,16 @@ def parse_profile(data: bytes) -> _Profile | None:
         at = 132 + 12 * i
         if at + 12 > len(data):
             break
-        sig, off, size = struct.unpack(">4sII", data[at:at + 12])
+        sig, off, size = struct.unpack(">4sII", data[at : at + 12])
         if off + min(size, 12) <= len(data):
             tags[sig] = off
     name = _text(data, tags[b"desc"], 0) if b"desc" in tags else ""
     matrix = curves = None
     if all(k in tags for k in (b"rXYZ", b"gXYZ", b"bXYZ", b"rTRC", b"gTRC", b"bTRC")):
-        cols = [np.array(struct.unpack(">3i", data[tags[k] + 8:tags[k] + 20])) / 65536.0
-                for k in (b"rXYZ", b"gXYZ", b"bXYZ")]
+        cols = [
+            np.array(struct.unpack(">3i", data[tags[k] + 8 : tags[k] + 20])) / 65536.0
+            for k in (b"rXYZ", b"gXYZ", b"bXYZ")
+        ]
         matrix = np.stack(cols, axis=1)
         got = [_curve(data, tags[k]) for k in (b"rTRC", b"gTRC", b"bTRC")]
         curves = None if any(c is None for c in got) else got  # type: ignore[assignment]
@@ -142,8 +144,11 @@ class ColorConverter:
         if profile is None or not rgb or profile.space != b"RGB " or _is_srgb(profile):
             return
         if profile.matrix is None or (profile.curves is None and not self.linear):
-            warn("colour profile", f"the embedded profile {profile.name!r} is not a matrix/TRC RGB profile and "
-                 f"cannot be converted to sRGB here; colours are taken as sRGB and will look different")
+            warn(
+                "colour profile",
+                f"the embedded profile {profile.name!r} is not a matrix/TRC RGB profile and "
+                f"cannot be converted to sRGB here; colours are taken as sRGB and will look different",
+            )
             return
         self.matrix = np.linalg.solve(_SRGB_D50, profile.matrix).astype(np.float32)  # profile RGB -> sRGB, linear
         self.curves = profile.curves
@@ -156,7 +161,7 @@ class ColorConverter:
             return px
         rows = max(1, (1 << 16) // px.shape[1])
         for r0 in range(0, px.shape[0], rows):
-            band = px[r0:r0 + rows]
+            band = px[r0 : r0 + rows]
             rgb = band[..., :3]
             if self.linear:
                 lin = rgb.astype(np.float32, copy=True)

@@ -38,8 +38,10 @@ def rle_rows(data, version: int, h: int, where: str, warn: Warn) -> tuple[memory
     cw = 2 if version == 1 else 4
     buf = memoryview(data.data)  # slices of a memoryview are views: the compressed bytes are never copied
     if len(buf) < h * cw:
-        raise PSDError(f"{where}: RLE data of {len(buf)} bytes cannot hold its {h}-row table of {cw}-byte counts; "
-                       f"the file is damaged, re-export it")
+        raise PSDError(
+            f"{where}: RLE data of {len(buf)} bytes cannot hold its {h}-row table of {cw}-byte counts; "
+            f"the file is damaged, re-export it"
+        )
     table = np.frombuffer(buf, ">u2" if cw == 2 else ">u4", h)
     starts = np.empty(h + 1, np.int64)
     starts[0] = h * cw
@@ -47,11 +49,16 @@ def rle_rows(data, version: int, h: int, where: str, warn: Warn) -> tuple[memory
     starts[1:] += h * cw
     total, have = int(starts[-1]) - h * cw, len(buf) - h * cw
     if total > have:
-        raise PSDError(f"{where}: the RLE row table counts {total} bytes but only {have} follow (truncated or "
-                       f"damaged); re-export the file")
+        raise PSDError(
+            f"{where}: the RLE row table counts {total} bytes but only {have} follow (truncated or "
+            f"damaged); re-export the file"
+        )
     if total < have:
-        warn("damaged data", f"{where}: the RLE row table counts {total} bytes but {have} follow; decoded by the "
-             f"table, {have - total} trailing bytes ignored")
+        warn(
+            "damaged data",
+            f"{where}: the RLE row table counts {total} bytes but {have} follow; decoded by the "
+            f"table, {have - total} trailing bytes ignored",
+        )
     return buf, starts
 
 
@@ -59,7 +66,7 @@ def decode_rle_band(buf: memoryview, starts: np.ndarray, r0: int, r1: int, row_b
     """Rows r0..r1 of an RLE channel decoded to raw bytes (psd-tools' C PackBits decoder)."""
     from psd_tools.compression import rle_impl
 
-    return rle_impl.decode(buf[starts[r0]:starts[r1]], (r1 - r0) * row_bytes)
+    return rle_impl.decode(buf[starts[r0] : starts[r1]], (r1 - r0) * row_bytes)
 
 
 def decode_plane(data, depth: int, version: int, w: int, h: int, where: str, warn: Warn) -> np.ndarray:
@@ -75,19 +82,23 @@ def decode_plane(data, depth: int, version: int, w: int, h: int, where: str, war
     elif comp == 0:
         raw = memoryview(data.data)
         if len(raw) < need:
-            raise PSDError(f"{where}: raw data is {len(raw)} bytes, {w}x{h} px need {need}; the file is truncated "
-                           f"or damaged, re-export it")
+            raise PSDError(
+                f"{where}: raw data is {len(raw)} bytes, {w}x{h} px need {need}; the file is truncated "
+                f"or damaged, re-export it"
+            )
         if len(raw) > need:
             warn("damaged data", f"{where}: raw data has {len(raw) - need} bytes more than {w}x{h} px need; ignored")
     elif comp in (2, 3):
         try:
             raw = decompress(bytes(data.data), data.compression, w, h, depth, version)
         except (ValueError, OSError, EOFError) as err:
-            raise PSDError(f"{where}: ZIP data cannot be decompressed ({type(err).__name__}); re-export the "
-                           f"file") from err
+            raise PSDError(
+                f"{where}: ZIP data cannot be decompressed ({type(err).__name__}); re-export the file"
+            ) from err
         if len(raw) < need:
-            raise PSDError(f"{where}: ZIP data inflates to {len(raw)} bytes, {w}x{h} px need {need}; re-export the "
-                           f"file")
+            raise PSDError(
+                f"{where}: ZIP data inflates to {len(raw)} bytes, {w}x{h} px need {need}; re-export the file"
+            )
     else:
         raise PSDError(f"{where}: compression {comp} is unknown (0 raw, 1 RLE, 2-3 ZIP)")
     return np.frombuffer(raw, dtype, w * h).reshape(h, w)
@@ -113,8 +124,9 @@ def layer_rgba(layer, depth: int, version: int, name: str, warn: Warn) -> np.nda
         return None
     if depth not in DTYPE:
         raise PSDError(f"layer {name!r}: {depth}-bit channels are not supported (8, 16 or 32 bit)")
-    stored = {info.id: data for info, data in zip(layer._record.channel_info, layer._channels)
-              if info.id in (-1, 0, 1, 2)}
+    stored = {
+        info.id: data for info, data in zip(layer._record.channel_info, layer._channels) if info.id in (-1, 0, 1, 2)
+    }
     if any(c not in stored for c in (0, 1, 2)):
         return None
     dtype = DTYPE[depth]
@@ -154,8 +166,7 @@ def layer_rgba(layer, depth: int, version: int, name: str, warn: Warn) -> np.nda
     return out
 
 
-def check_layers_fit(path: str | os.PathLike[str], sizes: list[tuple[str, int, int]],
-                     extra: int = 0) -> None:
+def check_layers_fit(path: str | os.PathLike[str], sizes: list[tuple[str, int, int]], extra: int = 0) -> None:
     """ResourceError naming the largest layer, the total and the free RAM when the float32 layers do not fit.
 
     `sizes` is (layer name, width, height) per layer to expand; `extra` adds other bytes (a merged image).
@@ -165,8 +176,7 @@ def check_layers_fit(path: str | os.PathLike[str], sizes: list[tuple[str, int, i
         return
     if sizes:
         name, w, h = max(sizes, key=lambda s: s[1] * s[2])
-        what = (f"{os.fspath(path)!r}: reading {len(sizes)} layer(s) as float32 RGBA (largest {name!r}, "
-                f"{w}x{h} px)")
+        what = f"{os.fspath(path)!r}: reading {len(sizes)} layer(s) as float32 RGBA (largest {name!r}, {w}x{h} px)"
     else:
         what = f"{os.fspath(path)!r}: reading the merged image as float32 RGBA"
     check_allocation(need, what, "free memory, or crop / downscale the document in the application that made it")

@@ -29,10 +29,18 @@ from .stack import Layer
 
 Warn = Callable[[str, str], None]
 GROUP_MODES = ("keep", "flatten")
-_EFFECT_NAMES = {"DropShadow": "drop shadow", "InnerShadow": "inner shadow", "OuterGlow": "outer glow",
-                 "InnerGlow": "inner glow", "ColorOverlay": "colour overlay", "GradientOverlay": "gradient overlay",
-                 "PatternOverlay": "pattern overlay", "Stroke": "stroke", "BevelEmboss": "bevel and emboss",
-                 "Satin": "satin"}
+_EFFECT_NAMES = {
+    "DropShadow": "drop shadow",
+    "InnerShadow": "inner shadow",
+    "OuterGlow": "outer glow",
+    "InnerGlow": "inner glow",
+    "ColorOverlay": "colour overlay",
+    "GradientOverlay": "gradient overlay",
+    "PatternOverlay": "pattern overlay",
+    "Stroke": "stroke",
+    "BevelEmboss": "bevel and emboss",
+    "Satin": "satin",
+}
 
 
 @dataclass
@@ -72,17 +80,26 @@ class TreeReader:
         px, x, y = found
         x, y = (x, y) if px.size else (0, 0)
         if px.size:
-            cov = mask_coverage(item, (x, y, x + px.shape[1], y + px.shape[0]), self.depth, self.version,
-                                self.warn)
+            cov = mask_coverage(item, (x, y, x + px.shape[1], y + px.shape[0]), self.depth, self.version, self.warn)
             if cov is not None:
                 px[..., 3] *= cov
         fill = float(item.fill_opacity) / 255.0
-        return [Layer(pixels=px, x=x, y=y, name=item.name, opacity=item.opacity / 255.0 * fill,
-                      blend_mode=self.blend_name(item), visible=item.visible)]
+        return [
+            Layer(
+                pixels=px,
+                x=x,
+                y=y,
+                name=item.name,
+                opacity=item.opacity / 255.0 * fill,
+                blend_mode=self.blend_name(item),
+                visible=item.visible,
+            )
+        ]
 
     def _group(self, item) -> list[Layer]:
         has_mask = (item.mask is not None and not item.mask.disabled) or (
-            item.vector_mask is not None and not item.vector_mask.disabled)
+            item.vector_mask is not None and not item.vector_mask.disabled
+        )
         passthrough = self._is_passthrough(item)
         children = self.build(list(item))
         if self.groups == "keep" and passthrough and item.opacity == 255 and not has_mask:
@@ -93,18 +110,29 @@ class TreeReader:
         if has_mask:
             why.append("a mask")
         if self.groups == "keep":
-            self.warn("group", f"group {item.name!r} ({', '.join(why)}) is composited as an isolated group and "
-                      f"read as one layer; its {len(children)} layers are merged")
+            self.warn(
+                "group",
+                f"group {item.name!r} ({', '.join(why)}) is composited as an isolated group and "
+                f"read as one layer; its {len(children)} layers are merged",
+            )
         elif passthrough and any(c.blend_mode != "normal" for c in children):
-            self.warn("group", f"group {item.name!r} is pass-through: flattening it isolates its layers' blend "
-                      f"modes from what lies below, which changes the picture")
+            self.warn(
+                "group",
+                f"group {item.name!r} is pass-through: flattening it isolates its layers' blend "
+                f"modes from what lies below, which changes the picture",
+            )
         layer = self._flatten(children, item.name)
         if layer.pixels.size:
             cov = mask_coverage(item, layer.bbox(), self.depth, self.version, self.warn)
             if cov is not None:
                 layer.pixels[..., 3] *= cov
-        return [layer.replace(opacity=item.opacity / 255.0, visible=item.visible,
-                              blend_mode="normal" if passthrough else self.blend_name(item))]
+        return [
+            layer.replace(
+                opacity=item.opacity / 255.0,
+                visible=item.visible,
+                blend_mode="normal" if passthrough else self.blend_name(item),
+            )
+        ]
 
     @staticmethod
     def _is_passthrough(item) -> bool:
@@ -126,8 +154,10 @@ class TreeReader:
         names = ", ".join(repr(c.name) for c in clips)
         if not base_layers or not clipped:
             if clipped:
-                self.warn("clipping mask", f"layers {names} are clipped to {base_item.name!r}, which has no pixels; "
-                          f"they are hidden")
+                self.warn(
+                    "clipping mask",
+                    f"layers {names} are clipped to {base_item.name!r}, which has no pixels; they are hidden",
+                )
             return base_layers + [c.replace(visible=False) for c in clipped]
         if len(base_layers) > 1:
             base = self._flatten(base_layers, base_item.name).replace(visible=base_item.visible)
@@ -139,13 +169,17 @@ class TreeReader:
         plain = base.blend_mode == "normal" and base.opacity >= 1.0 and bool(np.all((alpha == 0) | (alpha == 1)))
         if self.groups == "keep" and plain and len(base_layers) == 1:
             return [base] + [self._cut(c, base) for c in clipped]
-        self.warn("clipping mask", f"layer {base.name!r}: its clipped layers {names} are merged into it (clipping "
-                  f"mask{'' if self.groups == 'flatten' else ' on a base with soft edges, opacity or a blend mode'})")
+        self.warn(
+            "clipping mask",
+            f"layer {base.name!r}: its clipped layers {names} are merged into it (clipping "
+            f"mask{'' if self.groups == 'flatten' else ' on a base with soft edges, opacity or a blend mode'})",
+        )
         opaque = base.pixels.copy()
         opaque[..., 3] = 1.0
         shown = [c for c in clipped if c.visible]
-        px = composite_layers([base.replace(pixels=opaque, opacity=1.0, blend_mode="normal", visible=True), *shown],
-                              base.bbox())
+        px = composite_layers(
+            [base.replace(pixels=opaque, opacity=1.0, blend_mode="normal", visible=True), *shown], base.bbox()
+        )
         px[..., 3] = alpha
         return [base.replace(pixels=px)]
 
@@ -160,7 +194,7 @@ class TreeReader:
         bl, bt, br, bb = base.bbox()
         x0, y0, x1, y1 = max(l, bl), max(t, bt), min(r, br), min(b, bb)
         if x0 < x1 and y0 < y1:
-            cov[y0 - t:y1 - t, x0 - l:x1 - l] = base.pixels[y0 - bt:y1 - bt, x0 - bl:x1 - bl, 3]
+            cov[y0 - t : y1 - t, x0 - l : x1 - l] = base.pixels[y0 - bt : y1 - bt, x0 - bl : x1 - bl, 3]
         px = layer.pixels.copy()
         px[..., 3] *= cov
         return layer.replace(pixels=px, visible=visible)
@@ -170,8 +204,13 @@ class TreeReader:
         name = item.name
         try:
             if item.has_effects():
-                kinds = sorted({_EFFECT_NAMES.get(type(e).__name__, type(e).__name__) for e in item.effects
-                                if getattr(e, "enabled", True)})
+                kinds = sorted(
+                    {
+                        _EFFECT_NAMES.get(type(e).__name__, type(e).__name__)
+                        for e in item.effects
+                        if getattr(e, "enabled", True)
+                    }
+                )
                 self.warn("layer effects", f"layer {name!r}: layer effects ({', '.join(kinds)}) are not drawn")
         except (ValueError, KeyError, AttributeError, TypeError):
             self.warn("layer effects", f"layer {name!r}: layer effects cannot be read and are not drawn")

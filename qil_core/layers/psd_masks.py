@@ -5,7 +5,7 @@
 - When Photoshop stored a "real" mask (channel -3, pixel and vector mask combined with their density and
   feather already applied), that one is used instead and nothing is applied again.
 - Otherwise density d maps coverage m to d·m + (1 - d), and feather f (pixels) blurs the mask with a
-  Gaussian of sigma f (three box blurs, the same for every size) before density.
+  Gaussian of sigma f (three box blurs of matched widths) before density.
 - A vector mask (path) is rasterised with psd-tools' path filler (area coverage per pixel) and multiplied
   in, with its own density and feather; shape layers already carry their path in their pixels, so their
   vector mask is not applied a second time.
@@ -38,13 +38,16 @@ def _box_blur(a: np.ndarray, r: int, axis: int) -> np.ndarray:
 
 
 def gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
-    """Approximate Gaussian blur of a 2-D plane: three box blurs per axis whose variance adds up to sigma²."""
+    """Approximate Gaussian blur of a 2-D plane: three box blurs per axis whose variances add up to sigma²."""
     if sigma <= 0 or a.size == 0:
         return a
-    r = max(1, int(round((math.sqrt(4 * sigma * sigma + 1) - 1) / 2)))  # 3 boxes of 2r + 1: var = r(r + 1)
+    ideal = math.sqrt(12 * sigma * sigma / 3 + 1)  # widths wl (m boxes) and wl + 2 (3 - m boxes)
+    wl = int(ideal) - (1 if int(ideal) % 2 == 0 else 0)
+    m = round((12 * sigma * sigma - 3 * wl * wl - 12 * wl - 9) / (-4 * wl - 4))
+    radii = [(wl - 1) // 2 if i < m else (wl + 1) // 2 for i in range(3)]
     out = a.astype(np.float32)
     for axis in (0, 1):
-        for _ in range(3):
+        for r in radii:
             out = _box_blur(out, r, axis)
     return out
 
@@ -58,17 +61,18 @@ def _paste(rect: Rect, src: np.ndarray | None, src_rect: Rect, fill: float) -> n
     sl, st, sr, sb = src_rect
     x0, y0, x1, y1 = max(l, sl), max(t, st), min(r, sr), min(b, sb)
     if x0 < x1 and y0 < y1:
-        out[y0 - t:y1 - t, x0 - l:x1 - l] = src[y0 - st:y1 - st, x0 - sl:x1 - sl]
+        out[y0 - t : y1 - t, x0 - l : x1 - l] = src[y0 - st : y1 - st, x0 - sl : x1 - sl]
     return out
 
 
-def _soften(plane_at: Callable[[Rect], np.ndarray], rect: Rect, feather: float | None,
-            density: int | None) -> np.ndarray:
+def _soften(
+    plane_at: Callable[[Rect], np.ndarray], rect: Rect, feather: float | None, density: int | None
+) -> np.ndarray:
     """plane_at(rect) with feather (blurred on a margin, then cropped) and density applied."""
     if feather and feather > 0:
         m = int(math.ceil(3 * feather))
         l, t, r, b = rect
-        plane = gaussian_blur(plane_at((l - m, t - m, r + m, b + m)), float(feather))[m:m + b - t, m:m + r - l]
+        plane = gaussian_blur(plane_at((l - m, t - m, r + m, b + m)), float(feather))[m : m + b - t, m : m + r - l]
     else:
         plane = plane_at(rect)
     if density is not None and density < 255:
@@ -117,11 +121,14 @@ def _vector_mask(item, rect: Rect, warn: Warn) -> np.ndarray | None:
         return np.asarray(draw_vector_mask(item, r), np.float32).reshape(r[3] - r[1], r[2] - r[0])
 
     try:
-        return _soften(plane_at, rect, params.vector_mask_feather if params else None,
-                       params.vector_mask_density if params else None)
+        return _soften(
+            plane_at,
+            rect,
+            params.vector_mask_feather if params else None,
+            params.vector_mask_density if params else None,
+        )
     except (ValueError, TypeError, IndexError, AttributeError) as err:
-        warn("vector mask", f"layer {item.name!r}: its vector mask cannot be drawn ({type(err).__name__}); "
-             f"ignored")
+        warn("vector mask", f"layer {item.name!r}: its vector mask cannot be drawn ({type(err).__name__}); ignored")
         return None
 
 
@@ -130,8 +137,11 @@ def mask_coverage(item, rect: Rect, depth: int, version: int, warn: Warn) -> np.
     if rect[2] <= rect[0] or rect[3] <= rect[1]:
         return None
     name = item.name
-    planes = [p for p in (_pixel_mask(item, rect, depth, version, name, warn), _vector_mask(item, rect, warn))
-              if p is not None]
+    planes = [
+        p
+        for p in (_pixel_mask(item, rect, depth, version, name, warn), _vector_mask(item, rect, warn))
+        if p is not None
+    ]
     if not planes:
         return None
     out = planes[0] if len(planes) == 1 else planes[0] * planes[1]

@@ -89,14 +89,14 @@ def _pixel_regions(head: mmap.mmap, size: int) -> list[tuple[int, int]]:
     for _ in range(2):  # colour-mode data, image resources: 4-byte length each
         if pos + 4 > len(head):
             return []
-        pos += 4 + int.from_bytes(head[pos:pos + 4], "big")
+        pos += 4 + int.from_bytes(head[pos : pos + 4], "big")
     n = 8 if wide else 4
     if pos + 2 * n > len(head):
         return []
     lm_start = pos + n
-    image_start = lm_start + int.from_bytes(head[pos:pos + n], "big")
+    image_start = lm_start + int.from_bytes(head[pos : pos + n], "big")
     li_start = lm_start + n
-    li_end = li_start + int.from_bytes(head[lm_start:lm_start + n], "big")
+    li_end = li_start + int.from_bytes(head[lm_start : lm_start + n], "big")
     if not li_start <= li_end <= image_start <= size:
         return []
     return [(li_start, li_end), (image_start, size)]
@@ -115,8 +115,9 @@ def check_header(head: bytes, path: Path) -> None:
     """PSDError naming the file and the field when the 26-byte header is not a PSD/PSB header we can read."""
     name = os.fspath(path)
     if head[:4] != b"8BPS":
-        raise PSDError(f"{name!r} is not a PSD file (it starts with {head[:4]!r}, not b'8BPS'); open it as an "
-                       f"image instead")
+        raise PSDError(
+            f"{name!r} is not a PSD file (it starts with {head[:4]!r}, not b'8BPS'); open it as an image instead"
+        )
     if len(head) < 26:
         raise PSDError(f"{name!r} is truncated: {len(head)} bytes, shorter than a PSD header")
     version, channels, height, width, depth, mode = struct.unpack(">H6xHIIHH", head[4:26])
@@ -125,16 +126,20 @@ def check_header(head: bytes, path: Path) -> None:
     limit = 30_000 if version == 1 else 300_000
     kind = "PSD" if version == 1 else "PSB"
     if not (1 <= width <= limit and 1 <= height <= limit):
-        raise PSDError(f"{name!r} declares a {width}x{height} px canvas; a {kind} file holds 1..{limit:,} px per "
-                       f"side, so the header is damaged" + (" (save large documents as PSB)" if version == 1 else ""))
+        raise PSDError(
+            f"{name!r} declares a {width}x{height} px canvas; a {kind} file holds 1..{limit:,} px per "
+            f"side, so the header is damaged" + (" (save large documents as PSB)" if version == 1 else "")
+        )
     if not 1 <= channels <= 56:
         raise PSDError(f"{name!r}: header declares {channels} channels (a PSD holds 1..56); the file is damaged")
     if depth not in (1, 8, 16, 32):
-        raise PSDError(f"{name!r}: header declares {depth} bits per channel (1, 8, 16 or 32 are valid); the file "
-                       f"is damaged")
+        raise PSDError(
+            f"{name!r}: header declares {depth} bits per channel (1, 8, 16 or 32 are valid); the file is damaged"
+        )
     if mode not in _MODES:
-        raise PSDError(f"{name!r}: header declares colour mode {mode}, which is not a Photoshop colour mode; the "
-                       f"file is damaged")
+        raise PSDError(
+            f"{name!r}: header declares colour mode {mode}, which is not a Photoshop colour mode; the file is damaged"
+        )
 
 
 def open_psd(path: Path):
@@ -166,5 +171,7 @@ def open_psd(path: Path):
     except PARSE_ERRORS as err:
         if reader is not None:
             reader.close()
-        raise PSDError(f"{os.fspath(path)!r} is truncated or damaged and cannot be parsed ({plain(err)}); "
-                       f"re-export it from the application that made it") from err
+        raise PSDError(
+            f"{os.fspath(path)!r} is truncated or damaged and cannot be parsed ({plain(err)}); "
+            f"re-export it from the application that made it"
+        ) from err

@@ -190,7 +190,9 @@ def load_psd(path: str | os.PathLike[str], *, workers: int | None = None, groups
         return _load(psd, path, workers, groups, merged)
     except PARSE_ERRORS as err:
         if isinstance(err, PSDError):
-            raise
+            if os.fspath(path) in str(err):
+                raise
+            raise PSDError(f"{os.fspath(path)!r}: {err}") from err
         raise PSDError(f"{os.fspath(path)!r}: layer data is damaged ({plain(err)}); re-export the file") from err
     finally:
         if reader is not None:
