@@ -102,8 +102,11 @@ def existing_input(path: str | os.PathLike[str], what: str = "input") -> Path:
     return p
 
 
-def read_stack(paths: Sequence[str | os.PathLike[str]]) -> LayerStack:
-    """Read one PSD/PSB, or several layer images (bottom first), into a LayerStack."""
+def read_stack(paths: Sequence[str | os.PathLike[str]], *, groups: str = "keep") -> LayerStack:
+    """Read one PSD/PSB, or several layer images (bottom first), into a LayerStack.
+
+    `groups` ("keep" or "flatten") is how a PSD's groups are read; the reader's warnings go to stderr.
+    """
     files = [existing_input(p) for p in paths]
     if not files:
         raise InputError("no input given; pass a .psd file or layer .png files (bottom first)")
@@ -113,13 +116,20 @@ def read_stack(paths: Sequence[str | os.PathLike[str]]) -> LayerStack:
             raise InputError(
                 f"got {len(files)} inputs including a PSD ({psd[0].name}); pass either one PSD or layer images"
             )
-        return read_psd(files[0])
+        return read_psd(files[0], groups=groups)
     bad = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
     if bad:
         raise InputError(
             f"unsupported input type {', '.join(bad)}; expected .psd/.psb or layer images ({', '.join(IMAGE_SUFFIXES)})"
         )
     return read_layer_pngs(files)
+
+
+def add_psd_options(p: argparse.ArgumentParser) -> None:
+    """The PSD reading options shared by the commands that read a PSD."""
+    p.add_argument("--groups", choices=("keep", "flatten"), default="keep",
+                   help="PSD groups: 'keep' keeps the layers of pass-through groups and reads other groups (blend "
+                        "mode, opacity, mask) as one layer each; 'flatten' reads every group as one layer")
 
 
 def check_free(paths: Sequence[Path], *, overwrite: bool) -> None:

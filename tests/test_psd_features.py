@@ -368,3 +368,43 @@ def test_errors_are_plain_words(tmp_path) -> None:
     with pytest.raises(PSDError) as err:
         read_psd(_write(tmp_path, "d7.psd", bytes(data)))
     assert "7 bits per channel" in str(err.value) and "Attribute(" not in str(err.value)
+
+
+# -- command line ----------------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    from qil_core.cli import main
+
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_reads_flat_files_and_prints_warnings(capsys, tmp_path) -> None:
+    merged = np.full((6, 9, 3), (30, 140, 250), np.uint8)
+    flat = _write(tmp_path, "flat.psd", psd_bytes(9, 6, [], merged=merged))
+    code, out, _ = _cli(capsys, "info", flat)
+    assert code == 0 and "1 layers" in out and "Background" in out
+    png = tmp_path / "flat.png"
+    assert _cli(capsys, "compose", flat, "--out", png)[0] == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(png).convert("RGBA"))[2, 3], [30, 140, 250, 255])
+
+    stored = np.zeros((4, 4, 4), np.uint8)
+    stored[..., 0], stored[..., 3] = 180, 255
+    ko = rgba_layer("ko", 0, 0, np.full((4, 4, 4), 255, np.uint8), blocks=[(b"knko", b"\x01\0\0\0")])
+    path = _write(tmp_path, "ko.psd", psd_bytes(4, 4, [ko], merged=stored))
+    code, _, err = _cli(capsys, "compose", path, "--out", tmp_path / "ko.png")
+    assert code == 0 and "warning:" in err and "'ko'" in err and "knockout" in err
+    code, _, _ = _cli(capsys, "compose", path, "--use-merged", "--out", tmp_path / "merged.png")
+    assert code == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "merged.png").convert("RGBA"))[1, 1],
+                                  [180, 0, 0, 255])
+
+
+def test_cli_groups_option(capsys, tmp_path) -> None:
+    path = _grouped(tmp_path)
+    code, out, _ = _cli(capsys, "info", path, "--groups", "flatten", "--json")
+    assert code == 0 and '"grp"' in out and '"a"' not in out
+    code, out, _ = _cli(capsys, "info", path)
+    assert code == 0 and "3 layers" in out
