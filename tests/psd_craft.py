@@ -201,3 +201,16 @@ def group_layers(
         head.mask = mask[0]
         head.channels.append((-2, mask[1]))
     return [end, *children, head]
+
+
+def rect_vector_mask(left: float, top: float, right: float, bottom: float, *, disabled: bool = False) -> bytes:
+    """A 'vmsk' block body: one closed rectangle path, corners as fractions of the canvas (0..1)."""
+    def knot(y: float, x: float) -> bytes:
+        point = struct.pack(">ii", int(round(y * (1 << 24))), int(round(x * (1 << 24))))
+        return struct.pack(">H", 1) + point * 3  # linked knot: both control points on the anchor
+
+    records = struct.pack(">H", 6) + b"\x00" * 24  # path fill rule
+    records += struct.pack(">HH", 8, 0) + b"\x00" * 22  # initial fill rule: start empty
+    records += struct.pack(">HH", 0, 4) + b"\x00" * 22  # closed subpath of 4 knots
+    records += knot(top, left) + knot(top, right) + knot(bottom, right) + knot(bottom, left)
+    return struct.pack(">II", 3, 4 if disabled else 0) + records  # flag bit 2: disabled

@@ -20,6 +20,7 @@ from psd_craft import (
     matrix_profile,
     psd_bytes,
     raw_channel,
+    rect_vector_mask,
     rgba_layer,
     rle_channel,
     rle_rows,
@@ -113,6 +114,27 @@ def test_mask_feather_is_a_gaussian(tmp_path) -> None:
 
     want = np.array([0.5 * (1 + erf(v / (3.0 * sqrt(2)))) for v in x])
     np.testing.assert_allclose(alpha[8:32], want[8:32], atol=0.03)
+
+
+@pytest.mark.parametrize("disabled", [False, True])
+def test_vector_mask_is_rasterised(tmp_path, disabled) -> None:
+    """Reference: formula (a rectangle path on pixel edges covers exactly those pixels). psd-tools does not
+    apply a pixel layer's vector mask unless the layer also has a pixel mask, so it is not the reference here."""
+    px = np.full((8, 10, 4), 255, np.uint8)
+    vmsk = rect_vector_mask(0.2, 0.25, 0.7, 0.75, disabled=disabled)  # x 2..7, y 2..6 on a 10x8 canvas
+    path = _write(tmp_path, "v.psd", psd_bytes(10, 8, [rgba_layer("v", 0, 0, px, blocks=[(b"vmsk", vmsk)])]))
+    alpha = read_psd(path)[0].pixels[..., 3]
+    want = np.zeros((8, 10), np.float32)
+    want[2:6, 2:7] = 1
+    np.testing.assert_allclose(alpha, 1 if disabled else want, atol=2e-3)
+
+
+def test_adjustment_layer_warns(tmp_path) -> None:
+    px = np.full((4, 4, 4), 200, np.uint8)
+    invert = CraftLayer("Invert 1", (0, 0, 0, 0), [(c, b"\x00\x00") for c in (-1, 0, 1, 2)], blocks=[(b"nvrt", b"")])
+    result = load_psd(_write(tmp_path, "adj.psd", psd_bytes(4, 4, [rgba_layer("px", 0, 0, px), invert])))
+    assert [layer.name for layer in result.stack] == ["px"]
+    assert any("adjustment layer 'Invert 1'" in w and "not applied" in w for w in result.warnings)
 
 
 # -- clipping, fill opacity, groups ----------------------------------------------------------------------------
