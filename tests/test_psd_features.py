@@ -201,18 +201,18 @@ def test_fill_opacity(tmp_path) -> None:
     _close(_ours(path), _ref(path))
 
 
-def _grouped(tmp_path, blend=BlendMode.PASS_THROUGH, opacity=255):
+def _grouped(tmp_path, blend=BlendMode.PASS_THROUGH, opacity=255, b_blend=BlendMode.MULTIPLY):
     def build(psd):
         bg = PixelLayer.frompil(_solid(24, 16, (40, 120, 200, 255)), psd, "bg")
         a = PixelLayer.frompil(_solid(10, 8, (255, 0, 0, 255)), psd, "a", top=2, left=2)
         b = PixelLayer.frompil(_solid(10, 8, (250, 250, 0, 255)), psd, "b", top=5, left=8)
-        b.blend_mode = BlendMode.MULTIPLY
+        b.blend_mode = b_blend
         psd.extend([bg, a, b])
         group = psd.create_group([a, b], name="grp")
         group.blend_mode = blend
         group.opacity = opacity
 
-    return _psd_tools_doc(tmp_path, f"g{blend.name}{opacity}.psd", build)
+    return _psd_tools_doc(tmp_path, f"g{blend.name}{opacity}{b_blend.name}.psd", build)
 
 
 def test_pass_through_group_keeps_its_children(tmp_path) -> None:
@@ -223,18 +223,32 @@ def test_pass_through_group_keeps_its_children(tmp_path) -> None:
     assert [layer.name for layer in read_psd(path, groups="flatten")] == ["bg", "grp"]
 
 
-@pytest.mark.parametrize(
-    ("blend", "opacity"), [(BlendMode.SCREEN, 255), (BlendMode.NORMAL, 128), (BlendMode.PASS_THROUGH, 128)]
-)
-def test_isolated_group_is_one_layer(tmp_path, blend, opacity) -> None:
-    """Reference: psd-tools (an isolated group: children composited alone, then blended)."""
-    path = _grouped(tmp_path, blend, opacity)
+@pytest.mark.parametrize(("blend", "opacity", "b_blend"), [
+    (BlendMode.SCREEN, 255, BlendMode.MULTIPLY), (BlendMode.NORMAL, 128, BlendMode.MULTIPLY),
+    (BlendMode.PASS_THROUGH, 128, BlendMode.NORMAL)])
+def test_isolated_group_is_one_layer(tmp_path, blend, opacity, b_blend) -> None:
+    """Reference: psd-tools (an isolated group: children composited alone, then blended; a pass-through group
+    at some opacity whose layers are all normal composes the same way)."""
+    path = _grouped(tmp_path, blend, opacity, b_blend)
     warnings: list[str] = []
     stack = read_psd(path, warnings=warnings)
     assert [layer.name for layer in stack] == ["bg", "grp"]
     assert any("group 'grp'" in w and "isolated" in w for w in warnings)
-    if blend != BlendMode.PASS_THROUGH:  # psd-tools renders a pass-through group at opacity by its own rule
-        _close(_ours(path), _ref(path))
+    _close(_ours(path), _ref(path))
+
+
+def test_pass_through_group_with_opacity_fades_blending_children(tmp_path) -> None:
+    """Reference: psd-tools, outside the rows where the two children overlap (there the per-layer fade is an
+    approximation of Photoshop's blend-then-fade)."""
+    path = _grouped(tmp_path, BlendMode.PASS_THROUGH, 128)
+    warnings: list[str] = []
+    stack = read_psd(path, warnings=warnings)
+    assert [layer.name for layer in stack] == ["bg", "a", "b"]
+    assert stack[2].opacity == pytest.approx(128 / 255) and stack[2].blend_mode == "multiply"
+    assert any("group 'grp' is pass-through" in w for w in warnings)
+    ours, ref = _ours(path), _ref(path)
+    _close(ours[:5], ref[:5])
+    _close(ours[10:], ref[10:])
 
 
 def test_group_mask_applies_to_the_group(tmp_path) -> None:

@@ -51,16 +51,18 @@ def test_reads_a_psd_tools_file(tmp_path) -> None:
     assert [layer.visible for layer in stack] == [True, True, False]
 
 
-def test_group_with_opacity_is_read_as_one_isolated_layer(tmp_path, caplog) -> None:
+def test_group_with_opacity_is_read_with_a_warning(tmp_path, caplog) -> None:
+    # A pass-through group at 20 % with a multiply child: its children stay layers with the group's opacity
+    # folded in (isolating it would change how the multiply layer blends); 'flatten' makes it one layer.
     with caplog.at_level(logging.WARNING):
         stack = read_psd(_psd_tools_file(tmp_path, with_group=True))
-    assert "composited as an isolated group" in caplog.text
-    assert [layer.name for layer in stack] == ["rouge", "grp"]
-    assert stack[1].opacity == pytest.approx(51 / 255) and stack[1].blend_mode == "normal"
-    # the group's visible child (50 % green, multiply at 128/255 on nothing) is inside; the hidden one is not
-    assert stack[1].bbox() == (-2, 20, 4, 25)
+    assert "group 'grp' is pass-through" in caplog.text
+    assert [layer.name for layer in stack] == ["rouge", "緑 😀", "hidden"]
+    assert stack[1].opacity == pytest.approx(51 / 255 * 128 / 255)
+    assert stack[2].visible is False
     flat = read_psd(_psd_tools_file(tmp_path, with_group=True), groups="flatten")
     assert [layer.name for layer in flat] == ["rouge", "grp"]
+    assert flat[1].opacity == pytest.approx(51 / 255) and flat[1].bbox() == (-2, 20, 4, 25)
 
 
 def test_round_trip_keeps_everything(tmp_path) -> None:

@@ -81,7 +81,10 @@ class TreeReader:
         x, y = (x, y) if px.size else (0, 0)
         if px.size:
             cov = mask_coverage(item, (x, y, x + px.shape[1], y + px.shape[0]), self.depth, self.version, self.warn)
-            if cov is not None:
+            # A shape or fill layer's mask is often its own shape channel again: applying it would square the
+            # edge coverage, so it is skipped when it equals the stored alpha.
+            repeats = item.kind != "pixel" and cov is not None and np.allclose(cov, px[..., 3], atol=1.5 / 255)
+            if cov is not None and not repeats:
                 px[..., 3] *= cov
         fill = float(item.fill_opacity) / 255.0
         return [
@@ -104,6 +107,8 @@ class TreeReader:
         children = self.build(list(item))
         if self.groups == "keep" and passthrough and item.opacity == 255 and not has_mask:
             return [c if item.visible else c.replace(visible=False) for c in children]
+        if self.groups == "keep" and passthrough and any(c.blend_mode != "normal" for c in children):
+            return self._fade_children(item, children, has_mask)
         why = [] if passthrough else [f"blend mode {self.blend_name(item)}"]
         if item.opacity < 255:
             why.append(f"opacity {item.opacity / 2.55:.0f} %")
@@ -133,6 +138,28 @@ class TreeReader:
                 blend_mode="normal" if passthrough else self.blend_name(item),
             )
         ]
+
+    def _fade_children(self, item, children: list[Layer], has_mask: bool) -> list[Layer]:
+        """A pass-through group with opacity or a mask whose layers blend with what lies below: each child keeps
+        its blend mode, with the group's opacity and mask folded into its own (exact where children do not
+        overlap; isolating the group would change how they blend)."""
+        self.warn(
+            "group",
+            f"group {item.name!r} is pass-through with opacity or a mask: they are applied to each "
+            f"of its layers (approximate where its layers overlap)",
+        )
+        out = []
+        for c in children:
+            px = c.pixels
+            if has_mask and px.size:
+                cov = mask_coverage(item, c.bbox(), self.depth, self.version, self.warn)
+                if cov is not None:
+                    px = px.copy()
+                    px[..., 3] *= cov
+            out.append(
+                c.replace(pixels=px, opacity=c.opacity * item.opacity / 255.0, visible=c.visible and item.visible)
+            )
+        return out
 
     @staticmethod
     def _is_passthrough(item) -> bool:

@@ -7,7 +7,9 @@
 - Otherwise density d maps coverage m to d·m + (1 - d), and feather f (pixels) blurs the mask with a
   Gaussian of sigma f (three box blurs of matched widths) before density.
 - A vector mask (path) is rasterised with psd-tools' path filler (area coverage per pixel) and multiplied
-  in, with its own density and feather; shape layers already carry their path in their pixels, so their
+  in, with its own feather, then the vector density is applied to the product (as Photoshop's merged
+  images show; a density set only for the path also applies to a pixel mask rendered from it);
+  shape layers already carry their path in their pixels, so their
   vector mask is not applied a second time.
 """
 
@@ -103,7 +105,16 @@ def _pixel_mask(item, rect: Rect, depth: int, version: int, name: str, warn: War
     params = mask.parameters
     if real or params is None:
         return plane_at(rect)
-    return _soften(plane_at, rect, params.user_mask_feather, params.user_mask_density)
+    # Photoshop files that set only the vector mask's density apply it to the pixel mask too (a pixel mask
+    # "rendered" from the path): psd-tools reads them so and matches Photoshop's merged images.
+    density = params.user_mask_density if params.user_mask_density is not None else params.vector_mask_density
+    return _soften(plane_at, rect, params.user_mask_feather, density)
+
+
+def _vector_density(item) -> int | None:
+    """The vector mask density, or None."""
+    params = item.mask.parameters if item.mask is not None else None
+    return params.vector_mask_density if params is not None else None
 
 
 def _vector_mask(item, rect: Rect, warn: Warn) -> np.ndarray | None:
@@ -121,28 +132,26 @@ def _vector_mask(item, rect: Rect, warn: Warn) -> np.ndarray | None:
         return np.asarray(draw_vector_mask(item, r), np.float32).reshape(r[3] - r[1], r[2] - r[0])
 
     try:
-        return _soften(
-            plane_at,
-            rect,
-            params.vector_mask_feather if params else None,
-            params.vector_mask_density if params else None,
-        )
+        return _soften(plane_at, rect, params.vector_mask_feather if params else None, None)
     except (ValueError, TypeError, IndexError, AttributeError) as err:
         warn("vector mask", f"layer {item.name!r}: its vector mask cannot be drawn ({type(err).__name__}); ignored")
         return None
 
 
 def mask_coverage(item, rect: Rect, depth: int, version: int, warn: Warn) -> np.ndarray | None:
-    """Coverage (h, w) float32 in 0..1 over canvas `rect` from the layer's masks, or None when none applies."""
+    """Coverage (h, w) float32 in 0..1 over canvas `rect` from the layer's masks, or None when none applies.
+
+    pixel mask (its density) x path, then the vector density over both, as Photoshop's merged images show.
+    """
     if rect[2] <= rect[0] or rect[3] <= rect[1]:
         return None
-    name = item.name
-    planes = [
-        p
-        for p in (_pixel_mask(item, rect, depth, version, name, warn), _vector_mask(item, rect, warn))
-        if p is not None
-    ]
-    if not planes:
-        return None
-    out = planes[0] if len(planes) == 1 else planes[0] * planes[1]
+    pixel = _pixel_mask(item, rect, depth, version, item.name, warn)
+    vector = _vector_mask(item, rect, warn)
+    if vector is None:
+        return None if pixel is None else np.clip(pixel, 0, 1)
+    out = vector if pixel is None else pixel * vector
+    density = _vector_density(item)
+    if density is not None and density < 255:
+        d = density / 255.0
+        out = out * np.float32(d) + np.float32(1 - d)
     return np.clip(out, 0, 1)

@@ -255,7 +255,9 @@ def _load(psd, path: Path, workers: int | None, groups: str, want_merged: bool) 
     layers = tree.build(items)
     problem = _merged_problem(psd)
     merged = None
-    if not any(layer.pixels.size for layer in layers):
+    if not any(layer.pixels.size for layer in layers) and items and problem is not None:
+        notes("merged image", f"no layer has pixels and {problem}; the document is read as empty")
+    elif not any(layer.pixels.size for layer in layers):
         if leaves:
             notes("no raster layers", f"none of the {len(leaves)} layers has pixels the reader can draw; the stored "
                   f"merged image is read as one 'Background' layer")
