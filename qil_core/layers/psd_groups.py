@@ -45,13 +45,16 @@ _EFFECT_NAMES = {
 
 @dataclass
 class TreeReader:
-    """Builds layers from psd-tools items; `pixels` maps id(item) -> (straight RGBA in sRGB, x, y) or None."""
+    """Builds layers from psd-tools items.
+
+    `pixels` maps id(item) -> (straight RGBA in sRGB, x, y, whether its masks are already applied) or None.
+    """
 
     depth: int
     version: int
     warn: Warn
     blend_name: Callable[[object], str]
-    pixels: dict[int, tuple[np.ndarray, int, int] | None] = field(default_factory=dict)
+    pixels: dict[int, tuple[np.ndarray, int, int, bool] | None] = field(default_factory=dict)
     groups: str = "keep"
 
     def build(self, items: list) -> list[Layer]:
@@ -77,14 +80,14 @@ class TreeReader:
         found = self.pixels.get(id(item))
         if found is None:
             return []
-        px, x, y = found
+        px, x, y, masked = found
         x, y = (x, y) if px.size else (0, 0)
         if px.size:
             cov = mask_coverage(item, (x, y, x + px.shape[1], y + px.shape[0]), self.depth, self.version, self.warn)
             # A shape or fill layer's mask is often its own shape channel again: applying it would square the
             # edge coverage, so it is skipped when it equals the stored alpha.
             repeats = item.kind != "pixel" and cov is not None and np.allclose(cov, px[..., 3], atol=1.5 / 255)
-            if cov is not None and not repeats:
+            if cov is not None and not repeats and not masked:
                 px[..., 3] *= cov
         fill = float(item.fill_opacity) / 255.0
         return [

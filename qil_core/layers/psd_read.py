@@ -113,6 +113,17 @@ def _raster_preview(layer, rgb: bool) -> np.ndarray | None:
     return np.asarray(img.convert("RGBA"), np.float32) / np.float32(255.0)
 
 
+def _rendered(item, rgb: bool) -> tuple[np.ndarray, int, int] | None:
+    """A shape or fill layer that stores no pixels, drawn alone (with its masks) by psd-tools, or None."""
+    try:
+        img = item.composite(apply_icc=not rgb)
+    except (ImportError, ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError):
+        return None  # e.g. gradient fills need scipy
+    if img is None or img.size[0] == 0 or img.size[1] == 0:
+        return None
+    return np.asarray(img.convert("RGBA"), np.float32) / np.float32(255.0), item.bbox[0], item.bbox[1]
+
+
 def _solid_fill(item, size: tuple[int, int]) -> np.ndarray | None:
     """A solid-colour fill layer drawn over the canvas (its masks cut it later), or None when unreadable."""
     data = item.data
@@ -221,7 +232,7 @@ def _load(psd, path: Path, workers: int | None, groups: str, want_merged: bool) 
     leaves = _leaves(items)
     check_layers_fit(path, [(it.name, it.width, it.height) for it in leaves if it.width > 0 and it.height > 0])
 
-    def pixels(item) -> tuple[np.ndarray, int, int] | None:
+    def pixels(item) -> tuple[np.ndarray, int, int, bool] | None:
         x, y = item.left, item.top
         if isinstance(item, AdjustmentLayer):
             notes("adjustment layer", f"adjustment layer {item.name!r} ({item.kind}) is not applied")
@@ -239,10 +250,14 @@ def _load(psd, path: Path, workers: int | None, groups: str, want_merged: bool) 
         else:
             px = _raster_preview(item, rgb) if item.has_pixels() else None
             if px is None:
-                notes("no pixels", f"layer {item.name!r} ({item.kind}) has no pixels and was skipped")
-                return None
+                drawn = _rendered(item, rgb)
+                if drawn is None:
+                    notes("no pixels", f"layer {item.name!r} ({item.kind}) has no pixels and was skipped")
+                    return None
+                notes(item.kind, f"layer {item.name!r} ({item.kind}) stores no pixels; drawn by psd-tools' renderer")
+                return (colors.apply(drawn[0]) if rgb else drawn[0]), drawn[1], drawn[2], True
             notes(item.kind, f"layer {item.name!r} is a {item.kind} layer; read as its stored raster image")
-        return (colors.apply(px) if rgb else px), x, y
+        return (colors.apply(px) if rgb else px), x, y, False
 
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     if n_workers > 1 and len(leaves) > 1:  # numpy releases the GIL: layers convert while others decode
