@@ -117,7 +117,7 @@ def parse_profile(data: bytes) -> _Profile | None:
         ]
         matrix = np.stack(cols, axis=1)
         got = [_curve(data, tags[k]) for k in (b"rTRC", b"gTRC", b"bTRC")]
-        curves = None if any(c is None for c in got) else got  # type: ignore[assignment]
+        curves = None if any(c is None for c in got) else [c for c in got if c is not None]
     return _Profile(name or "unnamed profile", space, matrix, curves)
 
 

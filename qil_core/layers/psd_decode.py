@@ -22,7 +22,7 @@ from ..resources import check_allocation
 Warn = Callable[[str, str], None]  # (feature, message)
 
 SCALE = {8: 255.0, 16: 65535.0, 32: 1.0}
-DTYPE = {8: np.dtype(np.uint8), 16: np.dtype(">u2"), 32: np.dtype(">f4")}
+DTYPE: dict[int, np.dtype] = {8: np.dtype(np.uint8), 16: np.dtype(">u2"), 32: np.dtype(">f4")}
 CHANNEL_NAMES = {0: "red", 1: "green", 2: "blue", -1: "transparency", -2: "layer mask", -3: "real layer mask"}
 _BAND_PIXELS = 1 << 16  # pixels per conversion band (stays in cache)
 RGBA_BYTES = 16  # float32 RGBA per pixel

@@ -167,7 +167,7 @@ def open_psd(path: Path):
     if mm is not None:
         reader = _MappedReader(mm, _pixel_regions(mm, len(mm)))
     try:
-        return PSDImage.open(reader if reader is not None else path), reader
+        return PSDImage.open(reader if reader is not None else path), reader  # type: ignore[arg-type]
     except PARSE_ERRORS as err:
         if reader is not None:
             reader.close()
