@@ -113,17 +113,6 @@ def _raster_preview(layer, rgb: bool) -> np.ndarray | None:
     return np.asarray(img.convert("RGBA"), np.float32) / np.float32(255.0)
 
 
-def _rendered(item, rgb: bool) -> tuple[np.ndarray, int, int] | None:
-    """A shape or fill layer that stores no pixels, drawn alone (with its masks) by psd-tools, or None."""
-    try:
-        img = item.composite(apply_icc=not rgb)
-    except (ImportError, ValueError, TypeError, KeyError, IndexError, AttributeError, NotImplementedError):
-        return None  # e.g. gradient fills need scipy
-    if img is None or img.size[0] == 0 or img.size[1] == 0:
-        return None
-    return np.asarray(img.convert("RGBA"), np.float32) / np.float32(255.0), item.bbox[0], item.bbox[1]
-
-
 def _solid_fill(item, size: tuple[int, int]) -> np.ndarray | None:
     """A solid-colour fill layer drawn over the canvas (its masks cut it later), or None when unreadable."""
     data = item.data
@@ -250,12 +239,8 @@ def _load(psd, path: Path, workers: int | None, groups: str, want_merged: bool) 
         else:
             px = _raster_preview(item, rgb) if item.has_pixels() else None
             if px is None:
-                drawn = _rendered(item, rgb)
-                if drawn is None:
-                    notes("no pixels", f"layer {item.name!r} ({item.kind}) has no pixels and was skipped")
-                    return None
-                notes(item.kind, f"layer {item.name!r} ({item.kind}) stores no pixels; drawn by psd-tools' renderer")
-                return (colors.apply(drawn[0]) if rgb else drawn[0]), drawn[1], drawn[2], True
+                notes("no pixels", f"layer {item.name!r} ({item.kind}) stores no pixels and was skipped")
+                return None
             notes(item.kind, f"layer {item.name!r} is a {item.kind} layer; read as its stored raster image")
         return (colors.apply(px) if rgb else px), x, y, False
 
