@@ -242,7 +242,7 @@ def _load(psd, path: Path, workers: int | None, groups: str, want_merged: bool) 
                 notes("no pixels", f"layer {item.name!r} ({item.kind}) stores no pixels and was skipped")
                 return None
             notes(item.kind, f"layer {item.name!r} is a {item.kind} layer; read as its stored raster image")
-        return (colors.apply(px) if rgb else px), x, y, False
+        return (colors.apply(px) if rgb or psd.depth == 32 else px), x, y, False
 
     n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
     if n_workers > 1 and len(leaves) > 1:  # numpy releases the GIL: layers convert while others decode
