@@ -84,12 +84,9 @@ class TreeReader:
         x, y = (x, y) if px.size else (0, 0)
         if px.size:
             cov = mask_coverage(item, (x, y, x + px.shape[1], y + px.shape[0]), self.depth, self.version, self.warn)
-            # A shape or fill layer's mask is often its own shape again (rendered from its path, or equal to its
-            # stored alpha): its pixels already hold it, and applying it would square the edge coverage.
-            from_path = item.mask is not None and bool(getattr(item.mask.flags, "user_mask_from_render", False))
-            repeats = (
-                item.kind != "pixel" and cov is not None and (from_path or np.allclose(cov, px[..., 3], atol=1.5 / 255))
-            )
+            # A shape or fill layer's mask is often its own shape channel again: applying it would square the
+            # edge coverage, so it is skipped when it equals the stored alpha.
+            repeats = item.kind != "pixel" and cov is not None and np.allclose(cov, px[..., 3], atol=1.5 / 255)
             if cov is not None and not repeats and not masked:
                 px[..., 3] *= cov
         fill = float(item.fill_opacity) / 255.0
