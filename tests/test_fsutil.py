@@ -209,3 +209,12 @@ def test_a_group_is_claimed_whole_or_moved_to_the_next_counter(tmp_path) -> None
     with pytest.raises(ValueError, match="suffixes must differ"):
         publish_group(tmp_path, "set", [(".png", _writes(b"a")), (".png", _writes(b"b"))])
     assert sorted(os.listdir(tmp_path)) == ["set_00001_.png", "set_00002_", "set_00002_.png", "set_00002_.psd"]
+
+
+def test_one_byte_formatter_in_decimal_units() -> None:
+    from qil_core.model.runtime import memory
+
+    assert memory.format_bytes is fsutil.format_bytes  # the model code's name is the same function
+    assert [fsutil.format_bytes(n) for n in (0, 999, 1536, 40.86e9, 2.5e12)] == [
+        "0 B", "999 B", "1.54 KB", "40.86 GB", "2.50 TB"]
+    assert not hasattr(fsutil, "human_bytes")

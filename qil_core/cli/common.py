@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import InputError, OutputPathError
-from ..fsutil import human_bytes
+from ..fsutil import format_bytes
 from ..layers.export import read_layer_pngs
 from ..layers.psd import read_psd
 from ..layers.recolor import parse_color
@@ -128,4 +128,4 @@ def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
 def log_written(paths: Sequence[Path], *, level: int = logging.INFO) -> None:
     """Log each written file with its size."""
     for p in paths:
-        logger.log(level, "wrote %s (%s)", os.fspath(p), human_bytes(p.stat().st_size))
+        logger.log(level, "wrote %s (%s)", os.fspath(p), format_bytes(p.stat().st_size))

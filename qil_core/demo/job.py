@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from ..errors import InputError, PSDError
-from ..fsutil import check_free, human_bytes
+from ..fsutil import check_free, format_bytes
 from ..layers.composite import composite
 from ..layers.edit_steps import LayerEdit, apply_edits
 from ..layers.export import export_pngs, layer_file_names, write_png
@@ -64,7 +64,7 @@ class DemoReport:
         """Human summary: canvas, each file with its size, each step with its time, and the total."""
         lines = [f"demo: {self.layers} layers on a {self.canvas[0]}x{self.canvas[1]} canvas in {self.out_dir}"]
         for label, path in self.files.items():
-            lines.append(f"  {label:<16} {os.fspath(path)} ({human_bytes(path.stat().st_size)})")
+            lines.append(f"  {label:<16} {os.fspath(path)} ({format_bytes(path.stat().st_size)})")
         lines.append("  timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
         lines.append(f"  total {sum(self.timings.values()):.2f} s")
         return lines

@@ -17,6 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InputError, ResourceError
+from ..fsutil import format_bytes
 from .blend import blend_function
 from .stack import MAX_CANVAS_SIDE, Layer, LayerStack
 
@@ -55,8 +56,8 @@ def check_canvas(width: int, height: int, *, what: str = "canvas", channels: int
     limit = memory_limit if memory_limit is not None else available_memory_bytes()
     if limit is not None and need > limit:
         raise ResourceError(
-            f"{what} of {width}x{height} px needs {need / 2**30:.2f} GiB of float32 RGBA "
-            f"but only {limit / 2**30:.2f} GiB is available; use a smaller canvas or free memory"
+            f"{what} of {width}x{height} px needs {format_bytes(need)} of float32 RGBA "
+            f"but only {format_bytes(limit)} is available; use a smaller canvas or free memory"
         )
     return need
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ...errors import InputError, ResourceError
+from ...fsutil import format_bytes  # the one byte formatter; the model code imports it from here too
 
 logger = logging.getLogger(__name__)
 
@@ -32,14 +33,6 @@ def parse_bytes(text: str) -> int:
     if m is None:
         raise InputError(f"cannot read a byte count from {text!r}; use e.g. 1073741824, 512M or 1.5G")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def format_bytes(n: float) -> str:
-    """Bytes as a short human string, e.g. '40.86 GB'."""
-    for unit, size in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
-        if abs(n) >= size:
-            return f"{n / size:.2f} {unit}"
-    return f"{int(n)} B"
 
 
 def _meminfo_available(path: Path = Path("/proc/meminfo")) -> int | None:
