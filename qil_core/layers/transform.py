@@ -10,6 +10,8 @@ Conventions (chosen to match Photoshop's Free Transform and CSS):
   90° resample anyway and place the result exactly, fractions of a pixel included.
 - Resampling happens on premultiplied alpha (resample.py), so colour under alpha 0 never bleeds in; the
   result is re-cropped to its content.
+- Several layers transform as one group with `transform_layers`: scale and rotation about one shared pivot
+  (`group_pivot`: their common box, the canvas centre or a point), flips mirroring each place about it too.
 """
 
 from __future__ import annotations
@@ -249,15 +251,15 @@ def transform_layers(stack: LayerStack, indices: Iterable[int], *, pivot: str | 
     out = list(stack.layers)
     for i in chosen:
         item = out[i]
-        flips = {"flip_h": bool(flip_h), "flip_v": bool(flip_v)}
-        if (flip_h or flip_v) and centre is not None and item.pixels.size:
+        fh, fv = bool(flip_h), bool(flip_v)
+        if (fh or fv) and centre is not None and item.pixels.size:
             # transform_layer flips about the layer's own centre; mirror its place about the group pivot too
-            shift_x = 2 * centre[0] - (2 * item.x + item.width) if flip_h else 0
-            shift_y = 2 * centre[1] - (2 * item.y + item.height) if flip_v else 0
+            shift_x = 2 * centre[0] - (2 * item.x + item.width) if fh else 0
+            shift_y = 2 * centre[1] - (2 * item.y + item.height) if fv else 0
             if shift_x or shift_y:  # (a layer centred on the pivot flips in place, in the one call below)
-                item = transform_layer(item, dx=shift_x, dy=shift_y, **flips)
-                flips = {}
+                item = transform_layer(item, dx=shift_x, dy=shift_y, flip_h=fh, flip_v=fv)
+                fh = fv = False
         out[i] = transform_layer(item, dx=dx, dy=dy, scale_x=scale_x, scale_y=scale_y, rotation=rotation,
-                                 opacity=opacity, interpolation=interpolation,
-                                 pivot=centre if centre is not None else "center", canvas=stack.size, **flips)
+                                 flip_h=fh, flip_v=fv, opacity=opacity, interpolation=interpolation,
+                                 pivot=centre if centre is not None else "center", canvas=stack.size)
     return stack.replace(layers=out)
