@@ -212,9 +212,12 @@ def test_a_group_is_claimed_whole_or_moved_to_the_next_counter(tmp_path) -> None
 
 
 def test_one_byte_formatter_in_decimal_units() -> None:
+    from qil_core import resources
+    from qil_core.layers.psd import write as psd_write
     from qil_core.model.runtime import memory
 
-    assert memory.format_bytes is fsutil.format_bytes  # the model code's name is the same function
-    assert [fsutil.format_bytes(n) for n in (0, 999, 1536, 40.86e9, 2.5e12)] == [
+    # the model code, the PSD writer and the CLI use the one formatter of qil_core.resources
+    assert memory.format_bytes is resources.format_bytes and psd_write.format_bytes is resources.format_bytes
+    assert [resources.format_bytes(n) for n in (0, 999, 1536, 40.86e9, 2.5e12)] == [
         "0 B", "999 B", "1.54 KB", "40.86 GB", "2.50 TB"]
-    assert not hasattr(fsutil, "human_bytes")
+    assert not hasattr(fsutil, "human_bytes") and not hasattr(fsutil, "format_bytes")

@@ -40,7 +40,8 @@ from typing import BinaryIO
 import numpy as np
 
 from ...errors import InputError, PSDError, ResourceError
-from ...fsutil import atomic_write, format_bytes
+from ...fsutil import atomic_write
+from ...resources import format_bytes
 from ..blend import PSD_APPROXIMATE_MODES, PSD_BLEND_KEYS
 from ..stack import MAX_CANVAS_SIDE, Layer, LayerStack
 from .icc import srgb_profile
@@ -282,9 +283,9 @@ def _check_memory(stack: LayerStack, depth: int) -> None:
 
 def _available_memory() -> int | None:
     """Available RAM in bytes (reclaimable cache included), or None where the OS does not say."""
-    from ..composite import available_memory_bytes
+    from ...resources import available_ram_bytes
 
-    return available_memory_bytes()
+    return available_ram_bytes()
 
 
 def _encoded_in_order(stack: LayerStack, depth: int, compression: int, warn: Callable[[str], None],
