@@ -388,7 +388,7 @@ def test_huge_layer_is_refused_before_allocating(tmp_path, monkeypatch, side) ->
     monkeypatch.setenv("QIL_ASSUME_FREE_RAM", "1G")
     layer = CraftLayer("huge", (0, 0, side, side), [(c, b"\x00\x00") for c in (-1, 0, 1, 2)])
     path = _write(tmp_path, "huge.psd", psd_bytes(side, side, [layer], merged=np.zeros((1, 1, 4), np.uint8)))
-    with pytest.raises(ResourceError, match=rf"huge\.psd.*'huge', {side}x{side} px.*GB.*1\.07 GB is available"):
+    with pytest.raises(ResourceError, match=rf"huge\.psd.*'huge', {side}x{side} px.*GB.*1\.07 GB of RAM is available"):
         read_psd(path)
 
 
