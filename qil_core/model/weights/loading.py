@@ -261,7 +261,7 @@ def load_into(
                                        f"the {what}; re-download it")
                 state[key] = ckpt.read(fkey, dtype if src.is_floating_point else src, dev)
         for layer in keep_fp8:
-            shape = model.get_submodule(layer).weight_scale.shape
+            shape = model.get_buffer(layer + ".weight_scale").shape
             if layer in plan.scales:
                 state[layer + ".weight_scale"] = ckpt.read(plan.scales[layer], torch.float32, dev).reshape(shape)
             else:  # plain fp8 cast without a scale (e.g. *_fp8_e4m3fn.safetensors)
@@ -340,7 +340,11 @@ def _strip_prefix(keys: Sequence[str], prefixes: Sequence[str]) -> Callable[[str
     """A rename that keeps only keys under the first prefix present (stripped), or every key when none is."""
     for prefix in prefixes:
         if any(k.startswith(prefix) for k in keys):
-            return lambda k, p=prefix: k[len(p) :] if k.startswith(p) else None
+
+            def strip(k: str, p: str = prefix) -> str | None:
+                return k[len(p) :] if k.startswith(p) else None
+
+            return strip
     return lambda k: k
 
 
