@@ -123,15 +123,19 @@ class QILLayerRecolor:
                   "brightness": number("brightness", brightness, -1, 1),
                   "contrast": number("contrast", contrast, -1, 1),
                   "tint_strength": number("tint_strength", tint_strength, 0, 1),
-                  "tolerance": number("tolerance", tolerance, 0, 1), "invert": bool(invert)}
-        colours = {}
+                  "tolerance": number("tolerance", tolerance, 0, 1)}
+        colours: dict[str, tuple[float, float, float] | None] = {}
         for name, value in (("tint", tint), ("replace_color", replace_color), ("replace_with", replace_with)):
             text = str(value or "").strip()
             colours[name] = parse_color(text) if text else None  # parse here so errors name the input early
         stack = to_stack(layers)
         out = list(stack.layers)
         for i in select(stack, layer):
-            out[i] = recolor_layer(out[i], **params, **colours)
+            out[i] = recolor_layer(
+                out[i], hue_shift=params["hue_shift"], saturation=params["saturation"],
+                lightness=params["lightness"], brightness=params["brightness"], contrast=params["contrast"],
+                tint=colours["tint"], tint_strength=params["tint_strength"], replace_color=colours["replace_color"],
+                replace_with=colours["replace_with"], tolerance=params["tolerance"], invert=bool(invert))
         return (to_document(stack.replace(layers=out)),)
 
 

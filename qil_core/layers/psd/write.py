@@ -213,7 +213,7 @@ def _write_pieces(f: BinaryIO, pieces: list[bytes | np.ndarray]) -> None:
         if isinstance(p, bytes):
             f.write(p)
         elif p.size:
-            f.write(np.ascontiguousarray(p).reshape(-1).view(np.uint8))
+            f.write(np.ascontiguousarray(p).reshape(-1).view(np.uint8).data)
 
 
 def _image_resources(icc: bytes | None) -> bytes:

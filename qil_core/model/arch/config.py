@@ -175,7 +175,7 @@ class TransformerConfig:
             attention_head_dim=head_dim,
             num_attention_heads=inner // head_dim,
             joint_attention_dim=int(shapes["txt_in.weight"][1]),
-            axes_dims_rope=tuple(axes_dims_rope),
+            axes_dims_rope=axes_dims_rope,  # __post_init__ makes it a tuple of ints
             guidance_embeds=any(k.startswith("time_text_embed.guidance_embedder.") for k in shapes),
             use_additional_t_cond=True,
             use_layer3d_rope=True,

@@ -325,7 +325,11 @@ def _strip_prefix(keys: Sequence[str], prefixes: Sequence[str]) -> Callable[[str
     """A rename that keeps only keys under the first prefix present (stripped), or every key when none is."""
     for prefix in prefixes:
         if any(k.startswith(prefix) for k in keys):
-            return lambda k, p=prefix: k[len(p) :] if k.startswith(p) else None
+
+            def strip(k: str, p: str = prefix) -> str | None:
+                return k[len(p) :] if k.startswith(p) else None
+
+            return strip
     return lambda k: k
 
 
