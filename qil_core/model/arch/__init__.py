@@ -9,4 +9,7 @@
 - `vae.py`: the RGBA-VAE (`RGBAVAE`, `VAEConfig`, latent statistics).
 - `vae_blocks.py`: the VAE's encoder and decoder blocks.
 - `text_encoder.py`: the Qwen2.5-VL language model used as text encoder (`Qwen25TextEncoder`).
+- `vision.py`: the Qwen2.5-VL vision tower (`VisionTower`, `VisionConfig`), used only for auto-captioning.
+- `vl_decoder.py`: the captioner (`CaptionModel`): the text encoder's layers with multimodal RoPE (`rope_index`),
+  a key/value cache, image features and the LM head.
 """

@@ -4,8 +4,9 @@ Follows transformers 5.x `Qwen2_5_VLTextModel` (modeling_qwen2_5_vl.py): pre-nor
 grouped-query attention with q/k/v biases, SwiGLU MLP, rotary positions. Qwen2.5-VL's multimodal rotary
 embedding splits the rotary frequencies into (temporal, height, width) sections, each rotated by its own
 position id; for text-only input all three ids are the token index, so the sections recombine into ordinary
-1D rotary positions and no section table is needed here. Parameter names are those of the language model in
-the checkpoints after stripping their prefix (`model.` or `model.language_model.`), see text_keys.py.
+1D rotary positions and no section table is needed here (captioning, arch/vl_decoder.py, passes its own
+multimodal tables and a key/value cache through `DecoderLayer.forward`). Parameter names are those of the language
+model in the checkpoints after stripping their prefix (`model.` or `model.language_model.`), see text_keys.py.
 """
 
 from __future__ import annotations
@@ -186,13 +187,27 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=True)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        """(B, L, D) -> (B, L, D); `mask` is a boolean (B, 1, L, L) keep-mask, or None for plain causal."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: list[Tensor] | None = None
+                ) -> Tensor:
+        """(B, L, D) -> (B, L, D); `mask` is a boolean (B, 1, L, L) keep-mask, or None for plain causal.
+
+        `cache` (captioning): a list holding this layer's past rotated keys and values ([] at first); the new ones
+        are appended to it and the queries attend causally to the past plus the new positions.
+        """
         b, n, _ = x.shape
         q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
         v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
+            cache[:] = [k, v]
+            past = k.shape[2] - n
+            if past:  # queries at past..past+n-1 see keys 0..their own position
+                keys, queries = torch.arange(k.shape[2], device=x.device), torch.arange(n, device=x.device)
+                keep = keys[None, :] <= past + queries[:, None]
+                mask = keep[None, None].expand(b, 1, n, k.shape[2])
         groups = self.heads // self.kv_heads  # query head h reads key/value head h // groups
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, L, hd)
         if mask is None:
@@ -226,9 +241,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = TextEncoderRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = TextEncoderRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None) -> Tensor:
-        """(B, L, D) -> (B, L, D)."""
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: list[Tensor] | None = None
+                ) -> Tensor:
+        """(B, L, D) -> (B, L, D); `cache` as in `Attention.forward`."""
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

@@ -5,5 +5,8 @@
 - `imaging.py`: sizes, buckets and pixel <-> latent conversions of inputs and outputs.
 - `prompt.py`: prompt -> text conditioning (template, tokenize, encode).
 - `scheduler.py`: the flow-matching schedule and Euler step.
+- `caption.py`: auto-captioning with Qwen2.5-VL (`caption_image`, `GenerationSettings`), as the reference does
+  for an empty prompt.
+- `caption_inputs.py`: the captioner's inputs: image -> patches (as transformers' processor), annotator prompts.
 - `denoise.py`: seeded noise, the denoising loop with true CFG, frame-wise VAE I/O.
 """
