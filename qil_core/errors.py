@@ -27,6 +27,10 @@ class ModelMismatchError(WeightsError):
     """The file is a valid checkpoint of some other model or component."""
 
 
+class CaptionWeightsError(ModelMismatchError):
+    """The text-encoder file lacks what auto-captioning needs (the vision tower or the LM head)."""
+
+
 class ModelFileNotFoundError(QILError, FileNotFoundError):
     """A model file, folder, shard or tokenizer file is missing."""
 

@@ -33,11 +33,23 @@ VISION = dict(
 )
 
 
-def build_reference(seed: int = 0):
+# Shaped like the 7B tower where a single file's config is inferred: 80-wide heads, full attention every 8th block.
+VISION_80 = dict(
+    depth=2,
+    hidden_size=80,
+    intermediate_size=96,
+    num_heads=1,
+    out_hidden_size=64,
+    fullatt_block_indexes=[],
+    window_size=112,
+)
+
+
+def build_reference(seed: int = 0, vision: dict | None = None):
     """A random `Qwen2_5_VLForConditionalGeneration` (norms and biases randomised too), fp32, eval."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    cfg = Qwen2_5_VLConfig(text_config=TEXT, vision_config=VISION)
+    cfg = Qwen2_5_VLConfig(text_config=TEXT, vision_config=vision or VISION)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(cfg).eval()
     with torch.no_grad():

@@ -6,8 +6,9 @@ the text encoder under `model.`) or a diffusers pipeline folder (config.json per
 labelled in its safetensors metadata (`qil_random_weights = "true"`), and `load_model` logs a warning for it.
 The output of such a model is noise shaped like layers: it exercises every code path, nothing more.
 
-The tokenizer is a tiny byte-level BPE (256 byte symbols, a few merges and the three chat tokens the prompt
-template needs), unless `tokenizer_dir` points at real Qwen2.5 tokenizer files to copy.
+The tokenizer is a tiny byte-level BPE (256 byte symbols, a few merges, the three chat tokens the prompt
+template needs and the vision tokens of the caption prompt), unless `tokenizer_dir` points at real Qwen2.5
+tokenizer files to copy. The text-encoder file also holds a tiny vision tower and LM head (tiny_caption.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..arch.text_encoder import Qwen25TextEncoder, TextEncoderConfig
 from ..arch.transformer import QwenImageLayeredTransformer
 from ..arch.vae import LATENTS_MEAN, LATENTS_STD, RGBAVAE, VAEConfig
 from .checkpoint import RANDOM_WEIGHTS_KEY
+from .tiny_caption import caption_tensors, vision_json, write_caption_configs
 from .vae_keys import diffusers_to_wan_key
 
 logger = logging.getLogger(__name__)
@@ -42,7 +44,7 @@ COMFY_FILES = {
     "text_encoder": Path("models/text_encoders/qwen_2.5_vl_7b_tiny_random.safetensors"),
 }
 COMFY_TOKENIZER = Path("comfy/text_encoders/qwen25_tokenizer")  # where a ComfyUI root keeps it
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 _MERGES = (("Ġ", "a"), ("t", "h"), ("Ġ", "t"), ("i", "n"), ("e", "r"), ("Ġt", "h"), ("o", "n"), ("Ċ", "Ċ"))
 _REAL_TEXT_VOCAB = 152064  # the 7B model's embedding rows, when the real tokenizer is copied
 
@@ -148,7 +150,15 @@ def _vae_json() -> dict:
 def _text_json(vocab: int) -> dict:
     text = {**TINY_TEXT, "vocab_size": vocab, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
                                                                     "mrope_section": [16, 24, 24]}}
-    return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "text_config": text}
+    return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "text_config": text,
+            "vision_config": vision_json(TINY_TEXT["hidden_size"])}
+
+
+def _token_id(tok_folder: Path, token: str) -> int:
+    """The id of an added token in the written tokenizer."""
+    from .tokenizer import load_tokenizer
+
+    return load_tokenizer(tok_folder, bundled=False).token_to_id(token)
 
 
 def write_tiny_model(
@@ -179,6 +189,7 @@ def write_tiny_model(
         vocab = -(-ids // 16) * 16  # embedding rows rounded up to a multiple of 16, like real vocabularies
     dit, vae, te = build_tiny_modules(seed, vocab)
     text_sd = {"model." + k: v for k, v in te.state_dict().items()}  # the Qwen2.5-VL release / ComfyUI names
+    text_sd.update(caption_tensors(TINY_TEXT["hidden_size"], vocab, seed + 3))  # vision tower + LM head
     paths: dict[str, Path] = {"root": root, "tokenizer": tok_folder}
     if layout == "comfyui":
         paths["transformer"] = _save(dit.state_dict(), root / COMFY_FILES["transformer"], dtype)
@@ -196,6 +207,7 @@ def write_tiny_model(
             _save(sd, root / sub / name, dtype)
             (root / sub / "config.json").write_text(json.dumps(conf, indent=1))
             paths[sub] = root / sub
+        write_caption_configs(root, [_token_id(tok_folder, "<|im_end|>"), _token_id(tok_folder, "<|endoftext|>")])
         (root / "scheduler").mkdir(exist_ok=True)
         (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({
             "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
@@ -204,7 +216,7 @@ def write_tiny_model(
             "_class_name": "QwenImageLayeredPipeline", "qil_note": METADATA["description"],
             "transformer": ["diffusers", "QwenImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKLQwenImage"],
             "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-            "tokenizer": ["transformers", "Qwen2Tokenizer"],
+            "tokenizer": ["transformers", "Qwen2Tokenizer"], "processor": ["transformers", "Qwen2VLProcessor"],
             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}, indent=1))
         paths["model_dir"] = root
     logger.info("wrote a tiny RANDOM Qwen-Image-Layered model (%s layout) to %s", layout, root)

@@ -55,7 +55,9 @@ def test_comfyui_key_layouts(written) -> None:
     assert "decoder.head.2.weight" in vae_keys and "encoder.conv1.weight" in vae_keys  # Wan naming
     assert not any("conv_out" in k or "down_blocks" in k for k in vae_keys)
     with safe_open(str(comfy["text_encoder"]), framework="pt") as f:
-        assert all(k.startswith("model.") for k in f.keys())
+        keys = set(f.keys())
+    assert all(k.startswith(("model.", "visual.")) or k == "lm_head.weight" for k in keys)
+    assert "lm_head.weight" in keys and "visual.merger.mlp.2.weight" in keys  # the captioning parts
 
 
 def test_both_layouts_hold_the_same_model(written) -> None:
@@ -94,8 +96,9 @@ def test_diffusers_reads_the_diffusers_layout(written) -> None:
 
 def test_tiny_tokenizer(written) -> None:
     tok = load_tokenizer(written["diffusers"]["tokenizer"])
-    assert tok.vocab_size == 267
+    assert tok.vocab_size == 270  # 256 bytes + 8 merges + 3 chat tokens + 3 vision tokens (captioning)
     assert len(tok.encode("<|im_start|>")) == 1 and len(tok.encode("<|im_end|>")) == 1
+    assert len(tok.encode("<|image_pad|>")) == 1
     text = "Grüße, 世界 🙂 the thin"
     assert tok.decode(tok.encode(text)) == text
     assert 20 < template_prefix_length(tok) < 200  # computed from this vocabulary, not the real 34

@@ -1,0 +1,118 @@
+"""Auto-captioning inside the jobs: when and how a decomposition writes its own prompt, as the reference does.
+
+The reference (`QwenImageLayeredPipeline.__call__`) captions when the prompt is None, "" or " " (exactly those),
+on the input image after its resize to the processing size, in English or Chinese. Here that is `auto_caption`
+(default on) and `caption_language` ("en" default, the official app's choice; diffusers' own default is "zh").
+The vision tower and LM head are loaded from the text encoder's file only when a caption is needed, on the
+placement's device, and released right after; the text encoder goes through the placement like for prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from ...errors import InputError
+from ..loader import QwenLayeredModel
+from ..runtime.placement import Placement
+from ..weights.caption_loading import load_caption_model
+from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, caption_image
+from .caption_inputs import LANGUAGES, ImageProcessorConfig
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def check_caption_options(auto_caption: Any, caption_language: Any) -> tuple[bool, str]:
+    """Validate the two job options; InputError naming the option otherwise."""
+    if not isinstance(auto_caption, bool):
+        raise InputError(f"auto_caption must be True or False, got {auto_caption!r}")
+    if caption_language not in LANGUAGES:
+        raise InputError(f"caption_language must be one of {list(LANGUAGES)}, got {caption_language!r}")
+    return auto_caption, caption_language
+
+
+def wants_caption(prompt: Any, prompt_embeds: Any, auto_caption: bool) -> bool:
+    """True when the reference would caption: no embeddings and a prompt that is None, "" or " "."""
+    return auto_caption and prompt_embeds is None and (prompt is None or prompt in ("", " "))
+
+
+def config_folders(model: QwenLayeredModel) -> tuple[Path | None, Path | None]:
+    """(folder of the generation config, folder of the processor config) for the model's text encoder."""
+    src = model.sources.get("text_encoder")
+    if src is None:
+        return None, None
+    path = Path(src)
+    if path.is_dir() and (path / "text_encoder").is_dir():
+        path = path / "text_encoder"
+    te_folder = path if path.is_dir() else path.parent
+    root = te_folder.parent
+    for folder in (root / "processor", te_folder, root):
+        if (folder / "preprocessor_config.json").is_file() or (folder / "processor_config.json").is_file():
+            return te_folder, folder
+    return te_folder, None
+
+
+def caption_images(
+    model: QwenLayeredModel,
+    placement: Placement,
+    images: Sequence[np.ndarray],
+    *,
+    language: str = "en",
+    max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
+) -> list[str]:
+    """One caption per RGBA uint8 image, written by the model's own Qwen2.5-VL (loaded parts released after)."""
+    if not model.can_encode_prompts or "text_encoder" not in model.sources:
+        raise InputError(
+            "auto-captioning needs the Qwen2.5-VL text encoder loaded from its file: load the model with its text "
+            "encoder, or type a prompt"
+        )
+    gen_folder, proc_folder = config_folders(model)
+    settings = GenerationSettings.from_folder(gen_folder)
+    processor = ImageProcessorConfig.from_folder(proc_folder)
+    te_module = model.text_encoder
+    assert te_module is not None and model.tokenizer is not None
+    with placement.use("text_encoder", te_module) as te:
+        captioner = load_caption_model(
+            model.sources["text_encoder"],
+            te,  # type: ignore[arg-type]
+            dtype=model.dtype,
+            device=placement.device,
+        )
+        try:
+            captions = [
+                caption_image(
+                    captioner,
+                    model.tokenizer,
+                    im,
+                    language=language,
+                    max_new_tokens=max_new_tokens,
+                    settings=settings,
+                    processor=processor,
+                )
+                for im in images
+            ]
+        finally:
+            del captioner  # the vision tower and LM head are freed here
+    placement.release("text_encoder", te_module)
+    for i, c in enumerate(captions):
+        logger.info("auto-caption%s: %s", f" of image {i}" if len(captions) > 1 else "", c)
+    return captions
+
+
+def conditions_per_caption(
+    captions: Sequence[str], make: Callable[[str], tuple[list[T], list[T] | None]]
+) -> tuple[list[T], list[T] | None]:
+    """Per-image text conditions from one caption each: `make(caption)` gives (positive, negative) for one image."""
+    pos: list[T] = []
+    neg: list[T] | None = []
+    for c in captions:
+        p, n = make(c)
+        pos += p
+        neg = None if n is None or neg is None else neg + n
+    return pos, neg
