@@ -123,6 +123,7 @@ class LayerStack:
     width: int
     height: int
     layers: list[Layer] = field(default_factory=list)
+    caption: str | None = field(default=None, compare=False)  # the auto-caption the model decomposed it with
 
     def __post_init__(self) -> None:
         self.width, self.height = int(self.width), int(self.height)

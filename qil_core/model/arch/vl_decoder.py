@@ -87,15 +87,18 @@ class CaptionModel(nn.Module):
         self.cache = [[] for _ in self.decoder.layers]
 
     def embed(self, input_ids: Tensor, image_token_id: int, image_features: Tensor | None) -> Tensor:
-        """Token ids (L,) -> embeddings (1, L, D) with the image placeholders replaced by the image features."""
+        """Token ids (L,) -> embeddings (1, L, D) with the image placeholders replaced by the image features.
+
+        Without features (generated tokens) every id keeps its own embedding, placeholders included, as the
+        reference does once the prompt is consumed."""
         x = self.decoder.embed_tokens(input_ids.to(self.decoder.device))
+        if image_features is None:
+            return x[None]
         where = input_ids.to(x.device) == image_token_id
         count = int(where.sum())
-        if image_features is None and count == 0:
-            return x[None]
-        if image_features is None or image_features.shape[0] != count:
-            got = 0 if image_features is None else image_features.shape[0]
-            raise InputError(f"the prompt holds {count} image placeholders but the image gave {got} features")
+        if image_features.shape[0] != count:
+            raise InputError(f"the prompt holds {count} image placeholders but the image gave "
+                             f"{image_features.shape[0]} features")
         x = x.clone()
         x[where] = image_features.to(device=x.device, dtype=x.dtype)
         return x[None]

@@ -36,6 +36,7 @@ from ..loader import QwenLayeredModel
 from ..runtime import vae_tiling
 from ..runtime.placement import Placement, ResidentPlacement
 from . import checks as chk
+from .auto_caption import caption_images, check_caption_options, conditions_per_caption, wants_caption
 from .denoise import (
     LATENT_CHANNELS,
     Guidance,
@@ -89,8 +90,7 @@ def _conditions(
     strings = []
     if embeds is None and (prompt is None or not prompt.strip()):
         logger.warning("no prompt given: encoding %r as the prompt. The model works best with a caption of the whole "
-                       "image (the reference would auto-caption; that needs the vision tower, not run here)",
-                       prompt or "")
+                       "image (auto_caption writes one with the model's Qwen2.5-VL)", prompt or "")
         prompt = prompt or ""
     if embeds is None:
         strings.append(prompt)
@@ -247,6 +247,8 @@ def decompose(
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     keep_composite: bool = False,
     vae_tile: int | None = None,
+    auto_caption: bool = True,
+    caption_language: str = "en",
 ) -> list[LayerStack]:
     """Decompose each image (IMAGE [B,H,W,C], array, PIL or a list) into N RGBA layers; one LayerStack per image.
 
@@ -254,6 +256,9 @@ def decompose(
     does; `output_size="original"` maps the layers back to each input's size with premultiplied Lanczos.
     `mask` (ComfyUI MASK, 1 = transparent) replaces the input alpha; `noise` overrides the seeded noise.
     `vae_tile` (pixels, e.g. 512) encodes and decodes in overlapping tiles to bound VAE memory on large images.
+    `auto_caption` (default on, as the reference): a prompt that is None, "" or " " is replaced, per image, by
+    the Qwen2.5-VL caption of the resized input in `caption_language` ("en"/"zh"); it is logged and returned as
+    each LayerStack's `caption`.
     """
     model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
         model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
@@ -268,10 +273,16 @@ def decompose(
     if output_size == "original":
         big = max(originals, key=lambda s: s[0] * s[1])
         check_output_size(layers + keep_composite, big[0], big[1], len(images))
-    text = _conditions(model, placement, len(images), prompt, negative_prompt, prompt_embeds, prompt_mask,
-                       negative_embeds, negative_mask, cfg, max_sequence_length)
+    auto, language = check_caption_options(auto_caption, caption_language)
     inputs: list[np.ndarray | None] = [resize_rgba(im, s) for im, s in zip(images, sizes, strict=True)]
     del images  # the full-size inputs are no longer needed
+    captions = (caption_images(model, placement, [x for x in inputs if x is not None], language=language)
+                if wants_caption(prompt, prompt_embeds, auto) else None)
+    text = _conditions(model, placement, len(inputs), prompt, negative_prompt, prompt_embeds, prompt_mask,
+                       negative_embeds, negative_mask, cfg, max_sequence_length) if captions is None else (
+        conditions_per_caption(captions, lambda c: _conditions(
+            model, placement, 1, c, negative_prompt, None, None, negative_embeds, negative_mask, cfg,
+            max_sequence_length)))
     logger.info("decomposing %d image(s) into %d layers at %s, %d steps, cfg %g%s, seed %d", len(inputs), layers,
                 ", ".join(f"{w}x{h}" for w, h in sizes), steps, cfg, " (normalized)" if cfg_normalize else "", seed)
     frames = _run(model, placement, inputs, sizes, layers, steps, cfg, cfg_normalize, seed, cfg_batch, callback,
@@ -281,6 +292,7 @@ def decompose(
         stack = _stack(f, size, layers, layer_names(layers))
         if output_size == "original" and orig != size:
             stack = resize_stack(stack, orig[0], orig[1], "lanczos")
+        stack.caption = captions[len(stacks)] if captions is not None else None
         stacks.append(stack)
     return stacks
 
@@ -370,7 +382,7 @@ def decompose_layer(
         cut = Layer.from_canvas(px, name=f"{parent.name} / {n}", visible=parent.visible)
         new_layers.append(cut.replace(x=cut.x + parent.x - ox, y=cut.y + parent.y - oy, opacity=parent.opacity,
                                       blend_mode=parent.blend_mode))
-    out = stack.replace()
+    out = stack.replace(caption=sub.caption)
     out.layers[i : i + 1] = new_layers
     return out
 

@@ -1,0 +1,89 @@
+"""decompose / decompose_layer with an empty prompt caption the resized input as the reference does."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from qil_core.errors import InputError
+from qil_core.layers.stack import Layer, LayerStack
+from qil_core.model.loader import load_model
+from qil_core.model.pipeline.auto_caption import caption_images, config_folders, wants_caption
+from qil_core.model.pipeline.caption import GenerationSettings
+from qil_core.model.pipeline.decompose import decompose, decompose_layer
+from qil_core.model.runtime.placement import ResidentPlacement
+from qil_core.model.weights.tiny import write_tiny_model
+
+FAST = dict(steps=2, resolution="custom", max_side=96, layers=2)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("tinycap")
+    comfy = write_tiny_model(root / "c", layout="comfyui", seed=5)
+    diff = write_tiny_model(root / "d", layout="diffusers", seed=5)
+    return {
+        "comfyui": load_model(transformer=comfy["transformer"], vae=comfy["vae"], text_encoder=comfy["text_encoder"],
+                              dtype=torch.float32, device="cpu"),
+        "diffusers": load_model(model_dir=diff["model_dir"], dtype=torch.float32, device="cpu"),
+    }
+
+
+def _img(seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (64, 96, 4), dtype=np.uint8)
+
+
+def test_which_prompts_trigger_captioning() -> None:
+    assert wants_caption(None, None, True) and wants_caption("", None, True) and wants_caption(" ", None, True)
+    assert not wants_caption("  ", None, True)  # the reference captions only None, "" and " "
+    assert not wants_caption("", None, False) and not wants_caption(None, torch.zeros(1, 2, 3), True)
+
+
+def test_config_folders_of_both_layouts(models) -> None:
+    gen, proc = config_folders(models["diffusers"])
+    assert gen is not None and (gen / "generation_config.json").is_file()
+    assert proc is not None and proc.name == "processor"
+    assert GenerationSettings.from_folder(gen).do_sample and GenerationSettings.from_folder(gen).top_k == 1
+    assert config_folders(models["comfyui"])[1] is None  # single file: processor defaults
+
+
+@pytest.mark.parametrize("layout", ["comfyui", "diffusers"])
+def test_empty_prompt_is_captioned_logged_and_returned(models, layout, caplog: pytest.LogCaptureFixture) -> None:
+    model = models[layout]
+    images = [_img(0), _img(1)]
+    with caplog.at_level(logging.INFO):
+        out = decompose(model, np.stack(images), prompt="", caption_language="zh", **FAST)
+    captions = [s.caption for s in out]
+    assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
+    assert "auto-caption of image 0" in caplog.text and captions[0] in caplog.text
+    # the same caption typed as the prompt gives the same layers (the caption was the conditioning)
+    typed = decompose(model, images[0][None], prompt=captions[0], **FAST)
+    again = decompose(model, images[0][None], prompt=None, caption_language="zh", **FAST)
+    assert again[0].caption == captions[0] and typed[0].caption is None
+    for a, b in zip(typed[0].layers, again[0].layers, strict=True):
+        assert np.array_equal(a.pixels, b.pixels)
+    # direct captioning of the resized input equals what decompose used
+    direct = caption_images(model, ResidentPlacement("cpu", torch.float32), [images[0]], language="zh")
+    assert direct == [captions[0]]
+
+
+def test_auto_caption_off_and_bad_options(models) -> None:
+    out = decompose(models["comfyui"], _img()[None], prompt="", auto_caption=False, **FAST)
+    assert out[0].caption is None
+    with pytest.raises(InputError, match="caption_language"):
+        decompose(models["comfyui"], _img()[None], prompt="", caption_language="fr", **FAST)
+    with pytest.raises(InputError, match="auto_caption"):
+        decompose(models["comfyui"], _img()[None], prompt="", auto_caption="yes", **FAST)
+
+
+def test_decompose_layer_captions_the_layer(models) -> None:
+    px = np.zeros((64, 96, 4), np.float32)
+    px[8:56, 10:90] = (0.8, 0.3, 0.2, 1.0)
+    stack = LayerStack(96, 64, [Layer(pixels=px, name="art")])
+    out = decompose_layer(models["comfyui"], stack, 0, prompt=" ", **{k: v for k, v in FAST.items() if k != "layers"})
+    assert isinstance(out.caption, str) and out.caption
+    assert len(out) == 2
