@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 from .. import __version__
 from ..errors import QILError
+from . import caption as cli_caption
 from . import demo as cli_demo
 from . import edit as cli_edit
 from . import layers as cli_layers
@@ -38,7 +39,7 @@ def _prog() -> str:
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return name if name and not name.endswith(".py") and name != "-c" else PROG
 # Sub-command modules, in the order their commands appear in --help; each has `register(subparsers)`.
-COMMAND_MODULES: tuple[ModuleType, ...] = (cli_layers, cli_edit, cli_demo, cli_model)
+COMMAND_MODULES: tuple[ModuleType, ...] = (cli_layers, cli_edit, cli_demo, cli_model, cli_caption)
 
 # OSErrors that mean "the path the user gave is wrong" rather than "the machine failed".
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

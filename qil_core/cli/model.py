@@ -67,7 +67,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 def _add_sampling_options(p: argparse.ArgumentParser, layers: int) -> None:
     """Sampling options shared by decompose and text-to-layers."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", help="caption of the WHOLE image (recommended; empty if omitted)")
+    g.add_argument("--prompt", help="caption of the WHOLE image (decompose: omitted = auto-caption)")
     g.add_argument("--prompt-file", type=Path, metavar="F",
                    help="read the prompt from a UTF-8 text file (for prompts longer than a command line allows)")
     g.add_argument("--negative-prompt", default=None, help="negative prompt for true CFG (default ' ')")
@@ -107,6 +107,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-side", type=int, help="longest side in px (64..4096); implies --resolution custom")
     g.add_argument("--output-size", choices=("processing", "original"), default="processing",
                    help="canvas of the result: the processing size, or the input's original size")
+    g = p.add_argument_group("auto-caption (when no prompt is given, as the reference)")
+    g.add_argument("--caption-language", choices=("en", "zh"), default="en", help="caption language (default en)")
+    g.add_argument("--no-auto-caption", dest="auto_caption", action="store_false",
+                   help="encode the empty prompt instead of captioning the image")
     p.set_defaults(handler=run_decompose)
 
     p = subparsers.add_parser(
@@ -317,7 +321,8 @@ def run_decompose(args: argparse.Namespace) -> int:
                       resolution=resolution, max_side=args.max_side, output_size=args.output_size,
                       keep_composite=args.keep_composite, vae_tile=args.vae_tile,
                       placement=_placement(args, model, work_w, work_h, args.layers),
-                      callback=_progress("decompose"))[0]
+                      callback=_progress("decompose"), auto_caption=args.auto_caption,
+                      caption_language=args.caption_language)[0]
     logger.info("decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
                 time.perf_counter() - t0)
     log_written(_write(stack, args))

@@ -42,12 +42,12 @@ def wants_caption(prompt: Any, prompt_embeds: Any, auto_caption: bool) -> bool:
     return auto_caption and prompt_embeds is None and (prompt is None or prompt in ("", " "))
 
 
-def config_folders(model: QwenLayeredModel) -> tuple[Path | None, Path | None]:
-    """(folder of the generation config, folder of the processor config) for the model's text encoder."""
-    src = model.sources.get("text_encoder")
-    if src is None:
+def config_folders(text_encoder: str | Path | None) -> tuple[Path | None, Path | None]:
+    """(folder of the generation config, folder of the processor config) for a text encoder's file or folder:
+    its own folder, and `processor/` beside it (diffusers layout), the folder itself, or the pipeline root."""
+    if text_encoder is None:
         return None, None
-    path = Path(src)
+    path = Path(text_encoder)
     if path.is_dir() and (path / "text_encoder").is_dir():
         path = path / "text_encoder"
     te_folder = path if path.is_dir() else path.parent
@@ -72,7 +72,7 @@ def caption_images(
             "auto-captioning needs the Qwen2.5-VL text encoder loaded from its file: load the model with its text "
             "encoder, or type a prompt"
         )
-    gen_folder, proc_folder = config_folders(model)
+    gen_folder, proc_folder = config_folders(model.sources["text_encoder"])
     settings = GenerationSettings.from_folder(gen_folder)
     processor = ImageProcessorConfig.from_folder(proc_folder)
     te_module = model.text_encoder

@@ -26,8 +26,13 @@ def models(tmp_path_factory: pytest.TempPathFactory):
     comfy = write_tiny_model(root / "c", layout="comfyui", seed=5)
     diff = write_tiny_model(root / "d", layout="diffusers", seed=5)
     return {
-        "comfyui": load_model(transformer=comfy["transformer"], vae=comfy["vae"], text_encoder=comfy["text_encoder"],
-                              dtype=torch.float32, device="cpu"),
+        "comfyui": load_model(
+            transformer=comfy["transformer"],
+            vae=comfy["vae"],
+            text_encoder=comfy["text_encoder"],
+            dtype=torch.float32,
+            device="cpu",
+        ),
         "diffusers": load_model(model_dir=diff["model_dir"], dtype=torch.float32, device="cpu"),
     }
 
@@ -44,11 +49,11 @@ def test_which_prompts_trigger_captioning() -> None:
 
 
 def test_config_folders_of_both_layouts(models) -> None:
-    gen, proc = config_folders(models["diffusers"])
+    gen, proc = config_folders(models["diffusers"].sources["text_encoder"])
     assert gen is not None and (gen / "generation_config.json").is_file()
     assert proc is not None and proc.name == "processor"
     assert GenerationSettings.from_folder(gen).do_sample and GenerationSettings.from_folder(gen).top_k == 1
-    assert config_folders(models["comfyui"])[1] is None  # single file: processor defaults
+    assert config_folders(models["comfyui"].sources["text_encoder"])[1] is None  # single file: processor defaults
 
 
 @pytest.mark.parametrize("layout", ["comfyui", "diffusers"])

@@ -51,11 +51,20 @@ def saved(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path
 def test_empty_prompt_matches_the_reference(pipe, model, tokenizer_dir, prompt, language, seed) -> None:  # noqa: F811
     pipe.vl_processor = pipe.processor = reference_processor(tokenizer_dir)
     img = _image(seed)
-    ref = pipe(image=Image.fromarray(img, "RGBA"), prompt=prompt, negative_prompt=" ", true_cfg_scale=4.0, layers=2,
-               num_inference_steps=STEPS, generator=torch.Generator().manual_seed(7), resolution=640,
-               use_en_prompt=language == "en").images[0]
-    ours = decompose(model, img, prompt=prompt, layers=2, steps=STEPS, cfg=4.0, seed=7, resolution=640,
-                     caption_language=language)
+    ref = pipe(
+        image=Image.fromarray(img, "RGBA"),
+        prompt=prompt,
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        layers=2,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(7),
+        resolution=640,
+        use_en_prompt=language == "en",
+    ).images[0]
+    ours = decompose(
+        model, img, prompt=prompt, layers=2, steps=STEPS, cfg=4.0, seed=7, resolution=640, caption_language=language
+    )
     w, h = ours[0].size
     prompt_image = pipe.image_processor.resize(Image.fromarray(img, "RGBA"), h, w)
     caption = pipe.get_image_caption(prompt_image, use_en_prompt=language == "en", device="cpu")
@@ -72,5 +81,3 @@ def test_empty_prompt_matches_the_reference(pipe, model, tokenizer_dir, prompt, 
     typed = decompose(model, img, prompt=caption, layers=2, steps=STEPS, cfg=4.0, seed=7, resolution=640)
     for a, b in zip(ours[0].layers, typed[0].layers, strict=True):  # the caption was exactly the conditioning
         assert np.array_equal(a.pixels, b.pixels)
-
-

@@ -1,0 +1,72 @@
+"""`caption`: write the Qwen2.5-VL caption of an image, as the reference does for an empty prompt.
+
+Only the caption goes to stdout (logs go to stderr), so it can be piped or edited and passed back as --prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..layers.image_file import open_image
+from .common import existing_input
+from .model import DTYPES, _device
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `caption` command."""
+    p = subparsers.add_parser(
+        "caption",
+        help="print the Qwen2.5-VL caption of an image (what an empty prompt would use)",
+        description="Caption IMAGE with the Qwen2.5-VL text encoder's vision tower and LM head, with the reference "
+        "pipeline's annotator instruction. Prints only the caption on stdout.",
+    )
+    p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, WebP, TIFF; transparency on white)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--model-dir", type=Path, metavar="DIR", help="diffusers Qwen-Image-Layered folder")
+    src.add_argument(
+        "--text-encoder",
+        type=Path,
+        metavar="FILE",
+        help="Qwen2.5-VL text encoder .safetensors or folder (with its vision tower and lm_head)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="DIR",
+        help="Qwen2.5 tokenizer folder (default: found "
+        "next to the text encoder, in the model folder, in ComfyUI, or the bundled copy)",
+    )
+    p.add_argument("--language", choices=("en", "zh"), default="en", help="caption language (default en)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="most tokens to generate (default 512, as the reference)",
+    )
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weight dtype (default bf16)")
+    p.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cuda if available)")
+    p.set_defaults(handler=run_caption)
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    """Handler of `caption`."""
+    import torch
+
+    from ..model.pipeline.caption_job import caption_from_files
+
+    image = open_image(existing_input(Path(args.image), "image"), f"image {args.image!r}", upright=True)
+    text = caption_from_files(
+        image,
+        model_dir=args.model_dir,
+        text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer,
+        language=args.language,
+        max_new_tokens=args.max_new_tokens,
+        dtype=getattr(torch, DTYPES[args.dtype]),
+        device=_device(args.device),
+    )
+    sys.stdout.write(text + "\n")
+    return 0

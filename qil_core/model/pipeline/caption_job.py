@@ -1,0 +1,71 @@
+"""Caption one image straight from the text encoder's files (the `caption` command): no transformer or VAE loaded."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ...errors import InputError, ModelFileNotFoundError
+from ..weights.caption_loading import load_caption_model
+from ..weights.text_loading import load_text_encoder
+from ..weights.tokenizer import load_tokenizer
+from .auto_caption import config_folders
+from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, caption_image
+from .caption_inputs import ImageProcessorConfig
+
+logger = logging.getLogger(__name__)
+PathLike = str | os.PathLike[str]
+
+
+def text_encoder_source(model_dir: PathLike | None, text_encoder: PathLike | None) -> Path:
+    """The text encoder's path: the given file or folder, else `model_dir/text_encoder`."""
+    if text_encoder is not None:
+        path = Path(text_encoder)
+        if not path.exists():
+            raise ModelFileNotFoundError(f"text encoder not found: {path}; check the path")
+        return path
+    if model_dir is None:
+        raise InputError("captioning needs the Qwen2.5-VL text encoder: give a model folder or the text-encoder file")
+    path = Path(model_dir) / "text_encoder"
+    if not path.is_dir():
+        raise ModelFileNotFoundError(
+            f"{path} does not exist: pass a diffusers Qwen-Image-Layered folder (with "
+            "text_encoder/) or the text-encoder file"
+        )
+    return path
+
+
+def caption_from_files(
+    image: Image.Image | np.ndarray,
+    *,
+    model_dir: PathLike | None = None,
+    text_encoder: PathLike | None = None,
+    tokenizer: PathLike | None = None,
+    language: str = "en",
+    max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
+    dtype: torch.dtype = torch.bfloat16,
+    device: torch.device | str = "cpu",
+) -> str:
+    """The reference's caption of `image`, loading only the text encoder, vision tower, LM head and tokenizer."""
+    te_path = text_encoder_source(model_dir, text_encoder)
+    search = [Path(model_dir)] if model_dir is not None else []
+    tok = load_tokenizer(
+        Path(tokenizer) if tokenizer is not None else te_path, search=search, bundled=tokenizer is None
+    )
+    decoder = load_text_encoder(te_path, dtype=dtype, device=device)
+    model = load_caption_model(te_path, decoder, dtype=dtype, device=device)
+    gen_folder, proc_folder = config_folders(te_path)
+    return caption_image(
+        model,
+        tok,
+        image,
+        language=language,
+        max_new_tokens=max_new_tokens,
+        settings=GenerationSettings.from_folder(gen_folder),
+        processor=ImageProcessorConfig.from_folder(proc_folder),
+    )
