@@ -2,6 +2,7 @@
 
 - `model_nodes.py`: Load Qwen-Layered (model files from ComfyUI's folders). `model_runtime.py`: the QIL_MODEL value.
 - `sample_nodes.py`: Decompose Image, Text to Layers, Decompose Layer. `sample_inputs.py`: their shared inputs.
+- `caption_nodes.py`: Caption Image (Qwen2.5-VL), the auto-caption as a STRING.
 - `layer_nodes.py`: Layer Transform, Layer Recolor, Composite Layers, Select Layers.
 - `stack_nodes.py`: delete, duplicate, merge down, move, drop empty, layer properties.
 - `convert_nodes.py`: IMAGE + MASK batches <-> LAYERS.
@@ -15,9 +16,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import convert_nodes, io_nodes, layer_nodes, model_nodes, sample_nodes, stack_nodes
+from . import caption_nodes, convert_nodes, io_nodes, layer_nodes, model_nodes, sample_nodes, stack_nodes
 
-_FAMILIES: tuple[ModuleType, ...] = (model_nodes, sample_nodes, convert_nodes, layer_nodes, stack_nodes, io_nodes)
+_FAMILIES: tuple[ModuleType, ...] = (model_nodes, sample_nodes, caption_nodes, convert_nodes, layer_nodes, stack_nodes,
+                                      io_nodes)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

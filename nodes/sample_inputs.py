@@ -24,6 +24,13 @@ SEMANTICS = (
 )
 
 
+AUTO_CAPTION_INPUTS: dict[str, Any] = {
+    "auto_caption": ("BOOLEAN", {"default": True, "tooltip": "With an empty prompt, caption the image with the "
+                     "model's Qwen2.5-VL first, as the reference does (needs the vision tower and lm_head)."}),
+    "caption_language": (["en", "zh"], {"default": "en", "tooltip": "Language of the auto-caption."}),
+}
+
+
 def prompt_inputs(model_tip: str) -> dict[str, Any]:
     """Inputs shared by the sampling nodes, in widget order after the node's own first inputs."""
     return {

@@ -16,6 +16,7 @@ from . import host
 from .common import CATEGORY, LAYERS_TIP, SELECT_TIP, image_batch, select, to_document, to_stack
 from .model_runtime import MODEL_TYPE, run_placement
 from .sample_inputs import (
+    AUTO_CAPTION_INPUTS,
     HIDDEN,
     OUTPUT_SIZES,
     SEMANTICS,
@@ -42,12 +43,13 @@ class QILDecompose:
         "layers, image by image, each bottom first."
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("LAYERS", "IMAGE", "MASK")
-    RETURN_NAMES = ("layers", "images", "masks")
-    OUTPUT_IS_LIST = (True, False, False)
+    RETURN_TYPES = ("LAYERS", "IMAGE", "MASK", "STRING")
+    RETURN_NAMES = ("layers", "images", "masks", "caption")
+    OUTPUT_IS_LIST = (True, False, False, False)
     OUTPUT_TOOLTIPS = ("One layer document per input image, bottom layer first.",
                        "All layers as RGBA images on the full canvas (B x N), bottom first per image.",
-                       "Their masks, 1 - alpha (B x N).")
+                       "Their masks, 1 - alpha (B x N).",
+                       "The prompt used: the auto-caption(s) when the prompt was empty (blank-line separated).")
     FUNCTION = "decompose"
 
     @classmethod
@@ -66,26 +68,33 @@ class QILDecompose:
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional transparency of the input (1 = transparent, as Load Image "
                          "gives it); replaces the image's alpha."}),
+                **AUTO_CAPTION_INPUTS,
+                "prompt_text": ("STRING", {"forceInput": True, "tooltip": "A prompt from another node (e.g. "
+                                "Caption Image); when connected it replaces the prompt widget."}),
             },
             "hidden": HIDDEN,
         }
 
     def decompose(self, model: Any, image: Any, prompt: str, negative_prompt: str, layers: int, steps: int,
                   cfg: float, cfg_normalize: bool, seed: int, resolution: str, max_side: int, output_size: str,
-                  mask: Any = None, unique_id: str | None = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+                  mask: Any = None, auto_caption: bool = True, caption_language: str = "en",
+                  prompt_text: str | None = None, unique_id: str | None = None) -> dict[str, Any]:
         from ..qil_core.model.pipeline.decompose import decompose  # on first use: keeps the pack import fast
 
         handle, layers, steps = check_counts(model, layers, steps)
         img = image_batch(image)  # [B, H, W, C]; a missing batch dimension is added (D2)
         res = parse_resolution(resolution)
+        prompt = prompt if prompt_text is None else prompt_text
         with run_placement(handle, *processing_size(img.shape[2], img.shape[1], res, max_side), layers) as pl:
             stacks = decompose(handle.model, img, mask=input_mask(mask, img), prompt=prompt,
                                negative_prompt=negative_prompt, layers=layers, steps=steps, cfg=cfg,
                                cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,
                                max_side=max_side if res == "custom" else None, output_size=output_size, placement=pl,
                                callback=host.make_callback(steps * img.shape[0], node_id=unique_id,
-                                                           label="Decompose Image"))
-        return ([to_document(s) for s in stacks], *layer_images(stacks))
+                                                           label="Decompose Image"),
+                               auto_caption=bool(auto_caption), caption_language=caption_language)
+        used = "\n\n".join(s.caption for s in stacks if s.caption is not None) or prompt
+        return {"ui": {"text": [used]}, "result": ([to_document(s) for s in stacks], *layer_images(stacks), used)}
 
 
 class QILTextToLayers:

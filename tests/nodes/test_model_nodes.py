@@ -52,7 +52,7 @@ def _picture() -> torch.Tensor:
 
 
 def _decompose(env: tuple, image: Any, **changes: Any) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
-    return sample_nodes.QILDecompose().decompose(env[1], image, **{**SETTINGS, **changes})
+    return sample_nodes.QILDecompose().decompose(env[1], image, **{**SETTINGS, **changes})["result"][:3]
 
 
 class Forwards:
@@ -216,7 +216,7 @@ def test_a_diffusers_folder_can_be_chosen_instead(env: tuple) -> None:
         assert model_nodes.QILLoadModel.VALIDATE_INPUTS("gone.safetensors", "", "", "qwen_layered_tiny") is True
         (handle,) = model_nodes.QILLoadModel().load("gone.safetensors", "", "", diffusers_folder="qwen_layered_tiny")
         assert handle.files == {"model_dir": str(h.base / "models" / "diffusers" / "qwen_layered_tiny")}
-        docs, images, _ = sample_nodes.QILDecompose().decompose(handle, _picture(), **SETTINGS)
+        docs, images, _ = sample_nodes.QILDecompose().decompose(handle, _picture(), **SETTINGS)["result"][:3]
     assert len(docs) == 1 and images.shape == (2, 64, 64, 4)
 
 
@@ -264,7 +264,7 @@ def test_memory_modes_give_the_resident_layers(env: tuple, mode: str, monkeypatc
         with _weights_in_allocated_memory(env[1].model, copy=mode != "resident"):  # see there: same layout
             _, expected, _ = _decompose(env, _picture())  # memory mode auto, which is resident on a CPU
         with caplog.at_level(logging.INFO):
-            _, got, _ = sample_nodes.QILDecompose().decompose(handle, _picture(), **SETTINGS)
+            _, got, _ = sample_nodes.QILDecompose().decompose(handle, _picture(), **SETTINGS)["result"][:3]
     assert torch.equal(got, expected)
     assert env[1].memory_mode == "auto" and env[1].resolved_mode == "resident"
     shown = {"offload": "; OffloadPlacement(device=cpu", "resident": "memory mode",
@@ -312,7 +312,7 @@ def test_fp8_on_the_fly_quantises_the_transformer_blocks(env: tuple) -> None:
         dit = handle.model.transformer
         assert isinstance(dit.transformer_blocks[0].attn.to_q, quant.Fp8Linear)
         assert not isinstance(dit.proj_out, quant.Fp8Linear) and not isinstance(dit.img_in, quant.Fp8Linear)
-        _, images, _ = sample_nodes.QILDecompose().decompose(handle, _picture(), **SETTINGS)
+        _, images, _ = sample_nodes.QILDecompose().decompose(handle, _picture(), **SETTINGS)["result"][:3]
     assert torch.isfinite(images).all() and images.shape == (2, 64, 64, 4)
 
 

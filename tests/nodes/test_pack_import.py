@@ -16,6 +16,7 @@ from comfy_harness import ROOT, load_pack
 EXPECTED_NODES = {
     "QILLoadModel": "Load Qwen-Layered",
     "QILDecompose": "Decompose Image",
+    "QILCaptionImage": "Caption Image (Qwen2.5-VL)",
     "QILTextToLayers": "Text to Layers",
     "QILDecomposeLayer": "Decompose Layer",
     "QILImagesToLayers": "Images to Layers",

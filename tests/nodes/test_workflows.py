@@ -17,7 +17,8 @@ from psd_tools import PSDImage
 from qil_graphs import API_DIR, MODEL_FILES, WORKFLOWS, harness, items, load_workflow, workflow_names
 from qil_graphs import fast as fast_graph
 
-REQUIRED = {"decompose_to_psd", "decompose_edit_composite", "recursive_decomposition", "text_to_layers", "psd_edit"}
+REQUIRED = {"decompose_to_psd", "decompose_edit_composite", "recursive_decomposition", "text_to_layers", "psd_edit",
+            "caption_edit_decompose"}
 VIRTUAL = {"Note", "MarkdownNote"}  # frontend-only nodes, never part of the API graph
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # Stock core nodes a workflow may use: present in every ComfyUI since 0.3.
@@ -44,6 +45,8 @@ def _declared(cls: type) -> dict[str, tuple]:
 
 
 def _is_widget(decl: tuple) -> bool:
+    if len(decl) > 1 and decl[1].get("forceInput"):
+        return False  # a socket, not a widget
     return isinstance(decl[0], list) or decl[0] in ("INT", "FLOAT", "STRING", "BOOLEAN")
 
 
@@ -178,5 +181,10 @@ def test_workflow_runs_end_to_end(name: str, tmp_path: Path) -> None:
     elif name == "psd_edit":
         assert names == ["Background", "box", "title"] and psd.size == (96, 72)
         assert (psd[2].left, psd[2].top) != (50, 6)  # the title moved
+    elif name == "caption_edit_decompose":
+        assert names == decomposed and psd.size == (64, 64)
+        caption = result.outputs["3"][0]
+        assert isinstance(caption, str) and caption and result.ui["3"]["text"] == [caption]
+        assert result.outputs["4"][3] == caption and result.ui["4"]["text"] == [caption]  # the prompt it used
     else:
         pytest.fail(f"no checks written for workflow {name!r}")

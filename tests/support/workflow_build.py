@@ -75,6 +75,22 @@ SPECS: dict[str, dict[str, Any]] = {
                                "also_composite_png": False}, (1620, 420)),
         ],
     },
+    "caption_edit_decompose": {
+        "note": "CAPTION, EDIT, DECOMPOSE\nCaption Image writes the caption the reference would use for an empty "
+                "prompt (shown on the node). It feeds Decompose Image's prompt_text. To edit it: copy the text from "
+                "Caption Image, change it, paste it into Decompose Image's prompt and remove the prompt_text link "
+                "(a connected prompt_text wins over the prompt widget). Decompose Image's caption output is the "
+                "prompt it used. Needs the text encoder's vision tower and lm_head (the diffusers text_encoder/ "
+                "folder has both).\n\n" + MODEL_NOTE,
+        "nodes": [
+            (1, "LoadImage", {"image": "example.png"}, (40, 420)),
+            (2, "QILLoadModel", dict(MODEL), (40, 120)),
+            (3, "QILCaptionImage", {"model": [2, 0], "image": [1, 0]}, (440, 420)),
+            (4, "QILDecompose", {"model": [2, 0], "image": [1, 0], "mask": [1, 1], "prompt_text": [3, 0]},
+             (860, 120)),
+            (5, "QILSavePSD", {"layers": [4, 0], "filename_prefix": "QwenLayered/captioned"}, (1280, 120)),
+        ],
+    },
     "recursive_decomposition": {
         "note": "RECURSIVE DECOMPOSITION\nDecompose the picture, then split its top layer again into 3 sub-layers, "
                 "in place. Change 'layer' to split another one (0 = bottom, -1 = top, or a layer name).\n\n"
@@ -124,7 +140,9 @@ def mappings() -> dict[str, type]:
 
 
 def is_widget(decl: tuple) -> bool:
-    """True for inputs the frontend shows as a widget: combos and INT/FLOAT/STRING/BOOLEAN."""
+    """True for inputs the frontend shows as a widget: combos and INT/FLOAT/STRING/BOOLEAN (not forceInput ones)."""
+    if len(decl) > 1 and decl[1].get("forceInput"):
+        return False
     return isinstance(decl[0], list) or decl[0] in WIDGET_TYPES
 
 

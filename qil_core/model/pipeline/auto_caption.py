@@ -116,3 +116,26 @@ def conditions_per_caption(
         pos += p
         neg = None if n is None or neg is None else neg + n
     return pos, neg
+
+
+def caption_inputs_at(
+    model: QwenLayeredModel,
+    placement: Placement,
+    image: Any,
+    *,
+    resolution: int | str = 640,
+    max_side: int | None = None,
+    mask: Any = None,
+    language: str = "en",
+    max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
+) -> list[str]:
+    """Captions of images in any input form, each first resized to the processing size of `resolution` as decompose
+    does, so a caption equals the one decompose would write for an empty prompt."""
+    from .imaging import bucket_size, check_resolution, prepare_images, resize_rgba
+
+    _, language = check_caption_options(True, language)
+    mode = check_resolution(resolution, max_side)
+    images = [
+        resize_rgba(im, bucket_size(im.shape[1], im.shape[0], mode, max_side)) for im in prepare_images(image, mask)
+    ]
+    return caption_images(model, placement, images, language=language, max_new_tokens=max_new_tokens)

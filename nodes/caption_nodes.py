@@ -1,0 +1,74 @@
+"""Caption Image (Qwen2.5-VL): the caption Decompose Image writes for an empty prompt, as a STRING to read and edit
+(a thin adapter over qil_core.model.pipeline.auto_caption)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import CATEGORY, image_batch, integer
+from .model_runtime import MODEL_TYPE, run_placement
+from .sample_inputs import check_counts, parse_resolution, size_inputs
+
+
+class QILCaptionImage:
+    """Caption an image with the model's Qwen2.5-VL text encoder, its vision tower and LM head."""
+
+    DESCRIPTION = (
+        "Writes the caption Qwen-Image-Layered's reference pipeline uses when the prompt is empty: the text encoder "
+        "(Qwen2.5-VL) describes the image with the official annotator instruction. Connect it to Decompose Image's "
+        "prompt (convert the widget to an input), or copy and edit it. Needs the full text-encoder file with its "
+        "vision tower and lm_head (the diffusers text_encoder/ folder has both). A batch gives one caption per "
+        "image, separated by blank lines."
+    )
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("STRING",)
+    RETURN_NAMES = ("caption",)
+    OUTPUT_TOOLTIPS = ("The caption (English or Chinese), stripped.",)
+    FUNCTION = "caption"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {
+                "model": (MODEL_TYPE, {"tooltip": "From Load Qwen-Layered, with its text encoder."}),
+                "image": ("IMAGE", {"tooltip": "The picture to describe."}),
+                "language": (
+                    ["en", "zh"],
+                    {"default": "en", "tooltip": "en: the official app's choice; zh: diffusers' default."},
+                ),
+                "max_new_tokens": (
+                    "INT",
+                    {"default": 512, "min": 1, "max": 4096, "tooltip": "Most tokens to write (512 as the reference)."},
+                ),
+                **size_inputs(),  # as Decompose Image's: the same resize gives the caption it would write
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def caption(
+        self,
+        model: Any,
+        image: Any,
+        language: str,
+        max_new_tokens: int,
+        resolution: str,
+        max_side: int,
+        unique_id: str | None = None,
+    ) -> dict[str, Any]:
+        from ..qil_core.model.pipeline.auto_caption import caption_inputs_at
+
+        handle, _, _ = check_counts(model, 1, 1)
+        img = image_batch(image)
+        tokens = integer("max_new_tokens", max_new_tokens, 1, 4096)
+        res = parse_resolution(resolution)
+        side = max_side if res == "custom" else None
+        with run_placement(handle, int(img.shape[2]), int(img.shape[1]), 1) as pl:
+            captions = caption_inputs_at(
+                handle.model, pl, img, resolution=res, max_side=side, language=language, max_new_tokens=tokens
+            )
+        text = "\n\n".join(captions)
+        return {"ui": {"text": [text]}, "result": (text,)}
+
+
+NODE_CLASS_MAPPINGS = {"QILCaptionImage": QILCaptionImage}
+NODE_DISPLAY_NAME_MAPPINGS = {"QILCaptionImage": "Caption Image (Qwen2.5-VL)"}

@@ -1,0 +1,69 @@
+"""Caption Image (Qwen2.5-VL) and Decompose Image's auto-caption switch, called directly on the tiny model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from comfy_harness import pack_module
+from qil_graphs import MODEL_FILES, ListHarness, harness, sample_picture
+
+model_nodes = pack_module("nodes.model_nodes")
+sample_nodes = pack_module("nodes.sample_nodes")
+caption_nodes = pack_module("nodes.caption_nodes")
+errors = pack_module("qil_core.errors")
+SETTINGS = dict(
+    negative_prompt=" ",
+    layers=2,
+    steps=1,
+    cfg=4.0,
+    cfg_normalize=True,
+    seed=7,
+    resolution="custom",
+    max_side=64,
+    output_size="processing",
+)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ListHarness, Any]]:
+    h = harness(tmp_path_factory.mktemp("caption_nodes"))
+    with h.host():
+        (handle,) = model_nodes.QILLoadModel().load(
+            *(MODEL_FILES[k].name for k in ("transformer", "vae", "text_encoder"))
+        )
+        yield h, handle
+
+
+def _picture() -> torch.Tensor:
+    return torch.from_numpy(sample_picture()).float()[None] / 255.0
+
+
+def test_caption_node_equals_decompose_auto_caption(env) -> None:
+    h, handle = env
+    with h.host():
+        out = caption_nodes.QILCaptionImage().caption(handle, _picture(), "en", 16, "custom", 64)
+        dec = sample_nodes.QILDecompose().decompose(handle, _picture(), prompt="", **SETTINGS)
+        typed = sample_nodes.QILDecompose().decompose(handle, _picture(), prompt="a box", **SETTINGS)
+        off = sample_nodes.QILDecompose().decompose(handle, _picture(), prompt="", auto_caption=False, **SETTINGS)
+    caption = out["result"][0]
+    assert caption and out["ui"]["text"] == [caption]
+    used = dec["result"][3]
+    assert used and used.startswith(caption[:10])  # same resize and prompt; the node stopped after 16 tokens
+    assert dec["ui"]["text"] == [used]
+    assert typed["result"][3] == "a box" and off["result"][3] == ""
+
+
+def test_prompt_text_socket_wins_and_bad_inputs(env) -> None:
+    h, handle = env
+    with h.host():
+        dec = sample_nodes.QILDecompose().decompose(
+            handle, _picture(), prompt="ignored", prompt_text="from a node", **SETTINGS
+        )
+        assert dec["result"][3] == "from a node"
+        with pytest.raises(errors.InputError, match="caption_language"):
+            caption_nodes.QILCaptionImage().caption(handle, _picture(), "fr", 16, "640", 1024)
+        with pytest.raises(errors.InputError, match="max_new_tokens"):
+            caption_nodes.QILCaptionImage().caption(handle, _picture(), "en", 0, "640", 1024)
