@@ -15,7 +15,9 @@ times denoising steps with true CFG (a positive and a negative forward, ~150 tex
                        comfy-kitchen's W8A8 int8 matmul (quant_kernels.py; the bf16 weights are rebuilt first)
   ours-nvfp4-ck        block Linears in NVFP4 with comfy-kitchen's FP4 matmul (Blackwell; elsewhere its layers
                        fall back to per-layer dequantisation, which the notes then say)
-and a real-size RGBA-VAE (encode + per-layer decode) for the end-to-end projection. Printed per variant: s/step,
+and a real-size RGBA-VAE (encode + per-layer decode) for the end-to-end projection, and the auto-caption step
+(bench/gpu_caption.py: ms per new token of our Qwen2.5-VL captioner, 2 LM layers projected to 28; memory).
+Printed per variant: s/step,
 achieved TFLOP/s from the cost model (one forward = 13.59 GFLOP*L + 0.737 MFLOP*L^2, L = text + image tokens,
 image tokens = (N+2)(H/16)(W/16)), peak memory (torch.cuda.max_memory_allocated), ratios ours/diffusers, the
 projected 50-step end-to-end time, and the fp8 velocity error against bf16. Results also go to --out as JSON.
@@ -46,6 +48,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench import speed  # noqa: E402
+from bench.gpu_caption import run_caption  # noqa: E402
 from qil_core.model.arch.config import TransformerConfig  # noqa: E402
 from qil_core.model.arch.transformer import build_transformer  # noqa: E402
 from qil_core.model.arch.vae import RGBAVAE, VAEConfig  # noqa: E402
@@ -414,7 +417,9 @@ def _run(b: Bench, settings: list[Setting]) -> dict[str, Any]:
         _kitchen_variant(b, fmt, settings, inputs, v_bf16)
 
     vae = [run_vae(b, s) for s in settings[: 1 if b.dry else None]] if b.elapsed() < args.budget_s else []
-    return _report(b, env, settings, vae)
+    report = _report(b, env, settings, vae)
+    report["caption"] = run_caption(b.device, b.dry, log=b.log) if b.elapsed() < args.budget_s else None
+    return report
 
 
 def _kitchen_variant(b: Bench, fmt: str, settings: list[Setting], inputs: dict[str, Any], v_bf16: torch.Tensor) -> None:
