@@ -11,15 +11,40 @@ from safetensors.torch import save_file
 
 # Every kind of Linear the transformer has: attention (both streams), MLPs, modulation, embeddings, output.
 TARGETS = [
-    "to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
-    "img_mlp.net.0.proj", "img_mlp.net.2", "txt_mlp.net.0.proj", "txt_mlp.net.2", "img_mod.1", "txt_mod.1",
-    "img_in", "txt_in", "proj_out", "norm_out.linear", "timestep_embedder.linear_1", "timestep_embedder.linear_2",
+    "to_q",
+    "to_k",
+    "to_v",
+    "to_out.0",
+    "add_q_proj",
+    "add_k_proj",
+    "add_v_proj",
+    "to_add_out",
+    "img_mlp.net.0.proj",
+    "img_mlp.net.2",
+    "txt_mlp.net.0.proj",
+    "txt_mlp.net.2",
+    "img_mod.1",
+    "txt_mod.1",
+    "img_in",
+    "txt_in",
+    "proj_out",
+    "norm_out.linear",
+    "timestep_embedder.linear_1",
+    "timestep_embedder.linear_2",
 ]
 
 
-def make_peft_lora(transformer: torch.nn.Module, folder: Path, *, seed: int, rank: int = 4, alpha: float = 8.0,
-                   weight_name: str = "lora.safetensors", targets: list[str] | None = None,
-                   amplitude: float = 0.3) -> Path:
+def make_peft_lora(
+    transformer: torch.nn.Module,
+    folder: Path,
+    *,
+    seed: int,
+    rank: int = 4,
+    alpha: float = 8.0,
+    weight_name: str = "lora.safetensors",
+    targets: list[str] | None = None,
+    amplitude: float = 0.3,
+) -> Path:
     """Add a random PEFT adapter to a diffusers transformer, save it with save_lora_weights, remove it again."""
     from diffusers import QwenImageLayeredPipeline
     from peft import LoraConfig
@@ -35,8 +60,9 @@ def make_peft_lora(transformer: torch.nn.Module, folder: Path, *, seed: int, ran
                 p.copy_(torch.randn(p.shape, generator=gen) * amplitude)
     layers = get_peft_model_state_dict(transformer, adapter_name=name)
     meta = transformer.peft_config[name].to_dict()
-    QwenImageLayeredPipeline.save_lora_weights(folder, transformer_lora_layers=layers, weight_name=weight_name,
-                                               transformer_lora_adapter_metadata=meta)
+    QwenImageLayeredPipeline.save_lora_weights(
+        folder, transformer_lora_layers=layers, weight_name=weight_name, transformer_lora_adapter_metadata=meta
+    )
     transformer.delete_adapters(name)
     return Path(folder) / weight_name
 

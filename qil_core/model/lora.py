@@ -41,22 +41,48 @@ DOTTED_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_mod
 FLAT_PREFIXES = ("lora_unet_", "lycoris_", "lora_transformer_")
 # Tensor-name suffix -> role in a patch.
 SUFFIXES: dict[str, str] = {
-    "lora_A.weight": "down", "lora_B.weight": "up", "lora_A.default.weight": "down", "lora_B.default.weight": "up",
-    "lora_down.weight": "down", "lora_up.weight": "up", "lora.down.weight": "down", "lora.up.weight": "up",
-    "lora_B.bias": "up_bias", "lora_B.default.bias": "up_bias", "alpha": "alpha",
-    "diff": "diff", "diff_b": "diff_b", "w_norm": "diff", "b_norm": "diff_b",
+    "lora_A.weight": "down",
+    "lora_B.weight": "up",
+    "lora_A.default.weight": "down",
+    "lora_B.default.weight": "up",
+    "lora_down.weight": "down",
+    "lora_up.weight": "up",
+    "lora.down.weight": "down",
+    "lora.up.weight": "up",
+    "lora_B.bias": "up_bias",
+    "lora_B.default.bias": "up_bias",
+    "alpha": "alpha",
+    "diff": "diff",
+    "diff_b": "diff_b",
+    "w_norm": "diff",
+    "b_norm": "diff_b",
 }
 # Adapter types we know but do not apply: refused by name rather than as unknown keys.
-UNSUPPORTED = {"dora_scale": "DoRA", "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr",
-               "lora_mid.weight": "LoCon (conv)", "lora_embedding_A": "embedding LoRA"}
+UNSUPPORTED = {
+    "dora_scale": "DoRA",
+    "hada_w1_a": "LoHa",
+    "lokr_w1": "LoKr",
+    "lokr_w1_a": "LoKr",
+    "lora_mid.weight": "LoCon (conv)",
+    "lora_embedding_A": "embedding LoRA",
+}
 # Substrings that identify the transformer of another model family.
 FOREIGN_MARKERS: tuple[tuple[str, str], ...] = (
-    ("double_blocks", "Flux / HunyuanVideo"), ("single_blocks", "Flux / HunyuanVideo"),
-    ("single_transformer_blocks", "Flux"), ("x_embedder", "Flux / SD3"), ("context_embedder", "Flux / SD3"),
-    ("norm1_context", "Flux / SD3"), ("joint_blocks", "SD3"), ("down_blocks", "Stable Diffusion (UNet)"),
-    ("input_blocks", "Stable Diffusion (UNet)"), ("mid_block", "Stable Diffusion (UNet)"),
-    ("lora_te", "a text encoder"), ("text_encoder", "a text encoder"), ("cross_attn", "Wan"),
-    ("self_attn", "Wan / a language model"), ("noise_refiner", "Lumina / Z-Image"),
+    ("double_blocks", "Flux / HunyuanVideo"),
+    ("single_blocks", "Flux / HunyuanVideo"),
+    ("single_transformer_blocks", "Flux"),
+    ("x_embedder", "Flux / SD3"),
+    ("context_embedder", "Flux / SD3"),
+    ("norm1_context", "Flux / SD3"),
+    ("joint_blocks", "SD3"),
+    ("down_blocks", "Stable Diffusion (UNet)"),
+    ("input_blocks", "Stable Diffusion (UNet)"),
+    ("mid_block", "Stable Diffusion (UNet)"),
+    ("lora_te", "a text encoder"),
+    ("text_encoder", "a text encoder"),
+    ("cross_attn", "Wan"),
+    ("self_attn", "Wan / a language model"),
+    ("noise_refiner", "Lumina / Z-Image"),
     ("layers.0.attention", "Lumina / Z-Image"),
 )
 EXPECTED_NAMING = (
@@ -95,8 +121,12 @@ class LoraFile:
     @property
     def nbytes(self) -> int:
         """Bytes of all tensors held."""
-        return sum(t.numel() * t.element_size() for p in self.patches.values()
-                   for t in (p.down, p.up, p.up_bias, p.diff, p.diff_b) if t is not None)
+        return sum(
+            t.numel() * t.element_size()
+            for p in self.patches.values()
+            for t in (p.down, p.up, p.up_bias, p.diff, p.diff_b)
+            if t is not None
+        )
 
     def describe(self) -> str:
         """One line for logs: name, layout, modules, ranks."""
@@ -214,16 +244,23 @@ def _check_shapes(name: str, module: str, m: nn.Module, p: LoraPatch, source: st
     if p.down is not None and p.up is not None:
         if len(shape) != 2:
             problems.append(f"is a low-rank pair but {module} is not a Linear layer (weight {shape})")
-        elif p.down.ndim != 2 or p.up.ndim != 2 or p.up.shape[1] != p.down.shape[0] or \
-                (p.up.shape[0], p.down.shape[1]) != shape:
-            problems.append(f"has up {tuple(p.up.shape)} x down {tuple(p.down.shape)}, the layer needs "
-                            f"({shape[0]}, r) x (r, {shape[1]})")
+        elif (
+            p.down.ndim != 2
+            or p.up.ndim != 2
+            or p.up.shape[1] != p.down.shape[0]
+            or (p.up.shape[0], p.down.shape[1]) != shape
+        ):
+            problems.append(
+                f"has up {tuple(p.up.shape)} x down {tuple(p.down.shape)}, the layer needs "
+                f"({shape[0]}, r) x (r, {shape[1]})"
+            )
     if p.diff is not None and tuple(p.diff.shape) != tuple(m.weight.shape) and tuple(p.diff.shape) != shape:
         problems.append(f"has a diff of shape {tuple(p.diff.shape)}, the weight is {shape}")
     for what, t in (("diff_b", p.diff_b), ("lora_B.bias", p.up_bias)):
         if t is not None and (bias is None or tuple(t.shape) != tuple(bias.shape)):
-            problems.append(f"has a {what} of shape {tuple(t.shape)}, the bias is "
-                            f"{None if bias is None else tuple(bias.shape)}")
+            problems.append(
+                f"has a {what} of shape {tuple(t.shape)}, the bias is {None if bias is None else tuple(bias.shape)}"
+            )
     if problems:
         raise ModelMismatchError(
             f"{source}: the LoRA entry for {module} {'; '.join(problems)}. This LoRA was made for a model of another "
@@ -249,8 +286,10 @@ def read_lora(path: PathLike, model: nn.Module, *, name: str | None = None) -> L
         raise WeightsError(f"{p}: the file holds no tensors; it is not a LoRA")
     kind = _unsupported(keys)
     if kind:
-        raise WeightsError(f"{p}: this is a {kind} adapter, which is not supported; use a plain LoRA (lora_A/lora_B "
-                           "or lora_down/lora_up) or full-delta (.diff) file")
+        raise WeightsError(
+            f"{p}: this is a {kind} adapter, which is not supported; use a plain LoRA (lora_A/lora_B "
+            "or lora_down/lora_up) or full-delta (.diff) file"
+        )
     table = module_table(model)
     flat = {n.replace(".", "_"): n for n in table}
     cfg = _metadata_config(metadata)
@@ -264,8 +303,9 @@ def read_lora(path: PathLike, model: nn.Module, *, name: str | None = None) -> L
             continue
         role = SUFFIXES[split[1]]
         if role in parts.setdefault(module, {}):
-            raise WeightsError(f"{p}: {module} appears twice as {role} (e.g. {k}); the file mixes two namings of "
-                               "the same layer")
+            raise WeightsError(
+                f"{p}: {module} appears twice as {role} (e.g. {k}); the file mixes two namings of the same layer"
+            )
         parts[module][role] = tensors[k]
     if unknown:
         family = foreign_architecture(unknown)
@@ -291,8 +331,14 @@ def read_lora(path: PathLike, model: nn.Module, *, name: str | None = None) -> L
         _check_shapes(label, module, table[module], patch, str(p))
         patches[module] = patch
     lora = LoraFile(label, patches, _layout(keys), metadata)
-    logger.info("%s: %d of %d keys matched %d of %d patchable layers", lora.describe(), len(keys), len(keys),
-                len(patches), len(table))
+    logger.info(
+        "%s: %d of %d keys matched %d of %d patchable layers",
+        lora.describe(),
+        len(keys),
+        len(keys),
+        len(patches),
+        len(table),
+    )
     return lora
 
 

@@ -48,8 +48,9 @@ _ids = itertools.count(1)
 class LoraBranch(nn.Module):
     """The on-the-fly part of every LoRA on one layer: x -> x D^T U^T (+ x dW^T + db); buffers not persistent."""
 
-    def __init__(self, down: Tensor | None, up: Tensor | None, weight_delta: Tensor | None,
-                 bias_delta: Tensor | None) -> None:
+    def __init__(
+        self, down: Tensor | None, up: Tensor | None, weight_delta: Tensor | None, bias_delta: Tensor | None
+    ) -> None:
         super().__init__()
         self.register_buffer("down", down, persistent=False)  # (R, in), every LoRA's rows stacked
         self.register_buffer("up", up, persistent=False)  # (out, R), strength x scale folded in
@@ -137,8 +138,9 @@ class LoraStack:
         names = dict.fromkeys(n for e in live for n in e.lora.patches)
         missing = [n for n in names if n not in table]
         if missing:
-            raise InputError(f"LoRA layers {missing[:5]} are not in this transformer; the LoRA was read for another "
-                             "model")
+            raise InputError(
+                f"LoRA layers {missing[:5]} are not in this transformer; the LoRA was read for another model"
+            )
         dtype = getattr(self.model, "dtype", torch.float32)
         for name in names:
             module = table[name]
@@ -194,8 +196,9 @@ class LoraStack:
                     bd = b * e.strength if bd is None else bd + b * e.strength
         down = torch.cat(downs).to(device, dtype) if downs else None
         up = torch.cat(ups, dim=1).to(device, dtype) if ups else None
-        branch = LoraBranch(down, up, None if wd is None else wd.to(device, dtype),
-                            None if bd is None else bd.to(device, dtype))
+        branch = LoraBranch(
+            down, up, None if wd is None else wd.to(device, dtype), None if bd is None else bd.to(device, dtype)
+        )
         module.add_module(BRANCH, branch)
         self._branched.append(module)
         self._hooks.append(module.register_forward_hook(_add_branch))
@@ -226,7 +229,8 @@ class LoraStack:
                 delta = d if delta is None else delta + d
             for b in (p.diff_b, None if p.up_bias is None else p.up_bias * p.scale):
                 if b is not None:
-                    bias_delta = b.to(device) * e.strength if bias_delta is None else bias_delta + b.to(device) * e.strength
+                    b = b.to(device) * e.strength
+                    bias_delta = b if bias_delta is None else bias_delta + b
         if delta is not None:
             if isinstance(module, Fp8Linear):
                 merged = module.dequantized_weight(torch.float32) + delta
@@ -335,5 +339,14 @@ def loras_applied(model: Any, loras: Sequence[tuple[LoraFile, float]], *, mode: 
         stack.rebuild()
 
 
-__all__ = ["MODES", "LoraBranch", "LoraHandle", "LoraStack", "apply_lora", "load_lora", "lora_stack",
-           "loras_applied", "remove_loras"]
+__all__ = [
+    "MODES",
+    "LoraBranch",
+    "LoraHandle",
+    "LoraStack",
+    "apply_lora",
+    "load_lora",
+    "lora_stack",
+    "loras_applied",
+    "remove_loras",
+]
