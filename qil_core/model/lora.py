@@ -25,6 +25,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -230,9 +231,16 @@ def _scale(module: str, rank: int, alpha: Tensor | None, cfg: Mapping) -> float:
 
 
 def _weight_shape(m: nn.Module) -> tuple[int, ...]:
-    if hasattr(m, "out_features") and hasattr(m, "in_features"):
-        return (int(m.out_features), int(m.in_features))
-    return tuple(m.weight.shape)
+    """(out, in) of a Linear (fp8 or not), else the weight's shape."""
+    info: Any = m
+    if hasattr(info, "out_features") and hasattr(info, "in_features"):
+        return (int(info.out_features), int(info.in_features))
+    return tuple(info.weight.shape)
+
+
+def _stored_shape(m: nn.Module) -> tuple[int, ...]:
+    info: Any = m
+    return tuple(info.weight.shape)
 
 
 def _check_shapes(name: str, module: str, m: nn.Module, p: LoraPatch, source: str) -> None:
@@ -254,7 +262,8 @@ def _check_shapes(name: str, module: str, m: nn.Module, p: LoraPatch, source: st
                 f"has up {tuple(p.up.shape)} x down {tuple(p.down.shape)}, the layer needs "
                 f"({shape[0]}, r) x (r, {shape[1]})"
             )
-    if p.diff is not None and tuple(p.diff.shape) != tuple(m.weight.shape) and tuple(p.diff.shape) != shape:
+    stored = tuple(_stored_shape(m))
+    if p.diff is not None and tuple(p.diff.shape) != stored and tuple(p.diff.shape) != shape:
         problems.append(f"has a diff of shape {tuple(p.diff.shape)}, the weight is {shape}")
     for what, t in (("diff_b", p.diff_b), ("lora_B.bias", p.up_bias)):
         if t is not None and (bias is None or tuple(t.shape) != tuple(bias.shape)):

@@ -48,6 +48,11 @@ _ids = itertools.count(1)
 class LoraBranch(nn.Module):
     """The on-the-fly part of every LoRA on one layer: x -> x D^T U^T (+ x dW^T + db); buffers not persistent."""
 
+    down: Tensor | None
+    up: Tensor | None
+    weight_delta: Tensor | None
+    bias_delta: Tensor | None
+
     def __init__(
         self, down: Tensor | None, up: Tensor | None, weight_delta: Tensor | None, bias_delta: Tensor | None
     ) -> None:
@@ -65,7 +70,8 @@ class LoraBranch(nn.Module):
         """(..., in) -> the output delta (..., out) in x's dtype."""
         out: Tensor | None = None
         if self.down is not None:
-            out = F.linear(F.linear(x, self._on(self.down, x)), self._on(self.up, x))  # type: ignore[arg-type]
+            assert self.up is not None
+            out = F.linear(F.linear(x, self._on(self.down, x)), self._on(self.up, x))
         if self.weight_delta is not None:
             bias = None if self.bias_delta is None else self._on(self.bias_delta, x)
             dense = F.linear(x, self._on(self.weight_delta, x), bias)
@@ -180,7 +186,7 @@ class LoraStack:
 
     # -- fly -----------------------------------------------------------------------------------------------
     def _attach(self, module: nn.Module, items: list[tuple[ActiveLora, LoraPatch]], dtype: torch.dtype) -> None:
-        device = module.weight.device
+        device = _weight(module).device
         downs, ups = [], []
         wd: Tensor | None = None
         bd: Tensor | None = None
@@ -214,7 +220,7 @@ class LoraStack:
             owner._buffers[attr] = new
 
     def _merge(self, module: nn.Module, items: list[tuple[ActiveLora, LoraPatch]]) -> None:
-        weight: Tensor = module.weight
+        weight = _weight(module)
         device = weight.device
         delta: Tensor | None = None
         bias_delta: Tensor | None = None
@@ -236,13 +242,19 @@ class LoraStack:
                 merged = module.dequantized_weight(torch.float32) + delta
                 w8, scale = quantize_tensor_fp8(merged, module.weight.dtype)
                 self._swap(module, "weight", True, w8)
-                self._swap(module, "weight_scale", False, scale.to(module.weight_scale.device))
+                self._swap(module, "weight_scale", False, scale.to(weight.device))
             else:
                 self._swap(module, "weight", True, (weight.float() + delta).to(weight.dtype))
         if bias_delta is not None:
             bias = getattr(module, "bias", None)
             assert bias is not None
             self._swap(module, "bias", True, (bias.float() + bias_delta).to(bias.dtype))
+
+
+def _weight(module: nn.Module) -> Tensor:
+    w: Any = module.weight
+    assert isinstance(w, Tensor)
+    return w
 
 
 def _out_in(module: nn.Module) -> tuple[int, int]:
