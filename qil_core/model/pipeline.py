@@ -59,7 +59,7 @@ from .sampling import (
     encode_condition,
     latent_grid,
 )
-from .scheduler import calculate_mu, get_sigmas
+from .sampler_options import SamplerOptions, check_options, schedule_for
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def _run(
     model: QwenLayeredModel, placement: Placement, inputs: list[np.ndarray | None], sizes: list[tuple[int, int]],
     layers: int, steps: int, cfg: float, cfg_normalize: bool, seed: int, cfg_batch: bool | str,
     callback: Callback | None, generator_device: torch.device, noise: Any, text: tuple, keep_composite: bool,
-    vae_tile: int | None = None,
+    vae_tile: int | None = None, sampler: SamplerOptions | None = None,
 ) -> list[list[np.ndarray]]:
     """Sample and decode every image; returns per image the RGBA float frames 1..N (+ frame 0 last if kept).
 
@@ -185,7 +185,7 @@ def _run(
             for b, (h, w) in enumerate(grids):
                 hp, wp = h // 2, w // 2
                 shapes = [(1, hp, wp)] * (layers + 1) + ([(1, hp, wp)] if conds[b] is not None else [])
-                sigmas = get_sigmas(steps, calculate_mu(hp * wp))
+                sigmas = schedule_for(sampler, steps, hp * wp)
                 guidance = None if neg is None else Guidance(neg[b], cfg, cfg_normalize)
                 tokens = sum(f * y * x for f, y, x in shapes) + pos[b].embeds.shape[1]
                 batched = guidance is not None and choose_cfg_batch(cfg_batch, dit, tokens, dtype, device)
@@ -247,6 +247,7 @@ def decompose(
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     keep_composite: bool = False,
     vae_tile: int | None = None,
+    sampler: SamplerOptions | None = None,
 ) -> list[LayerStack]:
     """Decompose each image (IMAGE [B,H,W,C], array, PIL or a list) into N RGBA layers; one LayerStack per image.
 
@@ -257,6 +258,8 @@ def decompose(
     """
     model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
         model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
+    sampler = check_options(sampler)
+    steps = sampler.resolve_steps(steps) if sampler is not None else steps
     vae_tile = vae_tiling.check_tile(vae_tile)
     mode = check_resolution(resolution, max_side)
     output_size = chk.check_output_mode(output_size)
@@ -275,7 +278,7 @@ def decompose(
     logger.info("decomposing %d image(s) into %d layers at %s, %d steps, cfg %g%s, seed %d", len(inputs), layers,
                 ", ".join(f"{w}x{h}" for w, h in sizes), steps, cfg, " (normalized)" if cfg_normalize else "", seed)
     frames = _run(model, placement, inputs, sizes, layers, steps, cfg, cfg_normalize, seed, cfg_batch, callback,
-                  gen_dev, noise, text, keep_composite, vae_tile)
+                  gen_dev, noise, text, keep_composite, vae_tile, sampler)
     stacks = []
     for f, size, orig in zip(frames, sizes, originals, strict=True):
         stack = _stack(f, size, layers, layer_names(layers))
@@ -309,6 +312,7 @@ def text_to_layers(
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     keep_composite: bool = False,
     vae_tile: int | None = None,
+    sampler: SamplerOptions | None = None,
 ) -> LayerStack:
     """Generate N RGBA layers (plus the composite frame, dropped unless kept) from a prompt, with no input image.
 
@@ -319,6 +323,8 @@ def text_to_layers(
     """
     model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
         model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
+    sampler = check_options(sampler)
+    steps = sampler.resolve_steps(steps) if sampler is not None else steps
     vae_tile = vae_tiling.check_tile(vae_tile)
     w0 = chk.check_int("width", width, 64, 4096)
     h0 = chk.check_int("height", height, 64, 4096)
@@ -328,7 +334,7 @@ def text_to_layers(
     text = _conditions(model, placement, 1, prompt, negative_prompt, prompt_embeds, prompt_mask, negative_embeds,
                        negative_mask, cfg, max_sequence_length)
     frames = _run(model, placement, [None], [size], layers, steps, cfg, cfg_normalize, seed, cfg_batch, callback,
-                  gen_dev, noise, text, keep_composite, vae_tile)
+                  gen_dev, noise, text, keep_composite, vae_tile, sampler)
     return _stack(frames[0], size, layers, layer_names(layers))
 
 
