@@ -36,8 +36,9 @@ TXT_DIM = 48
 def _tiny_vae(seed: int):
     """A small random RGBA AutoencoderKLQwenImage with random norms and biases."""
     torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                           input_channels=4).eval()
+    vae = diffusers.AutoencoderKLQwenImage(
+        base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, input_channels=4
+    ).eval()
     with torch.no_grad():
         for name, p in vae.named_parameters():
             if name.endswith("gamma"):
@@ -69,7 +70,9 @@ def _pipe(saved: dict[str, Path], **scheduler):
     p = diffusers.QwenImageLayeredPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(**{**LAYERED_SCHEDULER, **scheduler}),
         vae=diffusers.AutoencoderKLQwenImage.from_pretrained(saved["root"] / "vae").eval(),
-        text_encoder=_NoTextEncoder(), tokenizer=None, processor=None,
+        text_encoder=_NoTextEncoder(),
+        tokenizer=None,
+        processor=None,
         transformer=diffusers.QwenImageTransformer2DModel.from_pretrained(saved["root"] / "transformer").eval(),
     )
     p.set_progress_bar_config(disable=True)
@@ -79,8 +82,9 @@ def _pipe(saved: dict[str, Path], **scheduler):
 @pytest.fixture(scope="module")
 def model(saved: dict[str, Path]):
     root = saved["root"]
-    return load_model(transformer=root / "transformer", vae=root / "vae", dtype=torch.float32, device="cpu",
-                      load_text=False)
+    return load_model(
+        transformer=root / "transformer", vae=root / "vae", dtype=torch.float32, device="cpu", load_text=False
+    )
 
 
 def _image() -> np.ndarray:
@@ -101,15 +105,37 @@ NEG_MASK = torch.ones(1, 5, dtype=torch.long)
 
 def _reference(pipe, cfg: float = 3.0, steps: int = STEPS) -> list:
     kwargs = dict(negative_prompt_embeds=NEG, negative_prompt_embeds_mask=NEG_MASK) if cfg > 1 else {}
-    return pipe(image=Image.fromarray(_image(), "RGBA"), prompt="(embeddings are given)", prompt_embeds=EMBEDS, prompt_embeds_mask=MASK,
-                true_cfg_scale=cfg, layers=2, num_inference_steps=steps, generator=torch.Generator().manual_seed(7),
-                resolution=640, cfg_normalize=True, **kwargs).images[0]
+    return pipe(
+        image=Image.fromarray(_image(), "RGBA"),
+        prompt="(given)",
+        prompt_embeds=EMBEDS,
+        prompt_embeds_mask=MASK,
+        true_cfg_scale=cfg,
+        layers=2,
+        num_inference_steps=steps,
+        generator=torch.Generator().manual_seed(7),
+        resolution=640,
+        cfg_normalize=True,
+        **kwargs,
+    ).images[0]
 
 
 def _ours(model, cfg: float = 3.0, steps: int = STEPS, sampler: SamplerOptions | None = None) -> LayerStack:
     neg = dict(negative_prompt=None, negative_embeds=NEG, negative_mask=NEG_MASK) if cfg > 1 else {}
-    return decompose(model, _image(), prompt_embeds=EMBEDS, prompt_mask=MASK, layers=2, steps=steps, cfg=cfg,
-                     seed=7, resolution=640, cfg_batch=False, sampler=sampler, **neg)[0]
+    return decompose(
+        model,
+        _image(),
+        prompt_embeds=EMBEDS,
+        prompt_mask=MASK,
+        layers=2,
+        steps=steps,
+        cfg=cfg,
+        seed=7,
+        resolution=640,
+        cfg_batch=False,
+        sampler=sampler,
+        **neg,
+    )[0]
 
 
 def _max_diff(ref_images: list, stack: LayerStack) -> int:
@@ -120,8 +146,11 @@ def _max_diff(ref_images: list, stack: LayerStack) -> int:
         full = paste_layer(np.zeros((stack.height, stack.width, 4), np.float32), layer)
         got = np.rint(full * 255).astype(np.int16)
         seen = full[..., 3] > 0
-        worst = max(worst, int(np.abs(want[..., 3] - got[..., 3]).max()),
-                    int(np.abs(want[..., :3] - got[..., :3])[seen].max()) if seen.any() else 0)
+        worst = max(
+            worst,
+            int(np.abs(want[..., 3] - got[..., 3]).max()),
+            int(np.abs(want[..., :3] - got[..., :3])[seen].max()) if seen.any() else 0,
+        )
     return worst
 
 
@@ -141,14 +170,24 @@ def _forward(dit, peft: bool):
     t = torch.tensor([0.6])
     with torch.no_grad():
         if peft:
-            return dit(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=None, timestep=t,
-                       img_shapes=[shapes], additional_t_cond=torch.zeros(1, dtype=torch.long), return_dict=False)[0]
+            return dit(
+                hidden_states=x,
+                encoder_hidden_states=txt,
+                encoder_hidden_states_mask=None,
+                timestep=t,
+                img_shapes=[shapes],
+                additional_t_cond=torch.zeros(1, dtype=torch.long),
+                return_dict=False,
+            )[0]
         return dit(x, txt, None, t, shapes)
 
 
 def test_every_layout_and_mode_matches_diffusers_on_the_transformer(saved, model, tmp_path) -> None:
-    layouts = {"peft": saved["a"], "kohya": to_layout(saved["a"], tmp_path / "k.safetensors", "kohya"),
-               "comfyui": to_layout(saved["a"], tmp_path / "c.safetensors", "comfyui")}
+    layouts = {
+        "peft": saved["a"],
+        "kohya": to_layout(saved["a"], tmp_path / "k.safetensors", "kohya"),
+        "comfyui": to_layout(saved["a"], tmp_path / "c.safetensors", "comfyui"),
+    }
     pipe = _pipe(saved)
     base = _forward(pipe.transformer, True)
     pipe.load_lora_weights(str(saved["a"]), adapter_name="a")
@@ -202,7 +241,7 @@ def test_two_stacked_loras_match_diffusers_with_two_adapters(saved, model) -> No
     remove_loras(model)
     after = model.transformer.state_dict()
     assert list(after) == list(before)  # the state dict keys never change
-    assert all(torch.equal(after[k], before[k]) for k in before), "removing every LoRA must restore the base bit for bit"
+    assert all(torch.equal(after[k], before[k]) for k in before), "removing every LoRA must restore the base exactly"
     assert not any("qil_lora" in n for n, _ in model.transformer.named_modules())
 
 

@@ -48,6 +48,7 @@ from .imaging import (
 )
 from .prompt import DEFAULT_MAX_SEQUENCE_LENGTH, encode_prompts
 from .runtime import Placement, ResidentPlacement
+from .sampler_options import SamplerOptions, check_options, schedule_for
 from .sampling import (
     LATENT_CHANNELS,
     Guidance,
@@ -59,7 +60,6 @@ from .sampling import (
     encode_condition,
     latent_grid,
 )
-from .sampler_options import SamplerOptions, check_options, schedule_for
 
 logger = logging.getLogger(__name__)
 

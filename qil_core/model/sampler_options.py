@@ -38,7 +38,8 @@ class SamplerOptions:
         if self.time_shift not in TIME_SHIFTS:
             raise InputError(f"time_shift must be one of {', '.join(TIME_SHIFTS)}, got {self.time_shift!r}")
         if self.shift is not None:
-            if isinstance(self.shift, bool) or not isinstance(self.shift, (int, float)) or not math.isfinite(self.shift):
+            number = isinstance(self.shift, (int, float)) and not isinstance(self.shift, bool)
+            if not number or not math.isfinite(self.shift):
                 raise InputError(f"shift must be a finite number or None (automatic), got {self.shift!r}")
             if self.time_shift == "linear" and self.shift <= 0:
                 raise InputError(f"shift (mu) must be > 0 with the linear time shift, got {self.shift}")
