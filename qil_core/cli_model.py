@@ -20,6 +20,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .cli_common import check_free, check_suffix, existing_input, finite_float, log_written
+from .cli_lora import add_lora_options, add_sampler_options, apply_loras, sampler_options
 from .demo import check_psd
 from .errors import InputError, OutputPathError
 from .layers.composite import composite
@@ -53,6 +54,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "output difference (fp8 files stay fp8 without this)")
     g.add_argument("--vae-tile", type=int, metavar="PX",
                    help="decode/encode the VAE in tiles of PX pixels (64 px overlap) to bound memory on large outputs")
+    add_lora_options(p)
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, layers: int) -> None:
@@ -68,6 +70,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, layers: int) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed (taken modulo 2**64; default 0)")
     g.add_argument("--keep-composite", action="store_true",
                    help="also keep the model's own composite frame, as a hidden top layer")
+    add_sampler_options(p)
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -137,6 +140,7 @@ def _load(args: argparse.Namespace) -> Any:
         from .model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
 
         quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP)
+    apply_loras(model, args)
     model.device = device
     return model
 
@@ -230,7 +234,7 @@ def run_decompose(args: argparse.Namespace) -> int:
     stack = decompose(model, image, prompt=args.prompt, negative_prompt=args.negative_prompt, layers=args.layers,
                       steps=args.steps, cfg=args.cfg, cfg_normalize=args.cfg_normalize, seed=args.seed,
                       resolution=resolution, max_side=args.max_side, output_size=args.output_size,
-                      keep_composite=args.keep_composite, vae_tile=args.vae_tile,
+                      keep_composite=args.keep_composite, vae_tile=args.vae_tile, sampler=sampler_options(args),
                       placement=_placement(args, model, work_w, work_h, args.layers),
                       callback=_progress("decompose"))[0]
     logger.info("decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
@@ -249,8 +253,8 @@ def run_text_to_layers(args: argparse.Namespace) -> int:
     stack = text_to_layers(model, args.text, width=args.width, height=args.height,
                            negative_prompt=args.negative_prompt, layers=args.layers, steps=args.steps, cfg=args.cfg,
                            cfg_normalize=args.cfg_normalize, seed=args.seed, keep_composite=args.keep_composite,
-                           vae_tile=args.vae_tile, placement=_placement(args, model, args.width, args.height,
-                                                                        args.layers),
+                           vae_tile=args.vae_tile, sampler=sampler_options(args),
+                           placement=_placement(args, model, args.width, args.height, args.layers),
                            callback=_progress("text-to-layers"))
     logger.info("text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
                 time.perf_counter() - t0)
