@@ -28,7 +28,7 @@ from ..qil_core.fsutil import ensure_inside, name_problem, publish_exclusive
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS: tuple[str, ...] = ("diffusion_models", "vae", "text_encoders", "diffusers")
+MODEL_KINDS: tuple[str, ...] = ("diffusion_models", "vae", "text_encoders", "diffusers", "loras")
 # Legacy folder names ComfyUI still searches for the same kinds.
 _LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
 WEIGHT_SUFFIXES = (".safetensors", ".sft")

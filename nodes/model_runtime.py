@@ -58,6 +58,8 @@ class QILModel:
     key: tuple = ()
     files: dict[str, str] = field(default_factory=dict)
     resolved_mode: str | None = None  # what "auto" chose on the first run
+    loras: tuple = ()  # (qil_core LoraFile, strength) pairs, applied for each run by run_placement (lora_nodes)
+    sampler: Any = None  # qil_core SamplerOptions or None (the reference schedule), from Sampler Settings
 
 
 def check_model(model: Any) -> QILModel:
@@ -114,6 +116,15 @@ def _plan(handle: QILModel, mode: str, width: int, height: int, layers: int) -> 
 
 @contextlib.contextmanager
 def run_placement(handle: QILModel, width: int, height: int, layers: int) -> Iterator[Any]:
+    """The handle's LoRAs applied for the run (taken off after it, on Cancel too), and its placement."""
+    from ..qil_core.model.lora_apply import loras_applied
+
+    with loras_applied(handle.model, handle.loras), _placement_for(handle, width, height, layers) as placement:
+        yield placement
+
+
+@contextlib.contextmanager
+def _placement_for(handle: QILModel, width: int, height: int, layers: int) -> Iterator[Any]:
     """The Placement for one run at (width, height) px with `layers` layers, in the handle's memory mode.
 
     Streaming placements drop their device copies when the run ends, on Cancel too, so between runs ComfyUI

@@ -82,6 +82,7 @@ class QILDecompose:
                                negative_prompt=negative_prompt, layers=layers, steps=steps, cfg=cfg,
                                cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,
                                max_side=max_side if res == "custom" else None, output_size=output_size, placement=pl,
+                               sampler=handle.sampler,
                                callback=host.make_callback(steps * img.shape[0], node_id=unique_id,
                                                            label="Decompose Image"))
         return ([to_document(s) for s in stacks], *layer_images(stacks))
@@ -128,8 +129,8 @@ class QILTextToLayers:
         with run_placement(handle, width, height, layers) as pl:
             stack = text_to_layers(handle.model, prompt, width=width, height=height, negative_prompt=negative_prompt,
                                    layers=layers, steps=steps, cfg=cfg, cfg_normalize=bool(cfg_normalize), seed=seed,
-                                   placement=pl, callback=host.make_callback(steps, node_id=unique_id,
-                                                                             label="Text to Layers"))
+                                   placement=pl, sampler=handle.sampler,
+                                   callback=host.make_callback(steps, node_id=unique_id, label="Text to Layers"))
         return (to_document(stack), *layer_images([stack]))
 
 
@@ -183,7 +184,7 @@ class QILDecomposeLayer:
             out = decompose_layer(handle.model, stack, chosen[0], layers=sub_layers, prompt=prompt,
                                   negative_prompt=negative_prompt, steps=steps, cfg=cfg,
                                   cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,
-                                  max_side=max_side if res == "custom" else None, placement=pl,
+                                  max_side=max_side if res == "custom" else None, placement=pl, sampler=handle.sampler,
                                   callback=host.make_callback(steps, node_id=unique_id, label="Decompose Layer"))
         new = out.replace(layers=out.layers[chosen[0]: chosen[0] + len(out.layers) - len(stack.layers) + 1])
         return (to_document(out), *layer_images([new]))
