@@ -93,7 +93,8 @@ def _standin_folder_paths(base: Path) -> types.ModuleType:
     dirs = {"output": base / "output", "input": base / "input", "temp": base / "temp"}
     models = base / "models"
     folders = {"diffusion_models": [models / "unet", models / "diffusion_models"], "vae": [models / "vae"],
-               "text_encoders": [models / "text_encoders", models / "clip"], "diffusers": [models / "diffusers"]}
+               "text_encoders": [models / "text_encoders", models / "clip"], "diffusers": [models / "diffusers"],
+               "loras": [models / "loras"]}
     fp.get_output_directory = lambda: str(dirs["output"])
     fp.get_input_directory = lambda: str(dirs["input"])
     fp.get_temp_directory = lambda: str(dirs["temp"])
