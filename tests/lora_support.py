@@ -87,3 +87,20 @@ def to_layout(path: Path, out: Path, layout: str) -> Path:
         result[f"{name}.alpha"] = torch.tensor(alpha)
     save_file(result, str(out))
     return out
+
+
+LIGHTNING_NAME = "Qwen-Image-Lightning-8steps-V1.1.safetensors"  # the file the LoRA workflow loads
+
+
+def write_tiny_lora(path: Path, transformer: torch.nn.Module, *, seed: int = 0, rank: int = 4) -> Path:
+    """A random LoRA for `transformer` in lightx2v's layout (bare module names, lora_down/lora_up/alpha)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("transformer_blocks."):
+            tensors[f"{name}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.1
+            tensors[f"{name}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.1
+            tensors[f"{name}.alpha"] = torch.tensor(float(rank))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path))
+    return path

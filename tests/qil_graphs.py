@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from comfy_harness import ROOT, GraphError, Harness, check_value, pack_module
+from lora_support import LIGHTNING_NAME, write_tiny_lora
 from PIL import Image
 
 WORKFLOWS = ROOT / "workflows"
@@ -112,6 +113,8 @@ def _tiny_model() -> Path:
             shutil.move(paths[name], root / rel)
         shutil.move(paths["tokenizer"], root / "tokenizer")
         shutil.rmtree(root / "build")
+        dit = tiny.build_tiny_modules(0)[0]
+        write_tiny_lora(root / "loras" / LIGHTNING_NAME, dit)
         _CACHE["root"] = root
     return _CACHE["root"]
 
@@ -126,7 +129,13 @@ def install_models(base: Path) -> dict[str, Path]:
     if not (base / TOKENIZER).is_dir():
         shutil.copytree(src / "tokenizer", base / TOKENIZER)
     out["tokenizer"] = base / TOKENIZER
+    out["lora"] = Path(shutil.copy2(src / "loras" / LIGHTNING_NAME, _lora_dir(base)))  # the LoRA workflow's file
     return out
+
+
+def _lora_dir(base: Path) -> Path:
+    (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    return base / "models" / "loras" / LIGHTNING_NAME
 
 
 def sample_picture(width: int = 96, height: int = 72) -> np.ndarray:

@@ -54,11 +54,17 @@ def test_bare_kohya_style_pairs_diffs_and_norms_equal_editing_the_weights(dit, t
     gen = torch.Generator().manual_seed(2)
     norm_diff = torch.randn(32, generator=gen) * 0.3
     w_diff, b_diff = torch.randn(D, 64, generator=gen) * 0.05, torch.randn(D, generator=gen) * 0.05
-    path = _save(tmp_path, {
-        "transformer_blocks.1.img_mod.1.lora_down.weight": down, "transformer_blocks.1.img_mod.1.lora_up.weight": up,
-        "transformer_blocks.1.img_mod.1.alpha": torch.tensor(2.0),
-        "transformer_blocks.0.attn.norm_q.diff": norm_diff, "img_in.diff": w_diff, "img_in.diff_b": b_diff,
-    })
+    path = _save(
+        tmp_path,
+        {
+            "transformer_blocks.1.img_mod.1.lora_down.weight": down,
+            "transformer_blocks.1.img_mod.1.lora_up.weight": up,
+            "transformer_blocks.1.img_mod.1.alpha": torch.tensor(2.0),
+            "transformer_blocks.0.attn.norm_q.diff": norm_diff,
+            "img_in.diff": w_diff,
+            "img_in.diff_b": b_diff,
+        },
+    )
     edited = copy.deepcopy(dit)
     with torch.no_grad():
         edited.transformer_blocks[1].img_mod[1].weight += 0.8 * (2.0 / 4) * (up @ down)
@@ -76,10 +82,28 @@ def test_bare_kohya_style_pairs_diffs_and_norms_equal_editing_the_weights(dit, t
 
 def test_strength_zero_and_changes_and_stack_order(dit, tmp_path) -> None:
     base = _run(dit)
-    a = _save(tmp_path, dict(zip(("transformer.img_in.lora_A.weight", "transformer.img_in.lora_B.weight"),
-                                 _pair(D, 64, 2, 5), strict=True)), "a.safetensors")
-    b = _save(tmp_path, dict(zip(("diffusion_model.proj_out.lora_down.weight", "diffusion_model.proj_out.lora_up.weight"),
-                                 _pair(64, D, 3, 6), strict=True)), "b.safetensors")
+    a = _save(
+        tmp_path,
+        dict(
+            zip(
+                ("transformer.img_in.lora_A.weight", "transformer.img_in.lora_B.weight"),
+                _pair(D, 64, 2, 5),
+                strict=True,
+            )
+        ),
+        "a.safetensors",
+    )
+    b = _save(
+        tmp_path,
+        dict(
+            zip(
+                ("diffusion_model.proj_out.lora_down.weight", "diffusion_model.proj_out.lora_up.weight"),
+                _pair(64, D, 3, 6),
+                strict=True,
+            )
+        ),
+        "b.safetensors",
+    )
     ha = load_lora(dit, a, 0.0)
     assert torch.equal(_run(dit), base)  # strength 0 applies nothing at all
     ha.set_strength(1.0)
@@ -99,10 +123,15 @@ def test_strength_zero_and_changes_and_stack_order(dit, tmp_path) -> None:
 
 def test_unknown_keys_are_refused_with_the_list_and_the_naming(dit, tmp_path) -> None:
     down, up = _pair(D, D, 2, 1)
-    path = _save(tmp_path, {"transformer_blocks.0.attn.to_q.lora_A.weight": down,
-                            "transformer_blocks.0.attn.to_q.lora_B.weight": up,
-                            "transformer_blocks.0.attn.to_qq.lora_A.weight": down,
-                            "transformer_blocks.7.attn.to_q.lora_B.weight": up})
+    path = _save(
+        tmp_path,
+        {
+            "transformer_blocks.0.attn.to_q.lora_A.weight": down,
+            "transformer_blocks.0.attn.to_q.lora_B.weight": up,
+            "transformer_blocks.0.attn.to_qq.lora_A.weight": down,
+            "transformer_blocks.7.attn.to_q.lora_B.weight": up,
+        },
+    )
     with pytest.raises(ModelMismatchError) as e:
         read_lora(path, dit)
     text = str(e.value)
@@ -125,8 +154,16 @@ def test_a_flux_lora_is_refused_as_flux(dit, tmp_path) -> None:
 def test_shapes_dora_pickles_and_missing_halves_are_refused(dit, tmp_path) -> None:
     down, up = _pair(D + 1, D, 2, 1)
     with pytest.raises(ModelMismatchError, match="to_q"):
-        read_lora(_save(tmp_path, {"transformer_blocks.0.attn.to_q.lora_A.weight": down,
-                                   "transformer_blocks.0.attn.to_q.lora_B.weight": up}), dit)
+        read_lora(
+            _save(
+                tmp_path,
+                {
+                    "transformer_blocks.0.attn.to_q.lora_A.weight": down,
+                    "transformer_blocks.0.attn.to_q.lora_B.weight": up,
+                },
+            ),
+            dit,
+        )
     with pytest.raises(ModelMismatchError, match="only one half"):
         read_lora(_save(tmp_path, {"transformer_blocks.0.attn.to_q.lora_A.weight": down}), dit)
     with pytest.raises(WeightsError, match="DoRA"):
@@ -142,8 +179,10 @@ def test_fp8_base_on_the_fly_keeps_the_lora_exact_and_removal_restores_fp8(dit, 
     layer = dit.transformer_blocks[0].attn.to_v
     assert isinstance(layer, Fp8Linear)
     down, up = _pair(D, D, 4, 9)
-    path = _save(tmp_path, {"transformer_blocks.0.attn.to_v.lora_A.weight": down,
-                            "transformer_blocks.0.attn.to_v.lora_B.weight": up})
+    path = _save(
+        tmp_path,
+        {"transformer_blocks.0.attn.to_v.lora_A.weight": down, "transformer_blocks.0.attn.to_v.lora_B.weight": up},
+    )
     x = torch.randn(3, D)
     base_w = layer.dequantized_weight(torch.float32)
     want = x @ (base_w + up @ down).T + layer.bias
@@ -185,8 +224,13 @@ def test_block_swap_and_offload_stream_the_patched_model(tmp_path) -> None:
 
 def test_apply_checks_the_model(dit, tmp_path) -> None:
     down, up = _pair(D, D, 2, 1)
-    lora = read_lora(_save(tmp_path, {"transformer_blocks.1.attn.to_k.lora_A.weight": down,
-                                      "transformer_blocks.1.attn.to_k.lora_B.weight": up}), dit)
+    lora = read_lora(
+        _save(
+            tmp_path,
+            {"transformer_blocks.1.attn.to_k.lora_A.weight": down, "transformer_blocks.1.attn.to_k.lora_B.weight": up},
+        ),
+        dit,
+    )
     with pytest.raises(InputError, match="QwenLayeredModel"):
         apply_lora(torch.nn.Linear(2, 2), lora)
     with pytest.raises(InputError, match="mode"):

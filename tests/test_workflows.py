@@ -178,5 +178,10 @@ def test_workflow_runs_end_to_end(name: str, tmp_path: Path) -> None:
     elif name == "psd_edit":
         assert names == ["Background", "box", "title"] and psd.size == (96, 72)
         assert (psd[2].left, psd[2].top) != (50, 6)  # the title moved
+    elif name == "lora_lightning":
+        assert names == decomposed and psd.size == (64, 64)
+        handle = result.outputs["4"][0]  # Load LoRA then Sampler Settings: the LoRA and the schedule ride along
+        assert [s for _, s in handle.loras] == [1.0] and handle.sampler.time_shift == "exponential"
+        assert not any("qil_lora" in n for n, _ in handle.model.transformer.named_modules())  # taken off again
     else:
         pytest.fail(f"no checks written for workflow {name!r}")

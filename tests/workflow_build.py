@@ -46,6 +46,10 @@ MODEL_NOTE = (
     "reference setting; 20-30 steps are faster. memory_mode auto streams what does not fit in VRAM.\n"
 )
 
+LIGHTNING = "Qwen-Image-Lightning-8steps-V1.1.safetensors"
+LIGHTNING_URL = "huggingface.co/lightx2v/Qwen-Image-Lightning"
+LORA_LINKS = [{"name": LIGHTNING, "url": f"https://{LIGHTNING_URL}/resolve/main/{LIGHTNING}", "directory": "loras"}]
+
 # Each node: (id, class_type, inputs that differ from the defaults (links as [node, slot]), (x, y)).
 SPECS: dict[str, dict[str, Any]] = {
     "decompose_to_psd": {
@@ -99,6 +103,24 @@ SPECS: dict[str, dict[str, Any]] = {
              (440, 120)),
             (3, "QILSavePSD", {"layers": [2, 0], "filename_prefix": "QwenLayered/text_to_layers"}, (860, 120)),
             (4, "PreviewImage", {"images": [2, 1]}, (860, 380)),
+        ],
+    },
+    "lora_lightning": {
+        "note": "LORA: FEW-STEP DECOMPOSITION WITH QWEN-IMAGE-LIGHTNING\nLoad LoRA adds a LoRA from ComfyUI/models/loras "
+                "(chain more Load LoRA nodes to stack several). This one is lightx2v's 8-step Lightning LoRA for "
+                "Qwen-Image (" + LIGHTNING_URL + "): Sampler Settings switches to its schedule (exponential, shift "
+                "1.0986 = ln 3) and Decompose runs 8 steps at cfg 1 (no negative pass), about 12x faster than 50 "
+                "steps with CFG. Quality on Layered is lower than the reference setting; try strength 0.5-1.0.\n\n"
+                + MODEL_NOTE,
+        "nodes": [
+            (1, "LoadImage", {"image": "example.png"}, (40, 520)),
+            (2, "QILLoadModel", dict(MODEL), (40, 120)),
+            (3, "QILLoadLoRA", {"model": [2, 0], "lora_name": LIGHTNING, "strength": 1.0}, (440, 120)),
+            (4, "QILSamplerSettings", {"model": [3, 0], "time_shift": "exponential", "shift": 1.0986}, (440, 340)),
+            (5, "QILDecompose", {"model": [4, 0], "image": [1, 0], "mask": [1, 1], "steps": 8, "cfg": 1.0},
+             (840, 120)),
+            (6, "QILSavePSD", {"layers": [5, 0], "filename_prefix": "QwenLayered/lightning"}, (1260, 120)),
+            (7, "QILPreviewLayers", {"layers": [5, 0]}, (1260, 360)),
         ],
     },
     "psd_edit": {
@@ -201,6 +223,8 @@ def build(name: str, spec: dict[str, Any], nodes_map: dict[str, type]) -> tuple[
         properties: dict[str, Any] = {"Node name for S&R": class_type}
         if class_type == "QILLoadModel":
             properties["models"] = MODEL_LINKS
+        if class_type == "QILLoadLoRA":
+            properties["models"] = LORA_LINKS
         ui_nodes.append({"id": node_id, "type": class_type, "pos": list(pos), "size": [340, height], "flags": {},
                          "order": order[node_id], "mode": 0, "inputs": inputs, "outputs": outputs,
                          "properties": properties, "widgets_values": values})
