@@ -15,6 +15,8 @@ from comfy_harness import ROOT, load_pack
 
 EXPECTED_NODES = {
     "QILLoadModel": "Load Qwen-Layered",
+    "QILLoadLoRA": "Load LoRA (Qwen-Layered)",
+    "QILSamplerSettings": "Sampler Settings (Qwen-Layered)",
     "QILDecompose": "Decompose Image",
     "QILTextToLayers": "Text to Layers",
     "QILDecomposeLayer": "Decompose Layer",

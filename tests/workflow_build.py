@@ -106,11 +106,12 @@ SPECS: dict[str, dict[str, Any]] = {
         ],
     },
     "lora_lightning": {
-        "note": "LORA: FEW-STEP DECOMPOSITION WITH QWEN-IMAGE-LIGHTNING\nLoad LoRA adds a LoRA from ComfyUI/models/loras "
-                "(chain more Load LoRA nodes to stack several). This one is lightx2v's 8-step Lightning LoRA for "
-                "Qwen-Image (" + LIGHTNING_URL + "): Sampler Settings switches to its schedule (exponential, shift "
-                "1.0986 = ln 3) and Decompose runs 8 steps at cfg 1 (no negative pass), about 12x faster than 50 "
-                "steps with CFG. Quality on Layered is lower than the reference setting; try strength 0.5-1.0.\n\n"
+        "note": "LORA: FEW-STEP DECOMPOSITION WITH QWEN-IMAGE-LIGHTNING\nLoad LoRA adds a LoRA from "
+                "ComfyUI/models/loras (chain more Load LoRA nodes to stack several). This one is lightx2v's 8-step "
+                "Lightning LoRA for Qwen-Image (" + LIGHTNING_URL + "): Sampler Settings switches to its schedule "
+                "(exponential, shift 1.0986 = ln 3) and Decompose runs 8 steps at cfg 1 (no negative pass), about "
+                "12x fewer transformer passes than 50 steps with CFG. It was distilled on Qwen-Image, not on "
+                "Layered: compare with a 50-step run and lower the strength if the layers degrade.\n\n"
                 + MODEL_NOTE,
         "nodes": [
             (1, "LoadImage", {"image": "example.png"}, (40, 520)),
