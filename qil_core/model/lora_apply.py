@@ -119,15 +119,19 @@ class LoraStack:
     # -- public ----------------------------------------------------------------------------------------------
     def add(self, lora: LoraFile, strength: float, mode: str = "auto") -> ActiveLora:
         """Put a LoRA on the stack and re-apply the stack."""
-        entry = ActiveLora(lora, _check_strength(strength), _resolve_mode(mode))
-        self.entries.append(entry)
+        return self.add_many([(lora, strength)], mode)[0]
+
+    def add_many(self, loras: Sequence[tuple[LoraFile, float]], mode: str = "auto") -> list[ActiveLora]:
+        """Put several LoRAs on the stack and re-apply it once; on an error none of them stays."""
+        new = [ActiveLora(lora, _check_strength(s), _resolve_mode(mode)) for lora, s in loras]
+        self.entries.extend(new)
         try:
             self.rebuild()
         except Exception:
-            self.entries.remove(entry)
+            self.entries = [e for e in self.entries if all(e is not n for n in new)]
             self.rebuild()
             raise
-        return entry
+        return new
 
     def remove(self, entry: ActiveLora | None = None) -> None:
         """Take one LoRA (or, with None, every LoRA) off; the base weights are restored bit for bit."""
@@ -340,10 +344,8 @@ def loras_applied(model: Any, loras: Sequence[tuple[LoraFile, float]], *, mode: 
         yield
         return
     stack = lora_stack(model)
-    added = []
+    added = stack.add_many(loras, mode)
     try:
-        for lora, strength in loras:
-            added.append(stack.add(lora, strength, mode))
         yield
     finally:
         ids = {e.id for e in added}
