@@ -2,8 +2,10 @@
 
 The transformer has the real width (3072, 24 heads, text 3584) and --blocks blocks with trained-like random
 weights (bench_fp8.build). Each LoRA has rank --rank on every Linear of the blocks (attention, MLPs,
-modulation) and changes the velocity by a few percent, like a real one. Inputs: N=2 layers on a 4x8 grid
-(4 frames, 128 image tokens) + 32 text tokens. Baseline: the same model without LoRA, in the same run.
+modulation) and changes the velocity by a few percent, like a real one. First, one MLP Linear alone, timed
+round-robin (the branch's per-step cost with the least noise from other load on the machine). Then the block:
+inputs N=2 layers on a 4x8 grid (4 frames, 128 image tokens) + 32 text tokens; baseline: the same model without
+LoRA in the same run; times are the best of --runs.
 Reported per configuration: seconds per forward and the ratio to the baseline, the extra bytes the LoRAs hold
 (branch buffers, or merged copies while the originals are kept), the one-off apply time, and for the fp8
 model the velocity error against the fp32 model with the same LoRA (relative RMS), on the fly vs merged.
@@ -27,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_fp8 import build  # noqa: E402
 
 from qil_core.model.lora import LoraFile, LoraPatch  # noqa: E402
-from qil_core.model.lora_apply import apply_lora, lora_stack, remove_loras  # noqa: E402
+from qil_core.model.lora_apply import BRANCH, LoraBranch, _add_branch, apply_lora, lora_stack, remove_loras  # noqa: E402
 from qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
 
 
@@ -54,6 +56,31 @@ def timed(model: torch.nn.Module, inputs: dict, runs: int) -> tuple[float, torch
     return min(times), out  # best of: the least disturbed by other load on a shared machine
 
 
+def layer_timings(rank: int, rounds: int) -> None:
+    """One MLP Linear (3072 -> 12288, 160 tokens) plain / with 1 or 3 branches, timed round-robin (best of)."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.nn.Linear(3072, 12288).requires_grad_(False)
+    x = torch.randn(160, 3072, generator=gen)
+    layers = {"plain (= merged)": base}
+    for n in (1, 3):
+        layer = torch.nn.Linear(3072, 12288, device="meta")
+        layer.weight, layer.bias = base.weight, base.bias  # the same weights: only the branch differs
+        down = torch.randn(n * rank, 3072, generator=gen) * 3072**-0.5
+        layer.add_module(BRANCH, LoraBranch(down, torch.randn(12288, n * rank, generator=gen) * 0.01, None, None))
+        layer.register_forward_hook(_add_branch)
+        layers[f"{n} LoRA(s) on the fly"] = layer
+    best = dict.fromkeys(layers, float("inf"))
+    with torch.inference_mode():
+        for _ in range(rounds):
+            for name, layer in layers.items():
+                t0 = time.perf_counter()
+                layer(x)
+                best[name] = min(best[name], time.perf_counter() - t0)
+    print(f"one Linear 3072->12288, 160 tokens, rank {rank}, best of {rounds} round-robin calls:")
+    for name, t in best.items():
+        print(f"  {name:20s} {t * 1e3:8.2f} ms  x{t / best['plain (= merged)']:.3f}")
+
+
 def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt())
 
@@ -64,6 +91,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--runs", type=int, default=2)
     args = parser.parse_args()
+    layer_timings(args.rank, 30)
     model = build(args.blocks)
     gen = torch.Generator().manual_seed(1)
     layers, hp, wp, n_txt = 2, 4, 8, 32
