@@ -28,9 +28,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_fp8 import build  # noqa: E402
 
-from qil_core.model.lora import LoraFile, LoraPatch  # noqa: E402
-from qil_core.model.lora_apply import BRANCH, LoraBranch, _add_branch, apply_lora, lora_stack, remove_loras  # noqa: E402
-from qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
+from qil_core.model.weights.lora import LoraFile, LoraPatch  # noqa: E402
+from qil_core.model.weights.lora_apply import BRANCH, LoraBranch, _add_branch, apply_lora, lora_stack, remove_loras  # noqa: E402
+from qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
 
 
 def make_lora(model: torch.nn.Module, rank: int, seed: int) -> LoraFile:

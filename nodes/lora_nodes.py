@@ -69,7 +69,7 @@ class QILLoadLoRA:
             return f"missing: {e}"
 
     def load(self, model: Any, lora_name: str, strength: float) -> tuple[QILModel]:
-        from ..qil_core.model.lora import read_lora
+        from ..qil_core.model.weights.lora import read_lora
 
         handle = check_model(model)
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
@@ -143,7 +143,7 @@ class QILSamplerSettings:
     def apply(
         self, model: Any, time_shift: str, shift: float, sigmas: str = "", custom_sigmas: Any = None
     ) -> tuple[QILModel]:
-        from ..qil_core.model.sampler_options import SamplerOptions, check_sigmas, parse_sigmas
+        from ..qil_core.model.pipeline.sampler_options import SamplerOptions, check_sigmas, parse_sigmas
 
         handle = check_model(model)
         if time_shift not in TIME_SHIFTS:

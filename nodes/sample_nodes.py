@@ -1,4 +1,5 @@
-"""The sampling nodes: Decompose Image, Text to Layers, Decompose Layer (thin adapters over qil_core.model.pipeline).
+"""The sampling nodes: Decompose Image, Text to Layers, Decompose Layer (thin adapters over
+qil_core.model.pipeline.decompose).
 
 Each validates the model link, then lets the pipeline check every parameter before any work (linked values skip
 ComfyUI's widget limits), reports each denoising step to the progress bar and checks Cancel after each step.
@@ -72,7 +73,7 @@ class QILDecompose:
     def decompose(self, model: Any, image: Any, prompt: str, negative_prompt: str, layers: int, steps: int,
                   cfg: float, cfg_normalize: bool, seed: int, resolution: str, max_side: int, output_size: str,
                   mask: Any = None, unique_id: str | None = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline import decompose  # on first use: keeps the pack import fast
+        from ..qil_core.model.pipeline.decompose import decompose  # on first use: keeps the pack import fast
 
         handle, layers, steps = check_counts(model, layers, steps)
         img = image_batch(image)  # [B, H, W, C]; a missing batch dimension is added (D2)
@@ -121,8 +122,8 @@ class QILTextToLayers:
     def generate(self, model: Any, prompt: str, negative_prompt: str, width: int, height: int, layers: int,
                  steps: int, cfg: float, cfg_normalize: bool, seed: int,
                  unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline import text_to_layers
-        from ..qil_core.model.pipeline_checks import check_int
+        from ..qil_core.model.pipeline.checks import check_int
+        from ..qil_core.model.pipeline.decompose import text_to_layers
 
         handle, layers, steps = check_counts(model, layers, steps)
         width, height = check_int("width", width, 64, 4096), check_int("height", height, 64, 4096)
@@ -171,7 +172,7 @@ class QILDecomposeLayer:
     def decompose_layer(self, model: Any, layers: Any, layer: str, prompt: str, negative_prompt: str,
                         sub_layers: int, steps: int, cfg: float, cfg_normalize: bool, seed: int, resolution: str,
                         max_side: int, unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline import decompose_layer
+        from ..qil_core.model.pipeline.decompose import decompose_layer
 
         handle, sub_layers, steps = check_counts(model, sub_layers, steps, "sub_layers")
         stack = to_stack(layers)
