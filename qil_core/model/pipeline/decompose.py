@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 
 Callback = Callable[[int, int], None]
 COMPOSITE_NAME = "Composite (model)"
+EXTRACTED_NAME = "Extracted layer"  # decompose(layers=0): the one frame of a single-layer extraction fine-tune
 
 
 def layer_names(n: int) -> list[str]:
@@ -255,9 +256,15 @@ def decompose(
     does; `output_size="original"` maps the layers back to each input's size with premultiplied Lanczos.
     `mask` (ComfyUI MASK, 1 = transparent) replaces the input alpha; `noise` overrides the seeded noise.
     `vae_tile` (pixels, e.g. 512) encodes and decodes in overlapping tiles to bound VAE memory on large images.
+    `layers=0` generates one frame only and returns it as the single layer "Extracted layer": the mode of
+    fine-tunes trained to pull out the one layer the prompt names (DiffSynth-Studio's Qwen-Image-Layered-Control,
+    run there with layer_num=0); with the released weights that frame is the composite.
     """
+    single = layers == 0 and not isinstance(layers, bool)
     model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
-        model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
+        model, 1 if single else layers, steps, cfg, seed, cfg_batch, generator_device, placement)
+    if single:
+        layers, keep_composite = 0, True  # frame 0 is the only frame: the extracted layer
     sampler = check_options(sampler)
     steps = sampler.resolve_steps(steps) if sampler is not None else steps
     vae_tile = vae_tiling.check_tile(vae_tile)
@@ -281,7 +288,8 @@ def decompose(
                   gen_dev, noise, text, keep_composite, vae_tile, sampler)
     stacks = []
     for f, size, orig in zip(frames, sizes, originals, strict=True):
-        stack = _stack(f, size, layers, layer_names(layers))
+        stack = (LayerStack(size[0], size[1], [Layer.from_canvas(f[0], name=EXTRACTED_NAME)]) if single
+                 else _stack(f, size, layers, layer_names(layers)))
         if output_size == "original" and orig != size:
             stack = resize_stack(stack, orig[0], orig[1], "lanczos")
         stacks.append(stack)

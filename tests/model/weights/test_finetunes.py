@@ -70,3 +70,29 @@ def test_a_plain_qwen_image_checkpoint_is_not_taken_for_a_layered_fine_tune(tmp_
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     with pytest.raises(ModelMismatchError):
         load_transformer(path, dtype=torch.float32, device="cpu")
+
+
+def test_single_layer_extraction_mode_runs_one_frame(tmp_path: Path) -> None:
+    """decompose(layers=0): one noisy frame plus the condition, returned as one visible layer (Layered-Control)."""
+    import numpy as np
+
+    from qil_core.model.loader import load_model
+    from qil_core.model.pipeline.decompose import EXTRACTED_NAME, decompose
+    from qil_core.model.weights.tiny import write_tiny_model
+
+    paths = write_tiny_model(tmp_path / "control", layout="diffusers", seed=3)
+    model = load_model(model_dir=paths["model_dir"], dtype=torch.float32, device="cpu")
+    seen: list[tuple] = []
+    hook = model.transformer.register_forward_hook(lambda _m, a, _o: seen.append((tuple(a[0].shape), list(a[4]))))
+    img = np.zeros((48, 64, 4), np.uint8)
+    img[..., 3], img[8:40, 10:50, :3] = 255, (200, 40, 40)
+    try:
+        (stack,) = decompose(
+            model, img, prompt="the red box", layers=0, steps=2, cfg=1.0, resolution="custom", max_side=64
+        )
+    finally:
+        hook.remove()
+    assert [layer.name for layer in stack] == [EXTRACTED_NAME] and stack.layers[0].visible
+    assert len(seen) == 2 and seen[0] == ((1, 32, 64), [(1, 4, 4)] * 2)  # one generated frame + the condition
+    (again,) = decompose(model, img, prompt="the red box", layers=1, steps=2, cfg=1.0, resolution="custom", max_side=64)
+    assert [layer.name for layer in again] == ["Background"]  # layers >= 1 unchanged
