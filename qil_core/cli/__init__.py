@@ -6,6 +6,7 @@
 - `edit.py`: `edit` (per-layer and stack edits).
 - `model.py`: `decompose`, `text-to-layers`, and the tiny-model part of `demo`.
 - `demo.py`: `demo` (the layer demo, then the tiny-model decomposition).
+- `lora.py`: the `--lora` and schedule options of the model commands.
 """
 
 from .entry import main

@@ -5,5 +5,6 @@
 - `imaging.py`: sizes, buckets and pixel <-> latent conversions of inputs and outputs.
 - `prompt.py`: prompt -> text conditioning (template, tokenize, encode).
 - `scheduler.py`: the flow-matching schedule and Euler step.
+- `sampler_options.py`: schedule options for LoRAs and fine-tunes (fixed shift, exponential shift, sigmas).
 - `denoise.py`: seeded noise, the denoising loop with true CFG, frame-wise VAE I/O.
 """
