@@ -31,6 +31,8 @@ model_nodes = pack_module("nodes.model_nodes")
 sample_nodes = pack_module("nodes.sample_nodes")
 lora_nodes = pack_module("nodes.lora_nodes")
 
+pytestmark = pytest.mark.slow  # each test decomposes or loads models: seconds on a CPU
+
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ListHarness, Any]]:

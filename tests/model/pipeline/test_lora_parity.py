@@ -29,6 +29,8 @@ from qil_core.model.weights.lora_apply import load_lora, lora_stack, remove_lora
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("peft")
 
+pytestmark = pytest.mark.slow  # each test decomposes or loads models: seconds on a CPU
+
 STEPS = 2
 TXT_DIM = 48
 
