@@ -13,6 +13,8 @@ from qil_core.cli import main
 from qil_core.layers.psd import read_psd
 from qil_core.model.weights.tiny import build_tiny_modules, write_tiny_model
 
+pytestmark = pytest.mark.slow  # each test decomposes or loads models: seconds on a CPU
+
 FAST = [
     "--layers",
     "2",

@@ -63,6 +63,7 @@ def model(tmp_path_factory: pytest.TempPathFactory):
     return load_model(model_dir=paths["model_dir"], dtype=torch.float32, device="cpu")
 
 
+@pytest.mark.slow
 def test_pipeline_uses_the_options_and_cfg_one_skips_the_negative_pass(model) -> None:
     calls: list[float] = []
     hook = model.transformer.register_forward_hook(lambda _m, a, _o: calls.append(float(a[3].reshape(-1)[0])))
