@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 
 from qil_core.errors import ModelMismatchError
 from qil_core.model.weights.loading import load_transformer
+from qil_core.model.weights.tiny import build_tiny_modules
 
 pytestmark = pytest.mark.slow  # each test decomposes or loads models: seconds on a CPU
-from qil_core.model.weights.tiny import build_tiny_modules
 
 
 def _forward(model: torch.nn.Module) -> torch.Tensor:
