@@ -75,7 +75,7 @@ class QILLoadLoRA:
         if isinstance(strength, bool) or not isinstance(strength, (int, float)):
             raise InputError(f"input 'strength' must be a number, got {strength!r}")
         path = host.find_model("loras", str(lora_name))
-        key = (fingerprint(path), id(handle.model.transformer))
+        key = (fingerprint(path), handle.key, id(handle.model.transformer))  # checked against this model
         lora = _READ.get(key)
         if lora is None:
             lora = read_lora(path, handle.model.transformer, name=str(lora_name))
