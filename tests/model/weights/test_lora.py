@@ -211,15 +211,16 @@ def test_block_swap_and_offload_stream_the_patched_model(tmp_path) -> None:
             tensors[f"transformer_blocks.{i}.{name}.lora_B.weight"] = up
     lora = read_lora(_save(tmp_path, tensors), dit)
     base = _run(dit)
-    with loras_applied(dit, [(lora, 1.0)]):
-        resident = _run(dit)
-        for placement in (BlockSwapPlacement("cpu", resident_blocks=0, prefetch=False), OffloadPlacement("cpu")):
-            with torch.no_grad(), placement.use("transformer", dit) as m:
-                got = m(*_inputs())
-            placement.unload()
-            assert torch.equal(got, resident)
-    assert not torch.allclose(resident, base)
-    assert torch.equal(_run(dit), base)  # the context took the LoRA off again
+    for mode in ("fly", "merge"):
+        with loras_applied(dit, [(lora, 1.0)], mode=mode):
+            resident = _run(dit)
+            for placement in (BlockSwapPlacement("cpu", resident_blocks=0, prefetch=False), OffloadPlacement("cpu")):
+                with torch.no_grad(), placement.use("transformer", dit) as m:
+                    got = m(*_inputs())
+                placement.unload()
+                assert torch.equal(got, resident), (mode, placement)
+        assert not torch.allclose(resident, base)
+        assert torch.equal(_run(dit), base)  # the context took the LoRA off again
 
 
 def test_apply_checks_the_model(dit, tmp_path) -> None:
