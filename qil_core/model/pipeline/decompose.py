@@ -249,6 +249,7 @@ def decompose(
     keep_composite: bool = False,
     vae_tile: int | None = None,
     sampler: SamplerOptions | None = None,
+    extract: bool = False,
 ) -> list[LayerStack]:
     """Decompose each image (IMAGE [B,H,W,C], array, PIL or a list) into N RGBA layers; one LayerStack per image.
 
@@ -256,11 +257,13 @@ def decompose(
     does; `output_size="original"` maps the layers back to each input's size with premultiplied Lanczos.
     `mask` (ComfyUI MASK, 1 = transparent) replaces the input alpha; `noise` overrides the seeded noise.
     `vae_tile` (pixels, e.g. 512) encodes and decodes in overlapping tiles to bound VAE memory on large images.
-    `layers=0` generates one frame only and returns it as the single layer "Extracted layer": the mode of
-    fine-tunes trained to pull out the one layer the prompt names (DiffSynth-Studio's Qwen-Image-Layered-Control,
-    run there with layer_num=0); with the released weights that frame is the composite.
+    `extract=True` generates one frame only and returns it as the single layer "Extracted layer" (`layers` is
+    then not used): the mode of fine-tunes trained to pull out the one layer the prompt names (DiffSynth-Studio's
+    Qwen-Image-Layered-Control, run there with layer_num=0); with the released weights that frame is the composite.
     """
-    single = layers == 0 and not isinstance(layers, bool)
+    if not isinstance(extract, bool):
+        raise InputError(f"extract must be True or False, got {extract!r}")
+    single = extract
     model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
         model, 1 if single else layers, steps, cfg, seed, cfg_batch, generator_device, placement)
     if single:
@@ -364,9 +367,9 @@ def decompose_layer(
     """
     if not isinstance(stack, LayerStack):
         raise InputError(f"stack must be a LayerStack, got {type(stack).__name__}")
-    if {"output_size", "image", "mask", "keep_composite"} & set(options):
-        raise InputError("decompose_layer takes the layer from the stack; do not pass image, mask, output_size or "
-                         "keep_composite")
+    if {"output_size", "image", "mask", "keep_composite", "extract"} & set(options):
+        raise InputError("decompose_layer takes the layer from the stack; do not pass image, mask, output_size, "
+                         "keep_composite or extract")
     chk.check_model(model)
     i = stack.index_of(index)
     parent = stack.layers[i]

@@ -75,7 +75,7 @@ def test_a_plain_qwen_image_checkpoint_is_not_taken_for_a_layered_fine_tune(tmp_
 
 
 def test_single_layer_extraction_mode_runs_one_frame(tmp_path: Path) -> None:
-    """decompose(layers=0): one noisy frame plus the condition, returned as one visible layer (Layered-Control)."""
+    """decompose(extract=True): one noisy frame plus the condition, returned as one visible layer (Layered-Control)."""
     import numpy as np
 
     from qil_core.model.loader import load_model
@@ -90,7 +90,7 @@ def test_single_layer_extraction_mode_runs_one_frame(tmp_path: Path) -> None:
     img[..., 3], img[8:40, 10:50, :3] = 255, (200, 40, 40)
     try:
         (stack,) = decompose(
-            model, img, prompt="the red box", layers=0, steps=2, cfg=1.0, resolution="custom", max_side=64
+            model, img, prompt="the red box", extract=True, steps=2, cfg=1.0, resolution="custom", max_side=64
         )
     finally:
         hook.remove()
