@@ -11,6 +11,10 @@ times denoising steps with true CFG (a positive and a negative forward, ~150 tex
   ours-fp8-mm          the same with fp8 x fp8 `torch._scaled_mm` (compute capability 8.9+ only)
   ours-fp8-swap        fp8 + block swap with the resident blocks a 24 GB card allows (memory_plan), rest
                        streamed from pinned RAM with side-stream prefetch
+  ours-int8-convrot-ck block Linears quantised to INT8 ConvRot (group 256, as ComfyUI's int8_convrot files),
+                       comfy-kitchen's W8A8 int8 matmul (quant_kernels.py; the bf16 weights are rebuilt first)
+  ours-nvfp4-ck        block Linears in NVFP4 with comfy-kitchen's FP4 matmul (Blackwell; elsewhere its layers
+                       fall back to per-layer dequantisation, which the notes then say)
 and a real-size RGBA-VAE (encode + per-layer decode) for the end-to-end projection. Printed per variant: s/step,
 achieved TFLOP/s from the cost model (one forward = 13.59 GFLOP*L + 0.737 MFLOP*L^2, L = text + image tokens,
 image tokens = (N+2)(H/16)(W/16)), peak memory (torch.cuda.max_memory_allocated), ratios ours/diffusers, the
@@ -47,7 +51,8 @@ from qil_core.model.arch.transformer import build_transformer  # noqa: E402
 from qil_core.model.arch.vae import RGBAVAE, VAEConfig  # noqa: E402
 from qil_core.model.runtime import memory_plan as mp  # noqa: E402
 from qil_core.model.runtime.offload import BlockSwapPlacement  # noqa: E402
-from qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
+from qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, QuantLinear, quantize_module_fp8  # noqa: E402
+from qil_core.model.weights.quant_kernels import enable_quant_kernels  # noqa: E402
 
 REAL_BLOCKS = 60
 GFLOP_L, MFLOP_L2 = 13.59e9, 0.737e6  # performance.md cost model, 60 blocks
@@ -403,9 +408,39 @@ def _run(b: Bench, settings: list[Setting]) -> dict[str, Any]:
     b.log("fp8 velocity error vs bf16: " + ", ".join(f"{k} {v:.3%}" for k, v in b.accuracy.items() if "fp8" in k))
     for s in settings:
         _block_swap(b, ours, s, inputs[s.name], fp8_block)
+    del ours
+    gc.collect()
+    for fmt in ("int8-convrot", "nvfp4"):
+        _kitchen_variant(b, fmt, settings, inputs, v_bf16)
 
     vae = [run_vae(b, s) for s in settings[: 1 if b.dry else None]] if b.elapsed() < args.budget_s else []
     return _report(b, env, settings, vae)
+
+
+def _kitchen_variant(b: Bench, fmt: str, settings: list[Setting], inputs: dict[str, Any], v_bf16: torch.Tensor) -> None:
+    """Rebuild the bf16 weights, quantise the block Linears to `fmt`, time comfy-kitchen's quantised matmuls."""
+    if b.device.type == "cuda":
+        torch.cuda.empty_cache()
+    ours = build_ours(b)
+    speed.set_attention_backend(ours, b.args.attention)
+    quantize_module_fp8(ours, skip=TRANSFORMER_FP8_SKIP, fmt=fmt)
+    weights, block = mp.module_bytes(ours), mp.module_bytes(ours.transformer_blocks[0])
+    missing = (REAL_BLOCKS - b.blocks) * block if not b.dry else 0
+    enable_quant_kernels(ours, "comfy-kitchen")
+    b.log(f"quantised to {fmt}: {weights / 1e9:.2f} GB ({block / 1e6:.0f} MB per block)")
+    name = f"ours-{fmt}-ck"
+    with torch.inference_mode():
+        b.accuracy[f"{fmt}_ck_vs_bf16_rel_l2"] = rel_err(ours_step(ours, inputs[settings[0].name], False)(), v_bf16)
+    layers = [m for m in ours.modules() if isinstance(m, QuantLinear)]
+    fast = sum(m.kernel == "comfy-kitchen" for m in layers)
+    if fast < len(layers):
+        b.notes.append(f"{name}: {len(layers) - fast} of {len(layers)} layers ran the portable path (comfy-kitchen "
+                       "missing or its kernel unsupported here)")
+    for s in settings:
+        b.time_variant(name, s, ours_step(ours, inputs[s.name], False), cfg_flops(b, s), missing)
+    b.log(f"{fmt} (comfy-kitchen) velocity error vs bf16: {b.accuracy[f'{fmt}_ck_vs_bf16_rel_l2']:.3%}")
+    del ours
+    gc.collect()
 
 
 def _block_swap(b: Bench, ours: torch.nn.Module, s: Setting, inp: dict[str, Any], block: int) -> None:

@@ -23,7 +23,8 @@ from .model_runtime import HOLDERS, MODEL_TYPE, QILModel
 log = logging.getLogger(__name__)
 
 NONE = "none"
-WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn")
+WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "int8_convrot")
+_QUANTIZE = {"fp8_e4m3fn": "fp8", "int8_convrot": "int8-convrot"}  # quantise-on-load choices (quant.QUANT_CHOICES)
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MEMORY_MODES = ("auto", "resident", "offload", "block swap")
 
@@ -92,14 +93,16 @@ class QILLoadModel:
         return {
             "required": {
                 "transformer": (_file_list("diffusion_models"), {"tooltip": "The Qwen-Image-Layered transformer in "
-                                "models/diffusion_models: qwen_image_layered_fp8mixed (20.5 GB) or _bf16 (40.9 GB)."}),
+                                "models/diffusion_models: qwen_image_layered_int8_convrot or _fp8mixed (20.5 GB), or "
+                                "_bf16 (40.9 GB); ComfyUI's int8/mxfp8/nvfp4 files are read as they are."}),
                 "vae": (_file_list("vae"), {"tooltip": "The RGBA VAE in models/vae: qwen_image_layered_vae.safetensors "
                         "(not the RGB qwen_image_vae)."}),
                 "text_encoder": (_file_list("text_encoders"), {"tooltip": "Qwen2.5-VL-7B in models/text_encoders, e.g. "
                                  "qwen_2.5_vl_7b_fp8_scaled.safetensors (the one Qwen-Image uses)."}),
                 "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "Compute precision. default: "
-                                 "bf16 on the GPU, fp32 on the CPU (fp8 files stay fp8). fp8_e4m3fn quantises a bf16 "
-                                 "transformer's blocks while loading (half the VRAM, slightly different output)."}),
+                                 "bf16 on the GPU, fp32 on the CPU (quantised files stay quantised). fp8_e4m3fn / "
+                                 "int8_convrot quantise a bf16 transformer's blocks while loading (half the VRAM, "
+                                 "slightly different output; int8_convrot is closer to bf16)."}),
                 "memory_mode": (list(MEMORY_MODES), {"default": "auto", "tooltip": "auto: resident when it fits, "
                                 "else block swap. resident: ComfyUI keeps components on the GPU. offload: components "
                                 "on the GPU only while used and room allows. block swap: stream transformer blocks."}),
@@ -149,13 +152,17 @@ def load_handle(files: dict[str, Path], weight_dtype: str, memory_mode: str, key
     """Load the model onto the CPU (ComfyUI's offload device) and wrap every component in a ModelPatcher."""
     from ..qil_core.model.loader import load_model  # on first use: keeps the pack import fast
     from ..qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
+    from ..qil_core.model.weights.quant_kernels import enable_quant_kernels
 
     device = torch.device(host.get_torch_device())
     dtype = pick_dtype(weight_dtype, device)
     model = load_model(model_dir=files.get("model_dir"), transformer=files.get("transformer"), vae=files.get("vae"),
                        text_encoder=files.get("text_encoder"), dtype=dtype, device="cpu")
-    if weight_dtype == "fp8_e4m3fn":
-        quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP)
+    if weight_dtype in _QUANTIZE:
+        quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP, fmt=_QUANTIZE[weight_dtype])
+    for module in (model.transformer, model.text_encoder):  # comfy-kitchen matmuls on CUDA, else portable
+        if module is not None:
+            enable_quant_kernels(module, "auto", device=device)
     model.device = device
     offload = torch.device("cpu")
     patchers = {name: host.wrap_model_patcher(HOLDERS[name](module), device, offload)

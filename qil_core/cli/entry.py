@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import signal
 import sys
@@ -30,6 +31,12 @@ from . import model as cli_model
 logger = logging.getLogger(__name__)
 
 PROG = "python -m qil_core"
+
+
+def _prog() -> str:
+    """The name the user typed: `qil` for the console script, `python -m qil_core` otherwise."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name and not name.endswith(".py") and name != "-c" else PROG
 # Sub-command modules, in the order their commands appear in --help; each has `register(subparsers)`.
 COMMAND_MODULES: tuple[ModuleType, ...] = (cli_layers, cli_edit, cli_demo, cli_model)
 
@@ -82,12 +89,12 @@ def _add_common_options(parser: argparse.ArgumentParser, *, top: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: global options plus every registered sub-command."""
     parser = _Parser(
-        prog=PROG,
+        prog=_prog(),
         description=(
             "Qwen-Image-Layered layer tools: flatten, convert, edit and inspect layered documents (PSD or "
             "layer PNGs). Layers are always counted bottom first: index 0 is the bottom layer, -1 the top."
         ),
-        epilog=f"Run '{PROG} COMMAND --help' for the options of one command. Exit status: 0 success; 2 bad "
+        epilog=f"Run '{_prog()} COMMAND --help' for the options of one command. Exit status: 0 success; 2 bad "
                "input or output path (a one-line message, -v adds the traceback); 1 other I/O failure or out "
                "of memory; 130 interrupted; 143 terminated. Existing files are never replaced without --overwrite.",
     )

@@ -53,7 +53,14 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                         "blocks (fits 24 GB cards). Results are identical in every mode (default auto)")
     g.add_argument("--fp8", action="store_true",
                    help="quantise a bf16/fp16 transformer to fp8 (e4m3fn) while loading: half the memory, ~2-3%% "
-                        "output difference (fp8 files stay fp8 without this)")
+                        "output difference (fp8 files stay fp8 without this); the same as --quant fp8")
+    g.add_argument("--quant", choices=("fp8", "int8-convrot", "int8", "mxfp8", "nvfp4"),
+                   help="quantise a bf16/fp16 transformer's blocks while loading, as ComfyUI's quantiser does: "
+                        "int8-convrot (INT8 with a Hadamard rotation, closest to bf16), fp8, int8, mxfp8 or nvfp4 "
+                        "(quantised files stay as they are without this)")
+    g.add_argument("--quant-kernels", choices=("auto", "portable", "comfy-kitchen"), default="auto",
+                   help="matmuls of quantised layers: auto uses comfy-kitchen's kernels on CUDA when installed; "
+                        "portable dequantises one layer at a time (any device)")
     g.add_argument("--vae-tile", type=int, metavar="PX",
                    help="decode/encode the VAE in tiles of PX pixels (64 px overlap) to bound memory on large outputs")
     add_lora_options(p)
@@ -124,6 +131,8 @@ def _load(args: argparse.Namespace) -> Any:
     import torch
 
     from ..model.loader import load_model
+    from ..model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
+    from ..model.weights.quant_kernels import enable_quant_kernels
 
     if args.model_dir is None and (args.transformer is None or args.vae is None):
         raise InputError("give --model-dir DIR, or --transformer F and --vae F (plus --text-encoder F for prompts)")
@@ -132,10 +141,13 @@ def _load(args: argparse.Namespace) -> Any:
     # Weights load memory-mapped on the CPU; the memory plan then decides what goes to the device and when.
     model = load_model(model_dir=args.model_dir, transformer=args.transformer, vae=args.vae,
                        text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=dtype, device="cpu")
-    if args.fp8:
-        from ..model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
 
-        quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP)
+    quant = getattr(args, "quant", None) or ("fp8" if args.fp8 else None)
+    if quant:
+        quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP, fmt=quant)
+    for module in (model.transformer, model.text_encoder):
+        if module is not None:
+            enable_quant_kernels(module, getattr(args, "quant_kernels", "auto"), device=device)
     apply_loras(model, args)
     model.device = device
     return model

@@ -85,7 +85,7 @@ def _parallel_rows(work: Callable[[int, int, dict], None], rows: int, row_pixels
             work(i, min(stop, i + step), workspace)
 
     runs = [(i, min(rows, i + per)) for i in range(0, rows, per)]
-    if workers == 1:
+    if pool is None or workers == 1:
         run(0, rows)
         return
     for future in [pool.submit(run, i, j) for i, j in runs]:

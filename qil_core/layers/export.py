@@ -41,7 +41,7 @@ def quantize_rgba8(pixels: np.ndarray) -> np.ndarray:
 
     The one 8-bit quantisation of every PNG the pack writes (zeroed RGB under alpha 0 keeps files small).
     """
-    q = np.empty(pixels.shape, np.uint8)
+    q: np.ndarray = np.empty(pixels.shape, np.uint8)  # numpy 2.4 stubs infer a 0-d shape from tuple[Any, ...]
     np.copyto(q, np.clip(pixels, 0, 1) * np.float32(255) + np.float32(0.5), casting="unsafe")
     if q.shape[-1] == 4:
         q[..., :3] *= q[..., 3:4] != 0

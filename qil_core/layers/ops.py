@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from ..errors import InputError
 from .composite import composite_layers, union_bbox
-from .stack import Layer, LayerStack
+from .stack import LayerStack
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +109,8 @@ def merge_down(stack: LayerStack, key: Key) -> LayerStack:
     else:
         base = lower.replace(opacity=1.0, blend_mode="normal", visible=True)
         rect = union_bbox([base, upper])
+        if rect is None:  # cannot happen: upper has pixels
+            raise InputError(f"merge_down: layers {upper.name!r} and {lower.name!r} have no pixels to merge")
         pixels = composite_layers([base, upper], rect)  # (h, w, 4) straight RGBA of the union box
         merged = lower.replace(pixels=pixels, x=rect[0], y=rect[1]).cropped()
     layers = list(stack.layers)
@@ -146,10 +148,5 @@ def set_layer_props(stack: LayerStack, key: Key, **props: object) -> LayerStack:
         raise InputError(f"set_layer_props: name must be a string, got {props['name']!r}")
     i = stack.index_of(key)
     layers = list(stack.layers)
-    layers[i] = Layer(**{**_fields(layers[i]), **props})
+    layers[i] = layers[i].replace(**props)  # a new Layer: __post_init__ validates opacity and blend_mode
     return stack.replace(layers=layers)
-
-
-def _fields(layer: Layer) -> dict[str, object]:
-    return {"pixels": layer.pixels, "x": layer.x, "y": layer.y, "name": layer.name, "opacity": layer.opacity,
-            "blend_mode": layer.blend_mode, "visible": layer.visible}

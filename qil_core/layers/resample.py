@@ -9,6 +9,7 @@ Coordinates are continuous pixel coordinates: pixel i covers [i, i + 1) and its 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -101,7 +102,7 @@ def resize_plane(plane: np.ndarray, size: tuple[int, int], interpolation: str = 
     return np.asarray(img.resize((int(size[0]), int(size[1])), _PIL_FILTERS[interpolation]), np.float32).copy()
 
 
-def _kernel(interpolation: str) -> tuple[int, object]:
+def _kernel(interpolation: str) -> tuple[int, Callable[[np.ndarray], np.ndarray]]:
     """(radius, weight function) of a reconstruction kernel (Pillow's: Keys a = -0.5 cubic, Lanczos-3)."""
     if interpolation == "bilinear":
         return 1, lambda t: np.maximum(0, 1 - np.abs(t))

@@ -148,7 +148,7 @@ def load_model(
     rgba_vae = load_vae(vae_path, dtype=vae_dtype or dtype, device=dev)  # type: ignore[arg-type]
     te = tok = None
     if te_path is not None:
-        tok_source = tokenizer if tokenizer is not None else te_path
+        tok_source = Path(tokenizer) if tokenizer is not None else te_path
         search = [root] if root is not None else []
         tok = load_tokenizer(tok_source, search=search, bundled=tokenizer is None)  # a named one must exist
         te = load_text_encoder(te_path, dtype=dtype, device=dev)

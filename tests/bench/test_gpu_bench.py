@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-VARIANTS = {"ours-bf16", "ours-bf16-batched", "diffusers-bf16", "ours-fp8", "ours-fp8-mm", "ours-fp8-swap"}
+VARIANTS = {"ours-bf16", "ours-bf16-batched", "diffusers-bf16", "ours-fp8", "ours-fp8-mm", "ours-fp8-swap",
+            "ours-int8-convrot-ck", "ours-nvfp4-ck"}
 
 
 @pytest.fixture(scope="module")

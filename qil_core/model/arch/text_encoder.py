@@ -21,6 +21,20 @@ from torch import Tensor, nn
 from ...errors import InputError, ModelMismatchError
 
 
+def _json_int(value: object) -> int:
+    """int() of a config.json number or numeric string; TypeError for anything else (null, list, object)."""
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return int(value)
+
+
+def _json_float(value: object) -> float:
+    """float() of a config.json number or numeric string; TypeError for anything else (null, list, object)."""
+    if not isinstance(value, (int, float, str)):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
 @dataclass(frozen=True)
 class TextEncoderConfig:
     """Hyper-parameters of the Qwen2.5 decoder, with transformers' field names (defaults: Qwen2.5-VL-7B)."""
@@ -92,19 +106,20 @@ class TextEncoderConfig:
     @classmethod
     def from_transformers_config(cls, cfg: Mapping[str, object]) -> TextEncoderConfig:
         """Read a Qwen2.5-VL config.json dict: transformers 5 nests it in `text_config`, 4.x keeps it top level."""
-        text = cfg.get("text_config")
-        text = text if isinstance(text, Mapping) and "hidden_size" in text else cfg
-        rope = text.get("rope_parameters") if isinstance(text.get("rope_parameters"), Mapping) else {}
+        nested = cfg.get("text_config")
+        text: Mapping[str, object] = nested if isinstance(nested, Mapping) and "hidden_size" in nested else cfg
+        rope_parameters = text.get("rope_parameters")
+        rope: Mapping[str, object] = rope_parameters if isinstance(rope_parameters, Mapping) else {}
         try:
             return cls(
-                vocab_size=int(text["vocab_size"]),
-                hidden_size=int(text["hidden_size"]),
-                intermediate_size=int(text["intermediate_size"]),
-                num_hidden_layers=int(text["num_hidden_layers"]),
-                num_attention_heads=int(text["num_attention_heads"]),
-                num_key_value_heads=int(text.get("num_key_value_heads", text["num_attention_heads"])),
-                rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(rope.get("rope_theta", text.get("rope_theta", cfg.get("rope_theta", 1e6)))),
+                vocab_size=_json_int(text["vocab_size"]),
+                hidden_size=_json_int(text["hidden_size"]),
+                intermediate_size=_json_int(text["intermediate_size"]),
+                num_hidden_layers=_json_int(text["num_hidden_layers"]),
+                num_attention_heads=_json_int(text["num_attention_heads"]),
+                num_key_value_heads=_json_int(text.get("num_key_value_heads", text["num_attention_heads"])),
+                rms_norm_eps=_json_float(text.get("rms_norm_eps", 1e-6)),
+                rope_theta=_json_float(rope.get("rope_theta", text.get("rope_theta", cfg.get("rope_theta", 1e6)))),
             )
         except KeyError as e:
             raise ModelMismatchError(f"config.json is not a Qwen2.5-VL text config (missing field {e})") from e

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 class FrameConv(nn.Conv3d):
     """A causal 3D convolution evaluated on a single frame: (B, C, H, W) -> (B, C', H, W)."""
 
-    def forward(self, x: Tensor) -> Tensor:  # type: ignore[override]
+    def forward(self, x: Tensor) -> Tensor:
         """(B, C, H, W) -> (B, C', H, W) with the last temporal tap of the 3D kernel."""
         # With T=1 the causal padding puts the real frame under the last temporal tap.
         return F.conv2d(x, self.weight[:, :, -1], self.bias, self.stride[1:], self.padding[1:])

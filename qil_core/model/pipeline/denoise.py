@@ -23,8 +23,7 @@ from ..arch.transformer import QwenImageLayeredTransformer
 from ..arch.vae import RGBAVAE
 from ..runtime import vae_tiling
 from ..runtime.memory import available_device_memory
-from ..runtime.memory_plan import cfg_batch_fits
-from ..weights.quant import is_fp8
+from ..runtime.memory_plan import cfg_batch_fits, dequant_transient_bytes
 from .imaging import from_model_pixels, pack_latents, to_model_pixels
 from .scheduler import euler_step, timesteps_for_model
 
@@ -140,8 +139,9 @@ def choose_cfg_batch(cfg_batch: bool | str, dit: QwenImageLayeredTransformer, to
     if cfg_batch != "auto":
         return bool(cfg_batch)
     free = available_device_memory(device)
-    fp8 = any(is_fp8(p.dtype) for p in dit.transformer_blocks[0].parameters()) if len(dit.transformer_blocks) else False
-    use = cfg_batch_fits(tokens, free_device_bytes=free, width=dit.config.inner_dim, dtype=dtype, fp8=fp8)
+    # Quantised layers (any format) are dequantised one at a time: the largest one's temporaries come on top.
+    use = cfg_batch_fits(tokens, free_device_bytes=free, width=dit.config.inner_dim, dtype=dtype,
+                         transient_bytes=dequant_transient_bytes(dit, dtype))
     logger.debug("cfg_batch auto: %s (free %s, %d tokens)", use, free, tokens)
     return use
 

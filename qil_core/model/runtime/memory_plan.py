@@ -75,6 +75,14 @@ def module_bytes(module: nn.Module) -> int:
     return total
 
 
+def dequant_transient_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Peak extra bytes of dequantising `module`'s largest quantised Linear (quant.Fp8Linear, any format) to
+    `dtype`: the layers say what their format needs (fp8 2 bytes per value in bf16, int8 6, INT8 ConvRot 10,
+    mxfp8 6, nvfp4 7); 0 without quantised layers."""
+    costs = [getattr(m, "dequant_transient_bytes", None) for m in module.modules()]
+    return max((int(cost(dtype)) for cost in costs if callable(cost)), default=0)
+
+
 def _reserve(free: int) -> int:
     return RESERVE_BYTES + int(RESERVE_FRACTION * free)
 
@@ -266,10 +274,10 @@ def plan_for_model(
     if te is not None:
         comp["text_encoder"] = module_bytes(te)
     cfg = dit.config
-    fp8 = any(p.dtype.itemsize == 1 and p.dtype.is_floating_point for p in dit.parameters())
     tokens = image_tokens(width, height, layers) + text_tokens
-    act = estimate_activation_bytes(tokens, width=cfg.inner_dim, dtype=dit.dtype, batch=2 if cfg_batch else 1,
-                                    fp8=fp8)
+    # Quantised weights (any format) are dequantised one layer at a time: that layer's temporaries come on top.
+    act = estimate_activation_bytes(tokens, width=cfg.inner_dim, dtype=dit.dtype, batch=2 if cfg_batch else 1)
+    act += dequant_transient_bytes(dit, dit.dtype)
     vae_work = estimate_vae_decode_bytes(width, height, dtype=model.vae.dtype)  # type: ignore[attr-defined]
     free_dev = free_device_bytes if free_device_bytes is not None else available_device_memory(dev)
     free_ram = free_ram_bytes if free_ram_bytes is not None else available_ram()
@@ -283,4 +291,5 @@ def plan_for_model(
 __all__ = [
     "MODES", "MemoryPlan", "cfg_batch_fits", "estimate_activation_bytes", "estimate_vae_decode_bytes",
     "image_tokens", "module_bytes", "plan_for_model", "plan_memory", "transformer_block_bytes",
+    "dequant_transient_bytes",
 ]  # fmt: skip

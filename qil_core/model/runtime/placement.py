@@ -41,8 +41,8 @@ def _module_device(module: nn.Module) -> torch.device | None:
     """Device of the module's first parameter or buffer; None for a module without tensors."""
     for t in module.parameters():
         return t.device
-    for t in module.buffers():
-        return t.device
+    for b in module.buffers():
+        return b.device
     return None
 
 

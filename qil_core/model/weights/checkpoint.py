@@ -8,6 +8,7 @@ read; pickle-based formats are refused, never loaded.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -15,7 +16,7 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -33,6 +34,7 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
     "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E8M0": torch.float8_e8m0fnu,  # mxfp8 block scales as ComfyUI saves them
 }  # fmt: skip
 _MAGIC = (
     (b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GGUF", "a GGUF file"),
@@ -143,7 +145,7 @@ class Checkpoint:
         self.metadata: dict[str, str] = {}
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, Any] = {}
-        self._streams: dict[Path, IO[bytes]] = {}
+        self._streams: dict[Path, io.FileIO] = {}
         self._buffer: torch.Tensor | None = None
         for path in self.files:
             handle, infos, metadata = _open_one(path)
@@ -157,9 +159,9 @@ class Checkpoint:
                 self._infos[key] = info
             self.metadata.update(metadata)
         for key, name in (weight_map or {}).items():
-            info = self._infos.get(key)
-            if info is None or info.file.name != name:
-                where = f"is in {info.file.name}" if info else "is in no shard"
+            found = self._infos.get(key)
+            if found is None or found.file.name != name:
+                where = f"is in {found.file.name}" if found else "is in no shard"
                 raise CorruptFileError(
                     f"{source}: the shard index puts {key!r} in {name} but it {where}; the index and the shards do "
                     "not match, re-download the folder"
@@ -222,7 +224,7 @@ class Checkpoint:
         buf = self._buffer.numpy()
         for pos in range(0, flat.numel(), per_chunk):
             n = min(per_chunk, flat.numel() - pos)
-            got = stream.readinto(memoryview(buf)[: n * item])
+            got = stream.readinto(buf.data[: n * item])
             if got != n * item:
                 raise _corrupt(info.file, f"tensor {key!r} ends early ({got} of {n * item} bytes read)")
             flat[pos : pos + n].copy_(self._buffer[: n * item].view(info.dtype))

@@ -10,28 +10,41 @@ the target dtype are used straight from the memory map; converted ones are strea
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
 
 from ...errors import InputError, ModelMismatchError, WeightsError
-from ..arch.config import COMFY_PREFIX, TransformerConfig
+from ..arch.config import TransformerConfig
+from ..arch.identify import COMFY_PREFIX, KNOWN_VAE_PREFIXES, identify_checkpoint
 from ..arch.transformer import QwenImageLayeredTransformer
 from ..arch.vae import RGBAVAE, VAEConfig
 from ..runtime.memory import available_ram, check_device_memory, check_ram, format_bytes
+from . import quant_load
 from .checkpoint import Checkpoint, PathLike, checkpoint_fingerprint, open_checkpoint, read_config
-from .quant import FP8_FORMATS, TRANSFORMER_FP8_SKIP, is_fp8, quantize_module_fp8, swap_fp8_linears
-from .vae_keys import KNOWN_VAE_PREFIXES, is_wan_naming, wan_to_diffusers_keys
+from .quant import (
+    FP8_FORMATS,
+    QUANT_CHOICES,
+    TRANSFORMER_FP8_SKIP,
+    Fp8Linear,
+    is_fp8,
+    quantize_module_fp8,
+    swap_fp8_linears,
+)
+from .quant_formats import LayerFormat
+from .vae_keys import is_wan_naming, wan_to_diffusers_keys
 
 logger = logging.getLogger(__name__)
 
 ALLOWED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-_SCALE_SUFFIXES = {".weight_scale": "w", ".scale_weight": "w", ".input_scale": "i", ".scale_input": "i"}
+_SCALE_SUFFIXES = {
+    ".weight_scale": "w", ".scale_weight": "w", ".input_scale": "i", ".scale_input": "i", ".weight_scale_2": "w2",
+}  # fmt: skip
 _BLOCK_RE = re.compile(r"^(.*?(?:blocks|layers))\.(\d+)\.")  # DiT/VAE blocks and text-encoder layers
 __all__ = [
     "LoadPlan", "check_dtype", "checkpoint_fingerprint", "load_into", "load_transformer", "load_vae",
@@ -48,6 +61,8 @@ class LoadPlan:
     fp8_layers: dict[str, torch.dtype] = field(default_factory=dict)  # module name -> fp8 dtype of its weight
     scales: dict[str, str] = field(default_factory=dict)  # module name -> file key of its weight scale
     input_scales: dict[str, str] = field(default_factory=dict)  # module name -> file key of its input scale
+    scales2: dict[str, str] = field(default_factory=dict)  # module name -> file key of nvfp4's per-tensor scale
+    formats: dict[str, LayerFormat] = field(default_factory=dict)  # int8 / mxfp8 / nvfp4 layers (quant_load.py)
     ignored: list[str] = field(default_factory=list)  # file keys of other components or markers
 
 
@@ -57,30 +72,6 @@ def check_dtype(dtype: torch.dtype) -> None:
         hint = " fp8 files stay fp8 by themselves; to quantise a bf16 model use quant.quantize_module_fp8." if (
             is_fp8(dtype)) else ""
         raise InputError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}.{hint}")
-
-
-def _quant_formats(ckpt: Checkpoint) -> dict[str, str]:
-    """Layer name (as in the file) -> ComfyUI quantisation format, from the header and `comfy_quant` markers."""
-    formats: dict[str, str] = {}
-    raw = ckpt.metadata.get("_quantization_metadata")
-    if raw:
-        try:
-            meta = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise WeightsError(f"{ckpt.source}: unreadable _quantization_metadata in the header ({e})") from None
-        layers = meta.get("layers") if isinstance(meta, dict) else None
-        if not isinstance(layers, dict):
-            raise WeightsError(f"{ckpt.source}: _quantization_metadata has no \"layers\" table")
-        for name, conf in layers.items():
-            formats[name] = conf.get("format", "") if isinstance(conf, dict) else str(conf)
-    for key in ckpt.keys():
-        if key.endswith(".comfy_quant"):
-            try:
-                conf = json.loads(bytes(ckpt.get(key).tolist()).decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise WeightsError(f"{ckpt.source}: unreadable quantisation marker {key} ({e})") from None
-            formats[key[: -len(".comfy_quant")]] = str(conf.get("format", "")) if isinstance(conf, dict) else ""
-    return formats
 
 
 def plan_keys(ckpt: Checkpoint, rename: Callable[[str], str | None]) -> LoadPlan:
@@ -96,7 +87,7 @@ def plan_keys(ckpt: Checkpoint, rename: Callable[[str], str | None]) -> LoadPlan
                 plan.ignored.append(fkey)
                 continue
             layer = mkey[: -len(".weight")]
-            (plan.scales if _SCALE_SUFFIXES[suffix] == "w" else plan.input_scales)[layer] = fkey
+            {"w": plan.scales, "i": plan.input_scales, "w2": plan.scales2}[_SCALE_SUFFIXES[suffix]][layer] = fkey
             continue
         mkey = rename(fkey)
         if mkey is None:
@@ -106,24 +97,9 @@ def plan_keys(ckpt: Checkpoint, rename: Callable[[str], str | None]) -> LoadPlan
         plan.shapes[mkey] = ckpt.info(fkey).shape
         if mkey.endswith(".weight") and is_fp8(ckpt.info(fkey).dtype):
             plan.fp8_layers[mkey[: -len(".weight")]] = ckpt.info(fkey).dtype
-    for name, fmt in _quant_formats(ckpt).items():
-        mkey = rename(name + ".weight")
-        if mkey is None:
-            continue
-        layer = mkey[: -len(".weight")]
-        if fmt not in FP8_FORMATS:
-            raise WeightsError(
-                f"{ckpt.source}: layer {name} uses the quantisation format {fmt!r}; only "
-                f"{', '.join(FP8_FORMATS)} are supported. Use the bf16 or fp8 version of this model."
-            )
-        if plan.fp8_layers.get(layer) != FP8_FORMATS[fmt]:
-            got = ckpt.info(plan.names[mkey]).dtype if mkey in plan.names else "no weight"
-            raise WeightsError(
-                f"{ckpt.source}: the quantisation metadata lists {name} as {fmt} but its weight is {got}; "
-                "the file is inconsistent, re-download it"
-            )
-    for layer in list(plan.scales) + list(plan.input_scales):
-        if layer not in plan.fp8_layers:
+    quant_load.check_formats(ckpt, plan, rename)
+    for layer in list(plan.scales) + list(plan.input_scales) + list(plan.scales2):
+        if layer not in plan.fp8_layers and layer not in plan.formats:
             key = plan.names.get(layer + ".weight")
             got = ckpt.info(key).dtype if key else "missing"
             raise WeightsError(
@@ -136,7 +112,7 @@ def plan_keys(ckpt: Checkpoint, rename: Callable[[str], str | None]) -> LoadPlan
 def _mismatch_report(expected: Mapping[str, tuple[int, ...]], plan: LoadPlan, ckpt: Checkpoint) -> list[str]:
     missing = [k for k in expected if k not in plan.names]
     unexpected = [k for k in plan.names if k not in expected]
-    shaped = [k for k in expected if k in plan.names and tuple(plan.shapes[k]) != tuple(expected[k])]
+    shaped = [k for k in expected if k in plan.names and not quant_load.storage_shape_ok(plan, ckpt, k, expected[k])]
     lines = []
 
     def show(keys: list[str]) -> str:
@@ -213,6 +189,8 @@ def load_into(
     if problems:
         raise ModelMismatchError(f"{ckpt.source}: this is not a valid {what}: " + "; ".join(problems) + f". {fix}")
     keep_fp8 = {n: dt for n, dt in plan.fp8_layers.items() if isinstance(model.get_submodule(n), nn.Linear)}
+    formats = {n: f for n, f in plan.formats.items() if isinstance(model.get_submodule(n), nn.Linear)}
+    keep_fp8.update({n: ckpt.info(plan.names[n + ".weight"]).dtype for n in formats})  # all stay quantised
     # Resident bytes after loading: fp8 weights as stored, everything else in the target dtype.
     target = {k: keep_fp8.get(_layer_of(k) or "", dtype) if k.endswith(".weight") else dtype for k in expected}
     total = sum(torch.Size(expected[k]).numel() * target[k].itemsize for k in expected)
@@ -239,9 +217,12 @@ def load_into(
             "it runs (largest layer %s extra)", ckpt.source, len(keep_fp8), format_bytes(total), dtype,
             format_bytes(largest),
         )
-    scale_shapes = {n: _scale_shape(ckpt, k, expected[n + ".weight"]) for n, k in plan.scales.items() if n in keep_fp8}
+    scale_shapes = {n: _scale_shape(ckpt, k, expected[n + ".weight"]) for n, k in plan.scales.items()
+                    if n in keep_fp8 and n not in formats}  # fmt: skip
+    scale_shapes.update(quant_load.scale_shapes(plan, ckpt, {n: expected[n + ".weight"] for n in formats}))
     input_scaled = {n for n in keep_fp8 if n in plan.input_scales}
-    swap_fp8_linears(model, keep_fp8, weight_dtypes=keep_fp8, scale_shapes=scale_shapes, input_scale_keys=input_scaled)
+    swap_fp8_linears(model, keep_fp8, weight_dtypes=keep_fp8, scale_shapes=scale_shapes, input_scale_keys=input_scaled,
+                     formats=formats)  # fmt: skip
     state: dict[str, torch.Tensor] = {}
     floating = {k for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
     ok = False
@@ -250,6 +231,8 @@ def load_into(
             fkey, layer = plan.names[key], _layer_of(key)
             if layer in keep_fp8:
                 state[key] = ckpt.read(fkey, None, dev)  # stays fp8, zero-copy on the CPU
+            elif layer in plan.formats:  # e.g. an int8 embedding table: dequantised once, here
+                state[key] = quant_load.dequantize_at_load(plan, ckpt, layer, expected[key], dtype, dev)
             elif layer in plan.fp8_layers:  # an fp8 tensor outside a Linear: dequantise once, here
                 state[key] = _dequantize_at_load(ckpt, fkey, plan.scales.get(layer), dtype, dev)
             else:
@@ -260,8 +243,11 @@ def load_into(
                                        f"the {what}; re-download it")
                 state[key] = ckpt.read(fkey, dtype if src.is_floating_point else src, dev)
         for layer in keep_fp8:
-            shape = model.get_submodule(layer).weight_scale.shape
-            if layer in plan.scales:
+            qlayer = cast(Fp8Linear, model.get_submodule(layer))
+            shape = qlayer.weight_scale.shape
+            if layer in formats:
+                state.update(quant_load.scale_state(plan, ckpt, layer, qlayer, dev))
+            elif layer in plan.scales:
                 state[layer + ".weight_scale"] = ckpt.read(plan.scales[layer], torch.float32, dev).reshape(shape)
             else:  # plain fp8 cast without a scale (e.g. *_fp8_e4m3fn.safetensors)
                 state[layer + ".weight_scale"] = torch.ones(shape, device=dev)
@@ -324,25 +310,26 @@ def _probe(model: nn.Module, ckpt: Checkpoint, plan: LoadPlan, keep_fp8: Mapping
             )
 
 
+# What a transformer loader says when handed another component, and which loader takes it instead.
+_OTHER_LOADER = {"vae": "VAE loader", "text_encoder": "text encoder loader", "vision_tower": "text encoder loader"}
+
+
 def _foreign_component(keys: Sequence[str]) -> str | None:
     """Name the component a checkpoint holds when it is clearly not a diffusion transformer."""
-    ks = set(keys)
-    if {"encoder.conv_in.weight", "post_quant_conv.weight"} <= ks or {"encoder.conv1.weight", "conv2.weight"} <= ks:
-        return "a VAE (select it in the VAE loader)"
-    if any(k.startswith(("first_stage_model.encoder.", "vae.encoder.")) for k in ks) and not any(
-        k.startswith(COMFY_PREFIX) for k in ks
-    ):
-        return "a VAE (select it in the VAE loader)"
-    if any("embed_tokens." in k or k.startswith(("visual.", "model.visual.")) for k in ks):
-        return "a text encoder (select it in the text encoder loader)"
-    return None
+    found = identify_checkpoint(keys)
+    loader = _OTHER_LOADER.get(found.kind)
+    return f"{found.what} (select it in the {loader})" if loader else None
 
 
 def _strip_prefix(keys: Sequence[str], prefixes: Sequence[str]) -> Callable[[str], str | None]:
     """A rename that keeps only keys under the first prefix present (stripped), or every key when none is."""
     for prefix in prefixes:
         if any(k.startswith(prefix) for k in keys):
-            return lambda k, p=prefix: k[len(p) :] if k.startswith(p) else None
+
+            def strip(k: str, p: str = prefix) -> str | None:
+                return k[len(p) :] if k.startswith(p) else None
+
+            return strip
     return lambda k: k
 
 
@@ -357,13 +344,16 @@ def load_transformer(
 ) -> QwenImageLayeredTransformer:
     """Load the Qwen-Image-Layered transformer from a diffusers folder/pipeline or a ComfyUI single file.
 
-    `quantize="float8_e4m3fn"` (or "float8_e5m2") stores the block Linear weights of a high-precision file in
-    fp8 with per-tensor scales, quantised layer by layer on `device` from the memory-mapped file (fp8 layers of
-    the file stay as they are); computation stays in `dtype`.
+    `quantize="float8_e4m3fn"` (or "float8_e5m2", or a quant.QUANT_CHOICES name such as "int8-convrot")
+    stores the block Linear weights of a high-precision file quantised (fp8: per-tensor scales; the others as
+    ComfyUI's quantiser makes them), layer by layer on `device` from the memory-mapped file (quantised layers
+    of the file stay as they are); computation stays in `dtype`.
     """
     check_dtype(dtype)
-    if quantize is not None and quantize not in FP8_FORMATS:
-        raise InputError(f"quantize must be None or one of {', '.join(FP8_FORMATS)}, got {quantize!r}")
+    if quantize is not None and quantize not in FP8_FORMATS and quantize not in QUANT_CHOICES:
+        raise InputError(
+            f"quantize must be None or one of {', '.join([*FP8_FORMATS, *QUANT_CHOICES])}, got {quantize!r}"
+        )
     with open_checkpoint(source, subfolder=subfolder, default_subfolder="transformer") as ckpt:
         keys = ckpt.keys()
         foreign = _foreign_component(keys)
@@ -389,7 +379,8 @@ def load_transformer(
         if quantize is None:
             return load_into(model, ckpt, plan, dtype=dtype, device=device, what=what, fix=fix)  # type: ignore[return-value]
         load_into(model, ckpt, plan, dtype=dtype, device="cpu", what=what, fix=fix)
-    quantize_module_fp8(model, skip=TRANSFORMER_FP8_SKIP, fp8_dtype=FP8_FORMATS[quantize], device=device)
+    fmt = QUANT_CHOICES.get(quantize) or LayerFormat(quantize)
+    quantize_module_fp8(model, skip=TRANSFORMER_FP8_SKIP, fmt=fmt, device=device)
     return model.to(device)
 
 
@@ -419,9 +410,10 @@ def load_vae(
     check_dtype(dtype)
     with open_checkpoint(source, subfolder=subfolder, default_subfolder="vae") as ckpt:
         plan = plan_keys(ckpt, _vae_rename(ckpt))
-        if "img_in.weight" in plan.shapes or "transformer_blocks.0.img_mod.1.weight" in plan.shapes:
+        found = identify_checkpoint(plan.shapes)
+        if found.kind not in ("vae", "unknown", "empty"):
             raise ModelMismatchError(
-                f"{ckpt.source}: this is a diffusion transformer, not a VAE; select the Qwen-Image-Layered VAE "
+                f"{ckpt.source}: this is {found.what}, not a VAE; select the Qwen-Image-Layered VAE "
                 "(qwen_image_layered_vae.safetensors in models/vae, or the vae/ folder)"
             )
         config = VAEConfig.from_shapes(plan.shapes, ckpt.source)

@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import TypedDict, TypeVar
 
 import torch
 from safetensors.torch import save_file
@@ -31,6 +32,7 @@ from .checkpoint import RANDOM_WEIGHTS_KEY
 from .vae_keys import diffusers_to_wan_key
 
 logger = logging.getLogger(__name__)
+_M = TypeVar("_M", bound=nn.Module)
 
 LAYOUTS = ("comfyui", "diffusers")
 # File names of the ComfyUI layout (under models/), shaped like the real ones so folder lookups find them.
@@ -44,10 +46,23 @@ SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _MERGES = (("Ġ", "a"), ("t", "h"), ("Ġ", "t"), ("i", "n"), ("e", "r"), ("Ġt", "h"), ("o", "n"), ("Ċ", "Ċ"))
 _REAL_TEXT_VOCAB = 152064  # the 7B model's embedding rows, when the real tokenizer is copied
 
+
+class _TextSizes(TypedDict):
+    """The TextEncoderConfig fields of the tiny text encoder (all but vocab_size)."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    rope_theta: float
+
+
 # Widths: text 128 (one 128-wide head, so a single file's config is inferred exactly), DiT 2 x 32 heads,
 # VAE base 8 with one residual block per stage. Seconds on a CPU at 640x640.
-TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-                 num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
+TINY_TEXT = _TextSizes(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
+                       num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
 TINY_TRANSFORMER = TransformerConfig(
     num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=128, axes_dims_rope=(4, 14, 14),
 )
@@ -80,7 +95,7 @@ def write_tiny_tokenizer(folder: str | os.PathLike[str]) -> tuple[Path, int]:
     vocab = {s: i for i, s in enumerate(_byte_symbols())}
     for a, b in _MERGES:
         vocab.setdefault(a + b, len(vocab))
-    added = {}
+    added: dict[str, dict[str, str | bool]] = {}
     for tok in SPECIAL_TOKENS:
         added[str(len(vocab) + len(added))] = {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
                                                "single_word": False, "special": True}
@@ -92,7 +107,7 @@ def write_tiny_tokenizer(folder: str | os.PathLike[str]) -> tuple[Path, int]:
     return out, len(vocab) + len(added)
 
 
-def _randomize(module: nn.Module, seed: int) -> nn.Module:
+def _randomize(module: _M, seed: int) -> _M:
     """Fill every parameter from one seeded generator: norms near 1, other weights small (stable activations)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -111,9 +126,9 @@ def _randomize(module: nn.Module, seed: int) -> nn.Module:
 def build_tiny_modules(seed: int = 0, text_vocab: int = 272) -> tuple[QwenImageLayeredTransformer, RGBAVAE,
                                                                       Qwen25TextEncoder]:
     """The tiny transformer, RGBA-VAE and text encoder with random weights (fp32, CPU)."""
-    te = Qwen25TextEncoder(TextEncoderConfig(vocab_size=text_vocab, **TINY_TEXT))  # type: ignore[arg-type]
-    return (_randomize(QwenImageLayeredTransformer(TINY_TRANSFORMER), seed),  # type: ignore[return-value]
-            _randomize(RGBAVAE(TINY_VAE), seed + 1), _randomize(te, seed + 2))  # type: ignore[return-value]
+    te = Qwen25TextEncoder(TextEncoderConfig(vocab_size=text_vocab, **TINY_TEXT))
+    return (_randomize(QwenImageLayeredTransformer(TINY_TRANSFORMER), seed),
+            _randomize(RGBAVAE(TINY_VAE), seed + 1), _randomize(te, seed + 2))
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> Path:

@@ -249,10 +249,16 @@ def test_fp8_model_survives_to_dtype(ref_c, tmp_path: Path) -> None:
 def test_unsupported_quantisation_format_is_refused(ref_c, tmp_path: Path) -> None:
     sd = ref_c.state_dict()
     layers = quantised_layers(sd)[:1]
-    path = tmp_path / "nvfp4.safetensors"
+    path = tmp_path / "awq.safetensors"
+    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0",
+                                                  "layers": {layers[0]: {"format": "awq_w4a16"}}})}
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=meta)
+    with pytest.raises(WeightsError, match=f"layer {layers[0]} .*'awq_w4a16'.*bf16, fp8mixed or int8 ConvRot version"):
+        load_transformer(path)
+    # nvfp4 is read now; a file whose marker says nvfp4 over an unquantised weight is refused as inconsistent
     meta = {"_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {layers[0]: {"format": "nvfp4"}}})}
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=meta)
-    with pytest.raises(WeightsError, match="nvfp4.*bf16 or fp8 version"):
+    with pytest.raises(WeightsError, match="as nvfp4 but its weight is torch.float32; the file is inconsistent"):
         load_transformer(path)
 
 
