@@ -5,11 +5,12 @@ Two ways to apply a patch, chosen per LoRA (`mode`):
   LoRA on that layer concatenated into one pair (D = [D1; D2], U = [s1 U1, s2 U2]), so stacking costs one pair of
   thin matmuls per layer. The branch is a child module `qil_lora` holding non-persistent buffers plus a forward
   hook: the state dict keys do not change, `.to()` moves it, and block swap streams it with its block. Full
-  deltas of a Linear ride in the same branch. fp8 weights stay untouched, so the LoRA keeps full precision
-  (bench/bench_lora.py measures it: merging into fp8 loses most of a small LoRA to fp8 rounding).
+  deltas of a Linear ride in the same branch. Quantised weights (fp8, INT8/ConvRot, MXFP8, NVFP4) stay
+  untouched, so the LoRA keeps full precision (bench/bench_lora.py measures it: merging into fp8 loses most of
+  a small LoRA to fp8 rounding), and the layer's own kernels keep running.
 - "merge": the patched weight W + sum(s U D) is computed in fp32 and rounded once into the weight's dtype (fp8
-  weights are dequantised and requantised with a new per-tensor scale); no per-step cost, but memory for the
-  merged copies while the originals are kept.
+  weights are dequantised and requantised with a new per-tensor scale; the other quantised formats always get
+  the branch); no per-step cost, but memory for the merged copies while the originals are kept.
 Norm and embedding weights (full deltas only) are always merged. Merging swaps `param.data` for a new tensor
 and keeps the original tensor object, and removal points the parameter back at it: the base is restored bit
 for bit and never reloaded (the original follows the module if it moved to another device meanwhile).
@@ -158,6 +159,14 @@ class LoraStack:
             merge = [(e, e.lora.patches[name]) for e in live if name in e.lora.patches and e.mode == "merge"]
             if not _is_linear(module):
                 merge, fly = merge + fly, []
+            elif merge and isinstance(module, Fp8Linear) and not module.fmt.is_fp8:
+                logger.warning(
+                    "%s is stored as %s: its LoRA runs on the fly (merging cannot requantise that format "
+                    "without losing the LoRA)",
+                    name,
+                    module.fmt.name,
+                )
+                merge, fly = [], fly + merge
             if merge:
                 self._merge(module, merge)
             if fly:

@@ -242,3 +242,26 @@ def test_apply_checks_the_model(dit, tmp_path) -> None:
         apply_lora(small, lora)
     assert lora_stack(small).entries == []
     assert np.isclose(lora.patches["transformer_blocks.1.attn.to_k"].scale, 1.0)  # no alpha anywhere: scale 1
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int8-convrot", "mxfp8"])
+def test_other_quantised_formats_get_the_lora_on_the_fly_even_when_merge_is_asked(fmt: str, tmp_path) -> None:
+    from qil_core.model.weights.quant import QUANT_CHOICES, fits_format
+
+    dit = build_tiny_modules(seed=3)[0].eval()
+    quantize_module_fp8(dit, skip=TRANSFORMER_FP8_SKIP, fmt=fmt)
+    name, layer = next((n, m) for n, m in dit.named_modules() if isinstance(m, Fp8Linear))
+    assert layer.fmt.name != "float8_e4m3fn" and fits_format(QUANT_CHOICES[fmt], layer.in_features)
+    down, up = _pair(layer.out_features, layer.in_features, 4, 9)
+    path = _save(tmp_path, {f"{name}.lora_A.weight": down, f"{name}.lora_B.weight": up})
+    x = torch.randn(3, layer.in_features)
+    before = {k: v.clone() for k, v in dit.state_dict().items()}
+    with torch.no_grad():
+        base = layer(x)
+        for mode in ("fly", "merge"):
+            handle = load_lora(dit, path, 0.5, mode=mode)
+            torch.testing.assert_close(layer(x), base + 0.5 * x @ (up @ down).T, rtol=1e-5, atol=1e-5)
+            assert hasattr(layer, "qil_lora")  # the branch, never a requantised weight
+            handle.remove()
+    after = dit.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
