@@ -33,7 +33,7 @@ from .lora import add_lora_options, add_sampler_options, apply_loras, sampler_op
 logger = logging.getLogger(__name__)
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names (torch loads lazily)
-DEMO_SETTINGS = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
+DEMO_SETTINGS: dict[str, Any] = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
