@@ -132,18 +132,21 @@ def main() -> None:
         for stack in (lanczos, guided):
             d = (full(stack.layers[i], n)[..., 3] - a_true)[band] * 255
             errs.append((float(np.abs(d).mean()), float(np.sqrt((d * d).mean()))))
-        print(f"{layer.name:<12}{int(band.sum()):>10}{errs[0][0]:>13.2f}{errs[1][0]:>12.2f}{errs[0][1]:>13.2f}"
-              f"{errs[1][1]:>12.2f}")
+        print(
+            f"{layer.name:<12}{int(band.sum()):>10}{errs[0][0]:>13.2f}{errs[1][0]:>12.2f}{errs[0][1]:>13.2f}"
+            f"{errs[1][1]:>12.2f}"
+        )
     ref = original[..., :3].astype(np.float32)
     for label, stack in (("lanczos", lanczos), ("guided", guided)):
         c = composite(stack)[..., :3] * 255
         d = np.abs(c - ref)[union]
         print(f"composite colour error in the edge bands, {label}: mean {d.mean():.2f}, max {d.max():.1f}")
     for what, lz, gd in (("wall", t_lz, t_gd), ("CPU", c_lz, c_gd)):
-        print(f"{what} time: lanczos {lz:.2f} s ({lz / layers:.2f} s/layer), guided {gd:.2f} s "
-              f"({gd / layers:.2f} s/layer), ratio guided/lanczos {gd / lz:.2f}")
-    print(f"(CPU = process time summed over threads; {os.cpu_count()} CPUs, load average now "
-          f"{os.getloadavg()[0]:.1f})")
+        print(
+            f"{what} time: lanczos {lz:.2f} s ({lz / layers:.2f} s/layer), guided {gd:.2f} s "
+            f"({gd / layers:.2f} s/layer), ratio guided/lanczos {gd / lz:.2f}"
+        )
+    print(f"(CPU = process time summed over threads; {os.cpu_count()} CPUs, load average now {os.getloadavg()[0]:.1f})")
 
 
 if __name__ == "__main__":

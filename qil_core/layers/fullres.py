@@ -74,8 +74,7 @@ class GuideStats:
         self.guide = guide_lo  # (3, h, w) float32 premultiplied RGB
         self.mean = box_mean(guide_lo, radius)
         pairs = ((0, 0), (0, 1), (0, 2), (1, 1), (1, 2), (2, 2))
-        cov = {p: box_mean(guide_lo[p[0]] * guide_lo[p[1]], radius) - self.mean[p[0]] * self.mean[p[1]]
-               for p in pairs}
+        cov = {p: box_mean(guide_lo[p[0]] * guide_lo[p[1]], radius) - self.mean[p[0]] * self.mean[p[1]] for p in pairs}
         for k in range(3):
             cov[(k, k)] = cov[(k, k)] + eps
         a, b, c, d, e, f = (cov[p] for p in pairs)  # [[a b c] [b d e] [c e f]]
@@ -89,9 +88,13 @@ class GuideStats:
         mean_p = box_mean(p, r)
         cov_ip = box_mean(self.guide * p, r) - mean_i * mean_p
         s = self.inv
-        a = np.stack([s[0] * cov_ip[0] + s[1] * cov_ip[1] + s[2] * cov_ip[2],
-                      s[1] * cov_ip[0] + s[3] * cov_ip[1] + s[4] * cov_ip[2],
-                      s[2] * cov_ip[0] + s[4] * cov_ip[1] + s[5] * cov_ip[2]])
+        a = np.stack(
+            [
+                s[0] * cov_ip[0] + s[1] * cov_ip[1] + s[2] * cov_ip[2],
+                s[1] * cov_ip[0] + s[3] * cov_ip[1] + s[4] * cov_ip[2],
+                s[2] * cov_ip[0] + s[4] * cov_ip[1] + s[5] * cov_ip[2],
+            ]
+        )
         b = mean_p - (a * mean_i).sum(axis=0)
         return box_mean(np.concatenate([a, b[None]]), r).astype(np.float32)
 
@@ -156,8 +159,10 @@ def _guide_planes(guide: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 def _downsample(planes: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Area-average (box) downsample of (C, H, W) planes to size (w, h) -> (C, h, w) float32."""
-    out = [np.asarray(Image.fromarray(np.ascontiguousarray(p), mode="F").resize(size, Image.Resampling.BOX))
-           for p in planes]
+    out = [
+        np.asarray(Image.fromarray(np.ascontiguousarray(p), mode="F").resize(size, Image.Resampling.BOX))
+        for p in planes
+    ]
     return np.stack(out).astype(np.float32)
 
 
@@ -170,8 +175,12 @@ def _rect(alpha: np.ndarray, reach: int, scale: tuple[float, float], size: tuple
     lx0, lx1 = max(0, cols[0] - reach), min(w, cols[-1] + 1 + reach)
     ly0, ly1 = max(0, rows[0] - reach), min(h, rows[-1] + 1 + reach)
     sx, sy = scale
-    return (max(0, math.floor(lx0 * sx)), max(0, math.floor(ly0 * sy)), min(size[0], math.ceil(lx1 * sx)),
-            min(size[1], math.ceil(ly1 * sy)))
+    return (
+        max(0, math.floor(lx0 * sx)),
+        max(0, math.floor(ly0 * sy)),
+        min(size[0], math.ceil(lx1 * sx)),
+        min(size[1], math.ceil(ly1 * sy)),
+    )
 
 
 @dataclass
@@ -180,8 +189,8 @@ class _Plan:
 
     layer: Layer
     rect: tuple[int, int, int, int]
-    coef: np.ndarray  # (4, h, w): A_r, A_g, A_b, b
-    flat: np.ndarray  # (h, w) bool: A == 0 there (alpha is b alone)
+    coef: np.ndarray  # (4, h, w): A_r, A_g, A_b (window-averaged fit), p (the alpha)
+    flat: np.ndarray  # (h, w) bool: p constant nearby, A == 0 (alpha is p alone)
     colour: np.ndarray  # (3, h, w) straight colour, filled under alpha 0
     px: np.ndarray  # (H_rect, W_rect, 4) output
     images: list = field(default_factory=list)  # PIL "F" images of coef (4) and colour (3)
@@ -190,10 +199,13 @@ class _Plan:
 class _Upsampler:
     """Tile-wise evaluation of every layer's alpha and colour at full resolution (tiles run on threads)."""
 
-    def __init__(self, plans: list[_Plan], prem: np.ndarray, straight: np.ndarray, alpha: np.ndarray,
-                 scale: tuple[float, float]) -> None:
+    def __init__(
+        self, plans: list[_Plan], prem: np.ndarray, straight: np.ndarray, alpha: np.ndarray, scale: tuple[float, float]
+    ) -> None:
         self.plans, self.prem, self.straight, self.alpha, self.scale = plans, prem, straight, alpha, scale
         self.small = plans[0].coef.shape[1:] if plans else (0, 0)
+        self.guide_lo: np.ndarray | None = None  # (3, h, w) the low-res guide, set by upsample_stack
+        self.guide_images: list[Image.Image] = []
 
     def _window(self, t: tuple[int, int, int, int]) -> tuple[tuple[float, ...], tuple[slice, slice]]:
         """Low-res box of a high-res rectangle, and the low-res pixels its bilinear samples read."""
@@ -206,8 +218,9 @@ class _Upsampler:
         return box, (rows, cols)
 
     @staticmethod
-    def _sample(img: Image.Image, plane: np.ndarray, box: tuple[float, ...], size: tuple[int, int],
-                where: tuple[slice, slice]) -> np.ndarray | float:
+    def _sample(
+        img: Image.Image, plane: np.ndarray, box: tuple[float, ...], size: tuple[int, int], where: tuple[slice, slice]
+    ) -> np.ndarray | float:
         """A plane sampled on a tile: a float when it is constant there, else a (h, w) array."""
         part = plane[where]
         lo, hi = float(part.min()), float(part.max())
@@ -220,12 +233,13 @@ class _Upsampler:
         tx0, ty0, tx1, ty1 = t
         trans = np.ones((ty1 - ty0, tx1 - tx0), np.float32)
         weights: list[tuple[_Plan, tuple[int, int, int, int], np.ndarray | None]] = []
+        detail: list[np.ndarray] = []  # the guide's detail missing at the bucket size: I - up(I_lo), on the tile
         for plan in reversed(self.plans):  # top down
             x0, y0, x1, y1 = plan.rect
             part = (max(tx0, x0), max(ty0, y0), min(tx1, x1), min(ty1, y1))
             if part[0] >= part[2] or part[1] >= part[3]:
                 continue
-            q = self._alpha(plan, part)
+            q = self._alpha(plan, part, t, detail)
             if q is None:
                 continue
             weight = None
@@ -239,7 +253,21 @@ class _Upsampler:
         for plan, part, weight in weights:
             self._colour(plan, part, weight, total[part[1] - ty0 : part[3] - ty0, part[0] - tx0 : part[2] - tx0])
 
-    def _alpha(self, plan: _Plan, part: tuple[int, int, int, int]) -> np.ndarray | None:
+    def _detail(self, t: tuple[int, int, int, int], detail: list[np.ndarray]) -> list[np.ndarray]:
+        if not detail and self.guide_lo is not None:
+            x0, y0, x1, y1 = t
+            box, where = self._window(t)
+            for k in range(3):
+                up = self._sample(self.guide_images[k], self.guide_lo[k], box, (x1 - x0, y1 - y0), where)
+                detail.append(self.prem[k, y0:y1, x0:x1] - up)
+        return detail
+
+    def _alpha(
+        self, plan: _Plan, part: tuple[int, int, int, int], t: tuple[int, int, int, int], detail: list[np.ndarray]
+    ) -> np.ndarray | None:
+        """q = up(p) + A·(I - up(I_lo)): the plain upsampled alpha plus the guide's missing detail, scaled by
+        the local fit (equal to the fast guided filter's A·I + b where p is linear in I, and no blurrier than
+        p itself where the guide is flat)."""
         x0, y0, x1, y1 = part
         size = (x1 - x0, y1 - y0)
         box, where = self._window(part)
@@ -253,16 +281,19 @@ class _Upsampler:
                 q = b
         else:
             q = np.array(np.broadcast_to(np.float32(b), (size[1], size[0])), np.float32)
+            d = self._detail(t, detail)
+            rows, cols = slice(y0 - t[1], y1 - t[1]), slice(x0 - t[0], x1 - t[0])
             for k in range(3):
-                q += self._sample(plan.images[k], plan.coef[k], box, size, where) * self.prem[k, y0:y1, x0:x1]
+                q += self._sample(plan.images[k], plan.coef[k], box, size, where) * d[k][rows, cols]
         q[q < ALPHA_EPS] = 0
         np.minimum(q, 1, out=q)
         rx, ry = plan.rect[0], plan.rect[1]
         plan.px[y0 - ry : y1 - ry, x0 - rx : x1 - rx, 3] = q
         return q
 
-    def _colour(self, plan: _Plan, part: tuple[int, int, int, int], weight: np.ndarray | None,
-                total: np.ndarray) -> None:
+    def _colour(
+        self, plan: _Plan, part: tuple[int, int, int, int], weight: np.ndarray | None, total: np.ndarray
+    ) -> None:
         x0, y0, x1, y1 = part
         dst = plan.px[y0 - plan.rect[1] : y1 - plan.rect[1], x0 - plan.rect[0] : x1 - plan.rect[0]]
         sole = None
@@ -279,8 +310,9 @@ class _Upsampler:
                 np.copyto(dst[..., k], self.straight[k, y0:y1, x0:x1], where=sole)
 
 
-def upsample_stack(stack: LayerStack, guide: np.ndarray, *, radius: int = RADIUS, eps: float = EPS,
-                   workers: int | None = None) -> LayerStack:
+def upsample_stack(
+    stack: LayerStack, guide: np.ndarray, *, radius: int = RADIUS, eps: float = EPS, workers: int | None = None
+) -> LayerStack:
     """Map a bucket-size stack onto the canvas of `guide` (the original picture, (H, W, 3|4), float or uint8).
 
     Every layer's alpha is upsampled with the fast guided filter, its colour as described in the module
@@ -298,22 +330,32 @@ def upsample_stack(stack: LayerStack, guide: np.ndarray, *, radius: int = RADIUS
         low = paste_layer(np.zeros((small[1], small[0], 4), np.float32), layer)
         rect = _rect(low[..., 3] > 0, 2 * radius + 2, scale, big)
         if rect is None:
-            placed.append(layer.replace(pixels=np.zeros((0, 0, 4), np.float32), x=math.floor(layer.x * scale[0]),
-                                        y=math.floor(layer.y * scale[1])))
+            placed.append(
+                layer.replace(
+                    pixels=np.zeros((0, 0, 4), np.float32),
+                    x=math.floor(layer.x * scale[0]),
+                    y=math.floor(layer.y * scale[1]),
+                )
+            )
             continue
         coef = stats.coefficients(low[..., 3])
+        coef[3] = low[..., 3]  # the detail-transfer form samples p itself, not the averaged b
         flat = _flat(low[..., 3], 2 * radius)
         coef[:3, flat] = 0  # exactly: the fit there is the constant alpha (rounding would leave ~1e-16)
-        coef[3, flat] = low[..., 3][flat]
         colour = fill_colour(np.ascontiguousarray(np.moveaxis(low[..., :3], -1, 0)), low[..., 3])
         px = np.zeros((rect[3] - rect[1], rect[2] - rect[0], 4), np.float32)
         plan = _Plan(layer, rect, coef, flat, colour, px)  # type: ignore[arg-type]
         plan.images = [Image.fromarray(np.ascontiguousarray(p), mode="F") for p in (*coef, *colour)]
         plans.append(plan)
         placed.append(plan)
-    tiles = [(x, y, min(big[0], x + _TILE), min(big[1], y + _TILE))
-             for y in range(0, big[1], _TILE) for x in range(0, big[0], _TILE)]
+    tiles = [
+        (x, y, min(big[0], x + _TILE), min(big[1], y + _TILE))
+        for y in range(0, big[1], _TILE)
+        for x in range(0, big[0], _TILE)
+    ]
     runner = _Upsampler(plans, prem_hi, straight_hi, alpha_hi, scale)
+    runner.guide_lo = stats.guide
+    runner.guide_images = [Image.fromarray(np.ascontiguousarray(p, np.float32), mode="F") for p in stats.guide]
     n = max(1, min(8, workers or os.cpu_count() or 1))
     if n == 1:
         for t in tiles:
@@ -322,6 +364,10 @@ def upsample_stack(stack: LayerStack, guide: np.ndarray, *, radius: int = RADIUS
         with ThreadPoolExecutor(n) as pool:
             for _ in pool.map(runner.tile, tiles):
                 pass
-    out = [item if isinstance(item, Layer) else item.layer.replace(pixels=item.px, x=item.rect[0],
-                                                                     y=item.rect[1]).cropped() for item in placed]
+    out = [
+        item
+        if isinstance(item, Layer)
+        else item.layer.replace(pixels=item.px, x=item.rect[0], y=item.rect[1]).cropped()
+        for item in placed
+    ]
     return LayerStack(big[0], big[1], out, metadata=stack.metadata)

@@ -78,8 +78,10 @@ class RecomposeReport:
 
     def describe(self) -> str:
         """One log line."""
-        text = (f"residual before folding: mean {self.mean:.2f}, max {self.max:.1f} (8-bit steps); "
-                f"{100 * self.corrected_share:.1f}% of {self.pixels} px corrected; after: max {self.remaining_max:.3f}")
+        text = (
+            f"residual before folding: mean {self.mean:.2f}, max {self.max:.1f} (8-bit steps); "
+            f"{100 * self.corrected_share:.1f}% of {self.pixels} px corrected; after: max {self.remaining_max:.3f}"
+        )
         if self.uncovered:
             text += f"; {self.uncovered} px visible in the input but transparent in every layer (not correctable)"
         if self.extra:
@@ -109,8 +111,9 @@ def snap_alpha(stack: LayerStack) -> LayerStack:
 def _target(target: np.ndarray, stack: LayerStack) -> np.ndarray:
     arr = np.asarray(target)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4) or arr.shape[:2] != (stack.height, stack.width):
-        raise InputError(f"target must be an RGB(A) picture of the canvas size {stack.width}x{stack.height}, "
-                         f"got shape {arr.shape}")
+        raise InputError(
+            f"target must be an RGB(A) picture of the canvas size {stack.width}x{stack.height}, got shape {arr.shape}"
+        )
     if arr.dtype == np.uint8:
         arr = arr.astype(np.float32) / np.float32(255)
     elif arr.dtype == np.uint16:
@@ -134,9 +137,11 @@ def fold_residual(stack: LayerStack, target: np.ndarray) -> tuple[LayerStack, Re
     index = [i for i, layer in enumerate(stack.layers) if layer.visible and layer.opacity > 0 and layer.pixels.size]
     for i in index:
         if stack.layers[i].blend_mode != "normal":
-            raise InputError(f"layer {i} ({stack.layers[i].name!r}) uses blend mode "
-                             f"{stack.layers[i].blend_mode!r}; exact recomposition folds colours into 'normal' "
-                             "layers only (set it to normal, or hide it, first)")
+            raise InputError(
+                f"layer {i} ({stack.layers[i].name!r}) uses blend mode "
+                f"{stack.layers[i].blend_mode!r}; exact recomposition folds colours into 'normal' "
+                "layers only (set it to normal, or hide it, first)"
+            )
     pixels = {i: stack.layers[i].pixels.copy() for i in index}
     tally = np.zeros(9, np.float64)  # pixels, corrected, sum, max, uncovered, extra, alpha sum, alpha max, remaining
     alpha_px = 0
@@ -150,9 +155,14 @@ def fold_residual(stack: LayerStack, target: np.ndarray) -> tuple[LayerStack, Re
         out[i] = stack.layers[i].replace(pixels=pixels[i])
     n = int(tally[0])
     report = RecomposeReport(
-        pixels=n, corrected=int(tally[1]), mean=float(tally[2] / n) if n else 0.0, max=float(tally[3]),
-        uncovered=int(tally[4]), extra=int(tally[5]),
-        alpha_mean=float(tally[6] / alpha_px) if alpha_px else 0.0, alpha_max=float(tally[7]),
+        pixels=n,
+        corrected=int(tally[1]),
+        mean=float(tally[2] / n) if n else 0.0,
+        max=float(tally[3]),
+        uncovered=int(tally[4]),
+        extra=int(tally[5]),
+        alpha_mean=float(tally[6] / alpha_px) if alpha_px else 0.0,
+        alpha_max=float(tally[7]),
         remaining_max=float(tally[8]),
     )
     return stack.replace(layers=out), report
@@ -167,8 +177,9 @@ def _slices(layer: Layer, y0: int, y1: int, width: int) -> tuple[slice, slice, s
     return (slice(t - y0, b - y0), slice(left, r), slice(t - layer.y, b - layer.y), slice(left - layer.x, r - layer.x))
 
 
-def _fold_band(stack: LayerStack, index: list[int], pixels: dict[int, np.ndarray], tgt: np.ndarray, y0: int,
-               tally: np.ndarray) -> int:
+def _fold_band(
+    stack: LayerStack, index: list[int], pixels: dict[int, np.ndarray], tgt: np.ndarray, y0: int, tally: np.ndarray
+) -> int:
     """Fold one band of canvas rows; updates `pixels` in place and the running tally. Returns the alpha px count."""
     bh, width = tgt.shape[:2]
     parts = []
@@ -227,12 +238,17 @@ def _fold_band(stack: LayerStack, index: list[int], pixels: dict[int, np.ndarray
     return int(union.sum())
 
 
-def recompose_exact(stack: LayerStack, target: np.ndarray, what: str = "image", *,
-                    snap: bool = True) -> tuple[LayerStack, RecomposeReport]:
+def recompose_exact(
+    stack: LayerStack, target: np.ndarray, what: str = "image", *, snap: bool = True
+) -> tuple[LayerStack, RecomposeReport]:
     """`snap_alpha` (unless snap=False) then `fold_residual`, logging the report: the pipeline's recompose="exact"."""
     out, report = fold_residual(snap_alpha(stack) if snap else stack, target)
     logger.info("exact recomposition of %s: %s", what, report.describe())
     if report.uncovered:
-        logger.warning("%s: %d px are visible in the input but transparent in every layer; alpha is never changed, "
-                       "so they stay transparent", what, report.uncovered)
+        logger.warning(
+            "%s: %d px are visible in the input but transparent in every layer; alpha is never changed, "
+            "so they stay transparent",
+            what,
+            report.uncovered,
+        )
     return out, report
