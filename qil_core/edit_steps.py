@@ -6,9 +6,13 @@ This is the engine behind the `edit` command (and the demo); the command line on
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from .errors import InputError
 from .layers.ops import (
@@ -22,6 +26,7 @@ from .layers.ops import (
     select_layers,
 )
 from .layers.recolor import recolor_layer
+from .layers.replace import replace_layer_pixels
 from .layers.stack import Layer, LayerStack
 from .layers.transform import resize_stack, transform_layer
 
@@ -43,7 +48,8 @@ class LayerEdit:
 
 @dataclass
 class StackEdit:
-    """One stack edit (`delete`, `keep`, `move_to`, `merge_down`, `duplicate`, `drop_empty`, `resize`)."""
+    """One stack edit (`delete`, `keep`, `move_to`, `merge_down`, `duplicate`, `drop_empty`, `resize`,
+    `replace_pixels` with value (layer key, picture path, alpha policy))."""
 
     op: str
     value: Any = None
@@ -86,6 +92,21 @@ def edit_layer(layer: Layer, opts: dict[str, Any], canvas: tuple[int, int]) -> L
     return layer.replace(**props) if props else layer
 
 
+def read_picture(path: str | os.PathLike[str]) -> np.ndarray:
+    """An edited picture file -> RGB or RGBA uint8 array (RGBA when the file has transparency)."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"replacement picture {os.fspath(p)!r} not found; check the path")
+    try:
+        with Image.open(p) as im:
+            alpha = "A" in im.getbands() or "transparency" in im.info
+            return np.asarray(im.convert("RGBA" if alpha else "RGB"))
+    except OSError as exc:
+        raise InputError(f"cannot read the replacement picture {os.fspath(p)!r}: {exc}") from None
+
+
 def apply_edits(stack: LayerStack, steps: Sequence[Step]) -> LayerStack:
     """Run edit steps left to right and return the new stack; layers no step addresses are left as they were."""
     for step in steps:
@@ -113,6 +134,9 @@ def apply_edits(stack: LayerStack, steps: Sequence[Step]) -> LayerStack:
         elif step.op == "resize":
             w, h = step.value
             stack = resize_stack(stack, w, h)
+        elif step.op == "replace_pixels":
+            key, path, policy = step.value
+            stack = replace_layer_pixels(stack, stack.index_of(key), read_picture(path), alpha=policy)
         else:
             raise InputError(f"unknown stack edit {step.op!r}")
     return stack

@@ -214,3 +214,41 @@ def test_metadata_travels_in_the_layers_document(model) -> None:
     assert doc["metadata"]["recompose"] == stack.metadata["recompose"]
     assert stack_from_document(doc).metadata == stack.metadata
     assert "metadata" not in stack_to_document(LayerStack(4, 4, []))
+
+
+def test_cli_recompose_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from qil_core.cli import main
+
+    paths = write_tiny_model(tmp_path / "m", layout="comfyui", seed=1)
+    img = _picture(100, 70, 9)
+    src = tmp_path / "in.png"
+    Image.fromarray(img[..., :3], "RGB").save(src)
+    files = ["--transformer", paths["transformer"], "--vae", paths["vae"], "--text-encoder", paths["text_encoder"]]
+    common = [
+        *files,
+        "--layers",
+        "2",
+        "--steps",
+        "2",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+        "--prompt",
+        "x",
+        "--resolution",
+        "custom",
+        "--max-side",
+        "64",
+        "--output-size",
+        "original",
+    ]
+    assert main([str(a) for a in ["decompose", src, "--out", tmp_path / "a.psd", *common]]) == 0
+    err = capsys.readouterr().err
+    assert "exact recomposition of the image: residual before folding" in err
+    assert _colour_error(read_psd(tmp_path / "a.psd"), img)[0] <= 1
+    assert main([str(a) for a in ["decompose", src, "--out", tmp_path / "b.psd", *common, "--recompose", "model"]]) == 0
+    assert "exact recomposition" not in capsys.readouterr().err
+    assert _colour_error(read_psd(tmp_path / "b.psd"), img)[0] > 20

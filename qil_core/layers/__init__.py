@@ -31,12 +31,15 @@ from .ops import (
     set_layer_props,
 )
 from .recolor import parse_color, recolor_layer
+from .recompose import RECOMPOSE_MODES, RecomposeReport, fold_residual, snap_alpha
+from .replace import ALPHA_POLICIES, replace_layer_pixels
 from .resample import INTERPOLATIONS
 from .stack import BLEND_MODES, MAX_CANVAS_SIDE, Layer, LayerStack
 from .transform import resize_stack, transform_layer
 
 __all__ = [
-    "BLEND_MODES", "BLEND_MODE_FROM_PSD_KEY", "INTERPOLATIONS", "MAX_CANVAS_SIDE", "PSD_APPROXIMATE_MODES",
+    "ALPHA_POLICIES", "BLEND_MODES", "BLEND_MODE_FROM_PSD_KEY", "RECOMPOSE_MODES", "RecomposeReport", "fold_residual",
+    "replace_layer_pixels", "snap_alpha", "INTERPOLATIONS", "MAX_CANVAS_SIDE", "PSD_APPROXIMATE_MODES",
     "PSD_BLEND_KEYS", "PSD_KEY_FALLBACKS", "Layer", "LayerStack", "alpha_to_mask", "blend_function",
     "blend_mode_from_psd_key", "composite", "composite_layers", "delete_layers", "drop_empty_layers",
     "duplicate_layer",
