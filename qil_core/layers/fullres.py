@@ -207,7 +207,7 @@ class _Upsampler:
         self.guide_lo: np.ndarray | None = None  # (3, h, w) the low-res guide, set by upsample_stack
         self.guide_images: list[Image.Image] = []
 
-    def _window(self, t: tuple[int, int, int, int]) -> tuple[tuple[float, ...], tuple[slice, slice]]:
+    def _window(self, t: tuple[int, int, int, int]) -> tuple[tuple[float, float, float, float], tuple[slice, slice]]:
         """Low-res box of a high-res rectangle, and the low-res pixels its bilinear samples read."""
         x0, y0, x1, y1 = t
         sx, sy = self.scale
@@ -219,7 +219,11 @@ class _Upsampler:
 
     @staticmethod
     def _sample(
-        img: Image.Image, plane: np.ndarray, box: tuple[float, ...], size: tuple[int, int], where: tuple[slice, slice]
+        img: Image.Image,
+        plane: np.ndarray,
+        box: tuple[float, float, float, float],
+        size: tuple[int, int],
+        where: tuple[slice, slice],
     ) -> np.ndarray | float:
         """A plane sampled on a tile: a float when it is constant there, else a (h, w) array."""
         part = plane[where]

@@ -288,6 +288,7 @@ def decompose(
     for b, (f, size, orig) in enumerate(zip(frames, sizes, originals, strict=True)):
         stack = _stack(f, size, layers, layer_names(layers))
         target = images[b] if output_size == "original" else inputs[b]
+        assert target is not None  # decompose always has an input image
         if output_size == "original" and orig != size:
             stack = upsample_stack(stack, images[b])
         if recompose == "exact":
