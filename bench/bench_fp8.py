@@ -22,11 +22,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qil_core.model.config import TransformerConfig  # noqa: E402
-from qil_core.model.memory_plan import module_bytes  # noqa: E402
-from qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
-from qil_core.model.speed import enable_fp8_matmul  # noqa: E402
-from qil_core.model.transformer import build_transformer  # noqa: E402
+from bench.speed import enable_fp8_matmul  # noqa: E402
+from qil_core.model.arch.config import TransformerConfig  # noqa: E402
+from qil_core.model.arch.transformer import build_transformer  # noqa: E402
+from qil_core.model.runtime.memory_plan import module_bytes  # noqa: E402
+from qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
 
 
 def build(blocks: int) -> torch.nn.Module:
@@ -94,7 +94,8 @@ def main() -> None:
                        ("fp8 x fp8 (_scaled_mm)", y88, t88)):
         print(f"{name:22s} {rel(y, ref16):15.4%} {rel(y, ref32):15.4%} {cos(y, ref16):15.6f} {t:10.3f} "
               f"{t / t16:12.2f}x")
-    print("stated bound (tests/test_fp8_accuracy.py): fp8 weights within 5% of bf16, fp8 x fp8 within 6.5%")
+    print("stated bound (tests/model/weights/test_fp8_accuracy.py): fp8 weights within 5% of bf16, "
+          "fp8 x fp8 within 6.5%")
 
 
 if __name__ == "__main__":

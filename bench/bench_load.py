@@ -46,8 +46,8 @@ def write_checkpoint(path: Path, blocks: int) -> tuple[int, int]:
     """Stream a bf16 safetensors file with the real key layout and `blocks` blocks; return (bytes, tensors)."""
     import torch
 
-    from qil_core.model.config import TransformerConfig
-    from qil_core.model.transformer import expected_shapes
+    from qil_core.model.arch.config import TransformerConfig
+    from qil_core.model.arch.transformer import expected_shapes
 
     shapes = expected_shapes(TransformerConfig(num_layers=blocks))
     header: dict[str, object] = {}
@@ -74,15 +74,15 @@ def write_checkpoint(path: Path, blocks: int) -> tuple[int, int]:
 def _child(path: str, mode: str, queue: mp.Queue) -> None:
     import torch
 
-    from qil_core.model.transformer import build_transformer
-    from qil_core.model.weights import load_transformer
+    from qil_core.model.arch.transformer import build_transformer
+    from qil_core.model.weights.loading import load_transformer
 
     before = _rss_now()
     t0 = time.perf_counter()
     if mode == "baseline":
         from safetensors.torch import load_file
 
-        from qil_core.model.config import TransformerConfig
+        from qil_core.model.arch.config import TransformerConfig
 
         sd = load_file(path)
         cfg = TransformerConfig.from_shapes({k: tuple(v.shape) for k, v in sd.items()})
@@ -123,7 +123,7 @@ def main() -> None:
     size_estimate = args.blocks * 679_662_592 + 81_058_944
     tmp = Path(tempfile.mkdtemp(prefix="qil_bench_load_"))
     free_disk = shutil.disk_usage(tmp).free
-    from qil_core.model.memory import available_ram
+    from qil_core.model.runtime.memory import available_ram
 
     free_ram = available_ram() or 0
     if free_disk < 1.5 * size_estimate or free_ram < 2.5 * size_estimate:

@@ -99,11 +99,11 @@ def _decompose_child(mode: str, transformer_file: str, vae_file: str, steps: int
     torch.set_num_threads(2)
     import numpy as np
 
-    from qil_core.model.bundle import QwenLayeredModel
-    from qil_core.model.offload import BlockSwapPlacement, OffloadPlacement
-    from qil_core.model.pipeline import decompose
-    from qil_core.model.runtime import ResidentPlacement
-    from qil_core.model.weights import load_transformer, load_vae
+    from qil_core.model.loader import QwenLayeredModel
+    from qil_core.model.pipeline.decompose import decompose
+    from qil_core.model.runtime.offload import BlockSwapPlacement, OffloadPlacement
+    from qil_core.model.runtime.placement import ResidentPlacement
+    from qil_core.model.weights.loading import load_transformer, load_vae
 
     start = _status()["RssAnon"]
     dit = load_transformer(transformer_file, dtype=torch.bfloat16)
@@ -139,11 +139,11 @@ def _write_checkpoints(folder: Path, blocks: int) -> dict[str, Any]:
     """A real-width transformer (bf16 and fp8 files) and a real-size RGBA-VAE (bf16), random weights."""
     from safetensors.torch import save_file
 
-    from qil_core.model.config import TransformerConfig
-    from qil_core.model.memory_plan import module_bytes
-    from qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
-    from qil_core.model.transformer import build_transformer
-    from qil_core.model.vae import RGBAVAE
+    from qil_core.model.arch.config import TransformerConfig
+    from qil_core.model.arch.transformer import build_transformer
+    from qil_core.model.arch.vae import RGBAVAE
+    from qil_core.model.runtime.memory_plan import module_bytes
+    from qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
 
     model = build_transformer(TransformerConfig(num_layers=blocks), "meta").to(torch.bfloat16).to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
@@ -235,8 +235,8 @@ def _expected(s: dict[str, Any]) -> dict[tuple[str, str], int]:
 # --- part 2: VAE decoding ----------------------------------------------------------------------------------------
 def _vae_child(mode: str, size: int, layers: int) -> dict[str, Any]:
     torch.set_num_threads(2)
-    from qil_core.model.vae import RGBAVAE
-    from qil_core.model.vae_tiling import tiled_decode
+    from qil_core.model.arch.vae import RGBAVAE
+    from qil_core.model.runtime.vae_tiling import tiled_decode
 
     vae = RGBAVAE()
     gen = torch.Generator().manual_seed(0)
@@ -259,7 +259,7 @@ def _vae_child(mode: str, size: int, layers: int) -> dict[str, Any]:
 
 
 def part_vae(size: int, layers: int) -> None:
-    from qil_core.model.memory_plan import estimate_vae_decode_bytes
+    from qil_core.model.runtime.memory_plan import estimate_vae_decode_bytes
 
     rows = []
     for mode in ("batched", "per-layer", "tiled-128"):

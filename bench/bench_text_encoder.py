@@ -25,12 +25,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from qil_core.model.prompt import PROMPT_TEMPLATE, encode_prompts, tokenize_prompts  # noqa: E402
-from qil_core.model.text_encoder import Qwen25TextEncoder, TextEncoderConfig  # noqa: E402
-from qil_core.model.text_weights import load_text_encoder  # noqa: E402
-from qil_core.model.tokenizer import load_tokenizer  # noqa: E402
+from qil_core.assets import TOKENIZER_DIR as TOKENIZER  # noqa: E402
+from qil_core.model.arch.text_encoder import Qwen25TextEncoder, TextEncoderConfig  # noqa: E402
+from qil_core.model.pipeline.prompt import PROMPT_TEMPLATE, encode_prompts, tokenize_prompts  # noqa: E402
+from qil_core.model.weights.text_loading import load_text_encoder  # noqa: E402
+from qil_core.model.weights.tokenizer import load_tokenizer  # noqa: E402
 
-TOKENIZER = ROOT.parent / "shared" / "data" / "qwen25_tokenizer"
 PROMPTS = [
     "A poster of a fox in a red scarf standing in the snow, the title 'WINTER' in large letters at the top",
     "一只橘猫坐在窗台上，窗外是下雨的城市夜景，霓虹灯倒映在玻璃上",

@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qil_core.model.config import TransformerConfig  # noqa: E402
-from qil_core.model.transformer import build_transformer  # noqa: E402
+from qil_core.model.arch.config import TransformerConfig  # noqa: E402
+from qil_core.model.arch.transformer import build_transformer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

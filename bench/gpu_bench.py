@@ -18,7 +18,7 @@ projected 50-step end-to-end time, and the fp8 velocity error against bf16. Resu
 
     python bench/gpu_bench.py [--quick] [--blocks K] [--out FILE.json] [--attention auto|sdpa|flash_attn|...]
                               [--sdpa default|cudnn|flash|efficient] [--compile] [--budget-s 420]
-    python bench/gpu_bench.py --dry-run      # tiny model on the CPU in seconds (run by tests/test_gpu_bench.py)
+    python bench/gpu_bench.py --dry-run      # tiny model on the CPU in seconds (run by tests/bench/test_gpu_bench.py)
 
 --blocks K builds K blocks and scales the times by 60/K (block work is 99.8% of a forward); peaks are
 projected by adding the missing blocks' bytes. Variants that would start after --budget-s are skipped.
@@ -41,13 +41,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qil_core.model import memory_plan as mp  # noqa: E402
-from qil_core.model import speed  # noqa: E402
-from qil_core.model.config import TransformerConfig  # noqa: E402
-from qil_core.model.offload import BlockSwapPlacement  # noqa: E402
-from qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
-from qil_core.model.transformer import build_transformer  # noqa: E402
-from qil_core.model.vae import RGBAVAE, VAEConfig  # noqa: E402
+from bench import speed  # noqa: E402
+from qil_core.model.arch.config import TransformerConfig  # noqa: E402
+from qil_core.model.arch.transformer import build_transformer  # noqa: E402
+from qil_core.model.arch.vae import RGBAVAE, VAEConfig  # noqa: E402
+from qil_core.model.runtime import memory_plan as mp  # noqa: E402
+from qil_core.model.runtime.offload import BlockSwapPlacement  # noqa: E402
+from qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8  # noqa: E402
 
 REAL_BLOCKS = 60
 GFLOP_L, MFLOP_L2 = 13.59e9, 0.737e6  # performance.md cost model, 60 blocks

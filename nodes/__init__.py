@@ -1,5 +1,13 @@
 """The pack's ComfyUI nodes, one module per family; this file only merges their registrations.
 
+- `model_nodes.py`: Load Qwen-Layered (model files from ComfyUI's folders). `model_runtime.py`: the QIL_MODEL value.
+- `sample_nodes.py`: Decompose Image, Text to Layers, Decompose Layer. `sample_inputs.py`: their shared inputs.
+- `layer_nodes.py`: Layer Transform, Layer Recolor, Composite Layers, Select Layers.
+- `stack_nodes.py`: delete, duplicate, merge down, move, drop empty, layer properties.
+- `convert_nodes.py`: IMAGE + MASK batches <-> LAYERS.
+- `io_nodes.py`: Save PSD, Load PSD, Save Layer PNGs, Preview Layers.
+- `common.py`: helpers the families share. `host.py`: the one module that touches ComfyUI.
+
 Node ids are stored in users' saved workflows: they are a public contract, prefixed `QIL`, never renamed.
 """
 

@@ -147,8 +147,8 @@ class QILLoadModel:
 
 def load_handle(files: dict[str, Path], weight_dtype: str, memory_mode: str, key: tuple = ()) -> QILModel:
     """Load the model onto the CPU (ComfyUI's offload device) and wrap every component in a ModelPatcher."""
-    from ..qil_core.model.bundle import load_model  # on first use: keeps the pack import fast
-    from ..qil_core.model.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
+    from ..qil_core.model.loader import load_model  # on first use: keeps the pack import fast
+    from ..qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
 
     device = torch.device(host.get_torch_device())
     dtype = pick_dtype(weight_dtype, device)

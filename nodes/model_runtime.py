@@ -6,7 +6,7 @@ Memory modes (chosen on the loader):
 - offload: components are copied to the GPU when used and kept only while they fit (memory_plan's budget),
   all dropped when the run ends; little VRAM, more transfers.
 - block swap: the transformer's blocks stream from the CPU, as many kept resident as fit (BlockSwapPlacement).
-- auto: qil_core.model.memory_plan decides on the first run of a loaded model: resident when every phase fits
+- auto: qil_core.model.runtime.memory_plan decides on the first run of a loaded model: resident when every phase fits
   on the device (ComfyUI evicting between phases as needed), else block swap with as many blocks as fit.
 In offload, block swap and the auto decision ComfyUI is first asked to free the room (unloading other models).
 """
@@ -51,7 +51,7 @@ HOLDERS: dict[str, type[Component]] = {
 class QILModel:
     """A QIL_MODEL: the loaded model, one ModelPatcher per component, the memory mode and the files' key."""
 
-    model: Any  # qil_core.model.bundle.QwenLayeredModel
+    model: Any  # qil_core.model.loader.QwenLayeredModel
     patchers: dict[str, Any]
     memory_mode: str
     load_device: torch.device
@@ -71,7 +71,7 @@ def check_model(model: Any) -> QILModel:
 
 def work_bytes(handle: QILModel, width: int, height: int, layers: int) -> int:
     """Estimated transformer working memory of one step at (width, height) px with `layers` layers (cost model)."""
-    from ..qil_core.model.memory_plan import estimate_activation_bytes, image_tokens
+    from ..qil_core.model.runtime.memory_plan import estimate_activation_bytes, image_tokens
 
     dit = handle.model.transformer
     return estimate_activation_bytes(image_tokens(width, height, layers) + TEXT_TOKENS, width=dit.config.inner_dim,
@@ -103,7 +103,7 @@ class HostPlacement:
 
 def _plan(handle: QILModel, mode: str, width: int, height: int, layers: int) -> Any:
     """memory_plan's choice for this run, after asking ComfyUI to make room (it unloads other models)."""
-    from ..qil_core.model.memory_plan import module_bytes, plan_for_model
+    from ..qil_core.model.runtime.memory_plan import module_bytes, plan_for_model
 
     model, device = handle.model, handle.load_device
     if device.type != "cpu":

@@ -88,14 +88,14 @@ def parse_resolution(resolution: Any) -> int | str:
 
 def check_counts(model: Any, layers: Any, steps: Any, name: str = "layers") -> tuple[Any, int, int]:
     """The model handle (D14) and the layer and step counts, checked before any work (linked values, D10)."""
-    from ..qil_core.model.pipeline_checks import MAX_LAYERS, check_int, check_steps
+    from ..qil_core.model.pipeline.checks import MAX_LAYERS, check_int, check_steps
 
     return check_model(model), check_int(name, layers, 1, MAX_LAYERS), check_steps(steps)
 
 
 def processing_size(width: int, height: int, resolution: int | str, max_side: Any) -> tuple[int, int]:
     """The processing size the pipeline will use, for the memory plan (a square guess where it cannot tell)."""
-    from ..qil_core.model.imaging import bucket_size
+    from ..qil_core.model.pipeline.imaging import bucket_size
 
     if resolution == "custom" and not isinstance(max_side, int):
         return 640, 640  # the pipeline refuses it with a message naming max_side

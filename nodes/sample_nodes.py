@@ -1,4 +1,5 @@
-"""The sampling nodes: Decompose Image, Text to Layers, Decompose Layer (thin adapters over qil_core.model.pipeline).
+"""The sampling nodes: Decompose Image, Text to Layers, Decompose Layer (thin adapters over
+qil_core.model.pipeline.decompose).
 
 Each validates the model link, then lets the pipeline check every parameter before any work (linked values skip
 ComfyUI's widget limits), reports each denoising step to the progress bar and checks Cancel after each step.
@@ -79,7 +80,7 @@ class QILDecompose:
                   cfg: float, cfg_normalize: bool, seed: int, resolution: str, max_side: int, output_size: str,
                   mask: Any = None, recompose: str = "auto",
                   unique_id: str | None = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline import decompose  # on first use: keeps the pack import fast
+        from ..qil_core.model.pipeline.decompose import decompose  # on first use: keeps the pack import fast
 
         handle, layers, steps = check_counts(model, layers, steps)
         img = image_batch(image)  # [B, H, W, C]; a missing batch dimension is added (D2)
@@ -129,8 +130,8 @@ class QILTextToLayers:
     def generate(self, model: Any, prompt: str, negative_prompt: str, width: int, height: int, layers: int,
                  steps: int, cfg: float, cfg_normalize: bool, seed: int,
                  unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline import text_to_layers
-        from ..qil_core.model.pipeline_checks import check_int
+        from ..qil_core.model.pipeline.checks import check_int
+        from ..qil_core.model.pipeline.decompose import text_to_layers
 
         handle, layers, steps = check_counts(model, layers, steps)
         width, height = check_int("width", width, 64, 4096), check_int("height", height, 64, 4096)
@@ -186,7 +187,7 @@ class QILDecomposeLayer:
                         sub_layers: int, steps: int, cfg: float, cfg_normalize: bool, seed: int, resolution: str,
                         max_side: int, recompose: str = "exact",
                         unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline import decompose_layer
+        from ..qil_core.model.pipeline.decompose import decompose_layer
 
         handle, sub_layers, steps = check_counts(model, sub_layers, steps, "sub_layers")
         stack = to_stack(layers)

@@ -1,3 +1,126 @@
-"""qil_core: Qwen-Image-Layered in plain PyTorch, and the layer engine around it (no ComfyUI imports)."""
+"""qil_core: Qwen-Image-Layered in plain PyTorch, and the layer engine around it (no ComfyUI imports).
+
+Where things live (each subpackage's docstring lists its modules, one line each):
+
+- `layers/`: the layer document (`LayerStack`, `Layer`) and everything done to it: compositing, blend modes,
+  transform, recolor, stack edits, PNG/ZIP export, and `layers/psd/` (PSD write, read, lint).
+- `model/`: the network in four rooms: `arch/` (networks), `weights/` (files -> networks), `runtime/` (memory and
+  placement), `pipeline/` (decompose, text-to-layers, decompose-layer), plus `loader.py` (`load_model`).
+- `demo/`: the built-in demo scene (`scene.py`) and the demo job on it (`job.py`).
+- `cli/`: the command line, `python -m qil_core` (a front end over the library).
+- `errors.py`: the typed errors every module raises. `fsutil.py`: safe, atomic output files.
+- `assets/`: data shipped in the package (the Qwen2.5 tokenizer).
+
+The names below are the public API. Importing `qil_core` loads numpy and Pillow only; the model names
+(`load_model`, `decompose`, ...) import torch on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    InputError,
+    LayerIndexError,
+    ModelFileNotFoundError,
+    ModelMismatchError,
+    OutputExistsError,
+    OutputPathError,
+    PSDError,
+    QILError,
+    ResourceError,
+    WeightsError,
+)
+from .layers import (
+    BLEND_MODES,
+    INTERPOLATIONS,
+    Layer,
+    LayerStack,
+    composite,
+    delete_layers,
+    duplicate_layer,
+    merge_down,
+    move_layer,
+    parse_color,
+    recolor_layer,
+    reorder_layers,
+    resize_stack,
+    select_layers,
+    set_layer_props,
+    transform_layer,
+)
+from .layers.edit_steps import LayerEdit, StackEdit, apply_edits
+from .layers.export import export_pngs, export_zip, read_layer_pngs
+from .layers.psd import lint_psd, read_psd, write_psd
+
+if TYPE_CHECKING:
+    from .model.loader import QwenLayeredModel, load_model
+    from .model.pipeline.decompose import decompose, decompose_layer, text_to_layers
 
 __version__ = "0.1.0"
+
+# Model names, imported on first use so that `import qil_core` does not load torch.
+# Relative module names: inside ComfyUI this package is `<pack>.qil_core`, not `qil_core`.
+_LAZY = {
+    "load_model": ".model.loader",
+    "QwenLayeredModel": ".model.loader",
+    "decompose": ".model.pipeline.decompose",
+    "text_to_layers": ".model.pipeline.decompose",
+    "decompose_layer": ".model.pipeline.decompose",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a model name (`load_model`, `decompose`, ...) on first access."""
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'qil_core' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+__all__ = [
+    "BLEND_MODES",
+    "INTERPOLATIONS",
+    "InputError",
+    "Layer",
+    "LayerEdit",
+    "LayerIndexError",
+    "LayerStack",
+    "ModelFileNotFoundError",
+    "ModelMismatchError",
+    "OutputExistsError",
+    "OutputPathError",
+    "PSDError",
+    "QILError",
+    "QwenLayeredModel",
+    "ResourceError",
+    "StackEdit",
+    "WeightsError",
+    "__version__",
+    "apply_edits",
+    "composite",
+    "decompose",
+    "decompose_layer",
+    "delete_layers",
+    "duplicate_layer",
+    "export_pngs",
+    "export_zip",
+    "lint_psd",
+    "load_model",
+    "merge_down",
+    "move_layer",
+    "parse_color",
+    "read_layer_pngs",
+    "read_psd",
+    "recolor_layer",
+    "reorder_layers",
+    "resize_stack",
+    "select_layers",
+    "set_layer_props",
+    "text_to_layers",
+    "transform_layer",
+    "write_psd",
+]

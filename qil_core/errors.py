@@ -39,5 +39,9 @@ class OutputPathError(QILError, ValueError):
     """An output name or folder is unsafe, unwritable, or would overwrite an existing file."""
 
 
+class OutputExistsError(OutputPathError, FileExistsError):
+    """The target name is taken; the existing file was left untouched."""
+
+
 class ResourceError(QILError, MemoryError):
     """Not enough RAM or device memory for the requested job; raised before allocating."""

@@ -14,11 +14,11 @@ import os
 import re
 import secrets
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import OutputPathError
+from .errors import OutputExistsError, OutputPathError
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +28,6 @@ _WINDOWS_BAD_CHARS = set('<>:"|?*')
 _UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f<>:"/\\|?*]')
 _LINK_UNSUPPORTED = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.ENOSYS, errno.EMLINK}
 _WRITE_BUFFER = 1 << 20
-
-
-class OutputExistsError(OutputPathError, FileExistsError):
-    """The target name is taken; the existing file was left untouched."""
 
 
 def name_problem(name: str) -> str | None:
@@ -282,3 +278,25 @@ def save_with_counter(folder: str | os.PathLike[str], stem: str, suffix: str, wr
     _remove_quietly(tmp)
     raise OutputPathError(f"no free name {stem}_NNNNN_{suffix} in {os.fspath(folder)!r} after {max_tries} tries; "
                           f"clean the folder or choose another prefix")
+
+
+def check_free(paths: Sequence[Path], *, overwrite: bool) -> None:
+    """Fail before any work when an output name is unsafe, or exists and `overwrite` is off."""
+    for p in paths:
+        check_output_name(p.name)
+        if p.is_dir():
+            raise OutputPathError(f"output {os.fspath(p)!r} is a folder; give a file name")
+        if not overwrite and os.path.lexists(p):
+            raise OutputPathError(
+                f"output {os.fspath(p)!r} already exists and was left untouched; pass --overwrite to replace it"
+            )
+
+
+def human_bytes(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{n} B"

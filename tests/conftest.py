@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Generator
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLED_TOKENIZER = ROOT / "qil_core" / "assets" / "qwen25_tokenizer"
+# Test helpers (comfy_harness, qwen_tiny, ...) live in tests/support and are imported by module name.
+sys.path.insert(0, str(Path(__file__).resolve().parent / "support"))
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,8 @@ import signal
 import pytest
 
 from qil_core import fsutil
-from qil_core.errors import OutputPathError
+from qil_core.errors import OutputExistsError, OutputPathError
 from qil_core.fsutil import (
-    OutputExistsError,
     atomic_write,
     check_output_name,
     ensure_inside,

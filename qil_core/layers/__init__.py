@@ -1,4 +1,17 @@
-"""The layer engine: the typed layer document and pure operations on it (no model, no ComfyUI)."""
+"""The layer engine: the typed layer document and pure operations on it (no model, no ComfyUI).
+
+- `stack.py`: `Layer` and the bottom-first `LayerStack`, blend-mode names, canvas limits.
+- `blend.py`: the 26 blend modes and their PSD blend keys.
+- `composite.py`: flattening a stack (`composite`), pasting one layer.
+- `transform.py`: move, scale, rotate, flip, opacity of a layer; resizing a whole stack.
+- `recolor.py`: hue, saturation, lightness, tint, colour replacement, invert.
+- `resample.py`: premultiplied-alpha resizing and affine warps.
+- `ops.py`: stack edits: select, delete, move, reorder, merge down, duplicate, set properties.
+- `edit_steps.py`: edit steps run left to right (`LayerEdit`, `StackEdit`, `apply_edits`), as the CLI `edit` uses them.
+- `document.py`: ComfyUI's LAYERS document and IMAGE/MASK batches <-> `LayerStack` (plain arrays, no ComfyUI).
+- `export.py`: PNG-per-layer and ZIP export and import, 8-bit quantisation, `write_png`.
+- `psd/`: PSD in and out: `write_psd`, `read_psd`, `lint_psd`.
+"""
 
 from .blend import (
     BLEND_MODE_FROM_PSD_KEY,

@@ -41,6 +41,17 @@ def quantize_rgba8(pixels: np.ndarray) -> np.ndarray:
     return q
 
 
+def write_png(rgba: np.ndarray, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write (H, W, 4) float straight RGBA as an 8-bit PNG atomically (RGB when fully opaque); returns the path."""
+    px = quantize_rgba8(rgba)
+    img = Image.fromarray(px[..., :3], "RGB") if bool((px[..., 3] == 255).all()) else Image.fromarray(px, "RGBA")
+
+    def write(f: BinaryIO) -> None:
+        img.save(f, format="PNG", compress_level=6)
+
+    return atomic_write(path, write, overwrite=overwrite)
+
+
 def _to_rgba8(layer: Layer, width: int, height: int, full_canvas: bool) -> np.ndarray:
     """The layer as 8-bit straight RGBA: on the canvas at its offset (clipped) or its own cropped pixels."""
     if not np.isfinite(layer.pixels).all():

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..errors import InputError, LayerIndexError
 
-# ComfyUI core's 26 blend-mode names (architecture.md); every one maps to a PSD blend key in psd.py.
+# ComfyUI core's 26 blend-mode names (architecture.md); every one maps to a PSD blend key in blend.py.
 BLEND_MODES: tuple[str, ...] = (
     "normal", "multiply", "screen", "overlay", "darken", "lighten", "color-dodge", "color-burn",
     "hard-light", "soft-light", "difference", "exclusion", "linear-dodge", "linear-burn", "vivid-light",

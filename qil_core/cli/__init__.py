@@ -1,0 +1,13 @@
+"""The command line, `python -m qil_core COMMAND` (a front end: nothing in the library imports it).
+
+- `entry.py`: `main()` and the parser; each command module below has `register(subparsers)`.
+- `common.py`: shared argument types and input readers of the commands.
+- `layers.py`: `compose`, `layers-to-psd`, `psd-to-layers`, `info`.
+- `edit.py`: `edit` (per-layer and stack edits).
+- `model.py`: `decompose`, `text-to-layers`, and the tiny-model part of `demo`.
+- `demo.py`: `demo` (the layer demo, then the tiny-model decomposition).
+"""
+
+from .entry import main
+
+__all__ = ["main"]

@@ -1,0 +1,131 @@
+"""Helpers shared by the CLI command modules: argument types, reading layered inputs, writing PNG outputs."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+from ..errors import InputError, OutputPathError
+from ..fsutil import human_bytes
+from ..layers.export import read_layer_pngs
+from ..layers.psd import read_psd
+from ..layers.recolor import parse_color
+from ..layers.stack import MAX_CANVAS_SIDE, LayerStack
+from ..layers.transform import MAX_SCALE
+
+logger = logging.getLogger(__name__)
+
+PSD_SUFFIXES = (".psd", ".psb")
+IMAGE_SUFFIXES = (".png", ".webp", ".tif", ".tiff", ".zip")  # .zip: one archive from export_zip
+T = TypeVar("T")
+
+
+def argtype(fn: Callable[[str], T], what: str) -> Callable[[str], T]:
+    """Wrap a parser that raises InputError/ValueError into an argparse type named `what` (shown in usage errors)."""
+
+    def parse(text: str) -> T:
+        try:
+            return fn(text)
+        except ValueError as exc:  # InputError is a ValueError; plain ValueErrors come from int()/float()
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    parse.__name__ = what
+    return parse
+
+
+def _finite(text: str) -> float:
+    """A finite float from text."""
+    v = float(text)
+    if not math.isfinite(v):
+        raise InputError(f"{text!r} is not a finite number")
+    return v
+
+
+def _unit(text: str) -> float:
+    """A float in 0..1 from text."""
+    v = _finite(text)
+    if not 0.0 <= v <= 1.0:
+        raise InputError(f"{text!r} is outside 0..1")
+    return v
+
+
+def _scale(text: str) -> float:
+    """A scale factor in (0, MAX_SCALE] from text (the transform's own limit, named for the option)."""
+    v = _finite(text)
+    if not 0.0 < v <= MAX_SCALE:
+        raise InputError(f"{text!r} is outside (0, {MAX_SCALE:g}]; 1 keeps the size, 0.5 halves, 2 doubles")
+    return v
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'WxH' -> (width, height), each 1..MAX_CANVAS_SIDE."""
+    parts = text.lower().replace("*", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise InputError(f"{text!r} is not WIDTHxHEIGHT (for example 512x384)")
+    w, h = (int(p) for p in parts)
+    if not (1 <= w <= MAX_CANVAS_SIDE and 1 <= h <= MAX_CANVAS_SIDE):
+        raise InputError(f"{text!r}: each side must be 1..{MAX_CANVAS_SIDE} px")
+    return w, h
+
+
+def _pair(text: str) -> tuple[float, float]:
+    """'DX,DY' -> (dx, dy) finite floats (negative allowed)."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise InputError(f"{text!r} is not DX,DY (for example 10,-5)")
+    return _finite(parts[0].strip()), _finite(parts[1].strip())
+
+
+finite_float = argtype(_finite, "number")
+unit_float = argtype(_unit, "value in 0..1")
+scale_float = argtype(_scale, "scale factor")
+size_arg = argtype(_size, "size")
+pair_arg = argtype(_pair, "offset")
+color_arg = argtype(parse_color, "colour")  # '#RRGGBB', '#RGB', a CSS name, 'r,g,b' -> RGB in 0..1
+
+
+def existing_input(path: str | os.PathLike[str], what: str = "input") -> Path:
+    """`path` as a Path after checking it is an existing regular file; InputError naming it otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{what} file not found: {os.fspath(p)!r}; check the path")
+    if not p.is_file():
+        raise InputError(f"{what} {os.fspath(p)!r} is not a regular file (a folder?); give a file")
+    return p
+
+
+def read_stack(paths: Sequence[str | os.PathLike[str]]) -> LayerStack:
+    """Read one PSD/PSB, or several layer images (bottom first), into a LayerStack."""
+    files = [existing_input(p) for p in paths]
+    if not files:
+        raise InputError("no input given; pass a .psd file or layer .png files (bottom first)")
+    psd = [f for f in files if f.suffix.lower() in PSD_SUFFIXES]
+    if psd:
+        if len(files) != 1:
+            raise InputError(
+                f"got {len(files)} inputs including a PSD ({psd[0].name}); pass either one PSD or layer images"
+            )
+        return read_psd(files[0])
+    bad = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+    if bad:
+        raise InputError(
+            f"unsupported input type {', '.join(bad)}; expected .psd/.psb or layer images ({', '.join(IMAGE_SUFFIXES)})"
+        )
+    return read_layer_pngs(files)
+
+
+def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
+    """Refuse an output whose extension does not match its format (a .png that holds a PSD misleads readers)."""
+    if path.suffix.lower() not in suffixes:
+        raise OutputPathError(f"{what} {os.fspath(path)!r} must end with {' or '.join(suffixes)}")
+
+
+def log_written(paths: Sequence[Path], *, level: int = logging.INFO) -> None:
+    """Log each written file with its size."""
+    for p in paths:
+        logger.log(level, "wrote %s (%s)", os.fspath(p), human_bytes(p.stat().st_size))

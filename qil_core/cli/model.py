@@ -1,0 +1,289 @@
+"""Model commands: `decompose IMAGE --out OUT.psd`, `text-to-layers PROMPT --out OUT.psd`, and the model part of `demo`.
+
+Weights come from `--model-dir DIR` (a diffusers Qwen-Image-Layered folder) or from single files in either
+layout (`--transformer F --vae F [--text-encoder F] [--tokenizer DIR]`), any single file overriding the folder.
+Every output name is checked before the (long) sampling starts and written atomically afterwards, so Ctrl+C
+or an error never leaves a half-written file. `decompose_demo` is the model part of the `demo` command, which
+cli/demo.py defines and runs: it decomposes the sample image with a tiny RANDOM model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from ..demo.job import check_psd
+from ..errors import InputError, OutputPathError
+from ..fsutil import check_free
+from ..layers.composite import composite
+from ..layers.export import export_pngs, layer_file_names
+from ..layers.psd import write_psd
+from ..layers.stack import Layer, LayerStack
+from .common import check_suffix, existing_input, finite_float, log_written
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names (torch loads lazily)
+DEMO_SETTINGS = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
+
+
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Weights, dtype and device options shared by the model commands."""
+    g = p.add_argument_group("model files (a diffusers folder, or single files in ComfyUI's or diffusers' layout)")
+    g.add_argument("--model-dir", type=Path, metavar="DIR", help="diffusers Qwen-Image-Layered folder")
+    g.add_argument("--transformer", type=Path, metavar="F", help="transformer .safetensors (or its folder)")
+    g.add_argument("--vae", type=Path, metavar="F", help="RGBA VAE .safetensors (or its folder)")
+    g.add_argument("--text-encoder", type=Path, metavar="F", help="Qwen2.5-VL text encoder .safetensors or folder")
+    g.add_argument("--tokenizer", type=Path, metavar="DIR",
+                   help="tokenizer folder (default: next to the text encoder, in the model folder or in ComfyUI)")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weight dtype (default bf16)")
+    g.add_argument("--device", help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
+    g.add_argument("--memory", choices=("auto", "resident", "offload", "block_swap"), default="auto",
+                   help="where weights live while sampling: auto picks from the free memory; resident keeps all on "
+                        "the device; offload moves components in only while used; block_swap streams transformer "
+                        "blocks (fits 24 GB cards). Results are identical in every mode (default auto)")
+    g.add_argument("--fp8", action="store_true",
+                   help="quantise a bf16/fp16 transformer to fp8 (e4m3fn) while loading: half the memory, ~2-3%% "
+                        "output difference (fp8 files stay fp8 without this)")
+    g.add_argument("--vae-tile", type=int, metavar="PX",
+                   help="decode/encode the VAE in tiles of PX pixels (64 px overlap) to bound memory on large outputs")
+
+
+def _add_sampling_options(p: argparse.ArgumentParser, layers: int) -> None:
+    """Sampling options shared by decompose and text-to-layers."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", help="caption of the WHOLE image (recommended; empty if omitted)")
+    g.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
+    g.add_argument("--layers", type=int, default=layers, help=f"number of layers, 1..20 (default {layers})")
+    g.add_argument("--steps", type=int, default=50, help="denoising steps, 1..1000 (default 50)")
+    g.add_argument("--cfg", type=finite_float, default=4.0, help="true CFG scale, 1 = off (default 4.0)")
+    g.add_argument("--no-cfg-normalize", dest="cfg_normalize", action="store_false",
+                   help="do not rescale the guided velocity to the conditional one's norm (on by default)")
+    g.add_argument("--seed", type=int, default=0, help="seed (taken modulo 2**64; default 0)")
+    g.add_argument("--keep-composite", action="store_true",
+                   help="also keep the model's own composite frame, as a hidden top layer")
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """Where results go."""
+    p.add_argument("--out", required=True, type=Path, metavar="OUT.psd", help="layered PSD to write")
+    p.add_argument("--png-dir", type=Path, metavar="DIR", help="also write the layers as PNGs into DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `decompose` and `text-to-layers` (the `demo` command, model part included, is cli/demo.py's)."""
+    p = subparsers.add_parser(
+        "decompose", help="split an image into RGBA layers with Qwen-Image-Layered",
+        description="Decompose IMAGE into N RGBA layers (bottom first) and write them as a layered PSD. The image "
+                    "is resized to the 640 or 1024 area bucket (or --resolution custom --max-side N) as the "
+                    "reference pipeline does; --output-size original maps the layers back to the input's size.")
+    p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, WebP, TIFF; alpha is kept)")
+    _add_output_options(p)
+    _add_model_options(p)
+    _add_sampling_options(p, 4)
+    g = p.add_argument_group("size")
+    g.add_argument("--resolution", choices=("640", "1024", "custom"), default="640",
+                   help="processing size: 640 or 1024 area bucket, or custom with --max-side (default 640)")
+    g.add_argument("--max-side", type=int, help="longest side in px for --resolution custom (64..4096)")
+    g.add_argument("--output-size", choices=("processing", "original"), default="processing",
+                   help="canvas of the result: the processing size, or the input's original size")
+    g.add_argument("--recompose", choices=("exact", "model"),
+                   help="exact: correct the layers' colours so that together they give back the input (alpha "
+                        "unchanged; the residual is logged); model: the model's colours. Default: exact with "
+                        "--output-size original, model otherwise")
+    p.set_defaults(handler=run_decompose)
+
+    p = subparsers.add_parser(
+        "text-to-layers", help="generate RGBA layers from a prompt (no input image)",
+        description="Generate N RGBA layers from PROMPT and write them as a layered PSD. The released weights are "
+                    "tuned for decomposition, so quality is limited.")
+    p.add_argument("text", metavar="PROMPT", help="description of the whole picture")
+    _add_output_options(p)
+    _add_model_options(p)
+    _add_sampling_options(p, 4)
+    p.add_argument("--width", type=int, default=640, help="width in px, 64..4096, rounded to 16 (default 640)")
+    p.add_argument("--height", type=int, default=640, help="height in px, 64..4096, rounded to 16 (default 640)")
+    p.set_defaults(handler=run_text_to_layers)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    """Load the model named by the command line options."""
+    import torch
+
+    from ..model.loader import load_model
+
+    if args.model_dir is None and (args.transformer is None or args.vae is None):
+        raise InputError("give --model-dir DIR, or --transformer F and --vae F (plus --text-encoder F for prompts)")
+    dtype = getattr(torch, DTYPES[args.dtype])
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    # Weights load memory-mapped on the CPU; the memory plan then decides what goes to the device and when.
+    model = load_model(model_dir=args.model_dir, transformer=args.transformer, vae=args.vae,
+                       text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=dtype, device="cpu")
+    if args.fp8:
+        from ..model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
+
+        quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP)
+    model.device = device
+    return model
+
+
+def _placement(args: argparse.Namespace, model: Any, width: int, height: int, layers: int) -> Any:
+    """The memory plan's placement for this run (resident on CPU; planned from free memory on a GPU)."""
+    from ..model.runtime.memory_plan import plan_for_model
+
+    # plan_for_model logs the plan's description itself (once).
+    plan = plan_for_model(model, width=width, height=height, layers=layers, mode=args.memory, device=model.device)
+    return plan.placement(model.dtype)
+
+
+def _progress(label: str) -> Any:
+    """A pipeline callback logging about ten progress lines with the time per step."""
+    t0 = time.perf_counter()
+
+    def callback(step: int, total: int) -> None:
+        every = max(1, total // 10)
+        if step % every == 0 or step == total:
+            rate = (time.perf_counter() - t0) / step
+            logger.info("%s: step %d/%d (%.2f s/step)", label, step, total, rate)
+
+    return callback
+
+
+def _planned_names(layers: int, keep_composite: bool, prefix: str) -> list[str]:
+    """The PNG names export_pngs will use for a result of `layers` layers (names are known before sampling)."""
+    from ..model.pipeline.decompose import COMPOSITE_NAME, layer_names
+
+    names = layer_names(layers) + ([COMPOSITE_NAME] if keep_composite else [])
+    stub = LayerStack(1, 1, [Layer(np.zeros((0, 0, 4), np.float32), name=n) for n in names])
+    return layer_file_names(stub, prefix)
+
+
+def _targets(args: argparse.Namespace, layers: int, keep_composite: bool) -> None:
+    """Check the sampling numbers and every file the command will write before any work (suffix, safe names,
+    no collisions, an existing folder for --out): loading and sampling take minutes with the real weights."""
+    from ..model.pipeline.checks import check_cfg, check_layers, check_steps
+
+    check_layers(layers)
+    check_steps(args.steps)
+    check_cfg(args.cfg)
+    check_suffix(args.out, (".psd",), "output")
+    folder = args.out.parent
+    if not folder.is_dir():
+        what = ("is a file, not a folder; choose another folder" if folder.exists()
+                else "does not exist; create it first")
+        raise OutputPathError(f"cannot write {str(args.out)!r}: the folder {str(folder)!r} {what}")
+    paths = [args.out]
+    if args.png_dir is not None:
+        paths += [args.png_dir / n for n in _planned_names(layers, keep_composite, args.out.stem)]
+    check_free(paths, overwrite=args.overwrite)
+
+
+def _write(stack: LayerStack, args: argparse.Namespace) -> list[Path]:
+    """Write the PSD (with its composite) and, when asked, the layer PNGs; returns the written paths."""
+    written = [write_psd(stack, args.out, overwrite=args.overwrite, merged=composite(stack))]
+    if args.png_dir is not None:
+        written += export_pngs(stack, args.png_dir, prefix=args.out.stem, overwrite=args.overwrite)
+    return written
+
+
+def _read_image(path: Path) -> Image.Image:
+    """Open an image file (first frame) for decomposition, turned upright by its EXIF orientation (as viewers and
+    ComfyUI's Load Image show it; phone photos are often stored sideways with an orientation tag)."""
+    try:
+        with Image.open(existing_input(path, "image")) as im:
+            im.load()
+            upright = ImageOps.exif_transpose(im)
+            return upright if upright is not im else im.copy()
+    except (UnidentifiedImageError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise InputError(f"cannot read image {str(path)!r}: {e}; give a PNG, JPEG, WebP or TIFF file") from None
+
+
+def run_decompose(args: argparse.Namespace) -> int:
+    """Handler of `decompose`."""
+    from ..model.pipeline.decompose import decompose
+
+    _targets(args, args.layers, args.keep_composite)
+    from ..model.pipeline.imaging import bucket_size, check_image_size, check_resolution
+
+    image = _read_image(Path(args.image))
+    check_image_size(image.width, image.height, f"image {args.image!r}")
+    resolution = check_resolution(args.resolution, args.max_side)
+    work_w, work_h = bucket_size(image.width, image.height, resolution, args.max_side)
+    model = _load(args)
+    t0 = time.perf_counter()
+    stack = decompose(model, image, prompt=args.prompt, negative_prompt=args.negative_prompt, layers=args.layers,
+                      steps=args.steps, cfg=args.cfg, cfg_normalize=args.cfg_normalize, seed=args.seed,
+                      resolution=resolution, max_side=args.max_side, output_size=args.output_size,
+                      keep_composite=args.keep_composite, vae_tile=args.vae_tile, recompose=args.recompose,
+                      placement=_placement(args, model, work_w, work_h, args.layers),
+                      callback=_progress("decompose"))[0]
+    logger.info("decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
+                time.perf_counter() - t0)
+    log_written(_write(stack, args))
+    return 0
+
+
+def run_text_to_layers(args: argparse.Namespace) -> int:
+    """Handler of `text-to-layers`."""
+    from ..model.pipeline.decompose import text_to_layers
+
+    _targets(args, args.layers, args.keep_composite)
+    model = _load(args)
+    t0 = time.perf_counter()
+    stack = text_to_layers(model, args.text, width=args.width, height=args.height,
+                           negative_prompt=args.negative_prompt, layers=args.layers, steps=args.steps, cfg=args.cfg,
+                           cfg_normalize=args.cfg_normalize, seed=args.seed, keep_composite=args.keep_composite,
+                           vae_tile=args.vae_tile, placement=_placement(args, model, args.width, args.height,
+                                                                        args.layers),
+                           callback=_progress("text-to-layers"))
+    logger.info("text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
+                time.perf_counter() - t0)
+    log_written(_write(stack, args))
+    return 0
+
+
+def demo_targets(out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
+    """The demo's model outputs (PSD, PNG folder), checked for safe names and collisions before any work."""
+    psd, layer_dir = out_dir / "decomposed.psd", out_dir / "decomposed_layers"
+    pngs = _planned_names(int(DEMO_SETTINGS["layers"]), False, "decomposed")
+    check_free([psd, *(layer_dir / n for n in pngs)], overwrite=overwrite)
+    return psd, layer_dir
+
+
+def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool = False,
+                   size: tuple[int, int] | None = None) -> tuple[LayerStack, list[Path], float]:
+    """Decompose the sample scene (or `image`) with a tiny RANDOM model into OUT/decomposed.psd (+ layer PNGs)."""
+    import torch
+
+    from ..demo.scene import DEFAULT_SIZE, sample_image
+    from ..model.loader import load_model
+    from ..model.pipeline.decompose import decompose
+    from ..model.weights.tiny import write_tiny_model
+
+    psd, layer_dir = demo_targets(out_dir, overwrite)
+    picture = _read_image(image) if image is not None else sample_image(size or DEFAULT_SIZE)
+    t0 = time.perf_counter()
+    logger.warning("demo: decomposing with a tiny model of RANDOM weights, written to a temporary folder. It "
+                   "shows the pipeline end to end; its layers are noise. Use 'decompose' with the "
+                   "Qwen-Image-Layered weights for real results.")
+    with tempfile.TemporaryDirectory(prefix="qil_tiny_") as tmp:
+        paths = write_tiny_model(tmp, layout="comfyui")
+        model = load_model(transformer=paths["transformer"], vae=paths["vae"], text_encoder=paths["text_encoder"],
+                           dtype=torch.float32, device="cpu")
+        stack = decompose(model, picture, prompt="a layered scene with sky, sun, hills, a house and a logo",
+                          output_size="original", callback=_progress("demo decompose"), **DEMO_SETTINGS)[0]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = [write_psd(stack, psd, overwrite=overwrite, merged=composite(stack))]
+    written += export_pngs(stack, layer_dir, prefix="decomposed", overwrite=overwrite)
+    check_psd(psd, stack)
+    return stack, written, time.perf_counter() - t0

@@ -1,0 +1,142 @@
+"""Edit steps on a `LayerStack`, run left to right: per-layer groups (recolor, transform, properties) and stack edits.
+
+This is the engine behind the `edit` command (and the demo); the command line only builds the step list.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import InputError
+from .ops import (
+    delete_layers,
+    drop_empty_layers,
+    duplicate_layer,
+    layer_indices,
+    merge_down,
+    move_layer,
+    parse_layer_keys,
+    select_layers,
+)
+from .recolor import recolor_layer
+from .replace import replace_layer_pixels
+from .stack import Layer, LayerStack
+from .transform import resize_stack, transform_layer
+
+logger = logging.getLogger(__name__)
+
+# Options that belong to a `--layer` group, by destination, with the library call they feed.
+_RECOLOR = ("hue_shift", "saturation", "lightness", "brightness", "contrast", "tint", "replace", "invert")
+_TRANSFORM = ("move", "scale", "scale_x", "scale_y", "rotation", "flip_h", "flip_v", "interpolation")
+_PROPERTIES = ("opacity", "blend_mode", "rename", "visible")
+
+
+@dataclass
+class LayerEdit:
+    """One `--layer KEYS` group and the per-layer options that followed it (dest -> value)."""
+
+    keys: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StackEdit:
+    """One stack edit (`delete`, `keep`, `move_to`, `merge_down`, `duplicate`, `drop_empty`, `resize`,
+    `replace_pixels` with value (layer key, picture path, alpha policy))."""
+
+    op: str
+    value: Any = None
+
+
+Step = LayerEdit | StackEdit
+
+
+def resolve_keys(stack: LayerStack, keys: str) -> list[int]:
+    """Indices (bottom first, no duplicates, in stack order) addressed by a KEYS spec."""
+    return sorted(layer_indices(stack, parse_layer_keys(keys)))  # parse_layer_keys never returns an empty list
+
+
+def edit_layer(layer: Layer, opts: dict[str, Any], canvas: tuple[int, int]) -> Layer:
+    """Apply one group's options to one layer: recolor, then transform, then properties."""
+    if any(k in opts for k in _RECOLOR):
+        kw: dict[str, Any] = {k: opts[k] for k in ("hue_shift", "saturation", "lightness", "brightness",
+                                                      "contrast", "invert") if k in opts}
+        if "tint" in opts:
+            kw["tint"], kw["tint_strength"] = opts["tint"]
+        if "replace" in opts:
+            src, dst, tol = opts["replace"]
+            kw.update(replace_color=src, replace_with=dst)
+            if tol is not None:
+                kw["tolerance"] = tol
+        layer = recolor_layer(layer, **kw)
+    if any(k in opts for k in _TRANSFORM):
+        if "scale" in opts and ("scale_x" in opts or "scale_y" in opts):
+            raise InputError("--scale sets both axes; use either --scale or --scale-x/--scale-y in one group")
+        s = opts.get("scale", 1.0)
+        dx, dy = opts.get("move", (0.0, 0.0))
+        layer = transform_layer(
+            layer, dx=dx, dy=dy, scale_x=opts.get("scale_x", s), scale_y=opts.get("scale_y", s),
+            rotation=opts.get("rotation", 0.0), flip_h=bool(opts.get("flip_h")), flip_v=bool(opts.get("flip_v")),
+            interpolation=opts.get("interpolation", "lanczos"), canvas=canvas,
+        )
+    props = {k: opts[k] for k in _PROPERTIES if k in opts}
+    if "rename" in props:
+        props["name"] = props.pop("rename")
+    return layer.replace(**props) if props else layer
+
+
+def read_picture(path: str | os.PathLike[str]) -> np.ndarray:
+    """An edited picture file -> RGB or RGBA uint8 array (RGBA when the file has transparency)."""
+    from PIL import Image
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"replacement picture {os.fspath(p)!r} not found; check the path")
+    try:
+        with Image.open(p) as im:
+            alpha = "A" in im.getbands() or "transparency" in im.info
+            return np.asarray(im.convert("RGBA" if alpha else "RGB"))
+    except OSError as exc:
+        raise InputError(f"cannot read the replacement picture {os.fspath(p)!r}: {exc}") from None
+
+
+def apply_edits(stack: LayerStack, steps: Sequence[Step]) -> LayerStack:
+    """Run edit steps left to right and return the new stack; layers no step addresses are left as they were."""
+    for step in steps:
+        if isinstance(step, LayerEdit):
+            if not step.options:
+                raise InputError(f"--layer {step.keys} is followed by no edit option; add e.g. --move or --hue")
+            layers = list(stack.layers)
+            for i in resolve_keys(stack, step.keys):
+                layers[i] = edit_layer(layers[i], step.options, stack.size)
+                logger.debug("edited layer %d %r with %s", i, layers[i].name, step.options)
+            stack = stack.replace(layers=layers)
+        elif step.op == "delete":
+            stack = delete_layers(stack, parse_layer_keys(str(step.value)))
+        elif step.op == "keep":
+            stack = select_layers(stack, parse_layer_keys(str(step.value)))
+        elif step.op == "move_to":
+            key, to = step.value
+            stack = move_layer(stack, stack.index_of(key), to)
+        elif step.op == "merge_down":
+            stack = merge_down(stack, stack.index_of(str(step.value)))
+        elif step.op == "duplicate":
+            stack = duplicate_layer(stack, stack.index_of(str(step.value)))
+        elif step.op == "drop_empty":
+            stack = drop_empty_layers(stack)
+        elif step.op == "resize":
+            w, h = step.value
+            stack = resize_stack(stack, w, h)
+        elif step.op == "replace_pixels":
+            key, path, policy = step.value
+            stack = replace_layer_pixels(stack, stack.index_of(key), read_picture(path), alpha=policy)
+        else:
+            raise InputError(f"unknown stack edit {step.op!r}")
+    return stack

@@ -1,0 +1,9 @@
+"""The jobs of the model, as pure functions over a loaded model and a placement.
+
+- `decompose.py`: `decompose`, `text_to_layers`, `decompose_layer` (the entry points).
+- `checks.py`: validation of every job parameter before any work.
+- `imaging.py`: sizes, buckets and pixel <-> latent conversions of inputs and outputs.
+- `prompt.py`: prompt -> text conditioning (template, tokenize, encode).
+- `scheduler.py`: the flow-matching schedule and Euler step.
+- `denoise.py`: seeded noise, the denoising loop with true CFG, frame-wise VAE I/O.
+"""
