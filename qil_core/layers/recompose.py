@@ -29,6 +29,8 @@ a step before its own rounding, so the 8-bit composite is within 1/255 of an 8-b
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -143,13 +145,25 @@ def fold_residual(stack: LayerStack, target: np.ndarray) -> tuple[LayerStack, Re
                 "layers only (set it to normal, or hide it, first)"
             )
     pixels = {i: stack.layers[i].pixels.copy() for i in index}
-    tally = np.zeros(9, np.float64)  # pixels, corrected, sum, max, uncovered, extra, alpha sum, alpha max, remaining
-    alpha_px = 0
     width = stack.width
     step = max(1, _BAND_PIXELS // width)
-    for y0 in range(0, stack.height, step):
+
+    def band(y0: int) -> tuple[np.ndarray, int]:
+        tally = np.zeros(9, np.float64)  # pixels, corrected, sum, max, uncovered, extra, alpha sum/max, remaining
         y1 = min(stack.height, y0 + step)
-        alpha_px += _fold_band(stack, index, pixels, tgt[y0:y1], y0, tally)
+        return tally, _fold_band(stack, index, pixels, tgt[y0:y1], y0, tally)
+
+    starts = range(0, stack.height, step)
+    workers = max(1, min(8, os.cpu_count() or 1, len(starts)))
+    if workers == 1:
+        results = [band(y0) for y0 in starts]
+    else:  # bands write disjoint rows of the layers; numpy releases the GIL
+        with ThreadPoolExecutor(workers) as pool:
+            results = list(pool.map(band, starts))
+    tallies = np.stack([r[0] for r in results]) if results else np.zeros((1, 9))
+    tally = tallies.sum(axis=0)
+    tally[[3, 7, 8]] = tallies[:, [3, 7, 8]].max(axis=0)
+    alpha_px = sum(r[1] for r in results)
     out = list(stack.layers)
     for i in index:
         out[i] = stack.layers[i].replace(pixels=pixels[i])
