@@ -10,6 +10,9 @@
 - `edit_steps.py`: edit steps run left to right (`LayerEdit`, `StackEdit`, `apply_edits`), as the CLI `edit` uses them.
 - `document.py`: ComfyUI's LAYERS document and IMAGE/MASK batches <-> `LayerStack` (plain arrays, no ComfyUI).
 - `export.py`: PNG-per-layer and ZIP export and import, 8-bit quantisation, `write_png`.
+- `fullres.py`: bucket-size layers to full resolution, alpha guided by the original picture (`upsample_stack`).
+- `recompose.py`: exact recomposition: the input's residual folded into layer colours (`fold_residual`).
+- `replace.py`: a layer's pixels replaced by an edited picture, keeping its shape (`replace_layer_pixels`).
 - `psd/`: PSD in and out: `write_psd`, `read_psd`, `lint_psd`.
 """
 
