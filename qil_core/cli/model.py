@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..demo.job import check_psd
 from ..errors import InputError, OutputPathError
-from ..fsutil import check_free
+from ..fsutil import check_free, write_group
 from ..layers.composite import composite
-from ..layers.export import export_pngs, layer_file_names
+from ..layers.export import layer_file_names, png_items
+from ..layers.image_file import open_image
 from ..layers.psd import write_psd
 from ..layers.stack import Layer, LayerStack
-from .common import check_suffix, existing_input, finite_float, log_written
+from .common import check_suffix, check_writable, existing_input, finite_float, log_written
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ def _add_sampling_options(p: argparse.ArgumentParser, layers: int) -> None:
     """Sampling options shared by decompose and text-to-layers."""
     g = p.add_argument_group("sampling")
     g.add_argument("--prompt", help="caption of the WHOLE image (recommended; empty if omitted)")
-    g.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
+    g.add_argument("--prompt-file", type=Path, metavar="F",
+                   help="read the prompt from a UTF-8 text file (for prompts longer than a command line allows)")
+    g.add_argument("--negative-prompt", default=None, help="negative prompt for true CFG (default ' ')")
+    g.add_argument("--negative-prompt-file", type=Path, metavar="F", help="read the negative prompt from a UTF-8 file")
     g.add_argument("--layers", type=int, default=layers, help=f"number of layers, 1..20 (default {layers})")
     g.add_argument("--steps", type=int, default=50, help="denoising steps, 1..1000 (default 50)")
     g.add_argument("--cfg", type=finite_float, default=4.0, help="true CFG scale, 1 = off (default 4.0)")
@@ -90,9 +94,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_options(p)
     _add_sampling_options(p, 4)
     g = p.add_argument_group("size")
-    g.add_argument("--resolution", choices=("640", "1024", "custom"), default="640",
-                   help="processing size: 640 or 1024 area bucket, or custom with --max-side (default 640)")
-    g.add_argument("--max-side", type=int, help="longest side in px for --resolution custom (64..4096)")
+    g.add_argument("--resolution", choices=("640", "1024", "custom"), default=None,
+                   help="processing size: 640 or 1024 area bucket, or custom with --max-side (default 640; "
+                        "custom when --max-side is given)")
+    g.add_argument("--max-side", type=int, help="longest side in px (64..4096); implies --resolution custom")
     g.add_argument("--output-size", choices=("processing", "original"), default="processing",
                    help="canvas of the result: the processing size, or the input's original size")
     g.add_argument("--recompose", choices=("exact", "model"),
@@ -105,7 +110,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "text-to-layers", help="generate RGBA layers from a prompt (no input image)",
         description="Generate N RGBA layers from PROMPT and write them as a layered PSD. The released weights are "
                     "tuned for decomposition, so quality is limited.")
-    p.add_argument("text", metavar="PROMPT", help="description of the whole picture")
+    p.add_argument("text", metavar="PROMPT", nargs="?",
+                   help="description of the whole picture (or give --prompt-file)")
     _add_output_options(p)
     _add_model_options(p)
     _add_sampling_options(p, 4)
@@ -123,7 +129,7 @@ def _load(args: argparse.Namespace) -> Any:
     if args.model_dir is None and (args.transformer is None or args.vae is None):
         raise InputError("give --model-dir DIR, or --transformer F and --vae F (plus --text-encoder F for prompts)")
     dtype = getattr(torch, DTYPES[args.dtype])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args.device)
     # Weights load memory-mapped on the CPU; the memory plan then decides what goes to the device and when.
     model = load_model(model_dir=args.model_dir, transformer=args.transformer, vae=args.vae,
                        text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=dtype, device="cpu")
@@ -166,46 +172,119 @@ def _planned_names(layers: int, keep_composite: bool, prefix: str) -> list[str]:
     return layer_file_names(stub, prefix)
 
 
+def _device(text: str | None) -> Any:
+    """The torch device of --device, checked before any loading: it must parse and be present on this machine."""
+    import torch
+
+    from ..model.pipeline.checks import check_device
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = check_device(text, "--device")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+            raise InputError(f"--device {text}: CUDA is not available here (this PyTorch is {build}, and no usable "
+                             "NVIDIA GPU was found); use --device cpu or install a CUDA build of PyTorch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {text}: Apple MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise InputError(f"--device {text}: the {dev.type!r} backend is not available here; use cpu or cuda")
+    return dev
+
+
+def _read_text(path: Path, option: str) -> str:
+    """The UTF-8 text of a prompt file (a trailing newline dropped); InputError naming the file otherwise."""
+    p = existing_input(path, option)
+    try:
+        return p.read_text(encoding="utf-8-sig").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{option} {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                         "save it as UTF-8") from None
+    except OSError as err:
+        raise InputError(f"{option} {str(path)!r} cannot be read: {err.strerror or err}") from None
+
+
+def _prompts(args: argparse.Namespace, prompt: str | None) -> tuple[str | None, str]:
+    """(prompt, negative prompt) from the options or their files; giving both forms of one is refused."""
+    if args.prompt_file is not None:
+        if prompt is not None:
+            raise InputError("give the prompt either as text or with --prompt-file, not both")
+        prompt = _read_text(args.prompt_file, "--prompt-file")
+    negative = args.negative_prompt
+    if args.negative_prompt_file is not None:
+        if negative is not None:
+            raise InputError("give the negative prompt either with --negative-prompt or --negative-prompt-file, "
+                             "not both")
+        negative = _read_text(args.negative_prompt_file, "--negative-prompt-file")
+    return prompt, " " if negative is None else negative
+
+
 def _targets(args: argparse.Namespace, layers: int, keep_composite: bool) -> None:
-    """Check the sampling numbers and every file the command will write before any work (suffix, safe names,
-    no collisions, an existing folder for --out): loading and sampling take minutes with the real weights."""
+    """Check every argument and every file the command will write before any work (numbers, device, suffix, safe
+    names, no collisions, an existing writable folder for --out): loading and sampling take minutes."""
     from ..model.pipeline.checks import check_cfg, check_layers, check_steps
+    from ..model.runtime.vae_tiling import check_tile
 
     check_layers(layers)
     check_steps(args.steps)
     check_cfg(args.cfg)
+    check_tile(args.vae_tile, "--vae-tile")
+    _device(args.device)
     check_suffix(args.out, (".psd",), "output")
     folder = args.out.parent
     if not folder.is_dir():
         what = ("is a file, not a folder; choose another folder" if folder.exists()
                 else "does not exist; create it first")
         raise OutputPathError(f"cannot write {str(args.out)!r}: the folder {str(folder)!r} {what}")
+    check_writable(folder)
     paths = [args.out]
     if args.png_dir is not None:
+        if args.png_dir.exists() and not args.png_dir.is_dir():
+            raise OutputPathError(f"--png-dir {str(args.png_dir)!r} is a file; give a folder (created if missing)")
+        check_writable(args.png_dir)
         paths += [args.png_dir / n for n in _planned_names(layers, keep_composite, args.out.stem)]
     check_free(paths, overwrite=args.overwrite)
 
 
 def _write(stack: LayerStack, args: argparse.Namespace) -> list[Path]:
-    """Write the PSD (with its composite) and, when asked, the layer PNGs; returns the written paths."""
-    written = [write_psd(stack, args.out, overwrite=args.overwrite, merged=composite(stack))]
-    if args.png_dir is not None:
-        written += export_pngs(stack, args.png_dir, prefix=args.out.stem, overwrite=args.overwrite)
-    return written
+    """Write the PSD (with its composite) and, when asked, the layer PNGs as one group (all or none); returns the
+    written paths."""
+    return write_result(stack, args.out, args.png_dir, prefix=args.out.stem, overwrite=args.overwrite)
+
+
+def result_items(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str,
+                 check: Any = None) -> list[tuple[Path, Any]]:
+    """`(path, write)` items of the PSD and (optionally) its layer PNGs for `fsutil.write_group`, which publishes
+    them together, so a failure leaves no part behind. `check(staged_psd)` inspects the PSD before publishing."""
+
+    def write_the_psd(staged: Path) -> None:
+        write_psd(stack, staged, merged=composite(stack))
+        if check is not None:
+            check(staged)
+
+    items: list[tuple[Path, Any]] = [(psd, write_the_psd)]
+    if png_dir is not None:
+        items += png_items(stack, png_dir, prefix=prefix)
+    return items
+
+
+def write_result(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str, overwrite: bool) -> list[Path]:
+    """Write the PSD and its layer PNGs as one group (all or nothing); returns the written paths."""
+    return write_group(result_items(stack, psd, png_dir, prefix=prefix), overwrite=overwrite,
+                       make_dirs=png_dir is not None)
 
 
 def _read_image(path: Path) -> Image.Image:
     """Open an image file (first frame) for decomposition, turned upright by its EXIF orientation (as viewers and
-    ComfyUI's Load Image show it; phone photos are often stored sideways with an orientation tag)."""
-    try:
-        with Image.open(existing_input(path, "image")) as im:
-            im.load()
-            upright = ImageOps.exif_transpose(im)
-            return upright if upright is not im else im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise InputError(f"cannot read image {str(path)!r}: {e}; give a PNG, JPEG, WebP or TIFF file") from None
+    ComfyUI's Load Image show it; phone photos are often stored sideways with an orientation tag). The header is
+    checked (size, decompression-bomb limit, RAM) before decoding."""
+    return open_image(existing_input(path, "image"), f"image {str(path)!r}", upright=True)
 
 
 def run_decompose(args: argparse.Namespace) -> int:
@@ -213,15 +292,19 @@ def run_decompose(args: argparse.Namespace) -> int:
     from ..model.pipeline.decompose import decompose
 
     _targets(args, args.layers, args.keep_composite)
+    prompt, negative = _prompts(args, args.prompt)
     from ..model.pipeline.imaging import bucket_size, check_image_size, check_resolution
 
+    mode = args.resolution or ("custom" if args.max_side is not None else "640")
+    if args.max_side is not None and mode != "custom":
+        raise InputError(f"--max-side applies only to --resolution custom, not --resolution {mode}; drop one of them")
+    resolution = check_resolution(mode, args.max_side)
     image = _read_image(Path(args.image))
     check_image_size(image.width, image.height, f"image {args.image!r}")
-    resolution = check_resolution(args.resolution, args.max_side)
     work_w, work_h = bucket_size(image.width, image.height, resolution, args.max_side)
     model = _load(args)
     t0 = time.perf_counter()
-    stack = decompose(model, image, prompt=args.prompt, negative_prompt=args.negative_prompt, layers=args.layers,
+    stack = decompose(model, image, prompt=prompt, negative_prompt=negative, layers=args.layers,
                       steps=args.steps, cfg=args.cfg, cfg_normalize=args.cfg_normalize, seed=args.seed,
                       resolution=resolution, max_side=args.max_side, output_size=args.output_size,
                       keep_composite=args.keep_composite, vae_tile=args.vae_tile, recompose=args.recompose,
@@ -235,13 +318,21 @@ def run_decompose(args: argparse.Namespace) -> int:
 
 def run_text_to_layers(args: argparse.Namespace) -> int:
     """Handler of `text-to-layers`."""
+    from ..model.pipeline.checks import check_int
     from ..model.pipeline.decompose import text_to_layers
 
     _targets(args, args.layers, args.keep_composite)
+    check_int("--width", args.width, 64, 4096)
+    check_int("--height", args.height, 64, 4096)
+    if args.text is not None and args.prompt is not None:
+        raise InputError("give the prompt once: as PROMPT or with --prompt, not both")
+    prompt, negative = _prompts(args, args.text if args.text is not None else args.prompt)
+    if not prompt:
+        raise InputError("text-to-layers needs a prompt: give PROMPT or --prompt-file F")
     model = _load(args)
     t0 = time.perf_counter()
-    stack = text_to_layers(model, args.text, width=args.width, height=args.height,
-                           negative_prompt=args.negative_prompt, layers=args.layers, steps=args.steps, cfg=args.cfg,
+    stack = text_to_layers(model, prompt, width=args.width, height=args.height,
+                           negative_prompt=negative, layers=args.layers, steps=args.steps, cfg=args.cfg,
                            cfg_normalize=args.cfg_normalize, seed=args.seed, keep_composite=args.keep_composite,
                            vae_tile=args.vae_tile, placement=_placement(args, model, args.width, args.height,
                                                                         args.layers),
@@ -261,8 +352,10 @@ def demo_targets(out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
 
 
 def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool = False,
-                   size: tuple[int, int] | None = None) -> tuple[LayerStack, list[Path], float]:
-    """Decompose the sample scene (or `image`) with a tiny RANDOM model into OUT/decomposed.psd (+ layer PNGs)."""
+                   size: tuple[int, int] | None = None) -> tuple[LayerStack, list[tuple[Path, Any]], float]:
+    """Decompose the sample scene (or `image`) with a tiny RANDOM model; returns the stack, the `(path, write)`
+    items of OUT/decomposed.psd and its layer PNGs (for one `write_group` with the rest of the demo) and the
+    seconds it took."""
     import torch
 
     from ..demo.scene import DEFAULT_SIZE, sample_image
@@ -282,8 +375,5 @@ def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool 
                            dtype=torch.float32, device="cpu")
         stack = decompose(model, picture, prompt="a layered scene with sky, sun, hills, a house and a logo",
                           output_size="original", callback=_progress("demo decompose"), **DEMO_SETTINGS)[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [write_psd(stack, psd, overwrite=overwrite, merged=composite(stack))]
-    written += export_pngs(stack, layer_dir, prefix="decomposed", overwrite=overwrite)
-    check_psd(psd, stack)
-    return stack, written, time.perf_counter() - t0
+    items = result_items(stack, psd, layer_dir, prefix="decomposed", check=lambda staged: check_psd(staged, stack))
+    return stack, items, time.perf_counter() - t0
