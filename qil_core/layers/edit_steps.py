@@ -9,12 +9,12 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from ..errors import InputError
+from .image_file import float_rgba, open_image, pil_array
 from .ops import (
     delete_layers,
     drop_empty_layers,
@@ -93,18 +93,15 @@ def edit_layer(layer: Layer, opts: dict[str, Any], canvas: tuple[int, int]) -> L
 
 
 def read_picture(path: str | os.PathLike[str]) -> np.ndarray:
-    """An edited picture file -> RGB or RGBA uint8 array (RGBA when the file has transparency)."""
-    from PIL import Image
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"replacement picture {os.fspath(p)!r} not found; check the path")
+    """An edited picture file -> straight float32 RGB, or RGBA when the file has transparency (image_file's reader)."""
+    what = f"replacement picture {os.fspath(path)!r}"
+    im = open_image(path, what)
     try:
-        with Image.open(p) as im:
-            alpha = "A" in im.getbands() or "transparency" in im.info
-            return np.asarray(im.convert("RGBA" if alpha else "RGB"))
-    except OSError as exc:
-        raise InputError(f"cannot read the replacement picture {os.fspath(p)!r}: {exc}") from None
+        alpha = "A" in im.getbands() or "transparency" in im.info
+        rgba = float_rgba(pil_array(im), what)
+    finally:
+        im.close()
+    return rgba if alpha else np.ascontiguousarray(rgba[..., :3])
 
 
 def apply_edits(stack: LayerStack, steps: Sequence[Step]) -> LayerStack:

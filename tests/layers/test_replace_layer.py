@@ -112,7 +112,7 @@ def test_the_node() -> None:
         node.replace(doc, "1", image, "keep")
 
 
-def test_cli_edit_replace_pixels(tmp_path: Path) -> None:
+def test_cli_edit_replace_pixels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cli = pack_module("qil_core.cli")
     psd = pack_module("qil_core.layers.psd")
     stack = _stack()
@@ -128,3 +128,6 @@ def test_cli_edit_replace_pixels(tmp_path: Path) -> None:
     np.testing.assert_array_equal(tag.alpha, stack.layers[2].alpha)
     assert np.all(np.round(tag.pixels[..., :3] * 255) == [255, 0, 255])
     assert cli.main(["edit", str(src), "--out", str(tmp_path / "o2.psd"), "--replace-pixels", "Tag"]) == 2
+    missing = ["edit", str(src), "--out", str(tmp_path / "o3.psd"), "--replace-pixels", f"Tag={tmp_path / 'no.png'}"]
+    assert cli.main(missing) == 2
+    assert "replacement picture" in capsys.readouterr().err and not (tmp_path / "o3.psd").exists()
