@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import convert_nodes, io_nodes, layer_nodes, model_nodes, sample_nodes, stack_nodes
+from . import convert_nodes, io_nodes, layer_nodes, model_nodes, replace_nodes, sample_nodes, stack_nodes
 
-_FAMILIES: tuple[ModuleType, ...] = (model_nodes, sample_nodes, convert_nodes, layer_nodes, stack_nodes, io_nodes)
+_FAMILIES: tuple[ModuleType, ...] = (model_nodes, sample_nodes, convert_nodes, layer_nodes, stack_nodes, io_nodes,
+                                     replace_nodes)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -61,6 +61,23 @@ def size_inputs() -> dict[str, Any]:
 
 HIDDEN = {"unique_id": "UNIQUE_ID"}
 
+RECOMPOSE_CHOICES = ("auto", "exact", "model")
+RECOMPOSE_TIP = (
+    "exact: the layers' colours are corrected so that together they give back the input picture (within 1/255 "
+    "wherever they are visible; alpha is never changed; the residual is logged and stored in the document's "
+    "metadata). model: the colours as the model made them. auto: exact for output_size 'original', model for "
+    "'processing'."
+)
+
+
+def recompose_mode(value: Any, output_size: str = "original") -> str:
+    """The recompose widget as the pipeline takes it ('exact' or 'model'); auto follows output_size."""
+    if value not in RECOMPOSE_CHOICES:
+        raise InputError(f"input 'recompose' must be one of {', '.join(RECOMPOSE_CHOICES)}, got {value!r}")
+    if value == "auto":
+        return "exact" if output_size == "original" else "model"
+    return str(value)
+
 
 def parse_resolution(resolution: Any) -> int | str:
     """The resolution widget ('640', '1024', 'custom') as the pipeline takes it."""

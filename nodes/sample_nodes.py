@@ -18,6 +18,8 @@ from .model_runtime import MODEL_TYPE, run_placement
 from .sample_inputs import (
     HIDDEN,
     OUTPUT_SIZES,
+    RECOMPOSE_CHOICES,
+    RECOMPOSE_TIP,
     SEMANTICS,
     check_counts,
     input_mask,
@@ -25,6 +27,7 @@ from .sample_inputs import (
     parse_resolution,
     processing_size,
     prompt_inputs,
+    recompose_mode,
     sampling_inputs,
     size_inputs,
 )
@@ -37,8 +40,10 @@ class QILDecompose:
         "Splits a picture into N transparent layers with Qwen-Image-Layered. " + SEMANTICS + " Transparency of the "
         "input: an RGBA IMAGE uses its alpha; a connected MASK replaces it (alpha = 1 - mask); Load Image's empty "
         "64x64 mask for pictures without alpha is ignored. output_size 'original' maps the layers back to the "
-        "input's size. Batches: with B images, LAYERS is a list of B documents (one per image), so every node "
-        "after it runs once per image and Save PSD writes B files; the IMAGE and MASK outputs hold all B x N "
+        "input's size, each layer's alpha following the input's own edges. recompose 'exact' (default with "
+        "'original') corrects the layers' colours so that together they give back the input. Batches: with B "
+        "images, LAYERS is a list of B documents (one per image), so every node after it runs once per image and "
+        "Save PSD writes B files; the IMAGE and MASK outputs hold all B x N "
         "layers, image by image, each bottom first."
     )
     CATEGORY = CATEGORY
@@ -66,23 +71,27 @@ class QILDecompose:
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional transparency of the input (1 = transparent, as Load Image "
                          "gives it); replaces the image's alpha."}),
+                "recompose": (list(RECOMPOSE_CHOICES), {"default": "auto", "tooltip": RECOMPOSE_TIP}),
             },
             "hidden": HIDDEN,
         }
 
     def decompose(self, model: Any, image: Any, prompt: str, negative_prompt: str, layers: int, steps: int,
                   cfg: float, cfg_normalize: bool, seed: int, resolution: str, max_side: int, output_size: str,
-                  mask: Any = None, unique_id: str | None = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+                  mask: Any = None, recompose: str = "auto",
+                  unique_id: str | None = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
         from ..qil_core.model.pipeline.decompose import decompose  # on first use: keeps the pack import fast
 
         handle, layers, steps = check_counts(model, layers, steps)
         img = image_batch(image)  # [B, H, W, C]; a missing batch dimension is added (D2)
         res = parse_resolution(resolution)
+        mode = recompose_mode(recompose, output_size)
         with run_placement(handle, *processing_size(img.shape[2], img.shape[1], res, max_side), layers) as pl:
             stacks = decompose(handle.model, img, mask=input_mask(mask, img), prompt=prompt,
                                negative_prompt=negative_prompt, layers=layers, steps=steps, cfg=cfg,
                                cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,
-                               max_side=max_side if res == "custom" else None, output_size=output_size, placement=pl,
+                               max_side=max_side if res == "custom" else None, output_size=output_size,
+                               recompose=mode, placement=pl,
                                callback=host.make_callback(steps * img.shape[0], node_id=unique_id,
                                                            label="Decompose Image"))
         return ([to_document(s) for s in stacks], *layer_images(stacks))
@@ -165,12 +174,19 @@ class QILDecomposeLayer:
                    sampling_inputs(3, "How many sub-layers to split it into (1-20).").items()},
                 **size_inputs(),
             },
+            "optional": {
+                "recompose": (["exact", "model"], {"default": "exact", "tooltip": "exact: the sub-layers' colours "
+                              "are corrected so that, stacked normally, they give back the layer's pixels wherever "
+                              "they are visible (alpha never changes; residual in the log and the document's "
+                              "metadata). model: the colours as the model made them."}),
+            },
             "hidden": HIDDEN,
         }
 
     def decompose_layer(self, model: Any, layers: Any, layer: str, prompt: str, negative_prompt: str,
                         sub_layers: int, steps: int, cfg: float, cfg_normalize: bool, seed: int, resolution: str,
-                        max_side: int, unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+                        max_side: int, recompose: str = "exact",
+                        unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
         from ..qil_core.model.pipeline.decompose import decompose_layer
 
         handle, sub_layers, steps = check_counts(model, sub_layers, steps, "sub_layers")
@@ -179,12 +195,13 @@ class QILDecomposeLayer:
         if len(chosen) != 1:
             raise InputError(f"input 'layer' {layer!r} selects {len(chosen)} layers; choose exactly one ({SELECT_TIP})")
         res = parse_resolution(resolution)
+        mode = recompose_mode(recompose)
         target = stack.layers[chosen[0]]
         with run_placement(handle, *processing_size(target.width, target.height, res, max_side), sub_layers) as pl:
             out = decompose_layer(handle.model, stack, chosen[0], layers=sub_layers, prompt=prompt,
                                   negative_prompt=negative_prompt, steps=steps, cfg=cfg,
                                   cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,
-                                  max_side=max_side if res == "custom" else None, placement=pl,
+                                  max_side=max_side if res == "custom" else None, recompose=mode, placement=pl,
                                   callback=host.make_callback(steps, node_id=unique_id, label="Decompose Layer"))
         new = out.replace(layers=out.layers[chosen[0]: chosen[0] + len(out.layers) - len(stack.layers) + 1])
         return (to_document(out), *layer_images([new]))

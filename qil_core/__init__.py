@@ -3,7 +3,8 @@
 Where things live (each subpackage's docstring lists its modules, one line each):
 
 - `layers/`: the layer document (`LayerStack`, `Layer`) and everything done to it: compositing, blend modes,
-  transform, recolor, stack edits, PNG/ZIP export, and `layers/psd/` (PSD write, read, lint).
+  transform, recolor, stack edits, PNG/ZIP export, full-resolution upsampling, exact recomposition, replacing a
+  layer's pixels, and `layers/psd/` (PSD write, read, lint).
 - `model/`: the network in four rooms: `arch/` (networks), `weights/` (files -> networks), `runtime/` (memory and
   placement), `pipeline/` (decompose, text-to-layers, decompose-layer), plus `loader.py` (`load_model`).
 - `demo/`: the built-in demo scene (`scene.py`) and the demo job on it (`job.py`).
@@ -40,11 +41,13 @@ from .layers import (
     composite,
     delete_layers,
     duplicate_layer,
+    fold_residual,
     merge_down,
     move_layer,
     parse_color,
     recolor_layer,
     reorder_layers,
+    replace_layer_pixels,
     resize_stack,
     select_layers,
     set_layer_props,
@@ -109,6 +112,7 @@ __all__ = [
     "duplicate_layer",
     "export_pngs",
     "export_zip",
+    "fold_residual",
     "lint_psd",
     "load_model",
     "merge_down",
@@ -118,6 +122,7 @@ __all__ = [
     "read_psd",
     "recolor_layer",
     "reorder_layers",
+    "replace_layer_pixels",
     "resize_stack",
     "select_layers",
     "set_layer_props",

@@ -107,6 +107,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--max-side", type=int, help="longest side in px (64..4096); implies --resolution custom")
     g.add_argument("--output-size", choices=("processing", "original"), default="processing",
                    help="canvas of the result: the processing size, or the input's original size")
+    g.add_argument("--recompose", choices=("exact", "model"),
+                   help="exact: correct the layers' colours so that together they give back the input (alpha "
+                        "unchanged; the residual is logged); model: the model's colours. Default: exact with "
+                        "--output-size original, model otherwise")
     p.set_defaults(handler=run_decompose)
 
     p = subparsers.add_parser(
@@ -315,7 +319,7 @@ def run_decompose(args: argparse.Namespace) -> int:
     stack = decompose(model, image, prompt=prompt, negative_prompt=negative, layers=args.layers,
                       steps=args.steps, cfg=args.cfg, cfg_normalize=args.cfg_normalize, seed=args.seed,
                       resolution=resolution, max_side=args.max_side, output_size=args.output_size,
-                      keep_composite=args.keep_composite, vae_tile=args.vae_tile,
+                      keep_composite=args.keep_composite, vae_tile=args.vae_tile, recompose=args.recompose,
                       placement=_placement(args, model, work_w, work_h, args.layers),
                       callback=_progress("decompose"))[0]
     logger.info("decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,

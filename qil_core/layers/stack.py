@@ -118,17 +118,24 @@ class Layer:
 
 @dataclass
 class LayerStack:
-    """A canvas of `width` x `height` and its layers, index 0 = bottom."""
+    """A canvas of `width` x `height` and its layers, index 0 = bottom.
+
+    `metadata` holds plain JSON-friendly facts about how the stack was made (e.g. "recompose": the residual
+    report of exact recomposition); it travels in the LAYERS document and is dropped by operations that
+    build a new stack.
+    """
 
     width: int
     height: int
     layers: list[Layer] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.width, self.height = int(self.width), int(self.height)
         if self.width < 1 or self.height < 1:
             raise InputError(f"canvas must be at least 1x1 px, got {self.width}x{self.height}")
         self.layers = list(self.layers)
+        self.metadata = dict(self.metadata or {})
 
     @property
     def size(self) -> tuple[int, int]:
@@ -164,4 +171,5 @@ class LayerStack:
         """A shallow copy with some fields changed (the layer list itself is copied)."""
         out = dataclasses.replace(self, **changes)
         out.layers = list(out.layers)
+        out.metadata = dict(out.metadata)
         return out

@@ -30,8 +30,9 @@ import torch
 
 from ...errors import InputError
 from ...layers.composite import paste_layer
+from ...layers.fullres import upsample_stack
+from ...layers.recompose import check_recompose, recompose_exact, snap_alpha
 from ...layers.stack import Layer, LayerStack
-from ...layers.transform import resize_stack
 from ..loader import QwenLayeredModel
 from ..runtime import vae_tiling
 from ..runtime.placement import Placement, ResidentPlacement
@@ -247,19 +248,25 @@ def decompose(
     max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
     keep_composite: bool = False,
     vae_tile: int | None = None,
+    recompose: str | None = None,
 ) -> list[LayerStack]:
     """Decompose each image (IMAGE [B,H,W,C], array, PIL or a list) into N RGBA layers; one LayerStack per image.
 
     Images are resized to the resolution bucket (640/1024 area, or "custom" with max_side) as the reference
-    does; `output_size="original"` maps the layers back to each input's size with premultiplied Lanczos.
-    `mask` (ComfyUI MASK, 1 = transparent) replaces the input alpha; `noise` overrides the seeded noise.
-    `vae_tile` (pixels, e.g. 512) encodes and decodes in overlapping tiles to bound VAE memory on large images.
+    does; `output_size="original"` maps the layers back to each input's size, alpha upsampled edge-aware guided
+    by the input (layers.fullres). `mask` (ComfyUI MASK, 1 = transparent) replaces the input alpha; `noise`
+    overrides the seeded noise. `vae_tile` (pixels, e.g. 512) encodes and decodes in overlapping tiles to bound
+    VAE memory on large images. `recompose` "exact" folds the difference between the input and the layers'
+    composite into the layers' colours (alpha unchanged; layers.recompose), "model" keeps the model's colours;
+    default: exact for output_size "original", model for "processing" (the model's own output, comparable
+    with the reference). The residual report goes to the log and to `stack.metadata["recompose"]`.
     """
     model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
         model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
     vae_tile = vae_tiling.check_tile(vae_tile)
     mode = check_resolution(resolution, max_side)
     output_size = chk.check_output_mode(output_size)
+    recompose = check_recompose(recompose or ("exact" if output_size == "original" else "model"))
     images = prepare_images(image, mask)
     originals = image_sizes(images)
     for i, (w, h) in enumerate(originals):
@@ -271,16 +278,22 @@ def decompose(
     text = _conditions(model, placement, len(images), prompt, negative_prompt, prompt_embeds, prompt_mask,
                        negative_embeds, negative_mask, cfg, max_sequence_length)
     inputs: list[np.ndarray | None] = [resize_rgba(im, s) for im, s in zip(images, sizes, strict=True)]
-    del images  # the full-size inputs are no longer needed
+    if output_size != "original":
+        del images  # the full-size inputs are no longer needed
     logger.info("decomposing %d image(s) into %d layers at %s, %d steps, cfg %g%s, seed %d", len(inputs), layers,
                 ", ".join(f"{w}x{h}" for w, h in sizes), steps, cfg, " (normalized)" if cfg_normalize else "", seed)
     frames = _run(model, placement, inputs, sizes, layers, steps, cfg, cfg_normalize, seed, cfg_batch, callback,
                   gen_dev, noise, text, keep_composite, vae_tile)
     stacks = []
-    for f, size, orig in zip(frames, sizes, originals, strict=True):
+    for b, (f, size, orig) in enumerate(zip(frames, sizes, originals, strict=True)):
         stack = _stack(f, size, layers, layer_names(layers))
+        target = images[b] if output_size == "original" else inputs[b]
+        assert target is not None  # decompose always has an input image
         if output_size == "original" and orig != size:
-            stack = resize_stack(stack, orig[0], orig[1], "lanczos")
+            stack = upsample_stack(stack, images[b])
+        if recompose == "exact":
+            stack, report = recompose_exact(stack, target, f"image {b}" if len(frames) > 1 else "the image")
+            stack.metadata["recompose"] = report.as_dict()
         stacks.append(stack)
     return stacks
 
@@ -345,8 +358,11 @@ def decompose_layer(
     The layer's pixels (with its alpha) are the input; the result is mapped back to the layer's own size and
     offset. Each sub-layer's alpha is clipped to the parent's alpha (min): no sub-layer paints where the parent
     is transparent or more opaque than it (multiplying instead would fade the parent's soft edges twice, since
-    the model already reproduces them). Sub-layers inherit opacity, blend mode and visibility and are named
-    "<parent> / 1" (bottom) .. "<parent> / N". Accepts decompose's keyword options except output_size.
+    the model already reproduces them). With recompose "exact" (the default) the sub-layers' colours are then
+    folded so that, composited normally among themselves, they show the parent's colour wherever they are
+    visible (report in `metadata["recompose_split"][parent name]`). Sub-layers inherit opacity, blend mode and
+    visibility and are named "<parent> / 1" (bottom) .. "<parent> / N". Accepts decompose's keyword options
+    except output_size.
     """
     if not isinstance(stack, LayerStack):
         raise InputError(f"stack must be a LayerStack, got {type(stack).__name__}")
@@ -354,24 +370,31 @@ def decompose_layer(
         raise InputError("decompose_layer takes the layer from the stack; do not pass image, mask, output_size or "
                          "keep_composite")
     chk.check_model(model)
+    recompose = check_recompose(options.pop("recompose", None) or "exact")
     i = stack.index_of(index)
     parent = stack.layers[i]
     if parent.is_empty:
         raise InputError(f"layer {i} ({parent.name!r}) is fully transparent; there is nothing to decompose")
     parent = parent.cropped()
     block, (ox, oy) = _pad_block(parent.pixels)
-    sub = decompose(model, block, layers=layers, output_size="original", **options)[0]
+    sub = decompose(model, block, layers=layers, output_size="original", recompose="model", **options)[0]
+    if recompose == "exact":
+        sub = snap_alpha(sub)  # before the clip below, so that no sub-layer ends up more opaque than the parent
     limit = np.zeros(block.shape[:2], np.float32)  # the parent's alpha on the padded block
     limit[oy : oy + parent.height, ox : ox + parent.width] = parent.alpha
-    new_layers = []
+    cuts = []
     for n, layer in enumerate(sub.layers, 1):
         px = paste_layer(np.zeros_like(block), layer)  # (H, W, 4) on the block
         px[..., 3] = np.minimum(px[..., 3], limit)
-        cut = Layer.from_canvas(px, name=f"{parent.name} / {n}", visible=parent.visible)
-        new_layers.append(cut.replace(x=cut.x + parent.x - ox, y=cut.y + parent.y - oy, opacity=parent.opacity,
-                                      blend_mode=parent.blend_mode))
+        cuts.append(Layer.from_canvas(px, name=f"{parent.name} / {n}", visible=parent.visible))
     out = stack.replace()
-    out.layers[i : i + 1] = new_layers
+    if recompose == "exact":  # folded as a plain normal-mode group on the block, before the parent's properties
+        group, report = recompose_exact(LayerStack(block.shape[1], block.shape[0], cuts), block,
+                                        f"layer {i} ({parent.name!r})", snap=False)
+        cuts = group.layers
+        out.metadata["recompose_split"] = {**out.metadata.get("recompose_split", {}), parent.name: report.as_dict()}
+    out.layers[i : i + 1] = [cut.replace(x=cut.x + parent.x - ox, y=cut.y + parent.y - oy, opacity=parent.opacity,
+                                         blend_mode=parent.blend_mode) for cut in cuts]
     return out
 
 
