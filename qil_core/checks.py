@@ -41,19 +41,19 @@ def check_number(name: str, value: Any, lo: float | None = None, hi: float | Non
     Strict (default): ints, floats and numpy numbers only, never bool. `loose=True` takes anything `float()`
     takes (numpy scalars, 0-d arrays, tensors of one element, numeric strings), as the layer engine always has.
     """
+    span = describe_range(lo, hi)
+    within = f" in {span}" if span else ""
     if loose:
         try:
             v = float(value)
         except (TypeError, ValueError):
-            raise InputError(f"{name} must be a number, got {value!r}{hint}") from None
+            raise InputError(f"{name} must be a number{within}, got {value!r}{hint}") from None
     else:
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-            raise InputError(f"{name} must be a number, got {type(value).__name__} {value!r}{hint}")
+            raise InputError(f"{name} must be a number{within}, got {type(value).__name__} {value!r}{hint}")
         v = float(value)
-    if not math.isfinite(v):
-        raise InputError(f"{name} must be a finite number, got {value!r}{hint}")
-    if not _in_range(v, lo, hi):
-        raise InputError(f"{name} must be in {describe_range(lo, hi)}, got {value!r}{hint}")
+    if not math.isfinite(v) or not _in_range(v, lo, hi):
+        raise InputError(f"{name} must be a finite number{within}, got {value!r}{hint}")
     return v
 
 
@@ -83,8 +83,9 @@ def check_choice(name: str, value: Any, choices: Sequence[T], hint: str = "") ->
     for c in choices:
         if type(value) is type(c) and value == c:
             return c
-    shown = ", ".join(str(c) for c in choices)
-    raise InputError(f"{name} must be one of {shown}, got {value!r}{hint}")
+    shown = [repr(c) for c in choices]
+    listed = " or ".join(shown) if len(shown) == 2 else "one of " + ", ".join(shown)
+    raise InputError(f"{name} must be {listed}, got {value!r}{hint}")
 
 
 def check_finite(name: str, array: Any) -> None:
