@@ -26,16 +26,22 @@ from ..layers.composite import composite
 from ..layers.export import export_pngs, layer_file_names
 from ..layers.psd import write_psd
 from ..layers.stack import Layer, LayerStack
-from .common import check_suffix, existing_input, finite_float, log_written
+from ..model.pipeline.options import DecomposeOptions, SamplingOptions, TextToLayersOptions, check_size_mode
+from ..model.policy import LoadPolicy
+from .common import check_suffix, existing_input, log_written
+from .options import add_options, from_args
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names (torch loads lazily)
+POLICY_FLAGS = ["dtype", "device", "memory", "fp8"]  # LoadPolicy fields shown as flags
+SAMPLING_FLAGS = ["prompt", "negative_prompt", "layers", "steps", "cfg", "cfg_normalize", "seed", "keep_composite"]
+SIZE_FLAGS = ["resolution", "max_side", "output_size"]
+CANVAS_FLAGS = ["width", "height"]
 DEMO_SETTINGS = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    """Weights, dtype and device options shared by the model commands."""
+    """Weights, dtype, device and memory options shared by the model commands (generated from LoadPolicy)."""
     g = p.add_argument_group("model files (a diffusers folder, or single files in ComfyUI's or diffusers' layout)")
     g.add_argument("--model-dir", type=Path, metavar="DIR", help="diffusers Qwen-Image-Layered folder")
     g.add_argument("--transformer", type=Path, metavar="F", help="transformer .safetensors (or its folder)")
@@ -43,32 +49,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-encoder", type=Path, metavar="F", help="Qwen2.5-VL text encoder .safetensors or folder")
     g.add_argument("--tokenizer", type=Path, metavar="DIR",
                    help="tokenizer folder (default: next to the text encoder, in the model folder or in ComfyUI)")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weight dtype (default bf16)")
-    g.add_argument("--device", help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
-    g.add_argument("--memory", choices=("auto", "resident", "offload", "block_swap"), default="auto",
-                   help="where weights live while sampling: auto picks from the free memory; resident keeps all on "
-                        "the device; offload moves components in only while used; block_swap streams transformer "
-                        "blocks (fits 24 GB cards). Results are identical in every mode (default auto)")
-    g.add_argument("--fp8", action="store_true",
-                   help="quantise a bf16/fp16 transformer to fp8 (e4m3fn) while loading: half the memory, ~2-3%% "
-                        "output difference (fp8 files stay fp8 without this)")
-    g.add_argument("--vae-tile", type=int, metavar="PX",
-                   help="decode/encode the VAE in tiles of PX pixels (64 px overlap) to bound memory on large outputs")
+    add_options(g, LoadPolicy, POLICY_FLAGS)
+    add_options(g, SamplingOptions, ["vae_tile"])
 
 
-def _add_sampling_options(p: argparse.ArgumentParser, layers: int) -> None:
-    """Sampling options shared by decompose and text-to-layers."""
-    g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", help="caption of the WHOLE image (recommended; empty if omitted)")
-    g.add_argument("--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
-    g.add_argument("--layers", type=int, default=layers, help=f"number of layers, 1..20 (default {layers})")
-    g.add_argument("--steps", type=int, default=50, help="denoising steps, 1..1000 (default 50)")
-    g.add_argument("--cfg", type=finite_float, default=4.0, help="true CFG scale, 1 = off (default 4.0)")
-    g.add_argument("--no-cfg-normalize", dest="cfg_normalize", action="store_false",
-                   help="do not rescale the guided velocity to the conditional one's norm (on by default)")
-    g.add_argument("--seed", type=int, default=0, help="seed (taken modulo 2**64; default 0)")
-    g.add_argument("--keep-composite", action="store_true",
-                   help="also keep the model's own composite frame, as a hidden top layer")
+def _add_sampling_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """Sampling options shared by decompose and text-to-layers (generated from the job's options class)."""
+    add_options(p.add_argument_group("sampling"), cls, SAMPLING_FLAGS)
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -88,13 +75,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, WebP, TIFF; alpha is kept)")
     _add_output_options(p)
     _add_model_options(p)
-    _add_sampling_options(p, 4)
-    g = p.add_argument_group("size")
-    g.add_argument("--resolution", choices=("640", "1024", "custom"), default="640",
-                   help="processing size: 640 or 1024 area bucket, or custom with --max-side (default 640)")
-    g.add_argument("--max-side", type=int, help="longest side in px for --resolution custom (64..4096)")
-    g.add_argument("--output-size", choices=("processing", "original"), default="processing",
-                   help="canvas of the result: the processing size, or the input's original size")
+    _add_sampling_options(p, DecomposeOptions)
+    add_options(p.add_argument_group("size"), DecomposeOptions, SIZE_FLAGS)
     p.set_defaults(handler=run_decompose)
 
     p = subparsers.add_parser(
@@ -104,29 +86,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("text", metavar="PROMPT", help="description of the whole picture")
     _add_output_options(p)
     _add_model_options(p)
-    _add_sampling_options(p, 4)
-    p.add_argument("--width", type=int, default=640, help="width in px, 64..4096, rounded to 16 (default 640)")
-    p.add_argument("--height", type=int, default=640, help="height in px, 64..4096, rounded to 16 (default 640)")
+    _add_sampling_options(p, TextToLayersOptions)
+    add_options(p.add_argument_group("size"), TextToLayersOptions, CANVAS_FLAGS)
     p.set_defaults(handler=run_text_to_layers)
+
+
+def _policy(args: argparse.Namespace) -> LoadPolicy:
+    """The loading policy of the command line (checked before any work, errors naming the flags)."""
+    if args.model_dir is None and (args.transformer is None or args.vae is None):
+        raise InputError("give --model-dir DIR, or --transformer F and --vae F (plus --text-encoder F for prompts)")
+    return from_args(LoadPolicy, args, POLICY_FLAGS)
 
 
 def _load(args: argparse.Namespace) -> Any:
     """Load the model named by the command line options."""
-    import torch
-
     from ..model.loader import load_model
 
-    if args.model_dir is None and (args.transformer is None or args.vae is None):
-        raise InputError("give --model-dir DIR, or --transformer F and --vae F (plus --text-encoder F for prompts)")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    policy = _policy(args)
+    device = policy.torch_device()
     # Weights load memory-mapped on the CPU; the memory plan then decides what goes to the device and when.
     model = load_model(model_dir=args.model_dir, transformer=args.transformer, vae=args.vae,
-                       text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=dtype, device="cpu")
-    if args.fp8:
-        from ..model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
-
-        quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP)
+                       text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=policy.torch_dtype(device),
+                       device="cpu")
+    policy.after_load(model)
     model.device = device
     return model
 
@@ -163,13 +145,8 @@ def _planned_names(layers: int, keep_composite: bool, prefix: str) -> list[str]:
 
 
 def _targets(args: argparse.Namespace, layers: int, keep_composite: bool) -> None:
-    """Check the sampling numbers and every file the command will write before any work (suffix, safe names,
-    no collisions, an existing folder for --out): loading and sampling take minutes with the real weights."""
-    from ..model.pipeline.checks import check_cfg, check_layers, check_steps
-
-    check_layers(layers)
-    check_steps(args.steps)
-    check_cfg(args.cfg)
+    """Check every file the command will write before any work (suffix, safe names, no collisions, an existing
+    folder for --out): loading and sampling take minutes with the real weights. The options are checked already."""
     check_suffix(args.out, (".psd",), "output")
     folder = args.out.parent
     if not folder.is_dir():
@@ -206,23 +183,20 @@ def _read_image(path: Path) -> Image.Image:
 
 def run_decompose(args: argparse.Namespace) -> int:
     """Handler of `decompose`."""
-    from ..model.pipeline.decompose import decompose
+    from ..model.pipeline.decompose import JobInputs, run_decompose
+    from ..model.pipeline.imaging import bucket_size, check_image_size
 
-    _targets(args, args.layers, args.keep_composite)
-    from ..model.pipeline.imaging import bucket_size, check_image_size, check_resolution
-
+    opts = from_args(DecomposeOptions, args, SAMPLING_FLAGS + SIZE_FLAGS + ["vae_tile"])
+    _policy(args)
+    _targets(args, opts.layers, opts.keep_composite)
     image = _read_image(Path(args.image))
     check_image_size(image.width, image.height, f"image {args.image!r}")
-    resolution = check_resolution(args.resolution, args.max_side)
-    work_w, work_h = bucket_size(image.width, image.height, resolution, args.max_side)
+    mode, max_side = check_size_mode(opts.resolution, opts.max_side)
+    work_w, work_h = bucket_size(image.width, image.height, mode, max_side)
     model = _load(args)
     t0 = time.perf_counter()
-    stack = decompose(model, image, prompt=args.prompt, negative_prompt=args.negative_prompt, layers=args.layers,
-                      steps=args.steps, cfg=args.cfg, cfg_normalize=args.cfg_normalize, seed=args.seed,
-                      resolution=resolution, max_side=args.max_side, output_size=args.output_size,
-                      keep_composite=args.keep_composite, vae_tile=args.vae_tile,
-                      placement=_placement(args, model, work_w, work_h, args.layers),
-                      callback=_progress("decompose"))[0]
+    run = JobInputs(placement=_placement(args, model, work_w, work_h, opts.layers), callback=_progress("decompose"))
+    stack = run_decompose(model, image, opts, run)[0]
     logger.info("decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
                 time.perf_counter() - t0)
     log_written(_write(stack, args))
@@ -231,17 +205,17 @@ def run_decompose(args: argparse.Namespace) -> int:
 
 def run_text_to_layers(args: argparse.Namespace) -> int:
     """Handler of `text-to-layers`."""
-    from ..model.pipeline.decompose import text_to_layers
+    from ..model.pipeline.decompose import JobInputs, run_text_to_layers
 
-    _targets(args, args.layers, args.keep_composite)
+    names = [n for n in SAMPLING_FLAGS if n != "prompt"] + CANVAS_FLAGS + ["vae_tile"]
+    opts = from_args(TextToLayersOptions, args, names, extra={"prompt": args.text})
+    _policy(args)
+    _targets(args, opts.layers, opts.keep_composite)
     model = _load(args)
     t0 = time.perf_counter()
-    stack = text_to_layers(model, args.text, width=args.width, height=args.height,
-                           negative_prompt=args.negative_prompt, layers=args.layers, steps=args.steps, cfg=args.cfg,
-                           cfg_normalize=args.cfg_normalize, seed=args.seed, keep_composite=args.keep_composite,
-                           vae_tile=args.vae_tile, placement=_placement(args, model, args.width, args.height,
-                                                                        args.layers),
-                           callback=_progress("text-to-layers"))
+    run = JobInputs(placement=_placement(args, model, opts.width, opts.height, opts.layers),
+                    callback=_progress("text-to-layers"))
+    stack = run_text_to_layers(model, opts, run)
     logger.info("text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
                 time.perf_counter() - t0)
     log_written(_write(stack, args))

@@ -86,12 +86,13 @@ def check_resolution(name: str, resolution: Any) -> int | str:
 def check_size_mode(resolution: Any, max_side: Any, shown: Any = lambda n: n) -> tuple[int | str, int | None]:
     """(resolution, max_side) checked together: 'custom' needs max_side in 64..4096, which is None otherwise."""
     mode = check_resolution(shown("resolution"), resolution)
+    side = "max_side" if shown("max_side") == "max_side" else f"max_side ({shown('max_side')})"
     if mode != CUSTOM:
         return mode, None
     if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or \
             not MIN_CUSTOM_SIDE <= max_side <= MAX_CUSTOM_SIDE:
         raise InputError(
-            f"{shown('resolution')} 'custom' needs {shown('max_side')}, an int in {MIN_CUSTOM_SIDE}..{MAX_CUSTOM_SIDE} "
+            f"{shown('resolution')} 'custom' needs {side}, an int in {MIN_CUSTOM_SIDE}..{MAX_CUSTOM_SIDE} "
             f"(the longest side in pixels, rounded to a multiple of {SIDE_MULTIPLE}), got {max_side!r}"
         )
     return mode, int(max_side)
@@ -127,7 +128,7 @@ class SamplingOptions(Options):
     cfg_normalize: bool = option(True, "Rescale the guided prediction to the norm of the conditional one (the "
                                  "reference does; keeps colours from burning at high cfg).")
     seed: int = option(0, "Noise seed, taken modulo 2**64; the same seed, inputs and settings give the same layers.",
-                       lo=0, hi=SEED_MODULUS - 1, check=check_seed, widget={"control_after_generate": True})
+                       check=check_seed, widget={"min": 0, "max": SEED_MODULUS - 1, "control_after_generate": True})
     cfg_batch: bool | str = option("auto", "Run the conditional and unconditional passes as one batch of 2: True, "
                                    "False or 'auto' (when it fits).", check=check_cfg_batch)
     max_sequence_length: int = option(DEFAULT_MAX_SEQUENCE_LENGTH, "Prompt tokens kept after the template; longer "
