@@ -52,8 +52,10 @@ def check_number(name: str, value: Any, lo: float | None = None, hi: float | Non
         if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
             raise InputError(f"{name} must be a number{within}, got {type(value).__name__} {value!r}{hint}")
         v = float(value)
-    if not math.isfinite(v) or not _in_range(v, lo, hi):
+    if not math.isfinite(v):
         raise InputError(f"{name} must be a finite number{within}, got {value!r}{hint}")
+    if not _in_range(v, lo, hi):
+        raise InputError(f"{name} must be in {span}, got {value!r}{hint}")
     return v
 
 
@@ -83,8 +85,7 @@ def check_choice(name: str, value: Any, choices: Sequence[T], hint: str = "") ->
     for c in choices:
         if type(value) is type(c) and value == c:
             return c
-    shown = [repr(c) for c in choices]
-    listed = " or ".join(shown) if len(shown) == 2 else "one of " + ", ".join(shown)
+    listed = " or ".join(repr(c) for c in choices) if len(choices) == 2 else "one of " + ", ".join(map(str, choices))
     raise InputError(f"{name} must be {listed}, got {value!r}{hint}")
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from ...checks import check_number
 from ...errors import InputError
 from ...options import Options, option, retuned
 
@@ -49,6 +50,17 @@ def check_seed(name: str, seed: Any) -> int:
     if not isinstance(seed, (int, np.integer)):
         raise InputError(f"{name} must be an integer, got {seed!r} ({type(seed).__name__})")
     return int(seed) % SEED_MODULUS
+
+
+CFG_HINT = "; 4.0 is the reference setting and 1 turns guidance off"
+
+
+def check_cfg(name: str, cfg: Any) -> float:
+    """True-CFG scale: a finite number in 1..100 (1 switches guidance off, like the reference's <= 1)."""
+    if isinstance(cfg, (int, float, np.number)) and not isinstance(cfg, bool) and math.isfinite(cfg) and \
+            not 1.0 <= cfg <= MAX_CFG:
+        raise InputError(f"{name} must be a finite number in 1..{MAX_CFG:g}, got {cfg!r}{CFG_HINT}")
+    return check_number(name, cfg, 1.0, MAX_CFG, CFG_HINT)
 
 
 def check_prompt(name: str, prompt: Any) -> str | None:
@@ -123,7 +135,7 @@ class SamplingOptions(Options):
     steps: int = option(50, "Denoising steps: 50 is the reference setting, 20-30 is faster with a little less "
                         "detail.", lo=1, hi=MAX_STEPS, hint="; 50 is the reference setting, 20-30 is faster")
     cfg: float = option(4.0, "True classifier-free guidance scale (4.0 reference); 1 turns it off and runs 2x "
-                        "faster.", lo=1.0, hi=MAX_CFG, hint="; 4.0 is the reference setting and 1 turns guidance off",
+                        "faster.", lo=1.0, hi=MAX_CFG, check=check_cfg,
                         widget={"step": 0.1, "round": 0.01})
     cfg_normalize: bool = option(True, "Rescale the guided prediction to the norm of the conditional one (the "
                                  "reference does; keeps colours from burning at high cfg).")
@@ -183,4 +195,5 @@ class DecomposeLayerOptions(_Sizing, SamplingOptions):
     """Options of `decompose_layer`: sampling and the processing size; the result keeps the layer's own size."""
 
     prompt: str | None = retuned(SamplingOptions, "prompt", help="Describe the content of that layer.")
-    layers: int = retuned(SamplingOptions, "layers", 2, help="How many sub-layers to split it into.")
+    layers: int = retuned(SamplingOptions, "layers", 2, help="How many sub-layers to split it into.",
+                          widget={"default": 3})  # the node has always offered 3
