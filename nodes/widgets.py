@@ -37,8 +37,9 @@ def widget(cls: type[Options], name: str, **changes: Any) -> tuple[Any, dict[str
     return (kind, settings)
 
 
-def widgets(cls: type[Options], names: Sequence[str], rename: Mapping[str, str] | None = None,
-            **changes: dict[str, Any]) -> dict[str, tuple[Any, dict[str, Any]]]:
+def widgets(
+    cls: type[Options], names: Sequence[str], rename: Mapping[str, str] | None = None, **changes: dict[str, Any]
+) -> dict[str, tuple[Any, dict[str, Any]]]:
     """INPUT_TYPES entries for `names` in that order (the order saved workflows depend on), renamed as given."""
     rename = rename or {}
     return {rename.get(n, n): widget(cls, n, **changes.get(n, {})) for n in names}

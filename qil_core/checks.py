@@ -30,19 +30,25 @@ def describe_range(lo: float | None, hi: float | None) -> str:
     return ""
 
 
+def _within(lo: float | None, hi: float | None) -> str:
+    """' in 1..20', ' >= 0', ' <= 1' or '': the range as it follows "must be"."""
+    span = describe_range(lo, hi)
+    return f" in {span}" if lo is not None and hi is not None else f" {span}" if span else ""
+
+
 def _in_range(v: float, lo: float | None, hi: float | None) -> bool:
     return (lo is None or v >= lo) and (hi is None or v <= hi)
 
 
-def check_number(name: str, value: Any, lo: float | None = None, hi: float | None = None, hint: str = "",
-                 *, loose: bool = False) -> float:
+def check_number(
+    name: str, value: Any, lo: float | None = None, hi: float | None = None, hint: str = "", *, loose: bool = False
+) -> float:
     """`value` as a finite float within lo..hi (either may be None), else InputError naming `name`.
 
     Strict (default): ints, floats and numpy numbers only, never bool. `loose=True` takes anything `float()`
     takes (numpy scalars, 0-d arrays, tensors of one element, numeric strings), as the layer engine always has.
     """
-    span = describe_range(lo, hi)
-    within = f" in {span}" if span else ""
+    within = _within(lo, hi)
     if loose:
         try:
             v = float(value)
@@ -55,12 +61,13 @@ def check_number(name: str, value: Any, lo: float | None = None, hi: float | Non
     if not math.isfinite(v):
         raise InputError(f"{name} must be a finite number{within}, got {value!r}{hint}")
     if not _in_range(v, lo, hi):
-        raise InputError(f"{name} must be in {span}, got {value!r}{hint}")
+        raise InputError(f"{name} must be{within}, got {value!r}{hint}")
     return v
 
 
-def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, hint: str = "",
-              *, allow_float: bool = False) -> int:
+def check_int(
+    name: str, value: Any, lo: int | None = None, hi: int | None = None, hint: str = "", *, allow_float: bool = False
+) -> int:
     """`value` as an int within lo..hi, else InputError naming `name` and the range.
 
     Ints and numpy ints only (never bool); `allow_float=True` also takes a whole float such as 3.0 (widgets
@@ -72,11 +79,9 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
             raise InputError(f"{name} must be a whole number, got {value!r}{hint}")
         value, integral = int(value), True
     if not integral:
-        span = describe_range(lo, hi)
-        raise InputError(f"{name} must be an integer{' in ' + span if span else ''}, got {value!r} "
-                         f"({type(value).__name__}){hint}")
+        raise InputError(f"{name} must be an integer{_within(lo, hi)}, got {value!r} ({type(value).__name__}){hint}")
     if not _in_range(int(value), lo, hi):
-        raise InputError(f"{name} must be in {describe_range(lo, hi)}, got {value}{hint}")
+        raise InputError(f"{name} must be{_within(lo, hi)}, got {value}{hint}")
     return int(value)
 
 

@@ -41,16 +41,36 @@ class Spec:
     metavar: str | None = None  # CLI placeholder
 
 
-def option(default: Any, help: str, *, kind: type | None = None, lo: float | None = None, hi: float | None = None,
-           choices: tuple = (), hint: str = "", check: Callable[[str, Any], Any] | None = None,
-           widget: Mapping[str, Any] | None = None, metavar: str | None = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    kind: type | None = None,
+    lo: float | None = None,
+    hi: float | None = None,
+    choices: tuple = (),
+    hint: str = "",
+    check: Callable[[str, Any], Any] | None = None,
+    widget: Mapping[str, Any] | None = None,
+    metavar: str | None = None,
+) -> Any:
     """A dataclass field carrying its Spec; `kind` defaults to the default's type (give it when default is None)."""
     if kind is None:
         if default is None:
             raise TypeError("option(None, ...) needs kind=")
         kind = type(default)
-    spec = Spec(help=help, kind=kind, lo=lo, hi=hi, choices=tuple(choices), hint=hint, nullable=default is None,
-                check=check, widget=dict(widget or {}), metavar=metavar)
+    spec = Spec(
+        help=help,
+        kind=kind,
+        lo=lo,
+        hi=hi,
+        choices=tuple(choices),
+        hint=hint,
+        nullable=default is None,
+        check=check,
+        widget=dict(widget or {}),
+        metavar=metavar,
+    )
     return field(default=default, metadata={META: spec})
 
 
@@ -72,8 +92,10 @@ def spec_of(cls: type | Options, name: str) -> tuple[dataclasses.Field, Spec]:
 def retuned(cls: type, name: str, default: Any = dataclasses.MISSING, **changes: Any) -> Any:
     """The field `name` of `cls` again with another default and/or help/limits: a subclass's own variant."""
     f, s = spec_of(cls, name)
-    return field(default=f.default if default is dataclasses.MISSING else default,
-                 metadata={META: dataclasses.replace(s, **changes)})
+    return field(
+        default=f.default if default is dataclasses.MISSING else default,
+        metadata={META: dataclasses.replace(s, **changes)},
+    )
 
 
 def check_value(spec: Spec, shown: str, value: Any) -> Any:

@@ -26,14 +26,16 @@ def flag(name: str) -> str:
 def _help(text: str, default: Any, span: str, show_default: bool) -> str:
     extra = [span] if span else []
     if show_default and default is not None:
-        extra.append(f"default {default!r}" if isinstance(default, str) and not default.strip() else
-                     f"default {default}")
+        extra.append(
+            f"default {default!r}" if isinstance(default, str) and not default.strip() else f"default {default}"
+        )
     suffix = f" ({'; '.join(extra)})" if extra else ""
     return (text.rstrip(".") + suffix).replace("%", "%%")
 
 
-def add_options(group: Any, cls: type[Options], names: Sequence[str], *,
-                defaults: Mapping[str, Any] | None = None) -> None:
+def add_options(
+    group: Any, cls: type[Options], names: Sequence[str], *, defaults: Mapping[str, Any] | None = None
+) -> None:
     """Add one flag per option name to `group` (a parser or argument group), all generated from the fields.
 
     `defaults` replaces a field's default for this command only (the demo's small settings, say).
@@ -43,8 +45,12 @@ def add_options(group: Any, cls: type[Options], names: Sequence[str], *,
         default = (defaults or {}).get(name, f.default)
         if s.kind is bool:
             if default:
-                group.add_argument(f"--no-{name.replace('_', '-')}", dest=name, action="store_false",
-                                   help=_help("Turn off (on by default): " + s.help, None, "", False))
+                group.add_argument(
+                    f"--no-{name.replace('_', '-')}",
+                    dest=name,
+                    action="store_false",
+                    help=_help("Turn off (on by default): " + s.help, None, "", False),
+                )
             else:
                 group.add_argument(flag(name), dest=name, action="store_true", help=_help(s.help, None, "", False))
             continue
@@ -61,8 +67,13 @@ def add_options(group: Any, cls: type[Options], names: Sequence[str], *,
         group.add_argument(flag(name), help=_help(s.help, kw["default"], span, True), **kw)
 
 
-def from_args(cls: type[O], args: argparse.Namespace, names: Sequence[str],
-              extra: Mapping[str, Any] | None = None, shown: Callable[[str], str] = flag) -> O:
+def from_args(
+    cls: type[O],
+    args: argparse.Namespace,
+    names: Sequence[str],
+    extra: Mapping[str, Any] | None = None,
+    shown: Callable[[str], str] = flag,
+) -> O:
     """The options object of the flags `names` (plus `extra` values), checked with errors naming the flags."""
     values = {n: getattr(args, n) for n in names}
     return cls.build({**values, **(extra or {})}, shown)

@@ -38,25 +38,40 @@ def _device_text(name: str, value: Any) -> str:
     try:
         return str(torch.device(value))
     except (RuntimeError, TypeError) as e:
-        raise InputError(f"{name} must be a torch device such as 'cuda', 'cuda:1', 'mps' or 'cpu', got {value!r} "
-                         f"({e})") from None
+        raise InputError(
+            f"{name} must be a torch device such as 'cuda', 'cuda:1', 'mps' or 'cpu', got {value!r} ({e})"
+        ) from None
 
 
 @dataclass(frozen=True)
 class LoadPolicy(Options):
     """Where and how the weights load: compute dtype, fp8 quantisation, memory mode and device."""
 
-    dtype: str = option(DEFAULT_DTYPE, "Compute precision. default: bf16 on a CUDA GPU (fp16 where bf16 is not "
-                        "supported), fp16 on Apple MPS, fp32 on the CPU. fp8 files stay fp8.",
-                        choices=(DEFAULT_DTYPE, *DTYPES))
-    fp8: bool = option(False, "Quantise a bf16/fp16 transformer's blocks to fp8 (e4m3fn) while loading: half the "
-                       "memory, ~2-3% output difference (fp8 files stay fp8 without this).")
-    memory: str = option("auto", "Where weights live while sampling. auto: resident when every step fits, else "
-                         "block_swap. resident: all on the device. offload: components on the device only while "
-                         "used. block_swap: stream the transformer's blocks (least VRAM, slowest; fits 24 GB "
-                         "cards). Results are identical in every mode.", choices=MEMORY_MODES)
-    device: str | None = option(None, "Torch device, e.g. cuda, cuda:1, mps or cpu (default: cuda if available, "
-                                "else mps, else cpu).", kind=str, check=_device_text)
+    dtype: str = option(
+        DEFAULT_DTYPE,
+        "Compute precision. default: bf16 on a CUDA GPU (fp16 where bf16 is not "
+        "supported), fp16 on Apple MPS, fp32 on the CPU. fp8 files stay fp8.",
+        choices=(DEFAULT_DTYPE, *DTYPES),
+    )
+    fp8: bool = option(
+        False,
+        "Quantise a bf16/fp16 transformer's blocks to fp8 (e4m3fn) while loading: half the "
+        "memory, ~2-3% output difference (fp8 files stay fp8 without this).",
+    )
+    memory: str = option(
+        "auto",
+        "Where weights live while sampling. auto: resident when every step fits, else "
+        "block_swap. resident: all on the device. offload: components on the device only while "
+        "used. block_swap: stream the transformer's blocks (least VRAM, slowest; fits 24 GB "
+        "cards). Results are identical in every mode.",
+        choices=MEMORY_MODES,
+    )
+    device: str | None = option(
+        None,
+        "Torch device, e.g. cuda, cuda:1, mps or cpu (default: cuda if available, else mps, else cpu).",
+        kind=str,
+        check=_device_text,
+    )
 
     def torch_device(self) -> Any:
         """The chosen device, or the best available one."""

@@ -57,8 +57,12 @@ CFG_HINT = "; 4.0 is the reference setting and 1 turns guidance off"
 
 def check_cfg(name: str, cfg: Any) -> float:
     """True-CFG scale: a finite number in 1..100 (1 switches guidance off, like the reference's <= 1)."""
-    if isinstance(cfg, (int, float, np.number)) and not isinstance(cfg, bool) and math.isfinite(cfg) and \
-            not 1.0 <= cfg <= MAX_CFG:
+    if (
+        isinstance(cfg, (int, float, np.number))
+        and not isinstance(cfg, bool)
+        and math.isfinite(cfg)
+        and not 1.0 <= cfg <= MAX_CFG
+    ):
         raise InputError(f"{name} must be a finite number in 1..{MAX_CFG:g}, got {cfg!r}{CFG_HINT}")
     return check_number(name, cfg, 1.0, MAX_CFG, CFG_HINT)
 
@@ -101,8 +105,11 @@ def check_size_mode(resolution: Any, max_side: Any, shown: Any = lambda n: n) ->
     side = "max_side" if shown("max_side") == "max_side" else f"max_side ({shown('max_side')})"
     if mode != CUSTOM:
         return mode, None
-    if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or \
-            not MIN_CUSTOM_SIDE <= max_side <= MAX_CUSTOM_SIDE:
+    if (
+        isinstance(max_side, bool)
+        or not isinstance(max_side, (int, np.integer))
+        or not MIN_CUSTOM_SIDE <= max_side <= MAX_CUSTOM_SIDE
+    ):
         raise InputError(
             f"{shown('resolution')} 'custom' needs {side}, an int in {MIN_CUSTOM_SIDE}..{MAX_CUSTOM_SIDE} "
             f"(the longest side in pixels, rounded to a multiple of {SIDE_MULTIPLE}), got {max_side!r}"
@@ -125,29 +132,71 @@ class SamplingOptions(Options):
     """What every job shares: the prompts, the layer count and the sampler settings."""
 
     prompt: str | None = option(
-        None, "Describe the whole image (all of it, not one layer), e.g. 'a red car on a beach at sunset with the "
-        "title SUMMER'. Empty works too.", kind=str, check=check_prompt, widget={"default": "", "multiline": True})
+        None,
+        "Describe the whole image (all of it, not one layer), e.g. 'a red car on a beach at sunset with the "
+        "title SUMMER'. Empty works too.",
+        kind=str,
+        check=check_prompt,
+        widget={"default": "", "multiline": True},
+    )
     negative_prompt: str | None = option(
-        " ", "What to steer away from; the reference uses a single space. Only used when cfg > 1.",
-        check=check_prompt, widget={"multiline": True})
-    layers: int = option(4, "How many layers to make; 3-6 suits most pictures.", lo=1, hi=MAX_LAYERS,
-                         hint="; the model was trained with 1 to 20 layers (4 is typical)")
-    steps: int = option(50, "Denoising steps: 50 is the reference setting, 20-30 is faster with a little less "
-                        "detail.", lo=1, hi=MAX_STEPS, hint="; 50 is the reference setting, 20-30 is faster")
-    cfg: float = option(4.0, "True classifier-free guidance scale (4.0 reference); 1 turns it off and runs 2x "
-                        "faster.", lo=1.0, hi=MAX_CFG, check=check_cfg,
-                        widget={"step": 0.1, "round": 0.01})
-    cfg_normalize: bool = option(True, "Rescale the guided prediction to the norm of the conditional one (the "
-                                 "reference does; keeps colours from burning at high cfg).")
-    seed: int = option(0, "Noise seed, taken modulo 2**64; the same seed, inputs and settings give the same layers.",
-                       check=check_seed, widget={"min": 0, "max": SEED_MODULUS - 1, "control_after_generate": True})
-    cfg_batch: bool | str = option("auto", "Run the conditional and unconditional passes as one batch of 2: True, "
-                                   "False or 'auto' (when it fits).", check=check_cfg_batch)
-    max_sequence_length: int = option(DEFAULT_MAX_SEQUENCE_LENGTH, "Prompt tokens kept after the template; longer "
-                                      "prompts are cut with a warning.", lo=1, hi=MAX_SEQUENCE_LENGTH_LIMIT)
-    vae_tile: int | None = option(None, "Encode and decode the VAE in tiles of this many pixels (64 px overlap) to "
-                                  "bound memory on large images; a multiple of 8, at least 64.", kind=int,
-                                  check=check_vae_tile, metavar="PX")
+        " ",
+        "What to steer away from; the reference uses a single space. Only used when cfg > 1.",
+        check=check_prompt,
+        widget={"multiline": True},
+    )
+    layers: int = option(
+        4,
+        "How many layers to make; 3-6 suits most pictures.",
+        lo=1,
+        hi=MAX_LAYERS,
+        hint="; the model was trained with 1 to 20 layers (4 is typical)",
+    )
+    steps: int = option(
+        50,
+        "Denoising steps: 50 is the reference setting, 20-30 is faster with a little less detail.",
+        lo=1,
+        hi=MAX_STEPS,
+        hint="; 50 is the reference setting, 20-30 is faster",
+    )
+    cfg: float = option(
+        4.0,
+        "True classifier-free guidance scale (4.0 reference); 1 turns it off and runs 2x faster.",
+        lo=1.0,
+        hi=MAX_CFG,
+        check=check_cfg,
+        widget={"step": 0.1, "round": 0.01},
+    )
+    cfg_normalize: bool = option(
+        True,
+        "Rescale the guided prediction to the norm of the conditional one (the "
+        "reference does; keeps colours from burning at high cfg).",
+    )
+    seed: int = option(
+        0,
+        "Noise seed, taken modulo 2**64; the same seed, inputs and settings give the same layers.",
+        check=check_seed,
+        widget={"min": 0, "max": SEED_MODULUS - 1, "control_after_generate": True},
+    )
+    cfg_batch: bool | str = option(
+        "auto",
+        "Run the conditional and unconditional passes as one batch of 2: True, False or 'auto' (when it fits).",
+        check=check_cfg_batch,
+    )
+    max_sequence_length: int = option(
+        DEFAULT_MAX_SEQUENCE_LENGTH,
+        "Prompt tokens kept after the template; longer prompts are cut with a warning.",
+        lo=1,
+        hi=MAX_SEQUENCE_LENGTH_LIMIT,
+    )
+    vae_tile: int | None = option(
+        None,
+        "Encode and decode the VAE in tiles of this many pixels (64 px overlap) to "
+        "bound memory on large images; a multiple of 8, at least 64.",
+        kind=int,
+        check=check_vae_tile,
+        metavar="PX",
+    )
 
 
 @dataclass(frozen=True)
@@ -155,12 +204,22 @@ class _Sizing(Options):
     """The processing size of an input image."""
 
     resolution: int | str = option(
-        640, "Processing size: 640 or 1024 pixels of area at the image's aspect (640 is what the model was tuned "
-        "for), or custom: longest side = max_side.", kind=str, choices=RESOLUTION_CHOICES, check=check_resolution)
+        640,
+        "Processing size: 640 or 1024 pixels of area at the image's aspect (640 is what the model was tuned "
+        "for), or custom: longest side = max_side.",
+        kind=str,
+        choices=RESOLUTION_CHOICES,
+        check=check_resolution,
+    )
     max_side: int | None = option(
-        None, "Longest side in pixels for resolution 'custom' (rounded to a multiple of 32); ignored otherwise.",
-        kind=int, lo=MIN_CUSTOM_SIDE, hi=MAX_CUSTOM_SIDE, check=lambda name, value: value,  # see check_together
-        widget={"default": 1024, "step": SIDE_MULTIPLE})
+        None,
+        "Longest side in pixels for resolution 'custom' (rounded to a multiple of 32); ignored otherwise.",
+        kind=int,
+        lo=MIN_CUSTOM_SIDE,
+        hi=MAX_CUSTOM_SIDE,
+        check=lambda name, value: value,  # see check_together
+        widget={"default": 1024, "step": SIDE_MULTIPLE},
+    )
 
     def check_together(self, shown: Any) -> None:
         check_size_mode(self.resolution, self.max_side, shown)
@@ -175,8 +234,11 @@ class _KeepComposite(Options):
 class DecomposeOptions(_KeepComposite, _Sizing, SamplingOptions):
     """Options of `decompose`: sampling, the processing size and the size of the result."""
 
-    output_size: str = option("processing", "processing: layers at the size the model ran at. original: scaled back "
-                              "to the input image's size.", choices=OUTPUT_SIZES)
+    output_size: str = option(
+        "processing",
+        "processing: layers at the size the model ran at. original: scaled back to the input image's size.",
+        choices=OUTPUT_SIZES,
+    )
 
 
 @dataclass(frozen=True)
@@ -184,10 +246,20 @@ class TextToLayersOptions(_KeepComposite, SamplingOptions):
     """Options of `text_to_layers`: sampling and the canvas size (rounded to multiples of 16)."""
 
     prompt: str | None = retuned(SamplingOptions, "prompt", help="Describe the whole picture to generate.")
-    width: int = option(640, "Canvas width in px, rounded to a multiple of 16.", lo=MIN_T2L_SIDE, hi=MAX_T2L_SIDE,
-                        widget={"step": T2L_MULTIPLE})
-    height: int = option(640, "Canvas height in px, rounded to a multiple of 16.", lo=MIN_T2L_SIDE, hi=MAX_T2L_SIDE,
-                         widget={"step": T2L_MULTIPLE})
+    width: int = option(
+        640,
+        "Canvas width in px, rounded to a multiple of 16.",
+        lo=MIN_T2L_SIDE,
+        hi=MAX_T2L_SIDE,
+        widget={"step": T2L_MULTIPLE},
+    )
+    height: int = option(
+        640,
+        "Canvas height in px, rounded to a multiple of 16.",
+        lo=MIN_T2L_SIDE,
+        hi=MAX_T2L_SIDE,
+        widget={"step": T2L_MULTIPLE},
+    )
 
 
 @dataclass(frozen=True)
@@ -195,5 +267,6 @@ class DecomposeLayerOptions(_Sizing, SamplingOptions):
     """Options of `decompose_layer`: sampling and the processing size; the result keeps the layer's own size."""
 
     prompt: str | None = retuned(SamplingOptions, "prompt", help="Describe the content of that layer.")
-    layers: int = retuned(SamplingOptions, "layers", 2, help="How many sub-layers to split it into.",
-                          widget={"default": 3})  # the node has always offered 3
+    layers: int = retuned(
+        SamplingOptions, "layers", 2, help="How many sub-layers to split it into.", widget={"default": 3}
+    )  # the node has always offered 3
