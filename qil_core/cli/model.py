@@ -37,7 +37,7 @@ POLICY_FLAGS = ["dtype", "device", "memory", "fp8"]  # LoadPolicy fields shown a
 SAMPLING_FLAGS = ["prompt", "negative_prompt", "layers", "steps", "cfg", "cfg_normalize", "seed", "keep_composite"]
 SIZE_FLAGS = ["resolution", "max_side", "output_size"]
 CANVAS_FLAGS = ["width", "height"]
-DEMO_SETTINGS = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
+DEMO_SETTINGS: dict[str, Any] = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:

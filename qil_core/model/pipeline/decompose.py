@@ -94,16 +94,16 @@ def _conditions(model: QwenLayeredModel, job: _Job, count: int, opts: SamplingOp
     guided = cfg > 1 and has_negative
     if cfg > 1 and not has_negative:
         logger.warning("cfg is %g but no negative prompt or embeddings were given: guidance is off", cfg)
-    strings = []
+    strings: list[str] = []
     if embeds is None and (prompt is None or not prompt.strip()):
         logger.warning("no prompt given: encoding %r as the prompt. The model works best with a caption of the whole "
                        "image (the reference would auto-caption; that needs the vision tower, not run here)",
                        prompt or "")
         prompt = prompt or ""
     if embeds is None:
-        strings.append(prompt)
+        strings.append(prompt or "")
     if guided and neg_embeds is None:
-        strings.append(negative_prompt)
+        strings.append(negative_prompt or "")  # not None here: a negative was given
     encoded = _encode_strings(model, placement, strings, opts.max_sequence_length) if strings else {}
     pos = _rows(encoded[prompt] if embeds is None else
                 chk.check_embeds("prompt_embeds", embeds, given.prompt_mask, width, count), count, placement.device)
