@@ -13,10 +13,10 @@ from typing import Any
 
 from ..errors import InputError
 from ..options import Options, option
+from .runtime import MEMORY_MODES
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # name -> torch attribute
 DEFAULT_DTYPE = "default"
-MEMORY_MODES = ("auto", "resident", "offload", "block_swap")
 
 
 def best_device() -> Any:
