@@ -4,11 +4,14 @@ No I/O, no downloads and no model loading happen at import; every node imports a
 """
 
 if __package__:  # imported as a package: by ComfyUI's loader, or by the tests' harness
-    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+    from . import nodes as _nodes
+
+    NODE_CLASS_MAPPINGS: dict[str, type] = _nodes.NODE_CLASS_MAPPINGS
+    NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = _nodes.NODE_DISPLAY_NAME_MAPPINGS
 else:
     # Imported as a plain module: pytest imports a checkout's top-level __init__.py by itself when the folder's
     # name is not a Python identifier (a clone named ComfyUI-Qwen-Layered). There is nothing to register then.
-    NODE_CLASS_MAPPINGS: dict[str, type] = {}
-    NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
+    NODE_CLASS_MAPPINGS = {}
+    NODE_DISPLAY_NAME_MAPPINGS = {}
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

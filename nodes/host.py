@@ -15,7 +15,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ from types import ModuleType
 from typing import Any
 
 from ..qil_core.errors import ModelFileNotFoundError, OutputPathError, WeightsError
-from ..qil_core.fsutil import ensure_inside, name_problem, publish_exclusive
+from ..qil_core.fsutil import ensure_inside, make_staging, name_problem, publish_exclusive, sweep_stale
 
 log = logging.getLogger(__name__)
 
@@ -250,10 +249,8 @@ def save_files(
     if len(set(suffixes)) != len(suffixes):
         raise ValueError(f"save_files: suffixes must differ, got {suffixes}")
     folder, base, counter, subfolder, kind = _plan(prefix, width, height, temp)
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=".qil-staging-", dir=folder))
-    except OSError as e:
-        raise OutputPathError(f"cannot write into {folder}: {e.strerror or e}; check the folder's permissions") from e
+    sweep_stale(folder)  # leftovers of a writer killed mid-save (SIGKILL, power loss), ours only
+    staging = make_staging(folder)
     try:
         tmps = [staging / f"{base}_{counter:05}_{suffix}" for suffix in suffixes]  # the planned names, for messages
         for tmp, (_, write) in zip(tmps, writers):

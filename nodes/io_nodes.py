@@ -178,6 +178,10 @@ def _input_psds() -> list[str]:
 def resolve_psd(psd: str, path: str = "") -> Path:
     """The PSD to load: `path` (inside the input, output or temp folder) when given, else `psd` in input/."""
     text = str(path or "").strip()
+    for label, value in (("path", text), ("psd", str(psd or ""))):
+        if "\x00" in value:
+            raise InputError(f"input {label!r} {value!r} contains a NUL character, which no file name can hold; "
+                             "retype the path")
     if text:
         roots = [host.get_input_directory(), host.get_output_directory(), host.get_temp_directory()]
         candidate = Path(text) if Path(text).is_absolute() else roots[0] / text
@@ -193,6 +197,8 @@ def resolve_psd(psd: str, path: str = "") -> Path:
         file = host.get_input_directory() / name
     if not file.name.lower().endswith(PSD_SUFFIXES):
         raise InputError(f"{file.name!r} is not a .psd or .psb file")
+    if file.is_dir():
+        raise InputError(f"{file} is a folder, not a PSD file; choose the .psd file inside it")
     if not file.is_file():
         raise InputError(f"PSD file {file} not found; put it into ComfyUI's input folder and refresh")
     return file

@@ -13,6 +13,9 @@ import logging
 import os
 import re
 import secrets
+import shutil
+import tempfile
+import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,10 +39,10 @@ def name_problem(name: str) -> str | None:
         return "it is empty"
     if name in (".", ".."):
         return f"{name!r} is a folder reference, not a file name"
+    if "/" in name or "\\" in name:
+        return "it contains a path separator, so it is a path (one with '..' leads outside the output folder)"
     if name.startswith("."):
         return "it starts with '.', which makes a hidden file"
-    if "/" in name or "\\" in name:
-        return "it contains a path separator"
     if any(unicodedata.category(c) == "Cc" for c in name):
         return "it contains a NUL or control character"
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
@@ -107,7 +110,8 @@ def _translate(err: OSError, path: Path) -> OutputPathError:
     where = f"cannot write {os.fspath(path)!r}"
     if code == errno.EEXIST:
         return OutputExistsError(f"{where}: a file with that name already exists and was left untouched; "
-                                 f"choose another name or pass overwrite=True")
+                                 f"choose another name, or allow replacing it (--overwrite on the command line, "
+                                 f"overwrite=True in Python)")
     if code == errno.ENOTDIR:
         return OutputPathError(f"{where}: a part of the folder path is a file, not a folder; choose another folder")
     if code == errno.ENOENT:
@@ -236,6 +240,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     _check_folder(folder, final, make_dirs)
     if not overwrite and os.path.lexists(final):
         raise _translate(OSError(errno.EEXIST, "File exists"), final)
+    sweep_stale(folder)
     tmp = _write_temp(folder, final.name, write)
     try:
         if check is not None:
@@ -251,6 +256,15 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None]
     return final
 
 
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: bool = False) -> Path:
+    """`atomic_write` of ready bytes."""
+
+    def write(f: BinaryIO) -> None:
+        f.write(data)
+
+    return atomic_write(path, write, overwrite=overwrite)
+
+
 def save_with_counter(folder: str | os.PathLike[str], stem: str, suffix: str, write: Callable[[BinaryIO], None], *,
                       start: int = 1, max_tries: int = 100_000, make_dirs: bool = False) -> Path:
     """Write once, then publish as the first free `{stem}_{counter:05}_{suffix}` (exclusive; retries counter+1)."""
@@ -258,6 +272,7 @@ def save_with_counter(folder: str | os.PathLike[str], stem: str, suffix: str, wr
     check_output_name(f"{stem}_{max(int(start), 0):05}_{suffix}")
     _check_folder(folder, folder / f"{stem}_{max(int(start), 0):05}_{suffix}", make_dirs)
     counter = _free_counter(folder, stem, suffix, start)
+    sweep_stale(folder)
     tmp = _write_temp(folder, f"{stem}_{counter:05}_{suffix}", write)
     try:
         for _ in range(max_tries):
@@ -292,11 +307,122 @@ def check_free(paths: Sequence[Path], *, overwrite: bool) -> None:
             )
 
 
-def human_bytes(n: int) -> str:
-    """1536 -> '1.5 KiB'."""
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return f"{n} B"
+
+
+# --- groups of files: all or nothing -------------------------------------------------------------------------
+
+STAGING_PREFIX = ".qil-staging-"
+STALE_AFTER_S = 6 * 3600  # our temporary files older than this are left over by a killed writer
+_OUR_TEMP = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+
+
+def make_staging(folder: Path) -> Path:
+    """A new hidden staging folder inside `folder` (same file system, so its files move in by rename)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=folder))
+    except OSError as err:
+        raise _translate(err, folder / STAGING_PREFIX) from err
+
+
+def sweep_stale(folder: str | os.PathLike[str], *, older_than_s: float = STALE_AFTER_S) -> int:
+    """Remove our own leftovers in `folder` (`.NAME.<12 hex>.tmp` files, `.qil-staging-*` folders) older than
+    `older_than_s`, as a killed writer (SIGKILL, power loss) leaves them. Other files are never touched.
+    Returns how many were removed; errors are logged and ignored."""
+    removed, now = 0, time.time()
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        ours_dir = entry.name.startswith(STAGING_PREFIX) and entry.is_dir(follow_symlinks=False)
+        ours_file = _OUR_TEMP.match(entry.name) is not None and entry.is_file(follow_symlinks=False)
+        if not (ours_dir or ours_file):
+            continue
+        try:
+            if now - entry.stat(follow_symlinks=False).st_mtime < older_than_s:
+                continue  # may belong to a writer still running
+            if ours_dir:
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+            removed += 1
+        except OSError as err:
+            log.debug("could not remove stale %s: %s", entry.path, err)
+    if removed:
+        log.info("removed %d stale temporary file(s) of an interrupted earlier run in %s", removed, folder)
+    return removed
+
+
+def _keep_copy(path: Path, backup: Path) -> None:
+    """Keep the current `path` as `backup`: a hard link (no data copied), or a copy where links are unsupported."""
+    try:
+        os.link(path, backup)
+    except OSError as err:
+        if err.errno not in _LINK_UNSUPPORTED:
+            raise
+        shutil.copy2(path, backup)
+
+
+def write_group(items: Sequence[tuple[str | os.PathLike[str], Callable[[Path], object]]], *,
+                overwrite: bool = False, make_dirs: bool = False) -> list[Path]:
+    """Write several files as one group: all appear (or replace their old versions), or none changes.
+
+    Each `(path, write)` item's `write(staged)` fills `staged`, a path that does not exist yet inside a hidden
+    staging folder beside the target (it may use `atomic_write` itself). Only when every file is written are they
+    moved in, each by one rename; if a move fails, the ones already moved are undone. With `overwrite`, the
+    old files are kept as hard links in the staging folder until the whole group is in place, so a failure at
+    any point (disk full, Ctrl+C, a collision) leaves the old files byte-identical. Returns the final paths.
+    """
+    finals = [Path(p) for p, _ in items]
+    if len({os.path.abspath(p) for p in finals}) != len(finals):
+        raise OutputPathError(f"a group of outputs names one file twice: {[os.fspath(p) for p in finals]}")
+    for final in finals:
+        check_output_name(final.name)
+        _check_folder(final.parent, final, make_dirs)
+        if os.path.isdir(final):
+            raise _translate(OSError(errno.EISDIR, "Is a directory"), final)
+        if not overwrite and os.path.lexists(final):
+            raise _translate(OSError(errno.EEXIST, "File exists"), final)
+    stagings: dict[Path, Path] = {}
+    done: list[tuple[Path, Path | None]] = []  # (final, backup of the old file or None) already moved in
+    try:
+        for final in finals:
+            if final.parent not in stagings:
+                sweep_stale(final.parent)
+                stagings[final.parent] = make_staging(final.parent)
+        staged = [stagings[f.parent] / f.name for f in finals]
+        for (_, write), tmp in zip(items, staged):
+            write(tmp)
+            if not tmp.is_file():
+                raise OutputPathError(f"internal error: the writer for {tmp.name!r} wrote nothing")
+        for final, tmp in zip(finals, staged):
+            backup = None
+            if overwrite and os.path.lexists(final):
+                backup = tmp.with_name(f".old.{final.name}")
+                _keep_copy(final, backup)
+            try:
+                _publish(tmp, final, overwrite)
+            except BaseException:
+                if backup is not None:
+                    os.unlink(backup)
+                raise
+            done.append((final, backup))
+    except BaseException as exc:
+        for final, backup in reversed(done):
+            try:
+                if backup is not None:
+                    os.replace(backup, final)
+                else:
+                    os.unlink(final)
+            except OSError as err:  # pragma: no cover - only when the folder itself broke meanwhile
+                log.error("could not restore %s after a failed group write: %s", final, err)
+        for staging in stagings.values():
+            shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputPathError):
+            raise _translate(exc, finals[len(done)] if len(done) < len(finals) else finals[-1]) from exc
+        raise
+    for staging in stagings.values():
+        shutil.rmtree(staging, ignore_errors=True)
+    for folder in stagings:
+        _fsync_folder(folder)
+    return finals

@@ -5,18 +5,21 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import struct
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
 from ..checks import check_number
 from ..errors import InputError, OutputPathError
-from ..fsutil import human_bytes
+from ..fsutil import STAGING_PREFIX, name_problem
 from ..layers.export import read_layer_pngs
 from ..layers.psd import read_psd
 from ..layers.recolor import parse_color
 from ..layers.stack import MAX_CANVAS_SIDE, LayerStack
 from ..layers.transform import MAX_SCALE
+from ..resources import format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -104,13 +107,56 @@ def read_stack(paths: Sequence[str | os.PathLike[str]]) -> LayerStack:
             raise InputError(
                 f"got {len(files)} inputs including a PSD ({psd[0].name}); pass either one PSD or layer images"
             )
-        return read_psd(files[0])
+        return _read_psd(files[0])
     bad = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
     if bad:
         raise InputError(
             f"unsupported input type {', '.join(bad)}; expected .psd/.psb or layer images ({', '.join(IMAGE_SUFFIXES)})"
         )
     return read_layer_pngs(files)
+
+
+# What a damaged PSD may raise inside a parser (beyond its typed errors): shown as one line, never a traceback.
+_PARSER_ERRORS = (struct.error, IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError,
+                  EOFError, UnicodeDecodeError, RecursionError, AssertionError)
+
+
+def _read_psd(path: Path) -> LayerStack:
+    """read_psd with a damaged file's stray parser errors turned into one InputError naming the file."""
+    try:
+        return read_psd(path)
+    except _PARSER_ERRORS as err:
+        raise InputError(f"cannot read PSD {os.fspath(path)!r}: the file is damaged or uses an unsupported "
+                         f"structure ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
+
+
+def check_prefix(prefix: str, option: str = "--prefix") -> str:
+    """Refuse a file-name prefix that is a path (it would lead outside the output folder) or otherwise unsafe."""
+    if "/" in prefix or "\\" in prefix or prefix in (".", ".."):
+        raise OutputPathError(f"{option} {prefix!r} is a path, and files named with it would land outside the "
+                              "output folder; give a plain name (choose the folder with --out)")
+    reason = name_problem(f"{prefix}_00_layer.png")
+    if reason is not None:
+        raise OutputPathError(f"{option} {prefix!r} is not allowed: {reason}; give a plain name")
+    return prefix
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work when `folder` (or, while it does not exist, its nearest existing parent) is not
+    writable: a read-only disk or a folder of another user would otherwise be found after minutes of work."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return  # a path through a file: the writers report it with its own message
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputPathError(f"cannot write into {os.fspath(probe)!r}: the folder is read-only or not writable by "
+                              "this user; choose a writable output folder")
+    try:  # named like a staging folder, so a run killed right here leaves nothing the sweep would not remove
+        os.rmdir(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=probe))
+    except OSError as err:
+        raise OutputPathError(f"cannot write into {os.fspath(probe)!r}: {err.strerror or err}; choose a writable "
+                              "output folder") from None
 
 
 def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
@@ -122,4 +168,4 @@ def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:
 def log_written(paths: Sequence[Path], *, level: int = logging.INFO) -> None:
     """Log each written file with its size."""
     for p in paths:
-        logger.log(level, "wrote %s (%s)", os.fspath(p), human_bytes(p.stat().st_size))
+        logger.log(level, "wrote %s (%s)", os.fspath(p), format_bytes(p.stat().st_size))

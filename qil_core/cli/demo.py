@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
-from ..demo.job import run_demo
+from ..demo.job import DemoReport, run_demo
 from ..demo.scene import DEFAULT_SIZE
+from ..layers.stack import LayerStack
 from . import model as cli_model
 from .common import size_arg
 
@@ -56,22 +58,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    """Handler of `demo`: the layer demo, then (unless --no-model) the tiny-model decomposition; logs the summary."""
-    if args.model:
-        cli_model.demo_targets(args.out, args.overwrite)  # refuse before the layer demo writes anything
-    report = run_demo(args.out, size=args.size, overwrite=args.overwrite)
-    if args.model:
-        stack, written, seconds = cli_model.decompose_demo(
+    """Handler of `demo`: the layer demo and (unless --no-model) the tiny-model decomposition, published together
+    as one group of files (a failure, a full disk included, leaves none of them); logs the summary."""
+    decomposed: list[LayerStack] = []
+    model_items: list[tuple[Path, Any]] = []
+
+    def model_part(report: DemoReport) -> list[tuple[Path, Any]]:
+        stack, items, seconds = cli_model.decompose_demo(
             args.out, image=args.image, overwrite=args.overwrite, size=args.size
         )
         report.timings["decompose (tiny random model)"] = seconds
-        report.files["decomposed psd"] = written[0]
-        for i, path in enumerate(written[1:]):
+        decomposed.append(stack)
+        model_items.extend(items)
+        return items
+
+    if args.model:
+        cli_model.demo_targets(args.out, args.overwrite)  # refuse before the layer demo computes anything
+    report = run_demo(args.out, size=args.size, overwrite=args.overwrite, more=model_part if args.model else None)
+    if decomposed:
+        report.files["decomposed psd"] = model_items[0][0]
+        for i, (path, _) in enumerate(model_items[1:]):
             report.files[f"decomposed layer {i}"] = path
         logger.info(
             "demo: decomposed into %d layers (%s) with RANDOM weights",
-            len(stack),
-            ", ".join(layer.name for layer in stack),
+            len(decomposed[0]),
+            ", ".join(layer.name for layer in decomposed[0]),
         )
     for line in report.summary_lines():
         logger.info("%s", line)

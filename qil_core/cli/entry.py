@@ -4,7 +4,8 @@
 exposes `register(subparsers)` and attaches its handler with `parser.set_defaults(handler=fn)`, where
 `fn(args) -> int`. A new family of commands (for example the model commands) is one more module in that
 tuple. Exit codes: 0 success, 2 bad input or unusable path (one-line message on stderr, no traceback unless
-`--verbose`), 1 other I/O failures (for example a full disk), 130 interrupted.
+`--verbose`), 1 other I/O failures (for example a full disk) and out of memory, 130 interrupted (Ctrl+C),
+143 terminated (SIGTERM, handled like Ctrl+C: temporary files are removed).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from types import ModuleType
 from typing import Any, NoReturn
@@ -85,8 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
             "layer PNGs). Layers are always counted bottom first: index 0 is the bottom layer, -1 the top."
         ),
         epilog=f"Run '{PROG} COMMAND --help' for the options of one command. Exit status: 0 success; 2 bad "
-               "input or output path (a one-line message, -v adds the traceback); 1 other I/O failure; "
-               "130 interrupted. Existing files are never replaced without --overwrite.",
+               "input or output path (a one-line message, -v adds the traceback); 1 other I/O failure or out "
+               "of memory; 130 interrupted; 143 terminated. Existing files are never replaced without --overwrite.",
     )
     parser.add_argument("--version", action="version", version=f"qil_core {__version__}")
     _add_common_options(parser, top=True)
@@ -148,19 +151,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     old_level = pkg_logger.level
     pkg_logger.addHandler(handler)
     pkg_logger.setLevel(level)
+    old_term = _catch_sigterm()
     try:
         logger.debug("command %s with %s", args.command, vars(args))
         return int(args.handler(args) or 0)
     except (QILError, ValueError, *_PATH_ERRORS) as exc:
         return _report(exc, verbose, code=2)
+    except MemoryError as exc:  # a ResourceError (refused before allocating) is a QILError, handled above
+        return _report(MemoryError(f"out of memory while running {args.command} ({exc or 'allocation failed'}); "
+                                   "use smaller inputs or sizes, or free memory"), verbose, code=1)
     except OSError as exc:
         return _report(exc, verbose, code=1)
+    except Terminated:
+        sys.stderr.write("terminated\n")
+        return 143
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     finally:
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
         pkg_logger.removeHandler(handler)
         pkg_logger.setLevel(old_level)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived: unwound like Ctrl+C, so every writer removes its temporary files."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _catch_sigterm() -> Any:
+    """Handle SIGTERM like Ctrl+C while a command runs (main thread only); returns the previous handler."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        return None
+    try:
+        return signal.signal(signal.SIGTERM, _raise_terminated)
+    except (ValueError, OSError):
+        return None
 
 
 def _report(exc: BaseException, verbose: bool, *, code: int) -> int:

@@ -10,15 +10,14 @@ import sys
 import time
 import unicodedata
 from pathlib import Path
-from typing import BinaryIO
 
 from ..errors import InputError
-from ..fsutil import atomic_write, check_free, safe_name
+from ..fsutil import atomic_write_bytes, check_free, safe_name, write_group
 from ..layers.composite import composite
-from ..layers.export import export_pngs, export_zip, layer_file_names, write_png
+from ..layers.export import export_zip, layer_file_names, png_items, write_png
 from ..layers.psd import write_psd
 from ..layers.stack import LayerStack
-from .common import check_suffix, color_arg, log_written, read_stack, size_arg
+from .common import check_prefix, check_suffix, color_arg, log_written, read_stack, size_arg
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +124,8 @@ def run_psd_to_layers(args: argparse.Namespace) -> int:
     out_dir: Path = args.out
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(f"--out {os.fspath(out_dir)!r} is a file; give a folder (it is created if missing)")
+    if args.prefix is not None:
+        check_prefix(args.prefix)
     t0 = time.perf_counter()
     stack = read_stack([args.input])
     prefix = args.prefix if args.prefix is not None else safe_name(Path(args.input).stem, fallback="layer")
@@ -138,19 +139,15 @@ def run_psd_to_layers(args: argparse.Namespace) -> int:
         names = layer_file_names(stack, prefix)
         manifest_path = out_dir / f"{prefix}_manifest.json"
         check_free([out_dir / n for n in names] + [manifest_path], overwrite=args.overwrite)
-        written = export_pngs(stack, out_dir, prefix=prefix, full_canvas=full, overwrite=args.overwrite)
         doc = {**manifest(stack, source=Path(args.input).name, files=names), "full_canvas": full}
         data = json.dumps(doc, ensure_ascii=False, indent=1).encode("utf-8")
 
-        def write(f: BinaryIO) -> None:
-            f.write(data)
+        def write_manifest(staged: Path) -> Path:
+            return atomic_write_bytes(staged, data)
 
-        try:
-            written.append(atomic_write(manifest_path, write, overwrite=args.overwrite))
-        except BaseException:
-            for p in written:  # the PNGs and their manifest are one set: complete or absent
-                p.unlink(missing_ok=True)
-            raise
+        # The PNGs and their manifest are one group: all replaced together, or (on any failure) none changes.
+        items = png_items(stack, out_dir, prefix=prefix, full_canvas=full) + [(manifest_path, write_manifest)]
+        written = write_group(items, overwrite=args.overwrite, make_dirs=True)
     log_written(written)
     logger.info("psd-to-layers: %d layers (%s) in %.2f s", len(stack), "cropped" if args.cropped else "full canvas",
                 time.perf_counter() - t0)

@@ -17,18 +17,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from ..demo.job import check_psd
 from ..errors import InputError, OutputPathError
-from ..fsutil import check_free
+from ..fsutil import check_free, write_group
 from ..layers.composite import composite
-from ..layers.export import export_pngs, layer_file_names
+from ..layers.export import layer_file_names, png_items
+from ..layers.image_file import open_image
 from ..layers.psd import write_psd
 from ..layers.stack import Layer, LayerStack
-from ..model.pipeline.options import DecomposeOptions, SamplingOptions, TextToLayersOptions, check_size_mode
+from ..model.pipeline.options import CUSTOM, DecomposeOptions, SamplingOptions, TextToLayersOptions, check_size_mode
 from ..model.policy import LoadPolicy
-from .common import check_suffix, existing_input, log_written
+from ..options import spec_of
+from .common import check_suffix, check_writable, existing_input, log_written
 from .options import add_options, from_args
 
 logger = logging.getLogger(__name__)
@@ -36,6 +38,7 @@ logger = logging.getLogger(__name__)
 POLICY_FLAGS = ["dtype", "device", "memory", "fp8"]  # LoadPolicy fields shown as flags
 SAMPLING_FLAGS = ["prompt", "negative_prompt", "layers", "steps", "cfg", "cfg_normalize", "seed", "keep_composite"]
 SIZE_FLAGS = ["resolution", "max_side", "output_size"]
+PROMPT_FLAGS = ["prompt", "negative_prompt"]  # read with their files (--prompt-file), after the other checks
 CANVAS_FLAGS = ["width", "height"]
 DEMO_SETTINGS: dict[str, Any] = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
 
@@ -54,8 +57,13 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_options(p: argparse.ArgumentParser, cls: type) -> None:
-    """Sampling options shared by decompose and text-to-layers (generated from the job's options class)."""
-    add_options(p.add_argument_group("sampling"), cls, SAMPLING_FLAGS)
+    """Sampling options shared by decompose and text-to-layers (generated from the job's options class), plus
+    the prompt files. --negative-prompt defaults to None here so that giving it and its file is refused."""
+    g = p.add_argument_group("sampling")
+    add_options(g, cls, SAMPLING_FLAGS, defaults={"negative_prompt": None})
+    g.add_argument("--prompt-file", type=Path, metavar="F",
+                   help="read the prompt from a UTF-8 text file (for prompts longer than a command line allows)")
+    g.add_argument("--negative-prompt-file", type=Path, metavar="F", help="read the negative prompt from a UTF-8 file")
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -76,14 +84,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_output_options(p)
     _add_model_options(p)
     _add_sampling_options(p, DecomposeOptions)
-    add_options(p.add_argument_group("size"), DecomposeOptions, SIZE_FLAGS)
+    # --resolution has no default here: --max-side alone means custom, neither means the option's default (640)
+    add_options(p.add_argument_group("size"), DecomposeOptions, SIZE_FLAGS, defaults={"resolution": None})
     p.set_defaults(handler=run_decompose)
 
     p = subparsers.add_parser(
         "text-to-layers", help="generate RGBA layers from a prompt (no input image)",
         description="Generate N RGBA layers from PROMPT and write them as a layered PSD. The released weights are "
                     "tuned for decomposition, so quality is limited.")
-    p.add_argument("text", metavar="PROMPT", help="description of the whole picture")
+    p.add_argument("text", metavar="PROMPT", nargs="?",
+                   help="description of the whole picture (or give --prompt-file)")
     _add_output_options(p)
     _add_model_options(p)
     _add_sampling_options(p, TextToLayersOptions)
@@ -103,7 +113,7 @@ def _load(args: argparse.Namespace) -> Any:
     from ..model.loader import load_model
 
     policy = _policy(args)
-    device = policy.torch_device()
+    device = _device(policy)
     # Weights load memory-mapped on the CPU; the memory plan then decides what goes to the device and when.
     model = load_model(model_dir=args.model_dir, transformer=args.transformer, vae=args.vae,
                        text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=policy.torch_dtype(device),
@@ -144,59 +154,138 @@ def _planned_names(layers: int, keep_composite: bool, prefix: str) -> list[str]:
     return layer_file_names(stub, prefix)
 
 
+def _device(policy: LoadPolicy) -> Any:
+    """The torch device of --device (the policy's best one when not given), checked before any loading: it must
+    be present on this machine."""
+    import torch
+
+    dev = policy.torch_device()
+    if policy.device is None:
+        return dev
+    text = policy.device
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
+            raise InputError(f"--device {text}: CUDA is not available here (this PyTorch is {build}, and no usable "
+                             "NVIDIA GPU was found); use --device cpu or install a CUDA build of PyTorch")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise InputError(f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise InputError(f"--device {text}: Apple MPS is not available here; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        backend = getattr(torch, dev.type, None)
+        if backend is None or not getattr(backend, "is_available", lambda: False)():
+            raise InputError(f"--device {text}: the {dev.type!r} backend is not available here; use cpu or cuda")
+    return dev
+
+
+def _read_text(path: Path, option: str) -> str:
+    """The UTF-8 text of a prompt file (a trailing newline dropped); InputError naming the file otherwise."""
+    p = existing_input(path, option)
+    try:
+        return p.read_text(encoding="utf-8-sig").removesuffix("\n").removesuffix("\r")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{option} {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
+                         "save it as UTF-8") from None
+    except OSError as err:
+        raise InputError(f"{option} {str(path)!r} cannot be read: {err.strerror or err}") from None
+
+
+def _prompts(args: argparse.Namespace, prompt: str | None) -> tuple[str | None, Any]:
+    """(prompt, negative prompt) from the options or their files; giving both forms of one is refused."""
+    if args.prompt_file is not None:
+        if prompt is not None:
+            raise InputError("give the prompt either as text or with --prompt-file, not both")
+        prompt = _read_text(args.prompt_file, "--prompt-file")
+    negative = args.negative_prompt
+    if args.negative_prompt_file is not None:
+        if negative is not None:
+            raise InputError("give the negative prompt either with --negative-prompt or --negative-prompt-file, "
+                             "not both")
+        negative = _read_text(args.negative_prompt_file, "--negative-prompt-file")
+    return prompt, spec_of(SamplingOptions, "negative_prompt")[0].default if negative is None else negative
+
+
 def _targets(args: argparse.Namespace, layers: int, keep_composite: bool) -> None:
-    """Check every file the command will write before any work (suffix, safe names, no collisions, an existing
-    folder for --out): loading and sampling take minutes with the real weights. The options are checked already."""
+    """Check every argument and every file the command will write before any work (device, suffix, safe names, no
+    collisions, an existing writable folder for --out): loading and sampling take minutes. The options (numbers,
+    sizes, tile) are checked already, by their dataclasses."""
+    _device(_policy(args))
     check_suffix(args.out, (".psd",), "output")
     folder = args.out.parent
     if not folder.is_dir():
         what = ("is a file, not a folder; choose another folder" if folder.exists()
                 else "does not exist; create it first")
         raise OutputPathError(f"cannot write {str(args.out)!r}: the folder {str(folder)!r} {what}")
+    check_writable(folder)
     paths = [args.out]
     if args.png_dir is not None:
+        if args.png_dir.exists() and not args.png_dir.is_dir():
+            raise OutputPathError(f"--png-dir {str(args.png_dir)!r} is a file; give a folder (created if missing)")
+        check_writable(args.png_dir)
         paths += [args.png_dir / n for n in _planned_names(layers, keep_composite, args.out.stem)]
     check_free(paths, overwrite=args.overwrite)
 
 
 def _write(stack: LayerStack, args: argparse.Namespace) -> list[Path]:
-    """Write the PSD (with its composite) and, when asked, the layer PNGs; returns the written paths."""
-    written = [write_psd(stack, args.out, overwrite=args.overwrite, merged=composite(stack))]
-    if args.png_dir is not None:
-        written += export_pngs(stack, args.png_dir, prefix=args.out.stem, overwrite=args.overwrite)
-    return written
+    """Write the PSD (with its composite) and, when asked, the layer PNGs as one group (all or none); returns the
+    written paths."""
+    return write_result(stack, args.out, args.png_dir, prefix=args.out.stem, overwrite=args.overwrite)
+
+
+def result_items(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str,
+                 check: Any = None) -> list[tuple[Path, Any]]:
+    """`(path, write)` items of the PSD and (optionally) its layer PNGs for `fsutil.write_group`, which publishes
+    them together, so a failure leaves no part behind. `check(staged_psd)` inspects the PSD before publishing."""
+
+    def write_the_psd(staged: Path) -> None:
+        write_psd(stack, staged, merged=composite(stack))
+        if check is not None:
+            check(staged)
+
+    items: list[tuple[Path, Any]] = [(psd, write_the_psd)]
+    if png_dir is not None:
+        items += png_items(stack, png_dir, prefix=prefix)
+    return items
+
+
+def write_result(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str, overwrite: bool) -> list[Path]:
+    """Write the PSD and its layer PNGs as one group (all or nothing); returns the written paths."""
+    return write_group(result_items(stack, psd, png_dir, prefix=prefix), overwrite=overwrite,
+                       make_dirs=png_dir is not None)
 
 
 def _read_image(path: Path) -> Image.Image:
     """Open an image file (first frame) for decomposition, turned upright by its EXIF orientation (as viewers and
-    ComfyUI's Load Image show it; phone photos are often stored sideways with an orientation tag)."""
-    try:
-        with Image.open(existing_input(path, "image")) as im:
-            im.load()
-            upright = ImageOps.exif_transpose(im)
-            return upright if upright is not im else im.copy()
-    except (UnidentifiedImageError, OSError) as e:
-        if isinstance(e, FileNotFoundError):
-            raise
-        raise InputError(f"cannot read image {str(path)!r}: {e}; give a PNG, JPEG, WebP or TIFF file") from None
+    ComfyUI's Load Image show it; phone photos are often stored sideways with an orientation tag). The header is
+    checked (size, decompression-bomb limit, RAM) before decoding."""
+    return open_image(existing_input(path, "image"), f"image {str(path)!r}", upright=True)
 
 
 def run_decompose(args: argparse.Namespace) -> int:
     """Handler of `decompose`."""
-    from ..model.pipeline.decompose import JobInputs, run_decompose
+    from ..model.pipeline.decompose import decompose
     from ..model.pipeline.imaging import bucket_size, check_image_size
 
-    opts = from_args(DecomposeOptions, args, SAMPLING_FLAGS + SIZE_FLAGS + ["vae_tile"])
-    _policy(args)
+    # --max-side alone means --resolution custom; neither flag leaves the option's default (640)
+    resolution = args.resolution or (CUSTOM if args.max_side is not None else None)
+    names = [n for n in SAMPLING_FLAGS + SIZE_FLAGS + ["vae_tile"] if n not in PROMPT_FLAGS + ["resolution"]]
+    opts = from_args(DecomposeOptions, args, names, extra={"resolution": resolution} if resolution else None)
     _targets(args, opts.layers, opts.keep_composite)
+    prompt, negative = _prompts(args, args.prompt)
+    opts = opts.changed(prompt=prompt, negative_prompt=negative)
+    if args.max_side is not None and opts.resolution != CUSTOM:
+        raise InputError(f"--max-side applies only to --resolution custom, not --resolution {opts.resolution}; drop "
+                         "one of them")
     image = _read_image(Path(args.image))
     check_image_size(image.width, image.height, f"image {args.image!r}")
     mode, max_side = check_size_mode(opts.resolution, opts.max_side)
     work_w, work_h = bucket_size(image.width, image.height, mode, max_side)
     model = _load(args)
     t0 = time.perf_counter()
-    run = JobInputs(placement=_placement(args, model, work_w, work_h, opts.layers), callback=_progress("decompose"))
-    stack = run_decompose(model, image, opts, run)[0]
+    stack = decompose(model, image, options=opts, placement=_placement(args, model, work_w, work_h, opts.layers),
+                      callback=_progress("decompose"))[0]
     logger.info("decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
                 time.perf_counter() - t0)
     log_written(_write(stack, args))
@@ -205,17 +294,21 @@ def run_decompose(args: argparse.Namespace) -> int:
 
 def run_text_to_layers(args: argparse.Namespace) -> int:
     """Handler of `text-to-layers`."""
-    from ..model.pipeline.decompose import JobInputs, run_text_to_layers
+    from ..model.pipeline.decompose import text_to_layers
 
-    names = [n for n in SAMPLING_FLAGS if n != "prompt"] + CANVAS_FLAGS + ["vae_tile"]
-    opts = from_args(TextToLayersOptions, args, names, extra={"prompt": args.text})
-    _policy(args)
+    names = [n for n in SAMPLING_FLAGS if n not in PROMPT_FLAGS] + CANVAS_FLAGS + ["vae_tile"]
+    opts = from_args(TextToLayersOptions, args, names)
     _targets(args, opts.layers, opts.keep_composite)
+    if args.text is not None and args.prompt is not None:
+        raise InputError("give the prompt once: as PROMPT or with --prompt, not both")
+    prompt, negative = _prompts(args, args.text if args.text is not None else args.prompt)
+    if not prompt:
+        raise InputError("text-to-layers needs a prompt: give PROMPT or --prompt-file F")
+    opts = opts.changed(prompt=prompt, negative_prompt=negative)
     model = _load(args)
     t0 = time.perf_counter()
-    run = JobInputs(placement=_placement(args, model, opts.width, opts.height, opts.layers),
-                    callback=_progress("text-to-layers"))
-    stack = run_text_to_layers(model, opts, run)
+    stack = text_to_layers(model, options=opts, placement=_placement(args, model, opts.width, opts.height, opts.layers),
+                           callback=_progress("text-to-layers"))
     logger.info("text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
                 time.perf_counter() - t0)
     log_written(_write(stack, args))
@@ -231,8 +324,10 @@ def demo_targets(out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
 
 
 def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool = False,
-                   size: tuple[int, int] | None = None) -> tuple[LayerStack, list[Path], float]:
-    """Decompose the sample scene (or `image`) with a tiny RANDOM model into OUT/decomposed.psd (+ layer PNGs)."""
+                   size: tuple[int, int] | None = None) -> tuple[LayerStack, list[tuple[Path, Any]], float]:
+    """Decompose the sample scene (or `image`) with a tiny RANDOM model; returns the stack, the `(path, write)`
+    items of OUT/decomposed.psd and its layer PNGs (for one `write_group` with the rest of the demo) and the
+    seconds it took."""
     import torch
 
     from ..demo.scene import DEFAULT_SIZE, sample_image
@@ -252,8 +347,5 @@ def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool 
                            dtype=torch.float32, device="cpu")
         stack = decompose(model, picture, prompt="a layered scene with sky, sun, hills, a house and a logo",
                           output_size="original", callback=_progress("demo decompose"), **DEMO_SETTINGS)[0]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = [write_psd(stack, psd, overwrite=overwrite, merged=composite(stack))]
-    written += export_pngs(stack, layer_dir, prefix="decomposed", overwrite=overwrite)
-    check_psd(psd, stack)
-    return stack, written, time.perf_counter() - t0
+    items = result_items(stack, psd, layer_dir, prefix="decomposed", check=lambda staged: check_psd(staged, stack))
+    return stack, items, time.perf_counter() - t0

@@ -16,13 +16,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
+
 from ..errors import InputError, PSDError
-from ..fsutil import check_free, human_bytes
+from ..fsutil import check_free, write_group
 from ..layers.composite import composite
 from ..layers.edit_steps import LayerEdit, apply_edits
-from ..layers.export import export_pngs, layer_file_names, write_png
+from ..layers.export import layer_file_names, png_items, write_png
 from ..layers.psd import lint_psd, read_psd, write_psd
 from ..layers.stack import LayerStack
+from ..resources import format_bytes
 from .scene import DEFAULT_SIZE, sample_stack
 
 logger = logging.getLogger(__name__)
@@ -64,7 +67,7 @@ class DemoReport:
         """Human summary: canvas, each file with its size, each step with its time, and the total."""
         lines = [f"demo: {self.layers} layers on a {self.canvas[0]}x{self.canvas[1]} canvas in {self.out_dir}"]
         for label, path in self.files.items():
-            lines.append(f"  {label:<16} {os.fspath(path)} ({human_bytes(path.stat().st_size)})")
+            lines.append(f"  {label:<16} {os.fspath(path)} ({format_bytes(path.stat().st_size)})")
         lines.append("  timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in self.timings.items()))
         lines.append(f"  total {sum(self.timings.values()):.2f} s")
         return lines
@@ -88,9 +91,17 @@ def check_psd(path: Path, expect: LayerStack) -> None:
         raise PSDError(f"demo: {path} read back as {got}, expected {want}")
 
 
-def run_demo(out_dir: str | os.PathLike[str], *, size: tuple[int, int] = DEFAULT_SIZE,
-             overwrite: bool = False) -> DemoReport:
-    """Build the sample stack, edit it, and write composites, PSDs and per-layer PNGs into `out_dir`."""
+Items = list[tuple[Path, Callable[[Path], object]]]
+
+
+def run_demo(out_dir: str | os.PathLike[str], *, size: tuple[int, int] = DEFAULT_SIZE, overwrite: bool = False,
+             more: Callable[[DemoReport], Items] | None = None) -> DemoReport:
+    """Build the sample stack, edit it, and write composites, PSDs and per-layer PNGs into `out_dir`.
+
+    Everything is computed first and then published as one group (`fsutil.write_group`), together with the
+    `(path, write)` items that `more(report)` returns (the model demo's files): on any failure, a full disk
+    included, no file of the run appears and no old file changes.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise InputError(f"demo output {os.fspath(out)!r} is a file; give a folder (it is created if missing)")
@@ -107,24 +118,31 @@ def run_demo(out_dir: str | os.PathLike[str], *, size: tuple[int, int] = DEFAULT
     # Everything is checked before anything is written, so a refused run leaves the folder as it was.
     check_free([*targets.values(), *(layer_dir / n for n in layer_file_names(stack, "sample"))],
                overwrite=overwrite)
-    out.mkdir(parents=True, exist_ok=True)
 
     flat = _run(report, "composite", lambda: composite(stack))
-    report.files["composite"] = write_png(flat, targets["composite"], overwrite=overwrite)
-    report.files["psd"] = _run(report, "write psd",
-                               lambda: write_psd(stack, targets["psd"], overwrite=overwrite, merged=flat))
     edited = _run(report, "edit", lambda: apply_edits(stack, demo_edits(stack.size)))
     flat_edited = _run(report, "composite edited", lambda: composite(edited))
-    report.files["edited composite"] = write_png(flat_edited, targets["edited composite"], overwrite=overwrite)
-    report.files["edited psd"] = _run(
-        report, "write edited psd",
-        lambda: write_psd(edited, targets["edited psd"], overwrite=overwrite, merged=flat_edited),
-    )
-    pngs = _run(report, "export pngs",
-                lambda: export_pngs(stack, layer_dir, prefix="sample", overwrite=overwrite))
-    for path in pngs:
+
+    def psd_writer(doc: LayerStack, merged: np.ndarray, label: str) -> Callable[[Path], object]:
+        def write(staged: Path) -> None:
+            _run(report, label, lambda: write_psd(doc, staged, merged=merged))
+            with report.timed("verify"):
+                check_psd(staged, doc)
+        return write
+
+    items: Items = [
+        (targets["composite"], lambda p: write_png(flat, p)),
+        (targets["psd"], psd_writer(stack, flat, "write psd")),
+        (targets["edited composite"], lambda p: write_png(flat_edited, p)),
+        (targets["edited psd"], psd_writer(edited, flat_edited, "write edited psd")),
+    ]
+    pngs = png_items(stack, layer_dir, prefix="sample")
+    extra = more(report) if more is not None else []
+    out.mkdir(parents=True, exist_ok=True)
+    written = _run(report, "write files", lambda: write_group(items + pngs + extra, overwrite=overwrite,
+                                                              make_dirs=True))
+    for label, path in zip(targets, written):
+        report.files[label] = path
+    for path in written[len(items):len(items) + len(pngs)]:
         report.files[f"layer {path.stem.split('_')[1]}"] = path
-    with report.timed("verify"):
-        check_psd(report.files["psd"], stack)
-        check_psd(report.files["edited psd"], edited)
     return report

@@ -16,7 +16,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ..errors import InputError, ResourceError
+from ..errors import InputError
+from ..resources import available_ram_bytes, check_allocation
 from .blend import blend_function
 from .stack import MAX_CANVAS_SIDE, Layer, LayerStack
 
@@ -26,19 +27,6 @@ Rect = tuple[int, int, int, int]  # (left, top, right, bottom), canvas pixels, r
 
 # Pixels per working band: 64 Ki px x 4 ch x 4 B = 1 MiB per temporary, which stays in L2/L3.
 _BAND_PIXELS = 1 << 16
-
-
-def available_memory_bytes() -> int | None:
-    """Bytes of RAM the OS says are available now, or None where it cannot tell."""
-    try:
-        import psutil  # optional: only used for this estimate
-    except ImportError:
-        psutil = None
-    if psutil is not None:
-        return int(psutil.virtual_memory().available)
-    if hasattr(os, "sysconf") and "SC_AVPHYS_PAGES" in os.sysconf_names:
-        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    return None
 
 
 def check_canvas(width: int, height: int, *, what: str = "canvas", channels: int = 4, count: int = 1,
@@ -52,12 +40,9 @@ def check_canvas(width: int, height: int, *, what: str = "canvas", channels: int
             "scale the layers down or crop the canvas first"
         )
     need = int(width) * int(height) * channels * 4 * count
-    limit = memory_limit if memory_limit is not None else available_memory_bytes()
-    if limit is not None and need > limit:
-        raise ResourceError(
-            f"{what} of {width}x{height} px needs {need / 2**30:.2f} GiB of float32 RGBA "
-            f"but only {limit / 2**30:.2f} GiB is available; use a smaller canvas or free memory"
-        )
+    limit = memory_limit if memory_limit is not None else available_ram_bytes()
+    check_allocation(need, f"a {what} of {width}x{height} px (float32, x{count})", available=limit,
+                     hint="use a smaller canvas or free memory")
     return need
 
 

@@ -4,17 +4,25 @@ The `LAYERS` document (version 1, architecture.md) is what core's "Create Layere
 pass around; IMAGE is float [B, H, W, C] and MASK is [B, H, W] with 1 = transparent. `mask_to_alpha` /
 `alpha_to_mask` are the one place where that inversion happens.
 
-Reading a document item (every key but `image` optional):
-- items are stacked by `z_index` (stable sort; an item without one keeps its list position), bottom first;
-  a batch inside one item becomes consecutive layers named '<name> 1', '<name> 2', ...;
+Reading a document item (every key but `image` optional) follows what ComfyUI core's own layer nodes
+(AddLayer, LayersFromBoundingBoxes, ImageCompositor) do with the same document:
+- items are stacked by `z_index` (stable sort: equal values keep their list order; a missing z_index counts
+  as 0), bottom first; a batch inside one item becomes consecutive layers named '<name> 1', '<name> 2', ...;
+- the image batch sets the number of frames. Frame k takes mask[k]; a mask batch of 1 serves every frame,
+  frames past the end of a longer mask batch stay unmasked and masks past the last frame are ignored;
 - alpha = image alpha (4 channels, else 1) x (1 - mask): both apply when both are given. A mask of another
   size is resized to the image (LoadImage hands out a 64x64 all-zero mask for images without alpha);
-- the image is resampled to the display size w x h when that differs, then flipped, then rotated by
-  `rotation` radians (clockwise on screen, as CSS and the canvas 2D API) about the centre of the
-  (x, y, w, h) box; the result is cropped to its content.
-Writing: one item per layer, z_index = position, image = the cropped straight RGBA pixels [1, h, w, 4]
-float32 with w/h their size, rotation 0, no flips, and no `mask` key (the alpha is in the image; writing
-both would apply it twice under the rule above). stack -> document -> stack is lossless.
+- the image is resampled to the display size w x h when that differs (0 or missing: the native size), then
+  flipped, then rotated by `rotation` radians (clockwise on screen, as CSS and the canvas 2D API) about the
+  centre of the (x, y, w, h) box; the result is cropped to its content;
+- without `canvas`, the canvas reaches from (0, 0) to the right and bottom edges of every item's box after
+  rotation (whole pixels, at least 1x1);
+- hand-written values are read leniently, with a warning: an unknown blend mode becomes 'normal' and an
+  opacity outside 0..1 is clamped.
+Writing: one item per layer, image = the cropped straight RGBA pixels [1, h, w, 4] float32 with w/h their size,
+rotation 0, no flips, and no `mask` key (the alpha is in the image; writing both would apply it twice under
+the rule above). z_index counts up to 0 at the top layer (-n+1 .. 0), so that a layer appended by core's
+AddLayer (default z_index 0) lands on top. stack -> document -> stack is lossless.
 """
 
 from __future__ import annotations
@@ -101,6 +109,19 @@ def _mask_batch(value: Any, what: str, size: tuple[int, int]) -> np.ndarray:
     return mask
 
 
+def _frame_masks(n_img: int, mask: np.ndarray, what: str) -> list[np.ndarray | None]:
+    """One mask (or None) per image frame, as core pairs them: mask[k], mask[0] for all if the batch is 1."""
+    n_mask = mask.shape[0]
+    if n_mask == 1:
+        return [mask[0]] * n_img
+    if n_mask != n_img:
+        logger.warning(
+            "%s: image batch %d with mask batch %d; frame k takes mask k (%s), as ComfyUI core does",
+            what, n_img, n_mask, "extra masks ignored" if n_mask > n_img else "the frames past the masks stay unmasked",
+        )
+    return [mask[k] if k < n_mask else None for k in range(n_img)]
+
+
 def _broadcast(n_img: int, n_mask: int, what: str) -> int:
     if n_mask in (1, n_img) or n_img == 1:
         return max(n_img, n_mask)
@@ -109,11 +130,15 @@ def _broadcast(n_img: int, n_mask: int, what: str) -> int:
 
 def _scalar(v: Any) -> Any:
     """A 0-d torch tensor / numpy scalar -> its Python value; anything else unchanged."""
-    return v.item() if hasattr(v, "item") and np.size(v) == 1 else v
+    # `.shape` rather than np.size: torch's `.size` is a method, so np.size missed 0-d tensors.
+    return v.item() if hasattr(v, "item") and hasattr(v, "shape") and math.prod(tuple(v.shape)) == 1 else v
 
 
 def _int(item: dict, key: str, default: int, what: str) -> int:
-    v = _scalar(item.get(key, default))
+    """A whole-number field of an item; missing or None means `default`."""
+    v = _scalar(item.get(key))
+    if v is None:
+        v = default
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
         raise InputError(f"{what}.{key} must be a finite number, got {v!r}")
     return int(round(float(v)))
@@ -122,8 +147,45 @@ def _int(item: dict, key: str, default: int, what: str) -> int:
 def _blend_mode(value: Any, what: str) -> str:
     mode = str(value).strip().lower().replace("_", "-").replace(" ", "-")
     if mode not in BLEND_MODES:
-        raise InputError(f"{what}.blend_mode {value!r} is unknown; use one of {', '.join(BLEND_MODES)}")
+        logger.warning("%s.blend_mode %r is unknown; using 'normal' (known: %s)", what, value, ", ".join(BLEND_MODES))
+        return "normal"
     return mode
+
+
+def _opacity(value: Any, what: str) -> float:
+    v = _scalar(value)
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
+        raise InputError(f"{what}.opacity must be a finite number in 0..1, got {v!r}")
+    if not 0 <= v <= 1:
+        logger.warning("%s.opacity %r is outside 0..1; clamped", what, v)
+    return min(max(float(v), 0.0), 1.0)
+
+
+def _display_size(item: dict, key: str, native: int, what: str) -> int:
+    """The item's display width or height: 0 or missing means the native size, as in core."""
+    v = _int(item, key, 0, what)
+    if v < 0:
+        logger.warning("%s.%s = %d is negative; using the native size %d", what, key, v, native)
+    if v > MAX_CANVAS_SIDE:
+        raise InputError(f"{what}.{key} = {v} is outside 0..{MAX_CANVAS_SIDE}")
+    return v if v > 0 else native
+
+
+def _rotation(item: dict, what: str) -> float:
+    rot = _scalar(item.get("rotation", 0.0)) or 0.0
+    if isinstance(rot, bool) or not isinstance(rot, (int, float, np.integer, np.floating)) or not math.isfinite(rot):
+        raise InputError(f"{what}.rotation must be a finite number of radians, got {rot!r}")
+    return float(rot)
+
+
+def _placed_right_bottom(x: int, y: int, w: int, h: int, rot: float) -> tuple[int, int]:
+    """Right and bottom edge (whole pixels) of the (x, y, w, h) box rotated by `rot` radians about its centre."""
+    cx, cy = x + w / 2, y + h / 2
+    c, s = abs(math.cos(rot)), abs(math.sin(rot))
+    half_w, half_h = (w * c + h * s) / 2, (w * s + h * c) / 2
+    left, top = math.floor(cx - half_w), math.floor(cy - half_h)
+    # A box always covers at least one pixel, also when it is empty.
+    return max(left + 1, math.ceil(cx + half_w)), max(top + 1, math.ceil(cy + half_h))
 
 
 def _canvas(doc: dict, items: Sequence[dict]) -> tuple[int, int]:
@@ -131,15 +193,17 @@ def _canvas(doc: dict, items: Sequence[dict]) -> tuple[int, int]:
     if canvas is None:
         if not items:
             raise InputError("LAYERS document has no 'canvas' and no layers; give canvas (width, height)")
-        sizes = []
+        right, bottom = 1, 1
         for i, it in enumerate(items):
             shape = np.shape(it.get("image", ()))
             if len(shape) not in (3, 4):
                 raise InputError(f"layers[{i}].image must be an IMAGE [B, H, W, C], got shape {tuple(shape)}")
             what = f"layers[{i}]"
-            sizes.append((_int(it, "x", 0, what) + _int(it, "w", shape[-2], what),
-                          _int(it, "y", 0, what) + _int(it, "h", shape[-3], what)))
-        canvas = (max(1, max(s[0] for s in sizes)), max(1, max(s[1] for s in sizes)))
+            r, b = _placed_right_bottom(_int(it, "x", 0, what), _int(it, "y", 0, what),
+                                        _display_size(it, "w", shape[-2], what),
+                                        _display_size(it, "h", shape[-3], what), _rotation(it, what))
+            right, bottom = max(right, r), max(bottom, b)
+        canvas = (right, bottom)
         logger.info("LAYERS document has no canvas; using %dx%d from its layers", *canvas)
     try:
         w, h = (int(v) for v in canvas)
@@ -159,20 +223,19 @@ def _item_layers(item: dict, what: str, first: int, interpolation: str) -> list[
     rgba = _image_batch(item["image"], f"{what}.image")  # (B, H, W, 4)
     b, h, w = rgba.shape[:3]
     if item.get("mask") is not None:
-        mask = _mask_batch(item["mask"], f"{what}.mask", (h, w))
-        n = _broadcast(b, mask.shape[0], what)
-        rgba = np.broadcast_to(rgba, (n, h, w, 4)).copy()
-        rgba[..., 3] *= mask_to_alpha(np.broadcast_to(mask, (n, h, w)))
+        masks = _frame_masks(b, _mask_batch(item["mask"], f"{what}.mask", (h, w)), what)
+        rgba = rgba.copy()
+        for k, m in enumerate(masks):
+            if m is not None:
+                rgba[k, ..., 3] *= mask_to_alpha(m)
     x, y = _int(item, "x", 0, what), _int(item, "y", 0, what)
-    dw, dh = _int(item, "w", w, what), _int(item, "h", h, what)
-    if dw < 0 or dh < 0 or dw > MAX_CANVAS_SIDE or dh > MAX_CANVAS_SIDE:
-        raise InputError(f"{what}: display size w x h = {dw}x{dh} is outside 0..{MAX_CANVAS_SIDE}")
-    rot = _scalar(item.get("rotation", 0.0)) or 0.0
-    if not isinstance(rot, (int, float, np.floating)) or not math.isfinite(rot):
-        raise InputError(f"{what}.rotation must be a finite number of radians, got {rot!r}")
+    dw, dh = _display_size(item, "w", w, what), _display_size(item, "h", h, what)
+    rot = _rotation(item, what)
     name = item.get("name")
-    common = {"opacity": _scalar(item.get("opacity", 1.0)), "visible": bool(_scalar(item.get("visible", True))),
-              "blend_mode": _blend_mode(item.get("blend_mode", "normal"), what)}
+    common: dict[str, Any] = {
+        "opacity": _opacity(item.get("opacity", 1.0), what), "visible": bool(_scalar(item.get("visible", True))),
+        "blend_mode": _blend_mode(item.get("blend_mode", "normal"), what),
+    }
     out = []
     for k in range(rgba.shape[0]):
         px = rgba[k]
@@ -203,7 +266,7 @@ def stack_from_document(doc: dict, *, interpolation: str = "lanczos") -> LayerSt
     if not isinstance(items, (list, tuple)) or not all(isinstance(it, dict) for it in items):
         raise InputError("LAYERS 'layers' must be a list of dicts, one per layer item")
     width, height = _canvas(doc, items)
-    order = sorted(range(len(items)), key=lambda i: (_int(items[i], "z_index", i, f"layers[{i}]"), i))
+    order = sorted(range(len(items)), key=lambda i: (_int(items[i], "z_index", 0, f"layers[{i}]"), i))
     layers: list[Layer] = []
     for i in order:
         layers.extend(_item_layers(items[i], f"layers[{i}]", len(layers), interpolation))
@@ -215,10 +278,11 @@ def stack_to_document(stack: LayerStack) -> dict:
     import torch  # the document carries torch tensors; the rest of qil_core.layers runs without torch
 
     items = []
+    top = len(stack.layers) - 1
     for i, layer in enumerate(stack.layers):
         items.append({
             "type": "raster", "image": torch.from_numpy(np.ascontiguousarray(layer.pixels[None], np.float32).copy()),
-            "name": layer.name, "x": layer.x, "y": layer.y, "z_index": i, "opacity": layer.opacity,
+            "name": layer.name, "x": layer.x, "y": layer.y, "z_index": i - top, "opacity": layer.opacity,
             "blend_mode": layer.blend_mode, "visible": layer.visible, "w": layer.width, "h": layer.height,
             "rotation": 0.0, "flip_h": False, "flip_v": False,
         })

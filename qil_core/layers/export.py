@@ -4,29 +4,36 @@ Files are named bottom first, `{prefix}_{index}_{name}.png` with a zero-padded 0
 `LayerStack` uses) and a file-name-safe version of the layer name. Each PNG is 8-bit RGBA with RGB zeroed
 under fully transparent pixels (smaller, faster files; no hidden colour) and carries the layer's name, offset,
 opacity, blend mode and visibility in PNG text chunks, so `read_layer_pngs` restores the stack exactly.
-Every file is written atomically and an existing file is never replaced unless asked; when one file of a set
-fails, the files this call already wrote are removed again, so a set is either complete or absent.
+A set of PNGs is written as one group (`fsutil.write_group`): an existing file is never replaced unless asked,
+and a failure anywhere leaves every file as it was. Reading checks each record and the sizes first, so damaged
+or hostile files give one InputError naming the file.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import zipfile
-from collections.abc import Sequence
+import zlib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, PngImagePlugin
 
 from ..errors import InputError, OutputPathError
-from ..fsutil import atomic_write, check_output_name, safe_name
-from .stack import BLEND_MODES, Layer, LayerStack
+from ..fsutil import atomic_write, atomic_write_bytes, check_output_name, safe_name, write_group
+from ..resources import check_allocation, format_bytes
+from .image_file import read_rgba
+from .stack import BLEND_MODES, MAX_CANVAS_SIDE, Layer, LayerStack
 
 _META_KEY = "qil:layer"  # PNG text chunk holding the layer's JSON record
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 16 * 2**20  # a manifest of 20 layers is a few KB; read no more than this
+MAX_MEMBER_BYTES = 4 * 2**30  # one layer PNG inside a ZIP
 
 
 def quantize_rgba8(pixels: np.ndarray) -> np.ndarray:
@@ -42,7 +49,14 @@ def quantize_rgba8(pixels: np.ndarray) -> np.ndarray:
 
 
 def write_png(rgba: np.ndarray, path: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write (H, W, 4) float straight RGBA as an 8-bit PNG atomically (RGB when fully opaque); returns the path."""
+    """Write (H, W, 4) float straight RGBA as an 8-bit PNG atomically (RGB when fully opaque); returns the path.
+
+    NaN or infinite pixels are refused (nothing is written): they have no colour, and no NaN may reach a file.
+    """
+    bad = int(rgba.size - np.count_nonzero(np.isfinite(rgba)))
+    if bad:
+        raise InputError(f"cannot write {os.fspath(path)!r}: the image holds {bad} NaN or infinite values (a damaged "
+                         "input, e.g. a 32-bit PSD with invalid floats); nothing was written. Repair the input")
     px = quantize_rgba8(rgba)
     img = Image.fromarray(px[..., :3], "RGB") if bool((px[..., 3] == 255).all()) else Image.fromarray(px, "RGBA")
 
@@ -94,30 +108,38 @@ def layer_file_names(stack: LayerStack, prefix: str = "layer") -> list[str]:
     return names
 
 
-def export_pngs(stack: LayerStack, out_dir: str | os.PathLike[str], *, prefix: str = "layer",
-                full_canvas: bool = True, overwrite: bool = False, compress_level: int = 6) -> list[Path]:
-    """Write one RGBA PNG per layer into `out_dir` (created if missing), bottom first; returns the paths."""
+def png_items(stack: LayerStack, out_dir: str | os.PathLike[str], *, prefix: str = "layer",
+              full_canvas: bool = True, compress_level: int = 6) -> list[tuple[Path, Callable[[Path], object]]]:
+    """`(path, write)` items of the per-layer PNGs for `fsutil.write_group` (each PNG encoded when written), so
+    callers can publish them together with other files (a manifest, a PSD) as one group."""
     if not stack.layers:
         raise InputError("the stack has no layers; nothing to export")
     out = Path(out_dir)
-    names = layer_file_names(stack, prefix)
-    if not overwrite:
-        taken = [n for n in names if os.path.lexists(out / n)]
-        if taken:
-            raise OutputPathError(f"{len(taken)} of the PNG names already exist in {os.fspath(out)!r} (first: "
-                                  f"{taken[0]!r}); nothing was written; choose another prefix or folder")
-    written: list[Path] = []
-    try:
-        for i, (layer, name) in enumerate(zip(stack.layers, names)):
+    items: list[tuple[Path, Callable[[Path], object]]] = []
+    for i, (layer, name) in enumerate(zip(stack.layers, layer_file_names(stack, prefix))):
+        def write(staged: Path, layer: Layer = layer, i: int = i, name: str = name) -> Path:
             data = _png_bytes(_to_rgba8(layer, stack.width, stack.height, full_canvas),
                               _record(layer, i, name, stack, full_canvas), compress_level)
-            written.append(atomic_write(out / name, lambda f, d=data: f.write(d), overwrite=overwrite,
-                                        make_dirs=True))
-    except BaseException:
-        for p in written:  # a set is complete or absent
-            p.unlink(missing_ok=True)
-        raise
-    return written
+            return atomic_write_bytes(staged, data)
+
+        items.append((out / name, write))
+    return items
+
+
+def export_pngs(stack: LayerStack, out_dir: str | os.PathLike[str], *, prefix: str = "layer",
+                full_canvas: bool = True, overwrite: bool = False, compress_level: int = 6) -> list[Path]:
+    """Write one RGBA PNG per layer into `out_dir` (created if missing), bottom first; returns the paths.
+
+    The set is written as one group (`fsutil.write_group`): all files appear, or replace their old versions,
+    together; on any failure no file changes.
+    """
+    items = png_items(stack, out_dir, prefix=prefix, full_canvas=full_canvas, compress_level=compress_level)
+    if not overwrite:
+        taken = [p.name for p, _ in items if os.path.lexists(p)]
+        if taken:
+            raise OutputPathError(f"{len(taken)} of the PNG names already exist in {os.fspath(out_dir)!r} (first: "
+                                  f"{taken[0]!r}); nothing was written; choose another prefix or folder")
+    return write_group(items, overwrite=overwrite, make_dirs=True)
 
 
 def export_zip(stack: LayerStack, path: str | os.PathLike[str], *, full_canvas: bool = True,
@@ -140,30 +162,70 @@ def export_zip(stack: LayerStack, path: str | os.PathLike[str], *, full_canvas: 
     return atomic_write(path, write, overwrite=overwrite)
 
 
-def _layer_from_png(data: bytes | Path, fallback_name: str, record: dict | None) -> tuple[Layer, dict | None]:
-    """One Layer from PNG bytes or a path, using its stored record (or `record`) when present."""
+def _json_record(text: str | bytes, what: str) -> dict:
+    """A layer record or manifest parsed from JSON; InputError naming `what` unless it is a JSON object."""
     try:
-        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as img:
-            img.load()
-            info = dict(img.info)
-            rgba = img.convert("RGBA")
-    except (OSError, SyntaxError) as err:
-        raise InputError(f"{fallback_name!r} is not a readable PNG image ({err}); export it again") from err
+        value = json.loads(text)
+    except (ValueError, RecursionError) as err:
+        raise InputError(f"{what} is not valid JSON ({err}); export the layers again") from None
+    if not isinstance(value, dict):
+        raise InputError(f"{what} is a JSON {type(value).__name__}, not an object with layer fields; "
+                         "export the layers again")
+    return value
+
+
+def _field(meta: dict, key: str, kind: type, default: object, what: str) -> Any:
+    """One field of a layer record converted to `kind`; InputError naming the record when it cannot be."""
+    value = meta.get(key, default)
+    try:
+        if kind is int and (isinstance(value, bool) or not float(value).is_integer()):
+            raise ValueError(value)
+        out = kind(value)
+        if kind is float and not math.isfinite(out):
+            raise ValueError(value)
+        return out
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"{what}: field {key!r} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}; export the layers again") from None
+
+
+def _canvas(meta: dict, what: str) -> tuple[int, int] | None:
+    """The record's canvas (width, height), None when it has none; InputError when it is malformed."""
+    if "canvas" not in meta:
+        return None
+    c = meta["canvas"]
+    if not isinstance(c, (list, tuple)) or len(c) != 2 or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_CANVAS_SIDE for v in c):
+        raise InputError(f"{what}: canvas must be [width, height] with each side 1..{MAX_CANVAS_SIDE}, got {c!r}")
+    return int(c[0]), int(c[1])
+
+
+def _layer_from_png(data: bytes | Path, fallback_name: str, record: dict | None,
+                    what: str) -> tuple[Layer, dict | None]:
+    """One Layer from PNG bytes or a path, using its stored record (or `record`) when present."""
+    px, info = read_rgba(data, what)
     meta = record
     if meta is None and _META_KEY in info:
-        meta = json.loads(info[_META_KEY])
-    px = np.asarray(rgba, np.float32) / np.float32(255.0)
+        meta = _json_record(info[_META_KEY], f"the layer record in {what}")
     if meta is None:
         return Layer.from_canvas(px, name=fallback_name), None
     blend = meta.get("blend_mode", "normal")
-    fields = {"name": meta.get("name", fallback_name), "opacity": float(meta.get("opacity", 1.0)),
+    fields = {"name": str(meta.get("name", fallback_name)), "opacity": _field(meta, "opacity", float, 1.0, what),
               "blend_mode": blend if blend in BLEND_MODES else "normal", "visible": bool(meta.get("visible", True))}
-    if meta.get("width", 1) == 0 or meta.get("height", 1) == 0:
+    if not 0 <= fields["opacity"] <= 1:
+        raise InputError(f"{what}: opacity must be in 0..1, got {fields['opacity']!r}; export the layers again")
+    if _field(meta, "width", int, 1, what) == 0 or _field(meta, "height", int, 1, what) == 0:
         return Layer(np.zeros((0, 0, 4), np.float32), 0, 0, **fields), meta
     if meta.get("full_canvas", True):
-        layer = Layer(px, 0, 0, **fields).cropped()
-        return layer, meta
-    return Layer(px, int(meta.get("x", 0)), int(meta.get("y", 0)), **fields), meta
+        return Layer(px, 0, 0, **fields).cropped(), meta
+    return Layer(px, _field(meta, "x", int, 0, what), _field(meta, "y", int, 0, what), **fields), meta
+
+
+def _fit_canvas(layers: Sequence[Layer], sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """A canvas holding every layer (and every image at the origin), for records that name none."""
+    w = max([s[0] for s in sizes] + [layer.x + layer.width for layer in layers])
+    h = max([s[1] for s in sizes] + [layer.y + layer.height for layer in layers])
+    return max(1, w), max(1, h)
 
 
 def read_layer_pngs(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str]) -> LayerStack:
@@ -173,33 +235,67 @@ def read_layer_pngs(paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[
         raise InputError("no PNG files given; pass at least one, bottom layer first")
     if len(items) == 1 and zipfile.is_zipfile(items[0]):
         return _read_zip(items[0])
-    layers, canvas = [], None
+    layers, canvas, sizes = [], None, []
     for p in items:
         if not p.is_file():
             raise InputError(f"layer image {os.fspath(p)!r} not found; check the path")
-        layer, meta = _layer_from_png(p, p.stem, None)
+        what = f"layer image {os.fspath(p)!r}"
+        layer, meta = _layer_from_png(p, p.stem, None, what)
         layers.append(layer)
+        with Image.open(p) as im:  # reads the header only
+            sizes.append(im.size)
         if meta is not None and canvas is None:
-            canvas = tuple(meta["canvas"])
-    if canvas is None:  # plain PNGs: the canvas is the largest image, every layer placed at (0, 0)
-        sizes = []
-        for p in items:
-            with Image.open(p) as im:  # reads the header only
-                sizes.append(im.size)
-        canvas = (max(s[0] for s in sizes), max(s[1] for s in sizes))
+            canvas = _canvas(meta, what)
+    if canvas is None:  # plain PNGs (or records without one): large enough for every image and layer
+        canvas = _fit_canvas(layers, sizes)
     return LayerStack(canvas[0], canvas[1], layers)
+
+
+def _member(z: zipfile.ZipFile, name: object, path: Path, limit: int) -> bytes:
+    """The bytes of one archive member named by the manifest, after checking the name and its size."""
+    where = f"{os.fspath(path)!r}"
+    parts = name.replace("\\", "/").split("/") if isinstance(name, str) else [""]
+    if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or ".." in parts:
+        raise InputError(f"the manifest of {where} names the member {name!r}, which is not a plain name inside "
+                         "the archive; export the layers again")
+    try:
+        info = z.getinfo(name)
+    except KeyError:
+        raise InputError(f"the manifest of {where} names {name!r}, which the archive does not hold; "
+                         "export the layers again") from None
+    if info.file_size > limit:
+        raise InputError(f"{name!r} in {where} is {format_bytes(info.file_size)}, over the "
+                         f"{format_bytes(limit)} limit for this member; export the layers again")
+    check_allocation(info.file_size, f"reading {name!r} from {where}")
+    with z.open(info) as f:
+        return f.read(limit + 1)
 
 
 def _read_zip(path: Path) -> LayerStack:
     """A LayerStack from an `export_zip` archive, following its manifest."""
-    with zipfile.ZipFile(path) as z:
-        try:
-            manifest = json.loads(z.read(MANIFEST))
-        except KeyError:
-            raise InputError(f"{os.fspath(path)!r} has no {MANIFEST}; it was not written by export_zip") from None
-        layers = []
-        for rec in manifest["layers"]:
-            layer, _ = _layer_from_png(z.read(rec["file"]), Path(rec["file"]).stem, rec)
-            layers.append(layer)
-    w, h = manifest["canvas"]
-    return LayerStack(int(w), int(h), layers)
+    where = f"{os.fspath(path)!r}"
+    try:
+        with zipfile.ZipFile(path) as z:
+            if MANIFEST not in z.namelist():
+                raise InputError(f"{where} has no {MANIFEST}; it was not written by export_zip")
+            manifest = _json_record(_member(z, MANIFEST, path, MAX_MANIFEST_BYTES), f"{MANIFEST} in {where}")
+            records = manifest.get("layers")
+            if not isinstance(records, list) or not records:
+                raise InputError(f"{MANIFEST} in {where} has no list of layers; export the layers again")
+            canvas = _canvas(manifest, f"{MANIFEST} in {where}")
+            layers = []
+            for i, rec in enumerate(records):
+                if not isinstance(rec, dict):
+                    raise InputError(f"layer {i} of {MANIFEST} in {where} is a JSON {type(rec).__name__}, not an "
+                                     "object; export the layers again")
+                data = _member(z, rec.get("file"), path, MAX_MEMBER_BYTES)
+                layer, _ = _layer_from_png(data, Path(rec["file"]).stem, rec, f"{rec['file']!r} in {where}")
+                layers.append(layer)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError, ValueError,
+            zlib.error) as err:
+        if isinstance(err, InputError):
+            raise
+        raise InputError(f"{where} is not a readable ZIP archive ({err}); export the layers again") from None
+    if canvas is None:
+        canvas = _fit_canvas(layers, [])
+    return LayerStack(canvas[0], canvas[1], layers)

@@ -154,9 +154,10 @@ def recolor_layer(layer: Layer, *, hue_shift: float = 0, saturation: float = 0, 
         else:
             weight = (dist <= 1e-6).astype(np.float32)
         rgb = np.clip(rgb + weight[..., None] * (np.asarray(dst, np.float32) - np.asarray(src, np.float32)), 0, 1)
-    if hue_shift % 360 or saturation:
+    turn = (float(hue_shift) % 360.0) / 360.0  # reduced first: 1e9 degrees must not eat float32's precision
+    if turn or saturation:
         hsl = rgb_to_hsl(rgb)
-        hsl[..., 0] = (hsl[..., 0] + hue_shift / 360.0) % 1.0
+        hsl[..., 0] = (hsl[..., 0] + np.float32(turn)) % np.float32(1.0)
         hsl[..., 1] = np.clip(hsl[..., 1] * (1 + saturation), 0, 1)
         rgb = np.clip(hsl_to_rgb(hsl), 0, 1)
     if lightness > 0:

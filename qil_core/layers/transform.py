@@ -21,6 +21,7 @@ import numpy as np
 
 from ..checks import check_number
 from ..errors import InputError
+from ..resources import check_allocation
 from .composite import check_canvas
 from .resample import check_interpolation, premultiply, resample_box, unpremultiply, warp_affine
 from .stack import MAX_CANVAS_SIDE, Layer, LayerStack
@@ -186,6 +187,21 @@ def transform_layer(layer: Layer, *, dx: float = 0, dy: float = 0, scale_x: floa
     return out
 
 
+_RESIZE_WORK_BYTES_PER_PX = 48  # resample output + one Pillow channel + unpremultiply's result and temporaries
+Box = tuple[float, float, float, float]
+
+
+def _resize_plan(layer: Layer, sx: float, sy: float) -> tuple[tuple[int, int, int, int], Box] | None:
+    """((X0, X1, Y0, Y1) output pixels, source box) of one layer scaled by (sx, sy); None for an empty layer."""
+    if layer.pixels.size == 0:
+        return None
+    ex0, ex1 = _snap(layer.x * sx), _snap((layer.x + layer.width) * sx)
+    ey0, ey1 = _snap(layer.y * sy), _snap((layer.y + layer.height) * sy)
+    X0, X1 = math.floor(ex0), max(math.ceil(ex1), math.floor(ex0) + 1)
+    Y0, Y1 = math.floor(ey0), max(math.ceil(ey1), math.floor(ey0) + 1)
+    return (X0, X1, Y0, Y1), ((X0 - ex0) / sx, (Y0 - ey0) / sy, (X1 - ex0) / sx, (Y1 - ey0) / sy)
+
+
 def resize_stack(stack: LayerStack, width: int, height: int, interpolation: str = "lanczos") -> LayerStack:
     """Map a whole stack onto a width x height canvas: every layer and offset scaled by the canvas ratio."""
     for name, v in (("width", width), ("height", height)):
@@ -194,16 +210,18 @@ def resize_stack(stack: LayerStack, width: int, height: int, interpolation: str 
     check_interpolation(interpolation)
     check_canvas(int(width), int(height), what="resized canvas")
     sx, sy = width / stack.width, height / stack.height
+    plans = [_resize_plan(layer, sx, sy) for layer in stack.layers]
+    sizes = [(x1 - x0) * (y1 - y0) for x0, x1, y0, y1 in (p[0] for p in plans if p is not None)]
+    if sizes:  # every result is kept, plus the temporaries of the largest one (out, per-channel, unpremultiply)
+        check_allocation(sum(sizes) * 16 + max(sizes) * _RESIZE_WORK_BYTES_PER_PX,
+                         f"resizing {len(stack.layers)} layers to {width}x{height} px",
+                         hint="choose a smaller size, or delete or crop layers first")
     layers = []
-    for layer in stack.layers:
-        if layer.pixels.size == 0:
+    for layer, plan in zip(stack.layers, plans):
+        if plan is None:
             layers.append(layer.replace(x=math.floor(layer.x * sx), y=math.floor(layer.y * sy)))
             continue
-        ex0, ex1 = _snap(layer.x * sx), _snap((layer.x + layer.width) * sx)
-        ey0, ey1 = _snap(layer.y * sy), _snap((layer.y + layer.height) * sy)
-        X0, X1, Y0, Y1 = math.floor(ex0), max(math.ceil(ex1), math.floor(ex0) + 1), math.floor(ey0), \
-            max(math.ceil(ey1), math.floor(ey0) + 1)
-        box = ((X0 - ex0) / sx, (Y0 - ey0) / sy, (X1 - ex0) / sx, (Y1 - ey0) / sy)
+        (X0, X1, Y0, Y1), box = plan
         out = resample_box(premultiply(layer.pixels), box, (X1 - X0, Y1 - Y0), interpolation)
         layers.append(layer.replace(pixels=unpremultiply(out), x=X0, y=Y0).cropped())
     return LayerStack(int(width), int(height), layers)

@@ -34,6 +34,7 @@ def test_cost_model_matches_performance_doc(gpu_bench) -> None:
     assert gpu_bench.forward_flops(1000, 6) == pytest.approx(gpu_bench.forward_flops(1000, 60) / 10)
 
 
+@pytest.mark.slow
 def test_dry_run_reports_every_variant(gpu_bench, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     out = tmp_path / "bench.json"
     report = gpu_bench.main(["--dry-run", "--out", str(out)])

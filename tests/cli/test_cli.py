@@ -423,6 +423,7 @@ def test_verbose_shows_traceback(capsys: pytest.CaptureFixture[str], tmp_path: P
 # ---------------------------------------------------------------- demo
 
 
+@pytest.mark.slow
 def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     out = tmp_path / "demo"
     code, _, err = _run(capsys, "demo", "--out", out, "--size", "256x192")
@@ -447,6 +448,7 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
+@pytest.mark.slow
 def test_demo_default_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path,
                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)

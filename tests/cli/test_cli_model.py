@@ -58,6 +58,7 @@ def test_decompose_single_files_to_psd_and_pngs(capsys, comfy, image: Path, tmp_
     assert sorted(p.name for p in pngs.iterdir()) == ["out_00_Background.png", "out_01_Layer 1.png"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--memory", "offload"], ["--memory", "block_swap"], ["--vae-tile", "128"]])
 def test_memory_modes_and_vae_tiling_give_the_resident_result(capsys, comfy, image: Path, tmp_path: Path,
                                                               extra: list[str]) -> None:
@@ -74,6 +75,7 @@ def test_memory_modes_and_vae_tiling_give_the_resident_result(capsys, comfy, ima
         np.testing.assert_array_equal(a.pixels, b.pixels)
 
 
+@pytest.mark.slow
 def test_fp8_option_quantises_the_transformer(capsys, comfy, image: Path, tmp_path: Path,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from qil_core.model.weights import quant
@@ -94,6 +96,7 @@ def test_fp8_option_quantises_the_transformer(capsys, comfy, image: Path, tmp_pa
     assert lint_psd(tmp_path / "fp8.psd") == []
 
 
+@pytest.mark.slow
 def test_decompose_model_dir_original_size(capsys, diffusers_dir: Path, image: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.psd"
     code, err = _run(capsys, "decompose", image, "--out", out, "--model-dir", diffusers_dir, *FAST,
@@ -142,6 +145,7 @@ def test_numbers_image_size_and_out_folder_are_checked_before_loading(capsys, co
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "tiny.png"]
 
 
+@pytest.mark.slow
 def test_decompose_turns_an_exif_rotated_photo_upright(capsys, comfy, tmp_path: Path) -> None:
     # Regression: the EXIF orientation was ignored, so a phone photo stored sideways was decomposed sideways
     # (and --output-size original gave the stored, not the displayed, size).
@@ -178,6 +182,7 @@ def test_bad_options_give_one_line_errors(capsys, comfy, image: Path, tmp_path: 
     assert not (tmp_path / "a.psd").exists()
 
 
+@pytest.mark.slow
 def test_interrupt_leaves_nothing(capsys, comfy, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def stop(label: str):
         def callback(step: int, total: int) -> None:
@@ -193,6 +198,7 @@ def test_interrupt_leaves_nothing(capsys, comfy, image: Path, tmp_path: Path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
 
 
+@pytest.mark.slow
 def test_text_to_layers_command(capsys, comfy, tmp_path: Path) -> None:
     out = tmp_path / "t2l.psd"
     code, err = _run(capsys, "text-to-layers", "a red balloon over a field", "--out", out, *_files(comfy),

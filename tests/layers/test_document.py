@@ -52,8 +52,10 @@ def test_document_round_trip_is_lossless() -> None:
     stack = random_stack()
     doc = stack_to_document(stack)
     assert doc["version"] == 1 and tuple(doc["canvas"]) == (12, 10)
+    top = len(doc["layers"]) - 1
     for i, item in enumerate(doc["layers"]):
-        assert set(item) == DOC_KEYS and item["z_index"] == i and item["type"] == "raster"
+        # z_index counts up to 0 at the top, so that core's AddLayer (default z_index 0) appends on top.
+        assert set(item) == DOC_KEYS and item["z_index"] == i - top and item["type"] == "raster"
         img = item["image"]
         assert isinstance(img, torch.Tensor) and img.dtype == torch.float32 and img.ndim == 4 and img.shape[0] == 1
         assert (item["w"], item["h"]) == (img.shape[2], img.shape[1])
@@ -101,17 +103,29 @@ def test_z_index_stable_sort_and_batched_items() -> None:
     # Without z_index, items keep their list position; missing names become "Layer N" (1-based).
     plain = stack_from_document({"canvas": (2, 2), "layers": [item(0.5, None), item(0.6, None, b=2)]})
     assert [layer.name for layer in plain] == ["Layer 1", "Layer 2", "Layer 3"]
+    # A missing z_index counts as 0 (as in core): below an item with z_index 1 that comes first in the list.
+    mixed = stack_from_document({"canvas": (2, 2), "layers": [item(0.1, 1, name="one"), item(0.2, None, name="none"),
+                                                             item(0.3, -1, name="minus")]})
+    assert [layer.name for layer in mixed] == ["minus", "none", "one"]
 
 
-def test_batch_broadcast_of_image_and_mask() -> None:
+def test_image_batch_sets_the_frames_and_frame_k_takes_mask_k(caplog: pytest.LogCaptureFixture) -> None:
+    # As core pairs them: the image batch is the number of frames; mask[k] for frame k, a mask batch of 1 for all.
     mask = torch.ones(3, 4, 4)
     for i in range(3):
         mask[i, i, i] = 0
-    stack = stack_from_document({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "mask": mask,
-                                                               "name": "m"}]})
-    assert [layer.bbox() for layer in stack] == [(0, 0, 1, 1), (1, 1, 2, 2), (2, 2, 3, 3)]
-    with pytest.raises(InputError, match="image batch 2 and mask batch 3"):
-        stack_from_document({"canvas": (4, 4), "layers": [{"image": torch.rand(2, 4, 4, 3), "mask": mask}]})
+    with caplog.at_level(logging.WARNING):
+        one = stack_from_document({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "mask": mask,
+                                                                 "name": "m"}]})
+    assert [(layer.name, layer.bbox()) for layer in one] == [("m", (0, 0, 1, 1))]
+    assert "image batch 1 with mask batch 3" in caplog.text
+    two = stack_from_document({"canvas": (4, 4), "layers": [{"image": torch.rand(2, 4, 4, 3), "mask": mask}]})
+    assert [layer.bbox() for layer in two] == [(0, 0, 1, 1), (1, 1, 2, 2)]
+    four = stack_from_document({"canvas": (4, 4), "layers": [{"image": torch.rand(4, 4, 4, 3), "mask": mask}]})
+    assert [layer.bbox() for layer in four] == [(0, 0, 1, 1), (1, 1, 2, 2), (2, 2, 3, 3), (0, 0, 4, 4)]
+    assert (four[3].alpha == 1).all()  # past the masks: unmasked
+    shared = stack_from_document({"canvas": (4, 4), "layers": [{"image": torch.rand(3, 4, 4, 3), "mask": mask[1:2]}]})
+    assert [layer.bbox() for layer in shared] == [(1, 1, 2, 2)] * 3
 
 
 def test_rgba_image_and_mask_multiply() -> None:
@@ -162,8 +176,12 @@ def test_empty_document_and_inferred_canvas() -> None:
     ({"version": 2, "canvas": (4, 4), "layers": []}, "version 2 is not supported"),
     ({"canvas": (4, 4), "layers": [{"type": "text", "image": torch.rand(1, 4, 4, 3)}]}, "type 'text'"),
     ({"canvas": (4, 4), "layers": [{"name": "x"}]}, r"layers\[0\] has no 'image'"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "blend_mode": "glow"}]}, "blend_mode 'glow'"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "opacity": 2.0}]}, "opacity must be in 0..1"),
+    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "opacity": float("nan")}]},
+     r"layers\[0\]\.opacity must be a finite number"),
+    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "opacity": "half"}]}, r"\.opacity must be"),
+    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "w": MAX_CANVAS_SIDE + 1}]},
+     r"layers\[0\]\.w = 30001 is outside"),
+    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "z_index": "top"}]}, r"\.z_index must be a"),
     ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "x": float("nan")}]}, r"\.x must be a finite"),
     ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "rotation": float("nan")}]}, "rotation"),
     ({"canvas": (4, 4), "layers": "nope"}, "must be a list of dicts"),

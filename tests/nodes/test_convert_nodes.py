@@ -23,7 +23,7 @@ def test_images_to_layers_crops_names_and_round_trips() -> None:
     check_value("LAYERS", doc, "output")
     assert doc["canvas"] == (8, 6)
     assert [(it["name"], it["x"], it["y"], it["w"], it["h"], it["z_index"]) for it in doc["layers"]] == \
-        [("red", 1, 2, 3, 2, 0), ("blue", 6, 0, 1, 6, 1)]
+        [("red", 1, 2, 3, 2, -1), ("blue", 6, 0, 1, 6, 0)]  # z_index up to 0 at the top: AddLayer appends on top
     images, masks = convert.QILLayersToImages().convert(doc, full_canvas=True)
     check_value("IMAGE", images, "images")
     check_value("MASK", masks, "masks")

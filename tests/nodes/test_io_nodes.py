@@ -299,6 +299,7 @@ print(json.dumps({"outcome": outcome, "files": files,
 """
 
 
+@pytest.mark.slow
 def test_disk_full_leaves_nothing_behind_and_keeps_existing_files(tmp_path: Path) -> None:
     support = Path(__file__).parents[1] / "support"  # comfy_harness
     proc = subprocess.run([sys.executable, "-c", _DISK_FULL_PROBE, str(support), str(tmp_path)],

@@ -38,8 +38,10 @@ HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder
 
 # Imports the pack in a fresh interpreter the way ComfyUI does (torch is already loaded there), with every
 # socket connection refused, and reports the import time, new files and what was registered.
+# What importing the pack may load beyond the standard library (torch is loaded by the probe, like ComfyUI does).
+LIGHT_IMPORTS = {"numpy", "PIL", "safetensors"}
 _IMPORT_PROBE = r"""
-import importlib.util, json, os, socket, sys, time
+import importlib.util, json, os, socket, sys
 import torch  # ComfyUI has torch loaded long before it imports custom nodes
 attempts = []
 def refuse(self, *args, **kwargs):
@@ -49,16 +51,16 @@ socket.socket.connect = refuse
 socket.socket.connect_ex = refuse
 pack = sys.argv[1]
 before = {os.path.join(d, f) for d, _, fs in os.walk(pack) for f in fs}
-start = time.perf_counter()
+loaded = {m.split(".")[0] for m in sys.modules}
 name = pack.replace(".", "_x_")
 spec = importlib.util.spec_from_file_location(name, os.path.join(pack, "__init__.py"))
 module = importlib.util.module_from_spec(spec)
 sys.modules[name] = module
 spec.loader.exec_module(module)
-seconds = time.perf_counter() - start
 after = {os.path.join(d, f) for d, _, fs in os.walk(pack) for f in fs}
 print(json.dumps({
-    "seconds": seconds, "new_files": sorted(after - before), "cwd_files": sorted(os.listdir(".")),
+    "new_packages": sorted({m.split(".")[0] for m in sys.modules} - loaded - {name} - set(sys.stdlib_module_names)),
+    "new_files": sorted(after - before), "cwd_files": sorted(os.listdir(".")),
     "network": attempts, "nodes": sorted(module.NODE_CLASS_MAPPINGS),
     "exports": sorted(k for k in vars(module) if k.isupper()),
     "entrypoint": hasattr(module, "comfy_entrypoint"),
@@ -67,6 +69,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow
 def test_import_by_path_is_fast_quiet_and_registers_everything(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(tmp_path)}
     env.pop("COMFYUI_DIR", None)
@@ -74,7 +77,9 @@ def test_import_by_path_is_fast_quiet_and_registers_everything(tmp_path: Path) -
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["seconds"] < 1.0, f"pack import took {report['seconds']:.2f} s"
+    # Fast without a timer: importing the pack loads only these packages (ComfyUI has torch loaded already);
+    # no diffusers, transformers, psd-tools or tokenizers until a node runs. Import time is measured in bench/.
+    assert set(report["new_packages"]) <= LIGHT_IMPORTS, report["new_packages"]
     assert report["new_files"] == [] and report["cwd_files"] == []
     assert report["network"] == []
     assert report["nodes"] == sorted(EXPECTED_NODES)

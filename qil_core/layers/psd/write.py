@@ -282,9 +282,9 @@ def _check_memory(stack: LayerStack, depth: int) -> None:
 
 def _available_memory() -> int | None:
     """Available RAM in bytes (reclaimable cache included), or None where the OS does not say."""
-    from ..composite import available_memory_bytes
+    from ...resources import available_ram_bytes
 
-    return available_memory_bytes()
+    return available_ram_bytes()
 
 
 def _encoded_in_order(stack: LayerStack, depth: int, compression: int, warn: Callable[[str], None],

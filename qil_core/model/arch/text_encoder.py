@@ -106,8 +106,11 @@ class TextEncoderConfig:
                 rms_norm_eps=float(text.get("rms_norm_eps", 1e-6)),
                 rope_theta=float(rope.get("rope_theta", text.get("rope_theta", cfg.get("rope_theta", 1e6)))),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise ModelMismatchError(f"config.json is not a Qwen2.5-VL text config (bad or missing field {e})") from e
+        except KeyError as e:
+            raise ModelMismatchError(f"config.json is not a Qwen2.5-VL text config (missing field {e})") from e
+        except (TypeError, ValueError) as e:
+            raise ModelMismatchError("config.json is not a Qwen2.5-VL text config (a size or rate field is not a "
+                                     "number); re-download it") from e
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter name of `Qwen25TextEncoder` with its shape."""

@@ -24,6 +24,7 @@ from PIL import Image
 
 from ...errors import InputError
 from ...layers.document import mask_to_alpha
+from ...layers.image_file import pil_array
 from ...layers.stack import MAX_CANVAS_SIDE
 from ..runtime.memory import available_ram, format_bytes
 from .options import CUSTOM, SIDE_MULTIPLE, check_size_mode
@@ -98,13 +99,11 @@ def _to_numpy(value: Any) -> np.ndarray:
 
 
 def _from_pil(im: Image.Image) -> np.ndarray:
-    """A PIL image -> RGBA uint8; 16-bit and float modes are scaled, not clipped (the LoadImage pitfall, D9)."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        arr = np.asarray(im, dtype=np.float64) / 65535.0
-        return _to_rgba8(arr[..., None].astype(np.float32), "image")
-    if im.mode == "F":
-        return _to_rgba8(np.asarray(im, dtype=np.float32)[..., None], "image")
-    return np.array(im.convert("RGBA"), dtype=np.uint8)
+    """A PIL image -> RGBA uint8; 16-bit and float modes are scaled, not clipped (the LoadImage pitfall, D9).
+
+    The mode handling is the layer library's (`layers.image_file.pil_array`), shared with every file reader."""
+    arr = pil_array(im)
+    return arr if arr.dtype == np.uint8 else _to_rgba8(arr, "image")
 
 
 def _to_rgba8(arr: np.ndarray, what: str) -> np.ndarray:

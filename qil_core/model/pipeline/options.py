@@ -213,7 +213,7 @@ class _Sizing(Options):
     )
     max_side: int | None = option(
         None,
-        "Longest side in pixels for resolution 'custom' (rounded to a multiple of 32); ignored otherwise.",
+        "Longest side in pixels for resolution 'custom', rounded to a multiple of 32.",
         kind=int,
         lo=MIN_CUSTOM_SIDE,
         hi=MAX_CUSTOM_SIDE,

@@ -243,6 +243,7 @@ def load_into(
     input_scaled = {n for n in keep_fp8 if n in plan.input_scales}
     swap_fp8_linears(model, keep_fp8, weight_dtypes=keep_fp8, scale_shapes=scale_shapes, input_scale_keys=input_scaled)
     state: dict[str, torch.Tensor] = {}
+    floating = {k for k, t in model.state_dict(keep_vars=True).items() if t.is_floating_point()}
     ok = False
     try:
         for key in expected:
@@ -253,6 +254,10 @@ def load_into(
                 state[key] = _dequantize_at_load(ckpt, fkey, plan.scales.get(layer), dtype, dev)
             else:
                 src = ckpt.info(fkey).dtype
+                if not src.is_floating_point and key in floating:
+                    raise WeightsError(f"{ckpt.source}: tensor {fkey!r} is stored as {src}, but the model needs "
+                                       "floating-point weights there; the file is damaged or not a checkpoint of "
+                                       f"the {what}; re-download it")
                 state[key] = ckpt.read(fkey, dtype if src.is_floating_point else src, dev)
         for layer in keep_fp8:
             shape = model.get_submodule(layer).weight_scale.shape

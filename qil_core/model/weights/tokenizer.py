@@ -1,8 +1,11 @@
-"""Qwen2 byte-level BPE tokenizer built with the `tokenizers` library from vocab.json + merges.txt.
+"""Qwen2 byte-level BPE tokenizer, loaded with the `tokenizers` library from either folder layout.
 
-Follows the pipeline of transformers 5.x `Qwen2Tokenizer` (NFC normaliser, Qwen2 split regex, byte-level
-pre-tokenizer without prefix space, byte-level decoder, added tokens from tokenizer_config.json) so that
-ids equal the reference on the real vocabulary; transformers is not imported at run time.
+- `tokenizer.json` (what current transformers/diffusers `save_pretrained` writes): the library's native
+  format, loaded as is, whenever it is present.
+- `vocab.json` + `merges.txt` (+ the added tokens of tokenizer_config.json or added_tokens.json): the pipeline of
+  transformers 5.x `Qwen2Tokenizer` is rebuilt (NFC normaliser, Qwen2 split regex, byte-level pre-tokenizer
+  without prefix space, byte-level decoder, added tokens) so that ids equal the reference on the real vocabulary.
+Both give the same ids; transformers is not imported at run time.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ QWEN2_SPLIT_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
     r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
+TOKENIZER_JSON = "tokenizer.json"
 VOCAB_FILE = "vocab.json"
 MERGES_FILE = "merges.txt"
 CONFIG_FILE = "tokenizer_config.json"
@@ -108,17 +112,23 @@ def load_tokenizer(
             if folder in looked:
                 continue
             looked.append(folder)
-            if (folder / VOCAB_FILE).is_file() or (folder / MERGES_FILE).is_file():
+            if _has_tokenizer(folder):
                 return _load_folder(folder)
     if bundled:
         log.info("no Qwen2.5 tokenizer next to the weights or in a ComfyUI install; using the bundled copy")
         return _load_folder(TOKENIZER_DIR)
     where = "\n  ".join(str(p) for p in looked) or "(nowhere: no path given and no ComfyUI install found)"
     raise ModelFileNotFoundError(
-        f"Qwen2.5 tokenizer files ({VOCAB_FILE}, {MERGES_FILE}, {CONFIG_FILE}) not found. Looked in:\n  {where}\n"
+        f"Qwen2.5 tokenizer not found: a folder needs either {TOKENIZER_JSON} (as saved by transformers/diffusers) "
+        f"or {VOCAB_FILE} + {MERGES_FILE} + {CONFIG_FILE}. Looked in:\n  {where}\n"
         "Pass the diffusers model folder (it has tokenizer/), the tokenizer folder itself, or your ComfyUI folder "
         f"(it ships {COMFYUI_TOKENIZER_SUBDIR.as_posix()}/)."
     )
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    """Whether `folder` holds either tokenizer layout (a partial vocab/merges pair counts, to report what lacks)."""
+    return any((folder / name).is_file() for name in (TOKENIZER_JSON, VOCAB_FILE, MERGES_FILE))
 
 
 def _default_roots() -> list[Path]:
@@ -145,6 +155,35 @@ def _candidate_dirs(root: Path) -> list[Path]:
 
 
 def _load_folder(folder: Path) -> QwenTokenizer:
+    """Load the tokenizer of one folder: its tokenizer.json if present, else vocab.json + merges.txt."""
+    if (folder / TOKENIZER_JSON).is_file():
+        return _load_tokenizer_json(folder)
+    return _load_vocab_merges(folder)
+
+
+def _load_tokenizer_json(folder: Path) -> QwenTokenizer:
+    """Load a `tokenizers` tokenizer.json and check that it carries the Qwen2.5 chat-template tokens."""
+    path = folder / TOKENIZER_JSON
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # the library raises plain Exception for bad JSON and for unknown components
+        raise CorruptFileError(
+            f"{path} is not a readable tokenizers file ({str(e)[:200]}); restore the original, or delete it to use "
+            f"{VOCAB_FILE} + {MERGES_FILE} instead"
+        ) from e
+    tok.no_truncation()  # a saved tokenizer may carry truncation or padding settings; the prompt code owns those
+    tok.no_padding()
+    names = {t.content: i for i, t in tok.get_added_tokens_decoder().items()}
+    missing = [t for t in REQUIRED_SPECIAL if t not in names]
+    if missing:
+        raise CorruptFileError(
+            f"{path} lacks the special tokens {missing} in its added_tokens; this is not a Qwen2.5 tokenizer"
+        )
+    log.info("loaded Qwen2.5 tokenizer from %s (%d ids)", path, tok.get_vocab_size(with_added_tokens=True))
+    return QwenTokenizer(tok, names, folder)
+
+
+def _load_vocab_merges(folder: Path) -> QwenTokenizer:
     """Build the tokenizer from one folder holding vocab.json, merges.txt and the added-token table."""
     for name in (VOCAB_FILE, MERGES_FILE):
         if not (folder / name).is_file():

@@ -58,6 +58,7 @@ def _ref_decode(ref: AutoencoderKLQwenImage, z: torch.Tensor) -> torch.Tensor:
         return ref.decode(z[:, :, None]).sample[:, :, 0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hw", [(64, 96), (48, 48)])
 def test_encode_decode_match_diffusers_from_folder(saved, hw: tuple[int, int]) -> None:
     ref, folder, _ = saved
@@ -174,6 +175,7 @@ def test_latent_normalisation_matches_pipeline_formulas(dtype: torch.dtype) -> N
         assert torch.allclose(vae.denormalize_latents(vae.normalize_latents(z)), z, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_load_is_close_to_fp32(saved) -> None:
     _, folder, wan_file = saved
     a, b = load_vae(folder), load_vae(wan_file, dtype=torch.bfloat16)

@@ -41,6 +41,7 @@ def stack() -> LayerStack:
     return LayerStack(120, 80, [bg, badge, top])
 
 
+@pytest.mark.slow
 def test_splices_sub_layers_in_place(model, stack: LayerStack) -> None:
     out = decompose_layer(model, stack, 1, layers=3, **OPTS)
     assert [layer.name for layer in out] == ["Sky", "Badge / 1", "Badge / 2", "Badge / 3", "Tag"]
@@ -59,6 +60,7 @@ def test_splices_sub_layers_in_place(model, stack: LayerStack) -> None:
     assert any(sub.pixels.size for sub in out.layers[1:4])
 
 
+@pytest.mark.slow
 def test_equals_decompose_of_the_layer_pixels_clipped_to_its_alpha(model, stack: LayerStack) -> None:
     """The sub-layers are decompose() of the parent's pixels at their size, alpha = min(sub, parent), moved."""
     out = decompose_layer(model, stack, "Badge", layers=2, **OPTS)

@@ -168,6 +168,7 @@ def test_bucket_rounds_halves_to_even_and_custom_mode() -> None:
         bucket_size(100, 100, "custom", None)
 
 
+@pytest.mark.slow
 def test_d4_odd_sizes_map_back_and_tiny_images_are_refused(model) -> None:
     out = decompose(model, _img(57, 99), prompt="x", output_size="original", **FAST)[0]
     assert out.size == (99, 57)
@@ -226,6 +227,7 @@ def test_d14_missing_model() -> None:
         decompose("model.safetensors", _img(), prompt="x")  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_d12_seeds_are_deterministic_and_taken_modulo_2_64(model) -> None:
     a = decompose(model, _img(), prompt="x", seed=-1, **FAST)[0]
     _same(a, decompose(model, _img(), prompt="x", seed=2**64 - 1, **FAST)[0])
@@ -242,6 +244,7 @@ class Cancelled(Exception):
     pass
 
 
+@pytest.mark.slow
 def test_d11_callback_counts_steps_and_cancels_within_one_step(model) -> None:
     calls = []
     decompose(model, [_img(), _img(seed=1)], prompt="x", callback=lambda s, t: calls.append((s, t)), **FAST)
@@ -262,6 +265,7 @@ def test_d11_callback_counts_steps_and_cancels_within_one_step(model) -> None:
 # --- prompts (D13) and CFG ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_d13_empty_long_and_broken_prompts(model, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         decompose(model, _img(), prompt=None, **FAST)
@@ -278,6 +282,7 @@ def test_d13_empty_long_and_broken_prompts(model, caplog: pytest.LogCaptureFixtu
         decompose(model, _img(), prompt=b"bytes", **FAST)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_cfg_switches(model, caplog: pytest.LogCaptureFixture) -> None:
     plain = decompose(model, _img(), prompt="x", cfg=1.0, **FAST)[0]
     with caplog.at_level(logging.WARNING):
@@ -290,6 +295,7 @@ def test_cfg_switches(model, caplog: pytest.LogCaptureFixture) -> None:
         decompose(model, _img(), prompt="x", prompt_embeds=torch.zeros(1, 3, 128), **FAST)
 
 
+@pytest.mark.slow
 def test_cfg_batch_equals_sequential_passes(model) -> None:
     """One batched forward (negative padded with a masked tail) equals the two separate passes in fp32."""
     kwargs = dict(prompt="a long prompt about many things in a scene", negative_prompt=" ", cfg=4.0, **FAST)
@@ -318,6 +324,7 @@ def test_text_encoder_is_needed_for_strings(model) -> None:
 # --- batches (D3) ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_d3_batch_equals_single_runs_with_the_same_noise(model) -> None:
     imgs = np.stack([_img(seed=0), _img(seed=4)])
     both = decompose(model, imgs, prompt="x", seed=11, **FAST)

@@ -108,6 +108,7 @@ def _assert_layers_match(ref_images: list, stack: LayerStack) -> None:
         assert drgb.max() <= 1, f"layer {k}: RGB differs by up to {drgb.max()}/255"
 
 
+@pytest.mark.slow
 def test_decompose_matches_reference_with_cfg_normalize(pipe, model) -> None:
     img = _image(0)
     ref = pipe(image=Image.fromarray(img, "RGBA"), prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, layers=2,
@@ -122,6 +123,7 @@ def test_decompose_matches_reference_with_cfg_normalize(pipe, model) -> None:
     _assert_layers_match(ref, ours[0])
 
 
+@pytest.mark.slow
 def test_decompose_matches_reference_with_embeddings_no_normalize(pipe, model) -> None:
     """Embeddings from diffusers' own encode_prompt, passed to both; three layers; plain true CFG; sequential CFG."""
     img = _image(1)
@@ -138,6 +140,7 @@ def test_decompose_matches_reference_with_embeddings_no_normalize(pipe, model) -
     _assert_layers_match(ref, ours[0])
 
 
+@pytest.mark.slow
 def test_batch_is_grouped_correctly_unlike_the_reference(pipe, model) -> None:
     """Two images, one layer each: the reference slices its B*N decoded layers in groups of N+1 (wrong); ours by N.
 

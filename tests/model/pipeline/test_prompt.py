@@ -79,6 +79,7 @@ def test_equals_diffusers_encode_prompt(models, tok: QwenTokenizer, pipe, prompt
         assert torch.all(e[m == 0] == 0)
 
 
+@pytest.mark.slow
 def test_10kb_prompt_is_truncated_with_warning(models, tok, pipe, caplog: pytest.LogCaptureFixture) -> None:
     assert len(LONG.encode("utf-8")) > 10_000
     with caplog.at_level(logging.WARNING, logger="qil_core.model.pipeline.prompt"):

@@ -48,6 +48,7 @@ PLACEMENTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PLACEMENTS))
 def test_outputs_bit_identical_to_resident(name: str, model, inputs, reference) -> None:
     placement = PLACEMENTS[name]()

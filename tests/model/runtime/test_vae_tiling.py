@@ -30,6 +30,7 @@ class LocalVAE:
         return torch.einsum("oc,bchw->bohw", self.enc, F.avg_pool2d(x, 8))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("h,w", [(24, 40), (17 * 2, 9 * 2), (8, 8)])
 def test_blending_is_exact_for_local_maps(h: int, w: int) -> None:
     vae = LocalVAE()

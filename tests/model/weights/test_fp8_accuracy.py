@@ -77,6 +77,7 @@ def outputs(request: pytest.FixtureRequest) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_bf16_close_to_fp32(outputs) -> None:
     assert _rel(outputs["bf16"], outputs["fp32"]) < BF16_VS_FP32
 

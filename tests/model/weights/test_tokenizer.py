@@ -188,6 +188,110 @@ def test_added_tokens_json_fallback(tokenizer_dir: Path, tmp_path: Path, tok: Qw
     assert load_tokenizer(folder).encode(text) == tok.encode(text)
 
 
+# ------------------------------------------------------------------ the tokenizer.json layout
+def _save_tokenizer_json(src: Path, dest: Path) -> Path:
+    """What current transformers' save_pretrained writes: tokenizer.json + tokenizer_config.json, no vocab/merges."""
+    transformers = pytest.importorskip("transformers")
+    transformers.Qwen2TokenizerFast.from_pretrained(str(src)).save_pretrained(str(dest))
+    assert (dest / "tokenizer.json").is_file() and (dest / "tokenizer_config.json").is_file()
+    assert not (dest / "vocab.json").exists() and not (dest / "merges.txt").exists()
+    return dest
+
+
+@pytest.fixture(scope="module")
+def json_dir(tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _save_tokenizer_json(tokenizer_dir, tmp_path_factory.mktemp("saved") / "tokenizer")
+
+
+@pytest.fixture(scope="module")
+def tok_json(json_dir: Path) -> QwenTokenizer:
+    return load_tokenizer(json_dir)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokenizer_json_layout_gives_identical_ids(tok: QwenTokenizer, tok_json: QwenTokenizer, text: str) -> None:
+    assert tok_json.encode(text) == tok.encode(text)
+    assert tok_json.encode(TEMPLATE.format(text)) == tok.encode(TEMPLATE.format(text))
+
+
+def test_tokenizer_json_layout_long_text_decode_and_specials(tok: QwenTokenizer, tok_json: QwenTokenizer) -> None:
+    text = TEMPLATE.format(" ".join(TEXTS[2:]) * 40)
+    ids = tok_json.encode(text)
+    assert ids == tok.encode(text) and len(ids) > 3000
+    assert tok_json.decode(ids) == tok.decode(ids)
+    assert tok_json.decode(ids, skip_special_tokens=True) == tok.decode(ids, skip_special_tokens=True)
+    assert tok_json.vocab_size == tok.vocab_size == 151669
+    assert tok_json.special_tokens == tok.special_tokens and tok_json.pad_token_id == 151643
+    assert tok_json.token_to_id("<|im_start|>") == 151644
+
+
+def test_tokenizer_json_found_in_a_saved_diffusers_folder(json_dir: Path, tmp_path: Path) -> None:
+    root = tmp_path / "Qwen-Image-Layered"
+    shutil.copytree(json_dir, root / "tokenizer")
+    shard = root / "text_encoder" / "model-00001-of-00004.safetensors"
+    shard.parent.mkdir()
+    shard.write_bytes(b"")
+    for where in (root, root / "text_encoder", shard, root / "tokenizer"):
+        assert load_tokenizer(where).folder == root / "tokenizer"
+
+
+def test_tokenizer_json_wins_over_vocab_and_merges(tokenizer_dir: Path, json_dir: Path, tmp_path: Path) -> None:
+    both = _copy(tokenizer_dir, tmp_path / "both")
+    shutil.copyfile(json_dir / "tokenizer.json", both / "tokenizer.json")
+    (both / "merges.txt").write_text("#version: 0.2\nbroken\n", encoding="utf-8")  # not read: tokenizer.json wins
+    assert load_tokenizer(both).encode("猫 🦊") == load_tokenizer(tokenizer_dir).encode("猫 🦊")
+
+
+def test_bad_tokenizer_json(json_dir: Path, tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "tokenizer.json").write_bytes(b'{"version": "1.0", "model": ')
+    with pytest.raises(CorruptFileError, match="tokenizer.json is not a readable tokenizers file"):
+        load_tokenizer(corrupt)
+    other = tmp_path / "other"
+    other.mkdir()
+    data = json.loads((json_dir / "tokenizer.json").read_text(encoding="utf-8"))
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|im_end|>"]
+    (other / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(CorruptFileError, match=r"lacks the special tokens \['<\|im_end\|>'\]"):
+        load_tokenizer(other)
+
+
+def test_not_found_names_both_layouts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COMFYUI_DIR", raising=False)
+    (tmp_path / "tokenizer").mkdir()
+    (tmp_path / "tokenizer" / "tokenizer_config.json").write_text("{}", encoding="utf-8")  # config alone: not enough
+    with pytest.raises(ModelFileNotFoundError) as e:
+        load_tokenizer(tmp_path, bundled=False)
+    msg = str(e.value)
+    assert "tokenizer.json" in msg and "vocab.json + merges.txt" in msg and str(tmp_path / "tokenizer") in msg
+
+
+@pytest.mark.slow
+def test_decompose_model_dir_with_a_tokenizer_json_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The reported failure: `decompose --model-dir` on a folder saved by current diffusers/transformers.
+    import numpy as np
+    from PIL import Image
+
+    from qil_core.cli import main
+    from qil_core.layers.psd import read_psd
+    from qil_core.model.weights.tiny import write_tiny_model
+
+    model_dir = write_tiny_model(tmp_path / "model", layout="diffusers", seed=1)["model_dir"]
+    tiny = model_dir / "tokenizer"
+    saved = _save_tokenizer_json(tiny, tmp_path / "saved")
+    shutil.rmtree(tiny)
+    shutil.copytree(saved, tiny)
+    image = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8), "RGB").save(image)
+    out = tmp_path / "out.psd"
+    code = main(["decompose", str(image), "--out", str(out), "--model-dir", str(model_dir), "--layers", "2",
+                 "--steps", "1", "--dtype", "fp32", "--device", "cpu", "--prompt", "猫 🦊 test",
+                 "--resolution", "custom", "--max-side", "64"])
+    assert code == 0, capsys.readouterr().err
+    assert [layer.name for layer in read_psd(out)] == ["Background", "Layer 1"]
+
+
 def test_bundled_copy_when_nothing_else_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                tok: QwenTokenizer) -> None:
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
