@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -23,7 +22,7 @@ from types import ModuleType
 from typing import Any
 
 from ..qil_core.errors import ModelFileNotFoundError, OutputPathError, WeightsError
-from ..qil_core.fsutil import ensure_inside, make_staging, name_problem, publish_exclusive, sweep_stale
+from ..qil_core.fsutil import ensure_inside, name_problem, next_counter, publish_group
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +178,6 @@ def _inside(path: Path, root: Path) -> bool:
     return True
 
 
-def _next_counter(folder: Path, base: str) -> int:
-    pattern = re.compile(re.escape(base) + r"_(\d+)_", re.IGNORECASE if os.name == "nt" else 0)
-    try:
-        found = [int(m.group(1)) for n in os.listdir(folder) if (m := pattern.match(n))]
-    except FileNotFoundError:
-        return 1
-    return max(found, default=0) + 1
-
-
 def _plan(prefix: str, width: int, height: int, temp: bool) -> tuple[Path, str, int, str, str]:
     """(folder, base name, first free counter, subfolder, "output"|"temp") for `prefix`; creates the folder."""
     root = get_temp_directory() if temp else get_output_directory()
@@ -208,27 +198,13 @@ def _plan(prefix: str, width: int, height: int, temp: bool) -> tuple[Path, str, 
             folder = Path(out_folder)
         else:
             folder.mkdir(parents=True, exist_ok=True)
-            counter = _next_counter(folder, base)
+            counter = next_counter(folder, base)
     except OSError as e:  # a path part is a file, read-only or full disk, no permission
         raise OutputPathError(f"cannot create or list the folder {folder} for {prefix!r}: {e.strerror or e}; "
                               "check the output folder") from e
     if not folder.is_dir() or not _inside(folder, root):
         raise OutputPathError(f"cannot save into {folder}: not a folder inside {root}")
     return folder, base, int(counter), subfolder.replace("\\", "/"), "temp" if temp else "output"
-
-
-def _claim(tmp: Path, target: Path) -> bool:
-    """Move a finished temp file or folder to `target` unless `target` exists (False then). Never overwrites."""
-    if tmp.is_dir():
-        try:
-            target.mkdir()  # exclusive: fails when the name is taken
-        except FileExistsError:
-            return False
-        for child in tmp.iterdir():
-            os.replace(child, target / child.name)
-        tmp.rmdir()
-        return True
-    return publish_exclusive(tmp, target)  # atomic, never replaces an existing file
 
 
 def save_files(
@@ -242,39 +218,12 @@ def save_files(
 ) -> list[SavedFile]:
     """Write files (or folders) sharing one counter, e.g. `.psd` + `.png`, named `{base}_{counter:05}_{suffix}`.
 
-    Each writer fills a path that does not exist yet in a hidden staging folder beside the targets; then every
-    result is claimed exclusively. On a collision with another process the ones already claimed are moved back
-    and the next counter is tried. Never overwrites; an error leaves no partial file. Returns `writers` order."""
-    suffixes = [suffix for suffix, _ in writers]
-    if len(set(suffixes)) != len(suffixes):
-        raise ValueError(f"save_files: suffixes must differ, got {suffixes}")
+    The folder and the first counter come from ComfyUI (`folder_paths.get_save_image_path`) or the standalone
+    fallback; writing and the exclusive, all-or-nothing claim are `fsutil.publish_group`'s. Returns `writers` order.
+    """
     folder, base, counter, subfolder, kind = _plan(prefix, width, height, temp)
-    sweep_stale(folder)  # leftovers of a writer killed mid-save (SIGKILL, power loss), ours only
-    staging = make_staging(folder)
-    try:
-        tmps = [staging / f"{base}_{counter:05}_{suffix}" for suffix in suffixes]  # the planned names, for messages
-        for tmp, (_, write) in zip(tmps, writers):
-            write(tmp)
-            if not tmp.exists():
-                raise OutputPathError(f"internal error: the writer for {tmp.name!r} wrote nothing")
-        for _ in range(max_tries):
-            names = [f"{base}_{counter:05}_{suffix}" for suffix, _ in writers]
-            claimed: list[Path] = []
-            for tmp, name in zip(tmps, names):
-                if not _claim(tmp, folder / name):
-                    break
-                claimed.append(folder / name)
-            else:
-                return [SavedFile(folder / n, n, subfolder, kind) for n in names]
-            for path, tmp in zip(claimed, tmps):  # undo our partial group, then try the next counter
-                os.replace(path, tmp)
-            counter += 1
-        raise OutputPathError(f"no free file name for {prefix!r} in {folder} after {max_tries} counters")
-    except OSError as e:
-        raise OutputPathError(f"could not write {prefix!r} into {folder}: {e.strerror or e}; check free space "
-                              "and permissions of the output folder") from e
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    paths = publish_group(folder, base, writers, counter=counter, max_tries=max_tries, label=prefix)
+    return [SavedFile(p, p.name, subfolder, kind) for p in paths]
 
 
 def png_metadata_enabled() -> bool:

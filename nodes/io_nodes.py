@@ -17,13 +17,14 @@ from PIL.PngImagePlugin import PngInfo
 from ..qil_core.errors import InputError
 from ..qil_core.layers import alpha_to_mask, composite, stack_to_images
 from ..qil_core.layers.export import export_pngs, export_zip, layer_file_names, quantize_rgba8
-from ..qil_core.layers.psd import read_psd, write_psd
+from ..qil_core.layers.psd import load_psd, write_psd
 from . import host
 from .common import CATEGORY_IO, LAYERS_TIP, checkerboard, to_document, to_output, to_stack
 
 PSD_SUFFIXES = (".psd", ".psb")
 DEPTHS = {"8-bit": 8, "16-bit": 16}
 PREVIEW_SIDE = 1024  # temp previews are shrunk to this; saved files keep full size
+GROUP_CHOICES = {"keep children": "keep", "flatten": "flatten"}  # Load PSD's 'groups' -> the reader's option
 
 
 def _png_writer(rgba: np.ndarray, info: PngInfo | None = None, level: int = 4,
@@ -210,9 +211,11 @@ class QILLoadPSD:
     DESCRIPTION = (
         "Loads a PSD from ComfyUI's input folder (or any PSD in the input, output or temp folder given by "
         "'path', e.g. the path output of Save PSD) as a layer document, bottom layer first, keeping names, "
-        "positions, opacity, blend modes and visibility; groups are flattened. Also outputs the layers "
-        "flattened by our compositor as an RGBA IMAGE and its MASK (1 = transparent). Re-runs when the file "
-        "changes."
+        "positions, opacity, blend modes and visibility, with layer and vector masks applied to each layer's "
+        "alpha, clipping masks and fill opacity. A flat PSD gives one 'Background' layer. Also outputs the "
+        "layers flattened by our compositor as an RGBA IMAGE and its MASK (1 = transparent). Anything in the "
+        "file that changes the picture but cannot be represented (layer effects, adjustment layers, knockout...) "
+        "is listed as a warning on the node. Re-runs when the file changes."
     )
     CATEGORY = CATEGORY_IO
     RETURN_TYPES = ("LAYERS", "IMAGE", "MASK")
@@ -228,16 +231,26 @@ class QILLoadPSD:
             "optional": {
                 "path": ("STRING", {"default": "", "tooltip": "Optional: a PSD path inside the input, output or "
                                     "temp folder (absolute, or relative to input); overrides 'psd'."}),
+                "groups": (list(GROUP_CHOICES), {"default": "keep children", "tooltip": "keep children: the "
+                           "layers of pass-through groups stay layers; a group with its own blend mode, opacity "
+                           "or mask becomes one layer (that is how it looks). flatten: every group is one layer."}),
+                "use_merged": ("BOOLEAN", {"default": False, "tooltip": "Output Photoshop's stored merged image "
+                               "as 'composite' instead of compositing the layers: use it when the node warns about "
+                               "effects or adjustments it cannot draw."}),
             },
         }
 
-    def load(self, psd: str, path: str = "") -> tuple[dict, Any, Any]:
-        stack = read_psd(resolve_psd(psd, path))
-        rgba = composite(stack)  # (H, W, 4)
-        return to_document(stack), to_output(rgba[None]), to_output(alpha_to_mask(rgba[..., 3])[None])
+    def load(self, psd: str, path: str = "", groups: str = "keep children",
+             use_merged: bool = False) -> dict[str, Any]:
+        if groups not in GROUP_CHOICES:
+            raise InputError(f"input 'groups' must be one of {', '.join(GROUP_CHOICES)}, got {groups!r}")
+        read = load_psd(resolve_psd(psd, path), groups=GROUP_CHOICES[groups], merged=bool(use_merged))
+        rgba = read.merged if read.merged is not None else composite(read.stack)  # (H, W, 4)
+        outputs = (to_document(read.stack), to_output(rgba[None]), to_output(alpha_to_mask(rgba[..., 3])[None]))
+        return {"ui": {"text": read.warnings}, "result": outputs}
 
     @classmethod
-    def IS_CHANGED(cls, psd: str, path: str | None = "") -> str:
+    def IS_CHANGED(cls, psd: str, path: str | None = "", groups: str = "", use_merged: bool = False) -> str:
         if path is None:  # linked: the upstream node's own change already re-runs this one
             return "linked path"
         digest = hashlib.sha256()
@@ -247,7 +260,7 @@ class QILLoadPSD:
         return digest.hexdigest()
 
     @classmethod
-    def VALIDATE_INPUTS(cls, psd: str, path: str | None = "") -> bool | str:
+    def VALIDATE_INPUTS(cls, psd: str, path: str | None = "", **_options: Any) -> bool | str:
         if path is None:  # linked: checked when the node runs
             return True
         try:

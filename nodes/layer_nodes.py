@@ -13,12 +13,12 @@ from ..qil_core.layers import (
     recolor_layer,
     select_layers,
     stack_to_images,
-    transform_layer,
+    transform_layers,
 )
-from ..qil_core.layers.composite import union_bbox
 from .common import CATEGORY_LAYERS, LAYERS_TIP, SELECT_TIP, number, select, to_document, to_output, to_stack
 
-PIVOTS = ("selection center", "layer center", "canvas center")
+# The widget's pivot names -> qil_core.layers.transform_layers' pivots.
+PIVOTS = {"selection center": "group", "layer center": "layer", "canvas center": "canvas"}
 
 
 def _float(default: float, lo: float, hi: float, step: float, tip: str) -> tuple[str, dict[str, Any]]:
@@ -53,7 +53,7 @@ class QILLayerTransform:
                 "flip_h": ("BOOLEAN", {"default": False, "tooltip": "Mirror left-right."}),
                 "flip_v": ("BOOLEAN", {"default": False, "tooltip": "Mirror top-bottom."}),
                 "opacity": _float(1.0, 0.0, 1.0, 0.01, "Multiplies each layer's opacity (1 keeps it, 0 hides it)."),
-                "pivot": (list(PIVOTS), {"default": PIVOTS[0], "tooltip": "Centre of rotation, scaling and "
+                "pivot": (list(PIVOTS), {"default": "selection center", "tooltip": "Centre of rotation, scaling and "
                                          "flipping: the selected layers' common box, each layer's own box, "
                                          "or the canvas."}),
                 "interpolation": (list(INTERPOLATIONS), {"default": "lanczos", "tooltip": "Resampling filter "
@@ -68,28 +68,15 @@ class QILLayerTransform:
         dx, dy = number("dx", dx), number("dy", dy)
         scale_x, scale_y = number("scale_x", scale_x, 0.0, 100.0), number("scale_y", scale_y, 0.0, 100.0)
         rotation, fade = number("rotation", rotation), number("opacity", opacity, 0.0, 1.0)
+        if str(pivot) not in PIVOTS:
+            raise InputError(f"input 'pivot' must be one of {', '.join(PIVOTS)}, got {pivot!r}")
         stack = to_stack(layers)
         chosen = select(stack, layer)
-        box = union_bbox([stack.layers[i] for i in chosen]) or (0, 0, stack.width, stack.height)
-        centre = {"selection center": ((box[0] + box[2]) / 2, (box[1] + box[3]) / 2),
-                  "canvas center": (stack.width / 2, stack.height / 2)}.get(str(pivot))
-        if centre is None and pivot != "layer center":
-            raise InputError(f"input 'pivot' must be one of {', '.join(PIVOTS)}, got {pivot!r}")
-        out = list(stack.layers)
-        for i in chosen:
-            item = out[i]
-            if (flip_h or flip_v) and centre is not None and item.pixels.size:
-                # transform_layer flips about the layer's own centre; mirror its place about the group pivot too
-                shift_x = 2 * centre[0] - (2 * item.x + item.width) if flip_h else 0
-                shift_y = 2 * centre[1] - (2 * item.y + item.height) if flip_v else 0
-                item = transform_layer(item, dx=shift_x, dy=shift_y, flip_h=flip_h, flip_v=flip_v)
-                flips = {}
-            else:
-                flips = {"flip_h": bool(flip_h), "flip_v": bool(flip_v)}
-            out[i] = transform_layer(item, dx=dx, dy=dy, scale_x=scale_x, scale_y=scale_y, rotation=rotation,
-                                     opacity=item.opacity * fade, interpolation=interpolation,
-                                     pivot=centre if centre is not None else "center",
-                                     canvas=(stack.width, stack.height), **flips)
+        out = transform_layers(stack, chosen, pivot=PIVOTS[str(pivot)], dx=dx, dy=dy, scale_x=scale_x,
+                               scale_y=scale_y, rotation=rotation, flip_h=flip_h, flip_v=flip_v,
+                               interpolation=interpolation).layers
+        picked = set(chosen)
+        out = [item.replace(opacity=item.opacity * fade) if i in picked else item for i, item in enumerate(out)]
         return (to_document(stack.replace(layers=out)),)
 
 

@@ -51,6 +51,7 @@ from .layers import (
     select_layers,
     set_layer_props,
     transform_layer,
+    transform_layers,
 )
 from .layers.edit_steps import LayerEdit, StackEdit, apply_edits
 from .layers.export import export_pngs, export_zip, read_layer_pngs
@@ -134,5 +135,6 @@ __all__ = [
     "set_layer_props",
     "text_to_layers",
     "transform_layer",
+    "transform_layers",
     "write_psd",
 ]

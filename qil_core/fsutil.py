@@ -19,7 +19,7 @@ import time
 import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from .errors import OutputExistsError, OutputPathError
 
@@ -91,17 +91,14 @@ def ensure_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) ->
     return Path(real)
 
 
-def unique_path(folder: str | os.PathLike[str], stem: str, suffix: str, *, start: int = 1) -> Path:
-    """The first free `folder/{stem}_{counter:05}_{suffix}` from counter `start` (ComfyUI's naming; not atomic)."""
-    return Path(folder) / f"{stem}_{_free_counter(Path(folder), stem, suffix, start):05}_{suffix}"
-
-
-def _free_counter(folder: Path, stem: str, suffix: str, start: int) -> int:
-    """The first counter from `start` whose name is not taken in `folder`."""
-    counter = max(int(start), 0)
-    while os.path.lexists(folder / f"{stem}_{counter:05}_{suffix}"):
-        counter += 1
-    return counter
+def next_counter(folder: str | os.PathLike[str], base: str) -> int:
+    """ComfyUI's counter rule: one past the highest `{base}_NNNNN_...` in `folder` (1 when none or no folder)."""
+    pattern = re.compile(re.escape(base) + r"_(\d+)_", re.IGNORECASE if os.name == "nt" else 0)
+    try:
+        found = [int(m.group(1)) for n in os.listdir(folder) if (m := pattern.match(n))]
+    except FileNotFoundError:
+        return 1
+    return max(found, default=0) + 1
 
 
 def _translate(err: OSError, path: Path) -> OutputPathError:
@@ -265,34 +262,65 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *, overwrite: 
     return atomic_write(path, write, overwrite=overwrite)
 
 
-def save_with_counter(folder: str | os.PathLike[str], stem: str, suffix: str, write: Callable[[BinaryIO], None], *,
-                      start: int = 1, max_tries: int = 100_000, make_dirs: bool = False) -> Path:
-    """Write once, then publish as the first free `{stem}_{counter:05}_{suffix}` (exclusive; retries counter+1)."""
+def _claim(tmp: Path, target: Path) -> bool:
+    """Move a finished temp file or folder to `target` unless `target` exists (False then). Never overwrites."""
+    if tmp.is_dir():
+        try:
+            target.mkdir()  # exclusive: fails when the name is taken
+        except FileExistsError:
+            return False
+        for child in tmp.iterdir():
+            os.replace(child, target / child.name)
+        tmp.rmdir()
+        return True
+    return publish_exclusive(tmp, target)  # atomic, never replaces an existing file
+
+
+def publish_group(folder: str | os.PathLike[str], base: str, writers: Sequence[tuple[str, Callable[[Path], Any]]], *,
+                  counter: int | None = None, max_tries: int = 1000, label: str | None = None) -> list[Path]:
+    """Write files (or folders) sharing one counter, e.g. `.psd` + `.png`, named `{base}_{counter:05}_{suffix}`.
+
+    The one counter-named publisher (ComfyUI's `filename_prefix_00001_` names). Each writer fills a path that does
+    not exist yet in a hidden staging folder beside the targets; then every result is claimed exclusively, from
+    `counter` (default: `next_counter`). On a collision with another process the ones already claimed are moved
+    back and the next counter is tried. Never overwrites; an error leaves no partial file. `label` names the
+    group in messages (default: `base`). Returns the published paths in `writers` order.
+    """
     folder = Path(folder)
-    check_output_name(f"{stem}_{max(int(start), 0):05}_{suffix}")
-    _check_folder(folder, folder / f"{stem}_{max(int(start), 0):05}_{suffix}", make_dirs)
-    counter = _free_counter(folder, stem, suffix, start)
-    sweep_stale(folder)
-    tmp = _write_temp(folder, f"{stem}_{counter:05}_{suffix}", write)
+    label = base if label is None else label
+    suffixes = [suffix for suffix, _ in writers]
+    if len(set(suffixes)) != len(suffixes):
+        raise ValueError(f"publish_group: suffixes must differ, got {suffixes}")
+    counter = next_counter(folder, base) if counter is None else max(int(counter), 0)
+    for suffix in suffixes:
+        check_output_name(f"{base}_{counter:05}_{suffix}")
+    sweep_stale(folder)  # leftovers of a writer killed mid-save (SIGKILL, power loss), ours only
+    staging = make_staging(folder)
     try:
+        tmps = [staging / f"{base}_{counter:05}_{suffix}" for suffix in suffixes]  # the planned names, for messages
+        for tmp, (_, write) in zip(tmps, writers):
+            write(tmp)
+            if not tmp.exists():
+                raise OutputPathError(f"internal error: the writer for {tmp.name!r} wrote nothing")
         for _ in range(max_tries):
-            candidate = folder / f"{stem}_{counter:05}_{suffix}"
-            try:
-                _publish(tmp, candidate, overwrite=False)
-            except FileExistsError:
-                counter += 1  # another writer took this name between the listing and the link
-                continue
-            _fsync_folder(folder)
-            return candidate
-    except OSError as err:
-        _remove_quietly(tmp)
-        raise _translate(err, folder / f"{stem}_{counter:05}_{suffix}") from err
-    except BaseException:
-        _remove_quietly(tmp)
-        raise
-    _remove_quietly(tmp)
-    raise OutputPathError(f"no free name {stem}_NNNNN_{suffix} in {os.fspath(folder)!r} after {max_tries} tries; "
-                          f"clean the folder or choose another prefix")
+            names = [f"{base}_{counter:05}_{suffix}" for suffix in suffixes]
+            claimed: list[Path] = []
+            for tmp, name in zip(tmps, names):
+                if not _claim(tmp, folder / name):
+                    break
+                claimed.append(folder / name)
+            else:
+                _fsync_folder(folder)
+                return claimed
+            for path, tmp in zip(claimed, tmps):  # undo our partial group, then try the next counter
+                os.replace(path, tmp)
+            counter += 1
+        raise OutputPathError(f"no free file name for {label!r} in {folder} after {max_tries} counters")
+    except OSError as e:
+        raise OutputPathError(f"could not write {label!r} into {folder}: {e.strerror or e}; check free space "
+                              "and permissions of the output folder") from e
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def check_free(paths: Sequence[Path], *, overwrite: bool) -> None:

@@ -15,9 +15,9 @@ from qil_core.fsutil import (
     atomic_write,
     check_output_name,
     ensure_inside,
+    next_counter,
+    publish_group,
     safe_name,
-    save_with_counter,
-    unique_path,
 )
 
 
@@ -153,27 +153,71 @@ def test_s6_disk_full_and_file_too_large(tmp_path, monkeypatch) -> None:
     assert os.listdir(tmp_path) == []
 
 
+def _writes(data: bytes):
+    return lambda path: path.write_bytes(data)
+
+
 def test_s7_counter_names_and_collisions(tmp_path, monkeypatch) -> None:
-    assert unique_path(tmp_path, "img", ".psd") == tmp_path / "img_00001_.psd"
+    assert next_counter(tmp_path, "img") == 1 and next_counter(tmp_path / "missing", "img") == 1
     (tmp_path / "img_00001_.psd").write_bytes(b"taken")
-    assert unique_path(tmp_path, "img", ".psd").name == "img_00002_.psd"
-    p = save_with_counter(tmp_path, "img", ".psd", lambda f: f.write(b"new"))
+    assert next_counter(tmp_path, "img") == 2
+    [p] = publish_group(tmp_path, "img", [(".psd", _writes(b"new"))])
     assert p.name == "img_00002_.psd" and p.read_bytes() == b"new"
     # Another instance takes the name between the listing and the publish: retry with the next counter.
-    monkeypatch.setattr(fsutil, "_free_counter", lambda *a: 3)
-    real_publish = fsutil._publish
+    monkeypatch.setattr(fsutil, "next_counter", lambda *a: 3)
+    real_publish = fsutil.publish_exclusive
     taken = []
 
-    def racing(tmp, final, overwrite):
+    def racing(tmp, final):
         if not taken:
             final.write_bytes(b"other instance")
             taken.append(final.name)
-        return real_publish(tmp, final, overwrite)
+        return real_publish(tmp, final)
 
-    monkeypatch.setattr(fsutil, "_publish", racing)
-    p = save_with_counter(tmp_path, "img", ".psd", lambda f: f.write(b"ours"))
+    monkeypatch.setattr(fsutil, "publish_exclusive", racing)
+    [p] = publish_group(tmp_path, "img", [(".psd", _writes(b"ours"))])
     assert taken == ["img_00003_.psd"] and p.name == "img_00004_.psd" and p.read_bytes() == b"ours"
     assert (tmp_path / "img_00003_.psd").read_bytes() == b"other instance"
     assert sorted(os.listdir(tmp_path)) == ["img_00001_.psd", "img_00002_.psd", "img_00003_.psd", "img_00004_.psd"]
     with pytest.raises(OutputPathError, match="starts with"):
-        save_with_counter(tmp_path, ".hidden", ".psd", lambda f: f.write(b"x"))
+        publish_group(tmp_path, ".hidden", [(".psd", _writes(b"x"))])
+
+
+def test_a_group_is_claimed_whole_or_moved_to_the_next_counter(tmp_path) -> None:
+    (tmp_path / "set_00001_.png").write_bytes(b"theirs")  # the .psd of counter 1 is free, its .png is not
+
+    def folder_writer(path) -> None:
+        path.mkdir()
+        (path / "00_background.png").write_bytes(b"bg")
+
+    group = [(".psd", _writes(b"psd")), (".png", _writes(b"png")), ("", folder_writer)]
+    paths = publish_group(tmp_path, "set", group, counter=1, label="my prefix")
+    assert [p.name for p in paths] == ["set_00002_.psd", "set_00002_.png", "set_00002_"]
+    assert not (tmp_path / "set_00001_.psd").exists()  # our half-claimed group at counter 1 was taken back
+    assert (tmp_path / "set_00001_.png").read_bytes() == b"theirs"
+    assert (tmp_path / "set_00002_" / "00_background.png").read_bytes() == b"bg"
+    assert sorted(os.listdir(tmp_path)) == ["set_00001_.png", "set_00002_", "set_00002_.png", "set_00002_.psd"]
+
+    def full(path) -> None:
+        path.write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OutputPathError, match="could not write 'my prefix'.*check free space"):
+        publish_group(tmp_path, "set", [(".psd", _writes(b"ok")), (".png", full)], label="my prefix")
+    with pytest.raises(OutputPathError, match="no free file name for 'set' .* after 1 counters"):
+        publish_group(tmp_path, "set", [(".png", _writes(b"x"))], counter=1, max_tries=1)
+    with pytest.raises(ValueError, match="suffixes must differ"):
+        publish_group(tmp_path, "set", [(".png", _writes(b"a")), (".png", _writes(b"b"))])
+    assert sorted(os.listdir(tmp_path)) == ["set_00001_.png", "set_00002_", "set_00002_.png", "set_00002_.psd"]
+
+
+def test_one_byte_formatter_in_decimal_units() -> None:
+    from qil_core import resources
+    from qil_core.layers.psd import write as psd_write
+    from qil_core.model.runtime import memory
+
+    # the model code, the PSD writer and the CLI use the one formatter of qil_core.resources
+    assert memory.format_bytes is resources.format_bytes and psd_write.format_bytes is resources.format_bytes
+    assert [resources.format_bytes(n) for n in (0, 999, 1536, 40.86e9, 2.5e12)] == [
+        "0 B", "999 B", "1.54 KB", "40.86 GB", "2.50 TB"]
+    assert not hasattr(fsutil, "human_bytes") and not hasattr(fsutil, "format_bytes")

@@ -96,8 +96,11 @@ def existing_input(path: str | os.PathLike[str], what: str = "input") -> Path:
     return p
 
 
-def read_stack(paths: Sequence[str | os.PathLike[str]]) -> LayerStack:
-    """Read one PSD/PSB, or several layer images (bottom first), into a LayerStack."""
+def read_stack(paths: Sequence[str | os.PathLike[str]], *, groups: str = "keep") -> LayerStack:
+    """Read one PSD/PSB, or several layer images (bottom first), into a LayerStack.
+
+    `groups` ("keep" or "flatten") is how a PSD's groups are read; the reader's warnings go to stderr.
+    """
     files = [existing_input(p) for p in paths]
     if not files:
         raise InputError("no input given; pass a .psd file or layer .png files (bottom first)")
@@ -107,7 +110,7 @@ def read_stack(paths: Sequence[str | os.PathLike[str]]) -> LayerStack:
             raise InputError(
                 f"got {len(files)} inputs including a PSD ({psd[0].name}); pass either one PSD or layer images"
             )
-        return _read_psd(files[0])
+        return _read_psd(files[0], groups=groups)
     bad = [f.name for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
     if bad:
         raise InputError(
@@ -121,10 +124,10 @@ _PARSER_ERRORS = (struct.error, IndexError, KeyError, TypeError, AttributeError,
                   EOFError, UnicodeDecodeError, RecursionError, AssertionError)
 
 
-def _read_psd(path: Path) -> LayerStack:
+def _read_psd(path: Path, *, groups: str = "keep") -> LayerStack:
     """read_psd with a damaged file's stray parser errors turned into one InputError naming the file."""
     try:
-        return read_psd(path)
+        return read_psd(path, groups=groups)
     except _PARSER_ERRORS as err:
         raise InputError(f"cannot read PSD {os.fspath(path)!r}: the file is damaged or uses an unsupported "
                          f"structure ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
@@ -157,6 +160,13 @@ def check_writable(folder: Path) -> None:
     except OSError as err:
         raise OutputPathError(f"cannot write into {os.fspath(probe)!r}: {err.strerror or err}; choose a writable "
                               "output folder") from None
+
+
+def add_psd_options(p: argparse.ArgumentParser) -> None:
+    """The PSD reading options shared by the commands that read a PSD."""
+    p.add_argument("--groups", choices=("keep", "flatten"), default="keep",
+                   help="PSD groups: 'keep' keeps the layers of pass-through groups and reads other groups (blend "
+                        "mode, opacity, mask) as one layer each; 'flatten' reads every group as one layer")
 
 
 def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:

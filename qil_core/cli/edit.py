@@ -15,7 +15,9 @@ from ..layers.export import write_png
 from ..layers.psd import write_psd
 from ..layers.resample import INTERPOLATIONS
 from ..layers.stack import BLEND_MODES
+from ..layers.transform import GROUP_PIVOTS
 from .common import (
+    argtype,
     check_suffix,
     color_arg,
     finite_float,
@@ -37,6 +39,9 @@ How addressing works:
   --layer KEYS starts a group; every per-layer option after it, up to the next --layer or stack edit,
   applies to those layers (like ffmpeg's per-stream options). Within a group the order is fixed:
   recolor, then transform (one resample for move+scale+rotate+flip), then opacity/blend/rename/visibility.
+  The layers of one group are transformed together: --scale, --rotate and --flip-h/-v turn them about the
+  centre of their common box (--pivot group, the default), so they move as one; --pivot layer transforms
+  each about its own centre, --pivot canvas about the canvas centre, --pivot X,Y about that point.
   Groups and stack edits run left to right, each on the stack as the previous step left it; a stack edit
   ends the current group, so put --layer again after it. Names stay valid while indices shift.
 
@@ -45,6 +50,7 @@ examples:
   python -m qil_core edit in.psd --out out.psd --layer -1 --rotate 30 --opacity 0.5 --delete 0 \\
       --move-to 2:0 --preview p.png
   python -m qil_core edit in.psd --out out.psd --layer Logo --replace-color "#1f244c:#802020:0.2" --blend multiply
+  python -m qil_core edit in.psd --out out.psd --layer "Sun,Sun glow" --flip-h --rotate 15 --pivot canvas
 """
 
 
@@ -104,6 +110,19 @@ def _tint_arg(text: str) -> tuple[tuple[float, float, float], float]:
     return color_arg(colour), unit_float(strength) if strength else 0.5
 
 
+def _pivot(text: str) -> str | tuple[float, float]:
+    """'group' | 'layer' | 'canvas' | 'X,Y' -> the pivot of a group transform."""
+    if text in GROUP_PIVOTS:
+        return text
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise InputError(f"{text!r} is not {', '.join(GROUP_PIVOTS)} or X,Y canvas coordinates (for example 120,80)")
+    return finite_float(parts[0].strip()), finite_float(parts[1].strip())
+
+
+pivot_arg = argtype(_pivot, "pivot")
+
+
 def _move_to_arg(text: str) -> tuple[str, int]:
     """'FROM:TO' -> (layer key, target index)."""
     key, sep, to = text.rpartition(":")
@@ -131,7 +150,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("transform (per --layer)")
     lo = {"action": _LayerOption}
     g.add_argument("--move", **lo, type=pair_arg, metavar="DX,DY", help="move by DX,DY px (y down)")
-    g.add_argument("--scale", **lo, type=scale_float, metavar="S", help="scale both axes about the layer centre")
+    g.add_argument("--scale", **lo, type=scale_float, metavar="S", help="scale both axes about the pivot")
     g.add_argument("--scale-x", **lo, type=scale_float, metavar="SX", help="horizontal scale")
     g.add_argument("--scale-y", **lo, type=scale_float, metavar="SY", help="vertical scale")
     g.add_argument("--rotate", **lo, dest="rotation", type=finite_float, metavar="DEG",
@@ -139,6 +158,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--flip-h", **lo, nargs=0, const=True, help="mirror left-right")
     g.add_argument("--flip-v", **lo, nargs=0, const=True, help="mirror top-bottom")
     g.add_argument("--interpolation", **lo, choices=INTERPOLATIONS, help="resampling filter (default lanczos)")
+    g.add_argument("--pivot", **lo, type=pivot_arg, metavar="P",
+                   help="centre of scale, rotation and flips for the group's layers: group (their common box, "
+                        "default), layer (each its own), canvas, or X,Y")
 
     g = p.add_argument_group("recolor (per --layer; alpha never changes)")
     g.add_argument("--hue", **lo, dest="hue_shift", type=finite_float, metavar="DEG", help="hue shift in degrees")

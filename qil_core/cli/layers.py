@@ -11,13 +11,24 @@ import time
 import unicodedata
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InputError
 from ..fsutil import atomic_write_bytes, check_free, safe_name, write_group
 from ..layers.composite import composite
 from ..layers.export import export_zip, layer_file_names, png_items, write_png
-from ..layers.psd import write_psd
+from ..layers.psd import read_psd_merged, write_psd
 from ..layers.stack import LayerStack
-from .common import check_prefix, check_suffix, color_arg, log_written, read_stack, size_arg
+from .common import (
+    PSD_SUFFIXES,
+    add_psd_options,
+    check_prefix,
+    check_suffix,
+    color_arg,
+    log_written,
+    read_stack,
+    size_arg,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="OUT.png", help="PNG to write")
     p.add_argument("--background", type=color_arg, metavar="COLOR",
                    help="fill under the layers, e.g. '#ffffff' (default: transparent)")
+    p.add_argument("--use-merged", action="store_true",
+                   help="for a PSD: write Photoshop's stored merged image instead of compositing the layers (use "
+                        "it when the reader warns about effects or adjustments it cannot draw)")
+    add_psd_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(handler=run_compose)
 
@@ -60,6 +75,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="store each layer cropped to its content, offsets in the manifest (default: full-canvas "
                         "PNGs, which cut off any part of a layer lying outside the canvas; --cropped keeps it)")
     p.add_argument("--zip", action="store_true", help="write one ZIP (PNGs + manifest.json) instead of loose files")
+    add_psd_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(handler=run_psd_to_layers)
 
@@ -67,6 +83,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Print canvas size and one row per layer, bottom first.")
     p.add_argument("inputs", nargs="+", metavar="IN", help=INPUTS_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_psd_options(p)
     p.set_defaults(handler=run_info)
 
 
@@ -75,8 +92,20 @@ def run_compose(args: argparse.Namespace) -> int:
     check_suffix(args.out, (".png",), "compose output")
     check_free([args.out], overwrite=args.overwrite)
     t0 = time.perf_counter()
-    stack = read_stack(args.inputs)
     bg = None if args.background is None else (*args.background, 1.0)
+    if args.use_merged:
+        if len(args.inputs) != 1 or Path(args.inputs[0]).suffix.lower() not in PSD_SUFFIXES:
+            raise InputError("--use-merged takes one .psd/.psb input (its stored merged image)")
+        flat = read_psd_merged(args.inputs[0])
+        if bg is not None:
+            a = flat[..., 3:]
+            flat[..., :3] = flat[..., :3] * a + np.asarray(bg[:3], np.float32) * (1 - a)
+            flat[..., 3] = 1.0
+        log_written([write_png(flat, args.out, overwrite=args.overwrite)])
+        logger.info("compose: stored merged image %dx%d in %.2f s", flat.shape[1], flat.shape[0],
+                    time.perf_counter() - t0)
+        return 0
+    stack = read_stack(args.inputs, groups=args.groups)
     flat = composite(stack, background=bg)
     log_written([write_png(flat, args.out, overwrite=args.overwrite)])
     logger.info("compose: %d layers on %dx%d in %.2f s", len(stack), stack.width, stack.height,
@@ -127,7 +156,7 @@ def run_psd_to_layers(args: argparse.Namespace) -> int:
     if args.prefix is not None:
         check_prefix(args.prefix)
     t0 = time.perf_counter()
-    stack = read_stack([args.input])
+    stack = read_stack([args.input], groups=args.groups)
     prefix = args.prefix if args.prefix is not None else safe_name(Path(args.input).stem, fallback="layer")
     full = not args.cropped
     if args.zip:
@@ -179,7 +208,7 @@ def _display_width(text: str) -> int:
 
 def run_info(args: argparse.Namespace) -> int:
     """Handler of `info`: the table (or JSON) goes to stdout, so it can be piped."""
-    stack = read_stack(args.inputs)
+    stack = read_stack(args.inputs, groups=args.groups)
     if args.json:
         doc = manifest(stack, source=", ".join(Path(p).name for p in args.inputs))
         sys.stdout.write(json.dumps(doc, ensure_ascii=False, indent=1) + "\n")

@@ -3,7 +3,8 @@
 - `stack.py`: `Layer` and the bottom-first `LayerStack`, blend-mode names, canvas limits.
 - `blend.py`: the 26 blend modes and their PSD blend keys.
 - `composite.py`: flattening a stack (`composite`), pasting one layer.
-- `transform.py`: move, scale, rotate, flip, opacity of a layer; resizing a whole stack.
+- `transform.py`: move, scale, rotate, flip, opacity of a layer (`transform_layer`) or of several layers as one
+  group about a shared pivot (`transform_layers`: group box centre, canvas centre or a point); resizing a stack.
 - `recolor.py`: hue, saturation, lightness, tint, colour replacement, invert.
 - `resample.py`: premultiplied-alpha resizing and affine warps.
 - `ops.py`: stack edits: select, delete, move, reorder, merge down, duplicate, set properties.
@@ -46,14 +47,14 @@ from .ops import (
 from .recolor import parse_color, recolor_layer
 from .resample import INTERPOLATIONS
 from .stack import BLEND_MODES, MAX_CANVAS_SIDE, Layer, LayerStack
-from .transform import resize_stack, transform_layer
+from .transform import GROUP_PIVOTS, group_pivot, resize_stack, transform_layer, transform_layers
 
 __all__ = [
-    "BLEND_MODES", "BLEND_MODE_FROM_PSD_KEY", "INTERPOLATIONS", "MAX_CANVAS_SIDE", "PSD_APPROXIMATE_MODES",
-    "PSD_BLEND_KEYS", "PSD_KEY_FALLBACKS", "Layer", "LayerStack", "alpha_to_mask", "blend_function",
-    "blend_mode_from_psd_key", "composite", "composite_layers", "delete_layers", "drop_empty_layers",
-    "duplicate_layer",
-    "layer_indices", "mask_to_alpha", "merge_down", "move_layer", "parse_color", "parse_layer_keys",
-    "recolor_layer", "reorder_layers", "resize_stack", "select_layers", "set_layer_props", "source_over",
-    "stack_from_document", "stack_from_images", "stack_to_document", "stack_to_images", "transform_layer",
+    "BLEND_MODES", "BLEND_MODE_FROM_PSD_KEY", "GROUP_PIVOTS", "INTERPOLATIONS", "MAX_CANVAS_SIDE",
+    "PSD_APPROXIMATE_MODES", "PSD_BLEND_KEYS", "PSD_KEY_FALLBACKS", "Layer", "LayerStack", "alpha_to_mask",
+    "blend_function", "blend_mode_from_psd_key", "composite", "composite_layers", "delete_layers",
+    "drop_empty_layers", "duplicate_layer", "group_pivot", "layer_indices", "mask_to_alpha", "merge_down",
+    "move_layer", "parse_color", "parse_layer_keys", "recolor_layer", "reorder_layers", "resize_stack",
+    "select_layers", "set_layer_props", "source_over", "stack_from_document", "stack_from_images",
+    "stack_to_document", "stack_to_images", "transform_layer", "transform_layers",
 ]

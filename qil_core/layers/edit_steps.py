@@ -1,6 +1,9 @@
 """Edit steps on a `LayerStack`, run left to right: per-layer groups (recolor, transform, properties) and stack edits.
 
-This is the engine behind the `edit` command (and the demo); the command line only builds the step list.
+This is the engine behind the `edit` command (and the demo); the command line only builds the step list. The
+layers of one group are transformed together about a shared pivot (`transform.transform_layers`): by default
+the centre of their common box, so several layers turn, scale and flip as one; option "pivot" picks "layer"
+(each about its own centre), "canvas" or an (x, y) point.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ from .ops import (
 )
 from .recolor import recolor_layer
 from .stack import Layer, LayerStack
-from .transform import resize_stack, transform_layer
+from .transform import resize_stack, transform_layers
 
 logger = logging.getLogger(__name__)
 
 # Options that belong to a `--layer` group, by destination, with the library call they feed.
 _RECOLOR = ("hue_shift", "saturation", "lightness", "brightness", "contrast", "tint", "replace", "invert")
-_TRANSFORM = ("move", "scale", "scale_x", "scale_y", "rotation", "flip_h", "flip_v", "interpolation")
+_TRANSFORM = ("move", "scale", "scale_x", "scale_y", "rotation", "flip_h", "flip_v", "interpolation", "pivot")
 _PROPERTIES = ("opacity", "blend_mode", "rename", "visible")
 
 
@@ -57,33 +60,60 @@ def resolve_keys(stack: LayerStack, keys: str) -> list[int]:
     return sorted(layer_indices(stack, parse_layer_keys(keys)))  # parse_layer_keys never returns an empty list
 
 
-def edit_layer(layer: Layer, opts: dict[str, Any], canvas: tuple[int, int]) -> Layer:
-    """Apply one group's options to one layer: recolor, then transform, then properties."""
-    if any(k in opts for k in _RECOLOR):
-        kw: dict[str, Any] = {k: opts[k] for k in ("hue_shift", "saturation", "lightness", "brightness",
-                                                      "contrast", "invert") if k in opts}
-        if "tint" in opts:
-            kw["tint"], kw["tint_strength"] = opts["tint"]
-        if "replace" in opts:
-            src, dst, tol = opts["replace"]
-            kw.update(replace_color=src, replace_with=dst)
-            if tol is not None:
-                kw["tolerance"] = tol
-        layer = recolor_layer(layer, **kw)
-    if any(k in opts for k in _TRANSFORM):
-        if "scale" in opts and ("scale_x" in opts or "scale_y" in opts):
-            raise InputError("--scale sets both axes; use either --scale or --scale-x/--scale-y in one group")
-        s = opts.get("scale", 1.0)
-        dx, dy = opts.get("move", (0.0, 0.0))
-        layer = transform_layer(
-            layer, dx=dx, dy=dy, scale_x=opts.get("scale_x", s), scale_y=opts.get("scale_y", s),
-            rotation=opts.get("rotation", 0.0), flip_h=bool(opts.get("flip_h")), flip_v=bool(opts.get("flip_v")),
-            interpolation=opts.get("interpolation", "lanczos"), canvas=canvas,
-        )
+def _recolor(layer: Layer, opts: dict[str, Any]) -> Layer:
+    if not any(k in opts for k in _RECOLOR):
+        return layer
+    kw: dict[str, Any] = {k: opts[k] for k in ("hue_shift", "saturation", "lightness", "brightness",
+                                                  "contrast", "invert") if k in opts}
+    if "tint" in opts:
+        kw["tint"], kw["tint_strength"] = opts["tint"]
+    if "replace" in opts:
+        src, dst, tol = opts["replace"]
+        kw.update(replace_color=src, replace_with=dst)
+        if tol is not None:
+            kw["tolerance"] = tol
+    return recolor_layer(layer, **kw)
+
+
+def _properties(layer: Layer, opts: dict[str, Any]) -> Layer:
     props = {k: opts[k] for k in _PROPERTIES if k in opts}
     if "rename" in props:
         props["name"] = props.pop("rename")
     return layer.replace(**props) if props else layer
+
+
+def edit_group(stack: LayerStack, indices: Sequence[int], opts: dict[str, Any]) -> LayerStack:
+    """Apply one group's options to the layers at `indices`: recolor each, transform them together, then set
+    properties. The transform turns, scales and flips the layers as one group about opts["pivot"] (default the
+    centre of their common box; "layer" = each about its own centre, "canvas", or an (x, y) point)."""
+    chosen = sorted(set(indices))
+    layers = list(stack.layers)
+    for i in chosen:
+        layers[i] = _recolor(layers[i], opts)
+    stack = stack.replace(layers=layers)
+    if any(k in opts for k in _TRANSFORM):
+        if "scale" in opts and ("scale_x" in opts or "scale_y" in opts):
+            raise InputError("--scale sets both axes; use either --scale or --scale-x/--scale-y in one group")
+        if set(opts) & set(_TRANSFORM) == {"pivot"}:
+            raise InputError("--pivot sets the centre of --scale, --rotate and --flip-h/--flip-v; add one of them "
+                             "to the group, or drop --pivot")
+        s = opts.get("scale", 1.0)
+        dx, dy = opts.get("move", (0.0, 0.0))
+        stack = transform_layers(
+            stack, chosen, pivot=opts.get("pivot", "group"), dx=dx, dy=dy, scale_x=opts.get("scale_x", s),
+            scale_y=opts.get("scale_y", s), rotation=opts.get("rotation", 0.0), flip_h=bool(opts.get("flip_h")),
+            flip_v=bool(opts.get("flip_v")), interpolation=opts.get("interpolation", "lanczos"),
+        )
+    layers = list(stack.layers)
+    for i in chosen:
+        layers[i] = _properties(layers[i], opts)
+        logger.debug("edited layer %d %r with %s", i, layers[i].name, opts)
+    return stack.replace(layers=layers)
+
+
+def edit_layer(layer: Layer, opts: dict[str, Any], canvas: tuple[int, int]) -> Layer:
+    """Apply one group's options to one layer alone (its own box is the group's, so pivots match `edit_group`)."""
+    return edit_group(LayerStack(canvas[0], canvas[1], [layer]), [0], opts).layers[0]
 
 
 def apply_edits(stack: LayerStack, steps: Sequence[Step]) -> LayerStack:
@@ -92,11 +122,7 @@ def apply_edits(stack: LayerStack, steps: Sequence[Step]) -> LayerStack:
         if isinstance(step, LayerEdit):
             if not step.options:
                 raise InputError(f"--layer {step.keys} is followed by no edit option; add e.g. --move or --hue")
-            layers = list(stack.layers)
-            for i in resolve_keys(stack, step.keys):
-                layers[i] = edit_layer(layers[i], step.options, stack.size)
-                logger.debug("edited layer %d %r with %s", i, layers[i].name, step.options)
-            stack = stack.replace(layers=layers)
+            stack = edit_group(stack, resolve_keys(stack, step.keys), step.options)
         elif step.op == "delete":
             stack = delete_layers(stack, parse_layer_keys(str(step.value)))
         elif step.op == "keep":

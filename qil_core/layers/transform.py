@@ -10,19 +10,22 @@ Conventions (chosen to match Photoshop's Free Transform and CSS):
   90° resample anyway and place the result exactly, fractions of a pixel included.
 - Resampling happens on premultiplied alpha (resample.py), so colour under alpha 0 never bleeds in; the
   result is re-cropped to its content.
+- Several layers transform as one group with `transform_layers`: scale and rotation about one shared pivot
+  (`group_pivot`: their common box, the canvas centre or a point), flips mirroring each place about it too.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
 from ..checks import check_number
 from ..errors import InputError
 from ..resources import check_allocation
-from .composite import check_canvas
+from .composite import check_canvas, union_bbox
 from .resample import check_interpolation, premultiply, resample_box, unpremultiply, warp_affine
 from .stack import MAX_CANVAS_SIDE, Layer, LayerStack
 
@@ -225,3 +228,57 @@ def resize_stack(stack: LayerStack, width: int, height: int, interpolation: str 
         out = resample_box(premultiply(layer.pixels), box, (X1 - X0, Y1 - Y0), interpolation)
         layers.append(layer.replace(pixels=unpremultiply(out), x=X0, y=Y0).cropped())
     return LayerStack(int(width), int(height), layers)
+
+
+# Pivots shared by a group of layers: the group's bounding box centre, each layer's own centre, the canvas centre.
+GROUP_PIVOTS = ("group", "layer", "canvas")
+_PIVOT_HELP = "'group', 'layer', 'canvas' or (x, y) canvas coordinates"
+
+
+def group_pivot(stack: LayerStack, indices: Sequence[int],
+                pivot: str | tuple[float, float] = "group") -> tuple[float, float] | None:
+    """The shared pivot of the layers at `indices` (canvas px), or None for "layer" (each about its own centre).
+
+    "group" is the centre of the layers' common bounding box (the canvas centre when all of them are empty).
+    """
+    if isinstance(pivot, str):
+        if pivot == "layer":
+            return None
+        if pivot == "canvas":
+            return stack.width / 2, stack.height / 2
+        if pivot == "group":
+            box = union_bbox([stack.layers[i] for i in indices]) or (0, 0, stack.width, stack.height)
+            return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        raise InputError(f"pivot must be {_PIVOT_HELP}, got {pivot!r}")
+    if len(pivot) != 2:
+        raise InputError(f"pivot must be {_PIVOT_HELP}, got {pivot!r}")
+    return check_number("pivot x", pivot[0], loose=True), check_number("pivot y", pivot[1], loose=True)
+
+
+def transform_layers(stack: LayerStack, indices: Iterable[int], *, pivot: str | tuple[float, float] = "group",
+                     dx: float = 0, dy: float = 0, scale_x: float = 1, scale_y: float = 1, rotation: float = 0,
+                     flip_h: bool = False, flip_v: bool = False, opacity: float | None = None,
+                     interpolation: str = "lanczos") -> LayerStack:
+    """Transform several layers together, as one group, about a shared pivot (see `group_pivot`).
+
+    Scale and rotation turn every layer about the pivot, so the group keeps its shape; flips mirror each layer's
+    pixels and its place about the pivot, so the group flips as a whole. With pivot "layer" every layer is
+    transformed about its own centre (flips in place), as `transform_layer` does. Other layers are untouched.
+    """
+    chosen = sorted(set(indices))
+    centre = group_pivot(stack, chosen, pivot)
+    out = list(stack.layers)
+    for i in chosen:
+        item = out[i]
+        fh, fv = bool(flip_h), bool(flip_v)
+        if (fh or fv) and centre is not None and item.pixels.size:
+            # transform_layer flips about the layer's own centre; mirror its place about the group pivot too
+            shift_x = 2 * centre[0] - (2 * item.x + item.width) if fh else 0
+            shift_y = 2 * centre[1] - (2 * item.y + item.height) if fv else 0
+            if shift_x or shift_y:  # (a layer centred on the pivot flips in place, in the one call below)
+                item = transform_layer(item, dx=shift_x, dy=shift_y, flip_h=fh, flip_v=fv)
+                fh = fv = False
+        out[i] = transform_layer(item, dx=dx, dy=dy, scale_x=scale_x, scale_y=scale_y, rotation=rotation,
+                                 flip_h=fh, flip_v=fv, opacity=opacity, interpolation=interpolation,
+                                 pivot=centre if centre is not None else "center", canvas=stack.size)
+    return stack.replace(layers=out)

@@ -222,6 +222,40 @@ def test_edit_graph_on_the_real_server_matches_the_harness(comfy_server: ComfySe
     assert len(list(out.iterdir())) == 5
 
 
+def test_load_psd_reads_masked_and_flat_psds_on_the_real_server(comfy_server: ComfyServer) -> None:
+    from psd_craft import mask_block, psd_bytes, raw_channel, rgba_layer
+
+    red = np.zeros((8, 12, 4), np.uint8)
+    red[..., 0], red[..., 3] = 255, 255
+    masked = rgba_layer("masked", 2, 4, red, mask=mask_block(2, 4, 10, 10, 0), blocks=[(b"knko", b"\x01\0\0\0")])
+    masked.channels.append((-2, raw_channel(np.full((8, 6), 255, np.uint8))))
+    under = rgba_layer("under", 0, 0, np.full((16, 24, 4), (0, 0, 255, 255), np.uint8))
+    (comfy_server.base / "input" / "masked.psd").write_bytes(psd_bytes(24, 16, [under, masked]))
+    (comfy_server.base / "input" / "flat.psd").write_bytes(psd_bytes(24, 16, [], merged=np.full((16, 24, 3), 90,
+                                                                                                   np.uint8)))
+    graph = {
+        "1": {"class_type": "QILLoadPSD", "inputs": {"psd": "masked.psd", "path": "", "groups": "keep children",
+                                                    "use_merged": False}},
+        "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 1], "filename_prefix": "psd/masked"}},
+        "3": {"class_type": "QILLoadPSD", "inputs": {"psd": "flat.psd", "path": "", "groups": "flatten",
+                                                    "use_merged": False}},
+        "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 1], "filename_prefix": "psd/flat"}},
+        "5": {"class_type": "QILSaveLayerPNGs", "inputs": {"layers": ["1", 0], "filename_prefix": "psd/layers",
+                                                          "full_canvas": True, "zip": False}},
+    }
+    entry = comfy_server.run(graph)
+    assert entry["status"]["status_str"] == "success", comfy_server.log_tail()
+    assert any("'masked'" in t and "knockout" in t for t in entry["outputs"]["1"]["text"])  # the node's warnings
+    out = comfy_server.base / "output" / "psd"
+    masked_png = np.asarray(Image.open(out / "masked_00001_.png").convert("RGBA"))
+    assert tuple(masked_png[5, 6]) == (255, 0, 0, 255)  # inside the mask: the red layer
+    assert tuple(masked_png[5, 12]) == (0, 0, 255, 255)  # the layer's right half is masked: blue shows
+    flat_png = np.asarray(Image.open(out / "flat_00001_.png").convert("RGBA"))
+    assert np.all(flat_png == (90, 90, 90, 255))
+    layer_files = sorted(p.name for p in (out / "layers_00001_").iterdir())
+    assert len(layer_files) == 2 and "masked" in layer_files[1]
+
+
 def test_errors_are_reported_and_the_server_keeps_going(comfy_server: ComfyServer) -> None:
     write_sample_inputs(comfy_server.base / "input")
     bad_value = json.loads(json.dumps(EDIT_GRAPH))

@@ -113,8 +113,10 @@ def test_load_psd_lists_validates_hashes_and_loads(harness: Harness) -> None:
         assert node.VALIDATE_INPUTS("", path=None) is True  # a linked path is checked when the node runs
         first = node.IS_CHANGED("sub/copy.psd")
         assert node.IS_CHANGED("sub/copy.psd") == first
-        layers, image, mask = node().load("sub/copy.psd")
-        from_output, _, _ = node().load("ignored.psd", path=saved)  # Save PSD's path output, in output/
+        loaded = node().load("sub/copy.psd")
+        layers, image, mask = loaded["result"]
+        assert loaded["ui"]["text"] == []  # our own PSD: nothing the reader cannot represent
+        from_output, _, _ = node().load("ignored.psd", path=saved)["result"]  # Save PSD's path output, in output/
         with open(harness.input_dir / "sub" / "copy.psd", "ab") as f:
             f.write(b"\0")
         assert node.IS_CHANGED("sub/copy.psd") != first
@@ -126,6 +128,34 @@ def test_load_psd_lists_validates_hashes_and_loads(harness: Harness) -> None:
     assert [it["name"] for it in from_output["layers"]] == [it["name"] for it in layers["layers"]]
     assert image.shape == (1, 16, 24, 4) and mask.shape == (1, 16, 24)
     assert torch.allclose(image[0, 3, 4], torch.tensor([1.0, 0.0, 0.0, 1.0]))
+
+
+def test_load_psd_masks_flat_files_warnings_and_switches(harness: Harness) -> None:
+    from psd_craft import mask_block, psd_bytes, raw_channel, rgba_layer
+
+    px = np.full((4, 6, 4), 255, np.uint8)
+    masked = rgba_layer("masked", 0, 0, px, mask=mask_block(0, 0, 4, 3, 0), blocks=[(b"knko", b"\x01\0\0\0")])
+    masked.channels.append((-2, raw_channel(np.full((4, 3), 255, np.uint8))))
+    stored = np.zeros((4, 6, 4), np.uint8)
+    stored[..., 2], stored[..., 3] = 255, 255
+    (harness.input_dir / "masked.psd").write_bytes(psd_bytes(6, 4, [masked], merged=stored))
+    (harness.input_dir / "flat.psd").write_bytes(psd_bytes(6, 4, [], merged=np.full((4, 6, 3), 90, np.uint8)))
+    node = io_nodes.QILLoadPSD
+    assert node.INPUT_TYPES()["optional"]["groups"][0] == ["keep children", "flatten"]
+    with harness.host():
+        out = node().load("masked.psd")
+        merged = node().load("masked.psd", use_merged=True)["result"][1]
+        flat = node().load("flat.psd", groups="flatten")
+        with pytest.raises(errors.InputError, match="groups"):
+            node().load("flat.psd", groups="sideways")
+    doc, image, mask = out["result"]
+    alpha = doc["layers"][0]["image"][0, ..., 3]
+    assert torch.equal(alpha[:, :3], torch.ones(4, 3)) and torch.equal(alpha[:, 3:], torch.zeros(4, 3))
+    assert torch.equal(mask[0, :, 3:], torch.ones(4, 3))
+    assert any("'masked'" in t and "knockout" in t for t in out["ui"]["text"])
+    assert torch.allclose(merged[0, 0, 5], torch.tensor([0.0, 0.0, 1.0, 1.0]))
+    assert [it["name"] for it in flat["result"][0]["layers"]] == ["Background"]
+    assert torch.allclose(flat["result"][1][0, 2, 2], torch.tensor([90 / 255, 90 / 255, 90 / 255, 1.0]))
 
 
 def test_save_layer_pngs_folder_zip_and_ui(harness: Harness) -> None:

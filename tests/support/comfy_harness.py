@@ -357,7 +357,7 @@ def check_value(type_name: str, value: Any, where: str) -> None:
 
 @dataclass
 class RunResult:
-    """Outputs per node id, UI dicts of output nodes, the IS_CHANGED values, and which nodes really ran."""
+    """Outputs per node id, UI dicts of the nodes that returned one, the IS_CHANGED values, and which nodes ran."""
 
     outputs: dict[str, tuple]
     ui: dict[str, dict]
@@ -588,9 +588,9 @@ class Harness:
         result = getattr(self._instances[n], cls.FUNCTION)(**kwargs)
         node_ui = None
         if isinstance(result, dict):
-            node_ui = result.get("ui")
-            if node_ui is not None and not getattr(cls, "OUTPUT_NODE", False):
-                raise GraphError(f"{where}: returned a ui dict but is not an OUTPUT_NODE")
+            node_ui = result.get("ui")  # ComfyUI caches and sends any node's ui (execution.py), output node or not
+            if node_ui is not None and not isinstance(node_ui, dict):
+                raise GraphError(f"{where}: 'ui' must be a dict, got {type(node_ui).__name__}")
             result = result.get("result", ())
         if not isinstance(result, tuple):
             raise GraphError(f"{where}: FUNCTION must return a tuple or a dict, got {type(result).__name__}")

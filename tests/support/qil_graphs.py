@@ -65,9 +65,9 @@ class ListHarness(Harness):
             args = {k: (v[min(i, len(v) - 1)] if isinstance(v, NodeList) else v) for k, v in linked.items()}
             result = getattr(self._instances[n], cls.FUNCTION)(**consts, **args, **hidden)
             if isinstance(result, dict):
-                if result.get("ui") is not None:
-                    if not getattr(cls, "OUTPUT_NODE", False):
-                        raise GraphError(f"{where}: returned a ui dict but is not an OUTPUT_NODE")
+                if result.get("ui") is not None:  # ComfyUI sends any node's ui (execution.py), output node or not
+                    if not isinstance(result["ui"], dict):
+                        raise GraphError(f"{where}: 'ui' must be a dict, got {type(result['ui']).__name__}")
                     uis.append(result["ui"])
                 result = result.get("result", ())
             if not isinstance(result, tuple):

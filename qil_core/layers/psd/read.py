@@ -1,251 +1,128 @@
 """PSD reader: psd-tools parses the structure; pixel layers are decoded straight from their channel data.
 
-psd-tools' own `numpy()`/`topil()` path re-checks budgets and converts through several float copies per layer;
-decoding each channel with psd-tools' C PackBits decoder and stacking the planes once is several times faster
-and gives the same pixels. psd-tools parses from a memory map of the file whose large pixel-data reads are
-views, not copies, and RLE channels are decoded a band of rows at a time into a small reused buffer: fresh
-memory (page faults dominate on VMs) is then little more than the float32 output itself.
-Groups are flattened (their children kept in order, with the group's visibility
-and opacity folded in, and one warning); text, shape and smart-object layers are read from the raster preview
-Photoshop stores with them, with a warning; layers with no pixels at all (adjustments, empty fills) are
-skipped with a warning.
+The work is split over small modules:
+- open.py: header limits and plain-word errors, then psd-tools parses a memory map of the file;
+- decode.py: channels to float32 (strict RLE row tables, finite 32-bit values, a RAM check per file);
+- color.py: 32-bit linear data and non-sRGB RGB profiles to sRGB;
+- masks.py: pixel and vector masks (density, feather, extent, default colour, disabled);
+- groups.py: groups (kept or flattened as isolated groups), clipping masks, fill opacity, and one warning
+  per feature that changes the picture but is not represented (effects, knockout, artboards, adjustments).
+Here: which layers to decode (in parallel: numpy releases the GIL), the stored merged image (a flat file
+gives one "Background" layer from it; `read_psd_merged` hands it out for "use merged"), and the warnings,
+which are logged and also returned (`load_psd`) so the node and the CLI can show them.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import os
-import struct
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ...errors import PSDError
+from ...errors import InputError, PSDError
 from ..blend import blend_mode_from_psd_key
 from ..stack import BLEND_MODES, Layer, LayerStack
+from .color import ColorConverter
+from .decode import RGBA_BYTES, check_layers_fit, layer_rgba, make_finite
+from .groups import GROUP_MODES, TreeReader
+from .open import PARSE_ERRORS, open_psd, plain
 
 log = logging.getLogger(__name__)
 
-_SCALE = {8: 255.0, 16: 65535.0, 32: 1.0}
-_DTYPE = {8: np.dtype(np.uint8), 16: np.dtype(">u2"), 32: np.dtype(">f4")}
-_BAND_PIXELS = 1 << 16  # pixels per conversion band (stays in cache)
-_VIEW_MIN = 1 << 20  # reads this large in the pixel-data regions come back as views of the mapped file
+
+@dataclass
+class PSDRead:
+    """What `load_psd` found: the layers, the warnings (text, and feature -> count), the merged image if asked."""
+
+    stack: LayerStack
+    warnings: list[str] = field(default_factory=list)
+    features: dict[str, int] = field(default_factory=dict)
+    merged: np.ndarray | None = None
 
 
-class _MappedReader:
-    """Seekable read-only file object over a memory map that hands out large pixel-data reads without copying.
+class _Notes:
+    """Collects warnings once each, logs them with the file name, and counts them by feature."""
 
-    psd-tools reads every channel into its own bytes object (the whole file again, in fresh memory); reads of
-    at least `_VIEW_MIN` bytes that start inside the layer-info block or the merged-image section come back as
-    memoryviews of the map instead. All other reads (headers, records, descriptors, embedded files) are bytes,
-    so psd-tools' parsing sees exactly what it sees from a real file.
-    """
+    def __init__(self, path: Path) -> None:
+        self.path = os.fspath(path)
+        self.messages: list[str] = []
+        self.features: dict[str, int] = {}
 
-    def __init__(self, mm: mmap.mmap, regions: list[tuple[int, int]]) -> None:
-        self._mm = mm
-        self._mv = memoryview(mm)
-        self._pos = 0
-        self._regions = regions
-        self._views: list[memoryview] = []
-
-    def read(self, size: int = -1) -> bytes | memoryview:
-        """Up to `size` bytes from the current position (all that remain when negative)."""
-        start = min(self._pos, len(self._mv))
-        end = len(self._mv) if size is None or size < 0 else min(len(self._mv), start + size)
-        self._pos = end
-        if end - start >= _VIEW_MIN and any(lo <= start < hi for lo, hi in self._regions):
-            view = self._mv[start:end]
-            self._views.append(view)
-            return view
-        return bytes(self._mv[start:end])
-
-    def seek(self, offset: int, whence: int = 0) -> int:
-        """Move like a binary file's seek; returns the new position."""
-        base = {0: 0, 1: self._pos, 2: len(self._mv)}[whence]
-        if base + offset < 0:
-            raise OSError(f"negative seek position {base + offset}")
-        self._pos = base + offset
-        return self._pos
-
-    def tell(self) -> int:
-        """The current position."""
-        return self._pos
-
-    def readable(self) -> bool:
-        """Always True (a read-only stream)."""
-        return True
-
-    def seekable(self) -> bool:
-        """Always True."""
-        return True
-
-    def close(self) -> None:
-        """Release the handed-out views and unmap the file (left to the collector if a view is still in use)."""
-        for view in self._views:
-            try:
-                view.release()
-            except BufferError:  # something still holds a buffer of this view: unmapped when that goes
-                return
-        self._views.clear()
-        self._mv.release()
-        try:
-            self._mm.close()
-        except BufferError:  # a view made from a handed-out one is still alive: unmapped when it goes
-            pass
+    def __call__(self, feature: str, msg: str) -> None:
+        if msg in self.messages:
+            return
+        self.messages.append(msg)
+        self.features[feature] = self.features.get(feature, 0) + 1
+        log.warning("%s: %s", self.path, msg)
 
 
-def _pixel_regions(head: mmap.mmap, size: int) -> list[tuple[int, int]]:
-    """File ranges of the layer-info block and the merged image, from the section lengths; [] if inconsistent."""
-    wide = head[4:6] == b"\x00\x02"  # PSB: 8-byte layer-and-mask lengths
-    pos = 26
-    for _ in range(2):  # colour-mode data, image resources: 4-byte length each
-        if pos + 4 > len(head):
-            return []
-        pos += 4 + int.from_bytes(head[pos:pos + 4], "big")
-    n = 8 if wide else 4
-    if pos + 2 * n > len(head):
-        return []
-    lm_start = pos + n
-    image_start = lm_start + int.from_bytes(head[pos:pos + n], "big")
-    li_start = lm_start + n
-    li_end = li_start + int.from_bytes(head[lm_start:lm_start + n], "big")
-    if not li_start <= li_end <= image_start <= size:
-        return []
-    return [(li_start, li_end), (image_start, size)]
-
-
-def _open(path: Path):
-    """(psd-tools' PSDImage for `path`, the mapped reader to close after use or None), errors as PSDError."""
-    from psd_tools import PSDImage
-
-    try:
-        with open(path, "rb") as f:
-            head = f.read(26)
-            try:
-                mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if len(head) >= 26 else None
-            except (OSError, ValueError):  # not mappable (a pipe, some network file systems): read normally
-                mm = None
-    except FileNotFoundError:
-        raise PSDError(f"PSD file {os.fspath(path)!r} not found; check the path") from None
-    except IsADirectoryError:
-        raise PSDError(f"{os.fspath(path)!r} is a folder, not a PSD file") from None
-    if head[:4] != b"8BPS" or len(head) < 26:
-        if mm is not None:
-            mm.close()
-        if head[:4] != b"8BPS":
-            raise PSDError(f"{os.fspath(path)!r} is not a PSD file (it starts with {head[:4]!r}, not b'8BPS'); "
-                           f"open it as an image instead")
-        raise PSDError(f"{os.fspath(path)!r} is truncated: {len(head)} bytes, shorter than a PSD header")
-    reader = None
-    if mm is not None:
-        reader = _MappedReader(mm, _pixel_regions(mm, len(mm)))
-    try:
-        return PSDImage.open(reader if reader is not None else path), reader
-    except (ValueError, OSError, EOFError, struct.error, IndexError, KeyError) as err:
-        if reader is not None:
-            reader.close()
-        raise PSDError(f"{os.fspath(path)!r} is truncated or damaged and cannot be parsed "
-                       f"({type(err).__name__}: {err}); re-export it from the application that made it") from err
-
-
-def _check_image_data(psd, path: Path) -> None:
-    """Refuse a file whose merged-image section is cut short (psd-tools reads whatever bytes remain)."""
+def _merged_problem(psd) -> str | None:
+    """Why the stored merged image cannot be decoded (cut short), or None when it is whole."""
     img = psd._record.image_data
     data = img.data or b""
     row_bytes = (psd.width * psd.depth + 7) // 8
     rows = psd.channels * psd.height
-    if int(img.compression) == 0:
+    comp = int(img.compression)
+    if comp == 0:
         ok = len(data) >= rows * row_bytes
-    elif int(img.compression) == 1:
+    elif comp == 1:
         cw = 2 if psd.version == 1 else 4
         ok = len(data) >= rows * cw and int(np.frombuffer(data, ">u2" if cw == 2 else ">u4", rows).sum(
             dtype=np.int64)) <= len(data) - rows * cw
     else:
         ok = len(data) > 0
-    if not ok:
-        raise PSDError(f"{os.fspath(path)!r} is truncated: its merged image ends early ({len(data)} bytes); "
-                       f"re-export or re-download the file")
+    return None if ok else f"its merged image ends early ({len(data)} bytes)"
 
 
-def _rle_rows(data, depth: int, version: int, w: int, h: int) -> tuple[memoryview, np.ndarray] | None:
-    """(compressed bytes, row start offsets (h + 1,)) of an RLE channel whose row table adds up, else None."""
-    if data.compression != 1:
-        return None
-    cw = 2 if version == 1 else 4
-    buf = memoryview(data.data)  # slices of a memoryview are views: the compressed bytes are never copied
-    if len(buf) < h * cw:
-        return None
-    table = np.frombuffer(buf, ">u2" if cw == 2 else ">u4", h)
-    starts = np.empty(h + 1, np.int64)
-    starts[0] = h * cw
-    np.cumsum(table, dtype=np.int64, out=starts[1:])
-    starts[1:] += h * cw
-    if int(starts[-1]) != len(buf):
-        return None
-    return buf, starts
+def _merged_rgba(psd, path: Path, colors: ColorConverter, warn) -> np.ndarray:
+    """The stored merged image as straight RGBA float32 (H, W, 4) in sRGB."""
+    problem = _merged_problem(psd)
+    if problem is not None:
+        raise PSDError(f"{os.fspath(path)!r} is truncated: {problem}; re-export or re-download the file")
+    check_layers_fit(path, [], extra=psd.width * psd.height * RGBA_BYTES * 3)
+    mode = int(psd.color_mode)
+    if mode in (1, 3) and psd.depth in (8, 16, 32):  # grayscale / RGB at full precision
+        from psd_tools.api.numpy_io import has_transparency
+
+        color = np.asarray(psd.numpy("color"), np.float32)
+        out = np.empty((psd.height, psd.width, 4), np.float32)
+        out[..., :3] = color[..., :1] if mode == 1 else color[..., :3]
+        out[..., 3] = np.asarray(psd.numpy("shape"), np.float32)[..., 0] if has_transparency(psd) else 1.0
+        if psd.depth == 32:
+            make_finite(out, "merged image", warn)
+        if mode == 3 or psd.depth == 32:
+            colors.apply(out)
+        return np.clip(out, 0, 1, out=out)
+    img = psd.topil(apply_icc=True)  # Bitmap, Indexed, CMYK, Lab, Duotone, Multichannel: psd-tools converts
+    if img is None:
+        raise PSDError(f"{os.fspath(path)!r} has no merged image to read")
+    return np.asarray(img.convert("RGBA"), np.float32) / np.float32(255.0)
 
 
-def _decode_plane(data, depth: int, version: int, w: int, h: int) -> np.ndarray:
-    """One stored channel as a (h, w) array of its raw sample type (uint8, >u2 or >f4), decoded in one go."""
-    from psd_tools.compression import decompress
-
-    raw = decompress(bytes(data.data), data.compression, w, h, depth, version)  # psd-tools' tolerant per-row path
-    return np.frombuffer(raw, _DTYPE[depth], w * h).reshape(h, w)
-
-
-def _decode_channels(psd, layer) -> np.ndarray | None:
-    """Straight RGBA float32 (h, w, 4) of a raster layer from its stored channels, or None when it has none."""
-    from psd_tools.compression import rle_impl
-
-    w, h = layer.width, layer.height
-    if w <= 0 or h <= 0:
-        return None
-    depth = psd.depth
-    if depth not in _DTYPE:
-        raise PSDError(f"layer {layer.name!r}: {depth}-bit channels are not supported (8, 16 or 32 bit)")
-    stored = {info.id: data for info, data in zip(layer._record.channel_info, layer._channels)
-              if info.id in (-1, 0, 1, 2)}
-    if any(c not in stored for c in (0, 1, 2)):
-        return None
-    dtype = _DTYPE[depth]
-    row_bytes = w * dtype.itemsize
-    # Per channel: (buffer, row offsets) for RLE decoded band by band, a whole decoded plane for raw, ZIP or a
-    # damaged row table, or None for a missing alpha. Decoding RLE a band at a time keeps every temporary small
-    # (reused heap memory, in cache) instead of a fresh full-size plane per channel, which costs page faults.
-    sources = [None if key not in stored else (_rle_rows(stored[key], depth, psd.version, w, h)
-                                               or _decode_plane(stored[key], depth, psd.version, w, h))
-               for key in (0, 1, 2, -1)]
-    out = np.empty((h, w, 4), np.float32)
-    scale = np.float32(1.0 / _SCALE[depth])
-    rows = max(1, _BAND_PIXELS // w)
-    band = np.empty((rows, w, 4), dtype.newbyteorder("="))
-    for r0 in range(0, h, rows):  # interleave in cache-sized bands, then one contiguous convert
-        r1 = min(h, r0 + rows)
-        b = band[: r1 - r0]
-        for c, src in enumerate(sources):
-            if src is None:
-                b[..., c] = 1 if depth == 32 else int(_SCALE[depth])
-            elif isinstance(src, np.ndarray):
-                b[..., c] = src[r0:r1]
-            else:
-                buf, starts = src
-                raw = rle_impl.decode(buf[starts[r0]:starts[r1]], (r1 - r0) * row_bytes)
-                b[..., c] = np.frombuffer(raw, dtype, (r1 - r0) * w).reshape(r1 - r0, w)
-        np.multiply(b, scale, out=out[r0:r1])
-    return out
-
-
-def _raster_preview(layer) -> np.ndarray | None:
-    """Straight RGBA float32 of a non-pixel layer through psd-tools' own rendering, or None."""
+def _raster_preview(layer, rgb: bool) -> np.ndarray | None:
+    """Straight RGBA float32 of a non-pixel layer (or a non-RGB one) through psd-tools' own rendering, or None."""
     for data in layer._channels:  # psd-tools' own paths get bytes, as from a file it read itself
         if isinstance(data.data, memoryview):
             data.data = bytes(data.data)
-    img = layer.topil()
+    img = layer.topil(apply_icc=not rgb)
     if img is None:
         return None
     return np.asarray(img.convert("RGBA"), np.float32) / np.float32(255.0)
+
+
+def _solid_fill(item, size: tuple[int, int]) -> np.ndarray | None:
+    """A solid-colour fill layer drawn over the canvas (its masks cut it later), or None when unreadable."""
+    data = item.data
+    try:
+        rgb = [float(data[k]) / 255.0 for k in (b"Rd  ", b"Grn ", b"Bl  ")]
+    except (KeyError, TypeError, ValueError):
+        return None
+    out = np.empty((size[1], size[0], 4), np.float32)
+    out[...] = [*np.clip(rgb, 0, 1), 1.0]
+    return out
 
 
 def _blend_name(layer, warn) -> str:
@@ -253,77 +130,143 @@ def _blend_name(layer, warn) -> str:
     raw = layer.blend_mode
     key = (raw.value if hasattr(raw, "value") else raw)
     key = key.decode("latin-1") if isinstance(key, bytes) else str(key)
+    if key == "pass":
+        return "normal"
     mode, exact = blend_mode_from_psd_key(key)
     if not exact:
-        warn(f"layer {layer.name!r}: blend key {key!r} has no exact core mode; read as {mode!r}")
+        feature = "dissolve" if key == "diss" else "blend mode"
+        warn(feature, f"layer {layer.name!r}: blend mode {key!r} has no exact core mode; read as {mode!r}")
     return mode if mode in BLEND_MODES else "normal"
 
 
-def read_psd(path: str | os.PathLike[str], *, workers: int | None = None) -> LayerStack:
-    """Read a PSD's raster layers (bottom first) with names, offsets, opacity, blend mode and visibility."""
+def _leaves(items) -> list:
+    """Every non-group item under `items`, in tree order."""
+    out = []
+    for item in items:
+        out.extend(_leaves(list(item)) if item.is_group() else [item])
+    return out
+
+
+def read_psd(path: str | os.PathLike[str], *, workers: int | None = None, groups: str = "keep",
+             warnings: list[str] | None = None) -> LayerStack:
+    """Read a PSD's layers (bottom first) with names, offsets, opacity, blend mode and visibility.
+
+    `groups` is "keep" (keep the children of pass-through groups) or "flatten" (every group one layer); the
+    warnings are logged and, when `warnings` is a list, appended to it.
+    """
+    result = load_psd(path, workers=workers, groups=groups)
+    if warnings is not None:
+        warnings.extend(result.warnings)
+    return result.stack
+
+
+def read_psd_merged(path: str | os.PathLike[str], *, warnings: list[str] | None = None) -> np.ndarray:
+    """Photoshop's stored merged image of a PSD as straight RGBA float32 (H, W, 4) in sRGB."""
     path = Path(path)
-    psd, reader = _open(path)
+    notes = _Notes(path)
+    psd, reader = open_psd(path)
     try:
-        return _read_layers(psd, path, workers)
+        colors = ColorConverter(psd.depth, int(psd.color_mode) == 3, _icc(psd), notes)
+        return _merged_rgba(psd, path, colors, notes)
+    except PARSE_ERRORS as err:
+        if isinstance(err, PSDError):
+            raise
+        raise PSDError(f"{os.fspath(path)!r}: the merged image is damaged ({plain(err)}); re-export the file") from err
+    finally:
+        if warnings is not None:
+            warnings.extend(notes.messages)
+        if reader is not None:
+            reader.close()
+
+
+def load_psd(path: str | os.PathLike[str], *, workers: int | None = None, groups: str = "keep",
+             merged: bool = False) -> PSDRead:
+    """Read a PSD into a `PSDRead`: the layer stack, the warnings, and the stored merged image when `merged`."""
+    if groups not in GROUP_MODES:
+        raise InputError(f"groups must be one of {', '.join(GROUP_MODES)}, got {groups!r}")
+    path = Path(path)
+    psd, reader = open_psd(path)
+    try:
+        return _load(psd, path, workers, groups, merged)
+    except PARSE_ERRORS as err:
+        if isinstance(err, PSDError):
+            if os.fspath(path) in str(err):
+                raise
+            raise PSDError(f"{os.fspath(path)!r}: {err}") from err
+        raise PSDError(f"{os.fspath(path)!r}: layer data is damaged ({plain(err)}); re-export the file") from err
     finally:
         if reader is not None:
             reader.close()
 
 
-def _read_layers(psd, path: Path, workers: int | None) -> LayerStack:
-    """The layers of an opened PSD (see read_psd)."""
+def _icc(psd) -> bytes | None:
+    from psd_tools.constants import Resource
+
+    data = psd.image_resources.get_data(Resource.ICC_PROFILE)
+    return bytes(data) if data else None
+
+
+def _load(psd, path: Path, workers: int | None, groups: str, want_merged: bool) -> PSDRead:
+    """The layers of an opened PSD (see load_psd)."""
+    from psd_tools.api.adjustments import SolidColorFill
+    from psd_tools.api.layers import AdjustmentLayer
+
+    notes = _Notes(path)
     rgb = int(psd.color_mode) == 3
     if not rgb:
-        log.warning("%s: colour mode %s is not RGB; layers are converted to RGBA by psd-tools", path,
-                    getattr(psd.color_mode, "name", psd.color_mode))
-    warned: set[str] = set()
+        notes("colour mode", f"colour mode {getattr(psd.color_mode, 'name', psd.color_mode)} is not RGB; layers are "
+              f"converted to RGBA by psd-tools")
+    colors = ColorConverter(psd.depth, rgb, _icc(psd), notes)
+    items = list(psd)
+    leaves = _leaves(items)
+    check_layers_fit(path, [(it.name, it.width, it.height) for it in leaves if it.width > 0 and it.height > 0])
 
-    def warn(msg: str) -> None:
-        if msg not in warned:
-            warned.add(msg)
-            log.warning("%s: %s", os.fspath(path), msg)
-
-    leaves: list[tuple[object, bool, float]] = []  # (psd-tools layer, visible, opacity), bottom first
-
-    def visit(items, visible: bool, opacity: float) -> None:
-        for item in items:
-            if item.is_group():
-                warn("layer groups are flattened: their children are kept in order, with the group's "
-                     "visibility and opacity folded in")
-                visit(list(item), visible and item.visible, opacity * item.opacity / 255.0)
-            else:
-                leaves.append((item, visible and item.visible, opacity * item.opacity / 255.0))
-
-    def pixels(item) -> np.ndarray | None:
+    def pixels(item) -> tuple[np.ndarray, int, int, bool] | None:
+        x, y = item.left, item.top
+        if isinstance(item, AdjustmentLayer):
+            notes("adjustment layer", f"adjustment layer {item.name!r} ({item.kind}) is not applied")
+            return None
         if item.kind == "pixel":  # an empty (0x0) pixel layer is kept, so indices stay as written
-            px = _decode_channels(psd, item) if rgb else _raster_preview(item)
-            return np.zeros((0, 0, 4), np.float32) if px is None else px
-        px = _raster_preview(item) if item.has_pixels() else None
-        if px is None:
-            warn(f"layer {item.name!r} ({item.kind}) has no pixels and was skipped")
-        else:
-            warn(f"layer {item.name!r} is a {item.kind} layer; read as its stored raster image")
-        return px
-
-    _check_image_data(psd, path)
-    layers: list[Layer] = []
-    try:
-        visit(list(psd), True, 1.0)
-        n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
-        if n_workers > 1 and len(leaves) > 1:  # numpy releases the GIL: layers convert while others decode
-            with ThreadPoolExecutor(n_workers) as pool:
-                decoded = list(pool.map(pixels, [item for item, _, _ in leaves]))
-        else:
-            decoded = [pixels(item) for item, _, _ in leaves]
-        for (item, visible, opacity), px in zip(leaves, decoded):
+            deep = rgb and psd.depth in (8, 16, 32)
+            px = layer_rgba(item, psd.depth, psd.version, item.name, notes) if deep else _raster_preview(item, rgb)
+            px = np.zeros((0, 0, 4), np.float32) if px is None else px
+        elif isinstance(item, SolidColorFill) and rgb:
+            px = _solid_fill(item, (psd.width, psd.height))
             if px is None:
-                continue
-            layers.append(Layer(pixels=px, x=item.left if px.size else 0, y=item.top if px.size else 0,
-                                name=item.name, opacity=opacity, blend_mode=_blend_name(item, warn),
-                                visible=visible))
-    except (ValueError, OSError, EOFError, struct.error, IndexError) as err:
-        if isinstance(err, PSDError):
-            raise
-        raise PSDError(f"{os.fspath(path)!r}: layer data is damaged ({type(err).__name__}: {err}); "
-                       f"re-export the file") from err
-    return LayerStack(psd.width, psd.height, layers)
+                notes("fill layer", f"fill layer {item.name!r}: its colour cannot be read; skipped")
+                return None
+            x = y = 0  # a fill covers the canvas; its masks cut it
+        else:
+            px = _raster_preview(item, rgb) if item.has_pixels() else None
+            if px is None:
+                notes("no pixels", f"layer {item.name!r} ({item.kind}) stores no pixels and was skipped")
+                return None
+            notes(item.kind, f"layer {item.name!r} is a {item.kind} layer; read as its stored raster image")
+        return (colors.apply(px) if rgb or psd.depth == 32 else px), x, y, False
+
+    n_workers = workers if workers is not None else min(4, os.cpu_count() or 1)
+    if n_workers > 1 and len(leaves) > 1:  # numpy releases the GIL: layers convert while others decode
+        with ThreadPoolExecutor(n_workers) as pool:
+            decoded = list(pool.map(pixels, leaves))
+    else:
+        decoded = [pixels(item) for item in leaves]
+    tree = TreeReader(psd.depth, psd.version, notes, lambda it: _blend_name(it, notes),
+                      {id(it): px for it, px in zip(leaves, decoded)}, groups)
+    layers = tree.build(items)
+    problem = _merged_problem(psd)
+    merged = None
+    if not any(layer.pixels.size for layer in layers) and items and problem is not None:
+        notes("merged image", f"no layer has pixels and {problem}; the document is read as empty")
+    elif not any(layer.pixels.size for layer in layers):
+        if leaves:
+            notes("no raster layers", f"none of the {len(leaves)} layers has pixels the reader can draw; the stored "
+                  f"merged image is read as one 'Background' layer")
+        else:
+            log.info("%s: no layer records (a flat file); the merged image is one 'Background' layer", path)
+        merged = _merged_rgba(psd, path, colors, notes)
+        layers = [Layer(merged.copy(), name="Background")]
+    elif problem is not None:
+        notes("merged image", f"{problem}; it is ignored, the layers are intact")
+    if want_merged and merged is None:
+        merged = _merged_rgba(psd, path, colors, notes)
+    return PSDRead(LayerStack(psd.width, psd.height, layers), notes.messages, notes.features, merged)

@@ -41,6 +41,7 @@ import numpy as np
 
 from ...errors import InputError, PSDError, ResourceError
 from ...fsutil import atomic_write
+from ...resources import format_bytes
 from ..blend import PSD_APPROXIMATE_MODES, PSD_BLEND_KEYS
 from ..stack import MAX_CANVAS_SIDE, Layer, LayerStack
 from .icc import srgb_profile
@@ -276,7 +277,7 @@ def _check_memory(stack: LayerStack, depth: int) -> None:
     avail = _available_memory()
     if avail is not None and need > avail:
         raise ResourceError(f"writing a {stack.width}x{stack.height} PSD ({px / 1e6:.0f} MP) needs about "
-                            f"{need / 2**30:.1f} GiB of RAM, {avail / 2**30:.1f} GiB is available; "
+                            f"{format_bytes(need)} of RAM, {format_bytes(avail)} is available; "
                             f"use a smaller canvas or free memory")
 
 

@@ -9,11 +9,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from ...errors import InputError, ModelMismatchError
+from .identify import COMFY_PREFIX, identify_checkpoint
 
 logger = logging.getLogger(__name__)
 
-# ComfyUI single files may carry this prefix on every transformer key (model_spec §7.2).
-COMFY_PREFIX = "model.diffusion_model."
 LAYERED_MARKER = "time_text_embed.addition_t_embedding.weight"
 EDIT_2511_MARKER = "__index_timestep_zero__"
 DIFFUSERS_CLASS = "QwenImageTransformer2DModel"
@@ -130,7 +129,8 @@ class TransformerConfig:
         missing = [k for k in _CORE_KEYS if k not in shapes]
         if missing:
             raise ModelMismatchError(
-                f"this is not a Qwen-Image-Layered transformer{where}: {_describe(shapes)}; missing keys "
+                f"this is not a Qwen-Image-Layered transformer{where}: {identify_checkpoint(shapes).describe()}; "
+                "missing keys "
                 f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''}; choose the Qwen-Image-Layered "
                 "diffusion model file"
             )
@@ -184,22 +184,3 @@ class TransformerConfig:
         cfg.check_layered(source)
         return cfg
 
-
-def _describe(shapes: Mapping[str, tuple[int, ...]]) -> str:
-    """A short guess at what a foreign checkpoint is, from its key names (for error messages)."""
-    keys = list(shapes)
-    if not keys:
-        return "it has no tensors"
-
-    def has(*parts: str) -> bool:
-        return any(any(p in k for p in parts) for k in keys)
-
-    if has("input_blocks.", "down_blocks.", "mid_block.attentions"):
-        return "it looks like a UNet (Stable Diffusion style)"
-    if has("encoder.conv_in", "decoder.conv_in", "encoder.conv1", "decoder.head", "quant_conv"):
-        return "it looks like a VAE"
-    if has("embed_tokens", "model.layers.", "visual.blocks."):
-        return "it looks like a text encoder"
-    if has("double_blocks.", "single_blocks."):
-        return "it looks like a Flux transformer"
-    return f"{len(keys)} tensors, first key {keys[0]!r}"

@@ -1,6 +1,8 @@
 """Weight files: reading checkpoints into the networks of `arch`, and writing tiny random ones.
 
 - `checkpoint.py`: opening safetensors files, sharded folders and pipeline subfolders.
+- what kind of file a checkpoint is: `arch/identify.py` (`identify_checkpoint`), beside the networks whose key
+  names it knows, so that `arch/config.py` can use it too.
 - `loading.py`: strict memory-mapped loading of the transformer and the RGBA-VAE (`load_transformer`, `load_vae`).
 - `text_loading.py`: loading the text encoder from a diffusers folder or a ComfyUI single file.
 - `vae_keys.py`: VAE key names, diffusers <-> ComfyUI/Wan.

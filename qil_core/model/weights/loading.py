@@ -20,13 +20,14 @@ import torch
 from torch import nn
 
 from ...errors import InputError, ModelMismatchError, WeightsError
-from ..arch.config import COMFY_PREFIX, TransformerConfig
+from ..arch.config import TransformerConfig
+from ..arch.identify import COMFY_PREFIX, KNOWN_VAE_PREFIXES, identify_checkpoint
 from ..arch.transformer import QwenImageLayeredTransformer
 from ..arch.vae import RGBAVAE, VAEConfig
 from ..runtime.memory import available_ram, check_device_memory, check_ram, format_bytes
 from .checkpoint import Checkpoint, PathLike, checkpoint_fingerprint, open_checkpoint, read_config
 from .quant import FP8_FORMATS, TRANSFORMER_FP8_SKIP, is_fp8, quantize_module_fp8, swap_fp8_linears
-from .vae_keys import KNOWN_VAE_PREFIXES, is_wan_naming, wan_to_diffusers_keys
+from .vae_keys import is_wan_naming, wan_to_diffusers_keys
 
 logger = logging.getLogger(__name__)
 
@@ -324,18 +325,15 @@ def _probe(model: nn.Module, ckpt: Checkpoint, plan: LoadPlan, keep_fp8: Mapping
             )
 
 
+# What a transformer loader says when handed another component, and which loader takes it instead.
+_OTHER_LOADER = {"vae": "VAE loader", "text_encoder": "text encoder loader", "vision_tower": "text encoder loader"}
+
+
 def _foreign_component(keys: Sequence[str]) -> str | None:
     """Name the component a checkpoint holds when it is clearly not a diffusion transformer."""
-    ks = set(keys)
-    if {"encoder.conv_in.weight", "post_quant_conv.weight"} <= ks or {"encoder.conv1.weight", "conv2.weight"} <= ks:
-        return "a VAE (select it in the VAE loader)"
-    if any(k.startswith(("first_stage_model.encoder.", "vae.encoder.")) for k in ks) and not any(
-        k.startswith(COMFY_PREFIX) for k in ks
-    ):
-        return "a VAE (select it in the VAE loader)"
-    if any("embed_tokens." in k or k.startswith(("visual.", "model.visual.")) for k in ks):
-        return "a text encoder (select it in the text encoder loader)"
-    return None
+    found = identify_checkpoint(keys)
+    loader = _OTHER_LOADER.get(found.kind)
+    return f"{found.what} (select it in the {loader})" if loader else None
 
 
 def _strip_prefix(keys: Sequence[str], prefixes: Sequence[str]) -> Callable[[str], str | None]:
@@ -419,9 +417,10 @@ def load_vae(
     check_dtype(dtype)
     with open_checkpoint(source, subfolder=subfolder, default_subfolder="vae") as ckpt:
         plan = plan_keys(ckpt, _vae_rename(ckpt))
-        if "img_in.weight" in plan.shapes or "transformer_blocks.0.img_mod.1.weight" in plan.shapes:
+        found = identify_checkpoint(plan.shapes)
+        if found.kind not in ("vae", "unknown", "empty"):
             raise ModelMismatchError(
-                f"{ckpt.source}: this is a diffusion transformer, not a VAE; select the Qwen-Image-Layered VAE "
+                f"{ckpt.source}: this is {found.what}, not a VAE; select the Qwen-Image-Layered VAE "
                 "(qwen_image_layered_vae.safetensors in models/vae, or the vae/ folder)"
             )
         config = VAEConfig.from_shapes(plan.shapes, ckpt.source)

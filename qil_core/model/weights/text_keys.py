@@ -26,9 +26,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from ...errors import ModelMismatchError
+from ..arch.identify import LM_PREFIXES, identify_checkpoint
 
-# Prefixes of the language-model tensors, most specific first.
-LM_PREFIXES = ("model.language_model.", "model.", "")
+__all__ = ["LM_PREFIXES", "SCALED_FP8_MARKER", "SKIP_PREFIXES", "TextKeyMap", "detect_prefix", "map_text_keys"]
+
 # Tensors present in complete checkpoints that the text encoder does not use; each skipped by name, not by leniency.
 SKIP_PREFIXES = {
     "visual.": "vision tower (used only for image captioning)",
@@ -36,8 +37,6 @@ SKIP_PREFIXES = {
     "lm_head.": "language-model output head (conditioning uses hidden states, not logits)",
 }
 SCALED_FP8_MARKER = "scaled_fp8"
-# Probe keys that identify the language model under a prefix.
-_PROBES = ("embed_tokens.weight", "layers.0.self_attn.k_proj.bias")
 
 
 @dataclass(frozen=True)
@@ -65,11 +64,10 @@ class TextKeyMap:
 
 def detect_prefix(keys: Iterable[str], *, source: str) -> str:
     """The language-model prefix of a checkpoint; ModelMismatchError for vision-only or unrelated files."""
-    keys = set(keys)
-    for prefix in LM_PREFIXES:
-        if all(prefix + p in keys for p in _PROBES):
-            return prefix
-    raise ModelMismatchError(f"{source} is not a Qwen2.5-VL text encoder: {_describe(keys)}")
+    found = identify_checkpoint(keys)
+    if found.kind == "text_encoder" and "qwen2.5" in found.hints:
+        return found.prefix
+    raise ModelMismatchError(f"{source} is not a Qwen2.5-VL text encoder: {found.describe(folder=True)}")
 
 
 def map_text_keys(keys: Iterable[str], *, source: str) -> TextKeyMap:
@@ -94,23 +92,3 @@ def map_text_keys(keys: Iterable[str], *, source: str) -> TextKeyMap:
         )
     return TextKeyMap(prefix, skipped)
 
-
-def _describe(keys: set[str]) -> str:
-    """What a non-text-encoder checkpoint looks like, so the error can tell the user what they loaded."""
-    if not keys:
-        return "it holds no tensors"
-    if all(k.startswith(("visual.", "model.visual.")) for k in keys):
-        return "it holds only the vision tower (visual.*), not the language model"
-    hints = {
-        "transformer_blocks.": "a diffusion transformer (put it in models/diffusion_models)",
-        "model.diffusion_model.": "a diffusion model checkpoint",
-        "decoder.": "a VAE (put it in models/vae)",
-        "encoder.block.": "a T5 text encoder",
-        "text_model.encoder.": "a CLIP text encoder",
-    }
-    for prefix, what in hints.items():
-        if any(k.startswith(prefix) for k in keys):
-            return f"it looks like {what}"
-    if any(k.endswith("layers.0.self_attn.k_proj.weight") for k in keys):
-        return "it is a decoder language model without q/k/v biases or embeddings, not Qwen2.5"
-    return f"none of its {len(keys)} tensors is a Qwen2.5 language-model tensor (e.g. {sorted(keys)[:3]})"

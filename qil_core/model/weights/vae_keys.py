@@ -43,8 +43,6 @@ PREFIX_FROM_WAN: dict[str, str] = {v: k for k, v in PREFIX_TO_WAN.items()}
 WAN_MARKERS: tuple[str, ...] = ("encoder.conv1.weight", "decoder.head.2.weight", "conv2.weight")
 DIFFUSERS_MARKERS: tuple[str, ...] = ("encoder.conv_in.weight", "decoder.conv_out.weight", "post_quant_conv.weight")
 
-# Wrapper prefixes some single files put in front of the VAE keys (full checkpoints, other tools).
-KNOWN_VAE_PREFIXES: tuple[str, ...] = ("first_stage_model.", "vae.")
 
 _D_DOWN = re.compile(r"^encoder\.down_blocks\.(\d+)\.(.+)$")
 _D_MID = re.compile(r"^(encoder|decoder)\.mid_block\.resnets\.([01])\.(.+)$")

@@ -51,13 +51,18 @@ def test_reads_a_psd_tools_file(tmp_path) -> None:
     assert [layer.visible for layer in stack] == [True, True, False]
 
 
-def test_groups_are_flattened_with_a_warning(tmp_path, caplog) -> None:
+def test_group_with_opacity_is_read_with_a_warning(tmp_path, caplog) -> None:
+    # A pass-through group at 20 % with a multiply child: its children stay layers with the group's opacity
+    # folded in (isolating it would change how the multiply layer blends); 'flatten' makes it one layer.
     with caplog.at_level(logging.WARNING):
         stack = read_psd(_psd_tools_file(tmp_path, with_group=True))
-    assert "groups are flattened" in caplog.text
+    assert "group 'grp' is pass-through" in caplog.text
     assert [layer.name for layer in stack] == ["rouge", "緑 😀", "hidden"]
     assert stack[1].opacity == pytest.approx(51 / 255 * 128 / 255)
     assert stack[2].visible is False
+    flat = read_psd(_psd_tools_file(tmp_path, with_group=True), groups="flatten")
+    assert [layer.name for layer in flat] == ["rouge", "grp"]
+    assert flat[1].opacity == pytest.approx(51 / 255) and flat[1].bbox() == (-2, 20, 4, 25)
 
 
 def test_round_trip_keeps_everything(tmp_path) -> None:
@@ -96,7 +101,7 @@ def test_not_a_psd_names_the_file(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("keep", [10, 200, 0.6])
-def test_truncated_file_gives_psd_error(tmp_path, keep) -> None:
+def test_truncated_file_gives_psd_error(tmp_path, keep, caplog) -> None:
     stack = LayerStack(30, 20, [Layer(np.ones((10, 10, 4), np.float32), name="a")])
     full_path = write_psd(stack, tmp_path / "full.psd")
     assert lint_psd(full_path) == []
@@ -104,6 +109,12 @@ def test_truncated_file_gives_psd_error(tmp_path, keep) -> None:
     n = int(len(full) * keep) if isinstance(keep, float) else keep
     cut = tmp_path / "cut.psd"
     cut.write_bytes(full[:n])
+    if keep == 0.6:  # cut inside the merged image: the layers are intact, so they are read with a warning
+        with caplog.at_level(logging.WARNING):
+            back = read_psd(cut)
+        assert "merged image ends early" in caplog.text
+        np.testing.assert_allclose(back[0].pixels, 1.0)
+        return
     with pytest.raises(PSDError, match=r"cut\.psd"):
         read_psd(cut)
 
