@@ -6,7 +6,8 @@
 - `stack_nodes.py`: delete, duplicate, merge down, move, drop empty, layer properties.
 - `convert_nodes.py`: IMAGE + MASK batches <-> LAYERS.
 - `io_nodes.py`: Save PSD, Load PSD, Save Layer PNGs, Preview Layers.
-- `common.py`: helpers the families share. `host.py`: the one module that touches ComfyUI.
+- `common.py`: helpers the families share. `widgets.py`: widgets generated from the library's options.
+- `host.py`: the one module that touches ComfyUI.
 
 Node ids are stored in users' saved workflows: they are a public contract, prefixed `QIL`, never renamed.
 """

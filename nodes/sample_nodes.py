@@ -12,25 +12,24 @@ from typing import Any
 import torch
 
 from ..qil_core.errors import InputError
-from . import host
+from ..qil_core.model.pipeline.options import DecomposeLayerOptions, DecomposeOptions, TextToLayersOptions
 from .common import CATEGORY, LAYERS_TIP, SELECT_TIP, image_batch, select, to_document, to_stack
-from .model_runtime import MODEL_TYPE, run_placement
+from .model_runtime import MODEL_TYPE, check_model, run_placement
 from .sample_inputs import (
+    DECOMPOSE_LAYER_OPTIONAL,
+    DECOMPOSE_LAYER_RENAME,
+    DECOMPOSE_LAYER_WIDGETS,
+    DECOMPOSE_OPTIONAL,
+    DECOMPOSE_WIDGETS,
     HIDDEN,
-    OUTPUT_SIZES,
-    RECOMPOSE_CHOICES,
-    RECOMPOSE_TIP,
     SEMANTICS,
-    check_counts,
+    TEXT_TO_LAYERS_WIDGETS,
     input_mask,
+    job_inputs,
     layer_images,
-    parse_resolution,
     processing_size,
-    prompt_inputs,
-    recompose_mode,
-    sampling_inputs,
-    size_inputs,
 )
+from .widgets import options_from_widgets, widgets
 
 
 class QILDecompose:
@@ -61,17 +60,12 @@ class QILDecompose:
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From Load Qwen-Layered."}),
                 "image": ("IMAGE", {"tooltip": "The picture(s) to split; a batch gives one layer document per image."}),
-                **prompt_inputs("Describe the whole image (all of it, not one layer), e.g. 'a red car on a beach at "
-                          "sunset with the title SUMMER'. Empty works too."),
-                **sampling_inputs(4, "How many layers to make (1-20); 3-6 suits most pictures."),
-                **size_inputs(),
-                "output_size": (list(OUTPUT_SIZES), {"default": "processing", "tooltip": "processing: layers at the "
-                                "size the model ran at. original: scaled back to the input image's size."}),
+                **widgets(DecomposeOptions, DECOMPOSE_WIDGETS),
             },
             "optional": {
                 "mask": ("MASK", {"tooltip": "Optional transparency of the input (1 = transparent, as Load Image "
                          "gives it); replaces the image's alpha."}),
-                "recompose": (list(RECOMPOSE_CHOICES), {"default": "auto", "tooltip": RECOMPOSE_TIP}),
+                **widgets(DecomposeOptions, DECOMPOSE_OPTIONAL),
             },
             "hidden": HIDDEN,
         }
@@ -80,20 +74,17 @@ class QILDecompose:
                   cfg: float, cfg_normalize: bool, seed: int, resolution: str, max_side: int, output_size: str,
                   mask: Any = None, recompose: str = "auto",
                   unique_id: str | None = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline.decompose import decompose  # on first use: keeps the pack import fast
+        from ..qil_core.model.pipeline.decompose import run_decompose  # on first use: keeps the pack import fast
 
-        handle, layers, steps = check_counts(model, layers, steps)
+        handle = check_model(model)
+        values = dict(prompt=prompt, negative_prompt=negative_prompt, layers=layers, steps=steps, cfg=cfg,
+                      cfg_normalize=bool(cfg_normalize), seed=seed, resolution=resolution, max_side=max_side,
+                      output_size=output_size, recompose=recompose)
+        opts = options_from_widgets(DecomposeOptions, values)
         img = image_batch(image)  # [B, H, W, C]; a missing batch dimension is added (D2)
-        res = parse_resolution(resolution)
-        mode = recompose_mode(recompose, output_size)
-        with run_placement(handle, *processing_size(img.shape[2], img.shape[1], res, max_side), layers) as pl:
-            stacks = decompose(handle.model, img, mask=input_mask(mask, img), prompt=prompt,
-                               negative_prompt=negative_prompt, layers=layers, steps=steps, cfg=cfg,
-                               cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,
-                               max_side=max_side if res == "custom" else None, output_size=output_size,
-                               recompose=mode, placement=pl,
-                               callback=host.make_callback(steps * img.shape[0], node_id=unique_id,
-                                                           label="Decompose Image"))
+        with run_placement(handle, *processing_size(img.shape[2], img.shape[1], opts), opts.layers) as pl:
+            run = job_inputs(pl, opts.steps * img.shape[0], unique_id, "Decompose Image")
+            stacks = run_decompose(handle.model, img, opts, run, mask=input_mask(mask, img))
         return ([to_document(s) for s in stacks], *layer_images(stacks))
 
 
@@ -117,12 +108,7 @@ class QILTextToLayers:
         return {
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From Load Qwen-Layered."}),
-                **prompt_inputs("Describe the whole picture to generate."),
-                "width": ("INT", {"default": 640, "min": 64, "max": 4096, "step": 16,
-                          "tooltip": "Canvas width in px."}),
-                "height": ("INT", {"default": 640, "min": 64, "max": 4096, "step": 16,
-                           "tooltip": "Canvas height in px."}),
-                **sampling_inputs(4, "How many layers to make (1-20)."),
+                **widgets(TextToLayersOptions, TEXT_TO_LAYERS_WIDGETS),
             },
             "hidden": HIDDEN,
         }
@@ -130,16 +116,14 @@ class QILTextToLayers:
     def generate(self, model: Any, prompt: str, negative_prompt: str, width: int, height: int, layers: int,
                  steps: int, cfg: float, cfg_normalize: bool, seed: int,
                  unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline.checks import check_int
-        from ..qil_core.model.pipeline.decompose import text_to_layers
+        from ..qil_core.model.pipeline.decompose import run_text_to_layers
 
-        handle, layers, steps = check_counts(model, layers, steps)
-        width, height = check_int("width", width, 64, 4096), check_int("height", height, 64, 4096)
-        with run_placement(handle, width, height, layers) as pl:
-            stack = text_to_layers(handle.model, prompt, width=width, height=height, negative_prompt=negative_prompt,
-                                   layers=layers, steps=steps, cfg=cfg, cfg_normalize=bool(cfg_normalize), seed=seed,
-                                   placement=pl, callback=host.make_callback(steps, node_id=unique_id,
-                                                                             label="Text to Layers"))
+        handle = check_model(model)
+        values = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, layers=layers,
+                      steps=steps, cfg=cfg, cfg_normalize=bool(cfg_normalize), seed=seed)
+        opts = options_from_widgets(TextToLayersOptions, values)
+        with run_placement(handle, opts.width, opts.height, opts.layers) as pl:
+            stack = run_text_to_layers(handle.model, opts, job_inputs(pl, opts.steps, unique_id, "Text to Layers"))
         return (to_document(stack), *layer_images([stack]))
 
 
@@ -169,16 +153,10 @@ class QILDecomposeLayer:
                 "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
                 "layer": ("STRING", {"default": "-1", "tooltip": "The one layer to split: an index (0 = bottom, -1 "
                           "= top) or its exact name."}),
-                **prompt_inputs("Describe the content of that layer."),
-                **{("sub_layers" if k == "layers" else k): v for k, v in
-                   sampling_inputs(3, "How many sub-layers to split it into (1-20).").items()},
-                **size_inputs(),
+                **widgets(DecomposeLayerOptions, DECOMPOSE_LAYER_WIDGETS, DECOMPOSE_LAYER_RENAME),
             },
             "optional": {
-                "recompose": (["exact", "model"], {"default": "exact", "tooltip": "exact: the sub-layers' colours "
-                              "are corrected so that, stacked normally, they give back the layer's pixels wherever "
-                              "they are visible (alpha never changes; residual in the log and the document's "
-                              "metadata). model: the colours as the model made them."}),
+                **widgets(DecomposeLayerOptions, DECOMPOSE_LAYER_OPTIONAL),
             },
             "hidden": HIDDEN,
         }
@@ -187,22 +165,21 @@ class QILDecomposeLayer:
                         sub_layers: int, steps: int, cfg: float, cfg_normalize: bool, seed: int, resolution: str,
                         max_side: int, recompose: str = "exact",
                         unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline.decompose import decompose_layer
+        from ..qil_core.model.pipeline.decompose import run_decompose_layer
 
-        handle, sub_layers, steps = check_counts(model, sub_layers, steps, "sub_layers")
+        handle = check_model(model)
+        values = dict(prompt=prompt, negative_prompt=negative_prompt, sub_layers=sub_layers, steps=steps, cfg=cfg,
+                      cfg_normalize=bool(cfg_normalize), seed=seed, resolution=resolution, max_side=max_side,
+                      recompose=recompose)
+        opts = options_from_widgets(DecomposeLayerOptions, values, DECOMPOSE_LAYER_RENAME)
         stack = to_stack(layers)
         chosen = select(stack, layer)
         if len(chosen) != 1:
             raise InputError(f"input 'layer' {layer!r} selects {len(chosen)} layers; choose exactly one ({SELECT_TIP})")
-        res = parse_resolution(resolution)
-        mode = recompose_mode(recompose)
         target = stack.layers[chosen[0]]
-        with run_placement(handle, *processing_size(target.width, target.height, res, max_side), sub_layers) as pl:
-            out = decompose_layer(handle.model, stack, chosen[0], layers=sub_layers, prompt=prompt,
-                                  negative_prompt=negative_prompt, steps=steps, cfg=cfg,
-                                  cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,
-                                  max_side=max_side if res == "custom" else None, recompose=mode, placement=pl,
-                                  callback=host.make_callback(steps, node_id=unique_id, label="Decompose Layer"))
+        with run_placement(handle, *processing_size(target.width, target.height, opts), opts.layers) as pl:
+            run = job_inputs(pl, opts.steps, unique_id, "Decompose Layer")
+            out = run_decompose_layer(handle.model, stack, chosen[0], opts, run)
         new = out.replace(layers=out.layers[chosen[0]: chosen[0] + len(out.layers) - len(stack.layers) + 1])
         return (to_document(out), *layer_images([new]))
 

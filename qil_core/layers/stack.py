@@ -26,19 +26,6 @@ BLEND_MODES: tuple[str, ...] = (
 MAX_CANVAS_SIDE = 30_000
 
 
-def finite_param(name: str, value: object, lo: float | None = None, hi: float | None = None) -> float:
-    """`value` as a finite float (within lo..hi when given), else InputError naming the parameter."""
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise InputError(f"{name} must be in {lo:g}..{hi:g}, got {value!r}")
-    return v
-
-
 @dataclass
 class Layer:
     """One raster layer: `pixels` (h, w, 4) float32 straight RGBA placed at canvas offset (x, y)."""

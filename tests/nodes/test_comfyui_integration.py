@@ -404,6 +404,19 @@ def test_every_workflow_runs_on_the_real_server(models_installed: ComfyServer, n
     assert sorted(out.glob("*.psd")) == psds
 
 
+def test_a_saved_loader_with_the_old_block_swap_spelling_runs_on_the_real_server(models_installed: ComfyServer) -> None:
+    # Before the memory modes were spelled once, the loader offered "block swap"; saved workflows keep that value.
+    graph = _server_graph("text_to_layers")
+    for node in graph.values():
+        if node["class_type"] == "QILLoadModel":
+            node["inputs"]["memory_mode"] = "block swap"
+        if isinstance(node["inputs"].get("filename_prefix"), str):
+            node["inputs"]["filename_prefix"] = "legacy/old_spelling"
+    entry = models_installed.run(graph)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + models_installed.log_tail()
+    assert len(list((models_installed.base / "output" / "legacy").glob("*.psd"))) == 1
+
+
 def test_cancel_on_the_real_server_leaves_nothing(models_installed: ComfyServer) -> None:
     server = models_installed
     graph = _server_graph("decompose_to_psd")
