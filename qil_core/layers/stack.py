@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -81,7 +82,7 @@ class Layer:
         """Canvas rectangle (left, top, right, bottom) of the stored pixels."""
         return self.x, self.y, self.x + self.width, self.y + self.height
 
-    def replace(self, **changes: object) -> Layer:
+    def replace(self, **changes: Any) -> Layer:
         """A copy with some fields changed (pixels are shared unless replaced)."""
         return dataclasses.replace(self, **changes)
 
@@ -98,7 +99,7 @@ class Layer:
         return self.replace(pixels=self.pixels[t:b, l:r], x=self.x + l, y=self.y + t)
 
     @classmethod
-    def from_canvas(cls, rgba: np.ndarray, **fields: object) -> Layer:
+    def from_canvas(cls, rgba: np.ndarray, **fields: Any) -> Layer:
         """A layer from a full-canvas (H, W, 4) straight RGBA array, cropped to its content."""
         return cls(pixels=np.asarray(rgba, dtype=np.float32), x=0, y=0, **fields).cropped()
 
@@ -154,7 +155,7 @@ class LayerStack:
             raise LayerIndexError(f"layer {i} requested, {n} available (0..{n - 1}, or -1 for the top)")
         return i % n
 
-    def replace(self, **changes: object) -> LayerStack:
+    def replace(self, **changes: Any) -> LayerStack:
         """A shallow copy with some fields changed (the layer list itself is copied)."""
         out = dataclasses.replace(self, **changes)
         out.layers = list(out.layers)

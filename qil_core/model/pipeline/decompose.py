@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
@@ -35,6 +35,8 @@ from ...layers.fullres import upsample_stack
 from ...layers.recompose import recompose_exact, snap_alpha
 from ...layers.stack import Layer, LayerStack
 from ...options import Options, specs
+from ..arch.transformer import QwenImageLayeredTransformer
+from ..arch.vae import RGBAVAE
 from ..loader import QwenLayeredModel
 from ..runtime.placement import Placement, ResidentPlacement
 from . import checks as chk
@@ -185,10 +187,12 @@ def _run(model: QwenLayeredModel, job: _Job, opts: SamplingOptions, inputs: list
     with torch.inference_mode():
         conds: list[torch.Tensor | None] = [None] * len(inputs)
         if any(im is not None for im in inputs):
-            with placement.use("vae", model.vae) as vae:
+            with placement.use("vae", model.vae) as used:
+                vae = cast(RGBAVAE, used)
                 conds = [None if im is None else encode_condition(vae, im, dtype, device, vae_tile)
                          for im in inputs]
-        with placement.use("transformer", model.transformer) as dit:
+        with placement.use("transformer", model.transformer) as used:
+            dit = cast(QwenImageLayeredTransformer, used)
             for b, (h, w) in enumerate(grids):
                 hp, wp = h // 2, w // 2
                 shapes = [(1, hp, wp)] * (layers + 1) + ([(1, hp, wp)] if conds[b] is not None else [])
@@ -202,7 +206,8 @@ def _run(model: QwenLayeredModel, job: _Job, opts: SamplingOptions, inputs: list
         placement.release("transformer", model.transformer)
         frames = list(range(1, layers + 1)) + ([0] if keep_composite else [])
         out = []
-        with placement.use("vae", model.vae) as vae:
+        with placement.use("vae", model.vae) as used:
+            vae = cast(RGBAVAE, used)
             for b, (h, w) in enumerate(grids):
                 z = unpack_latents(finals[b], layers + 1, h, w)[0]  # (N+1, 16, h, w)
                 out.append(decode_frames(vae, z, frames, vae_tile))

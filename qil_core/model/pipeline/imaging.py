@@ -215,7 +215,8 @@ def bucket_size(width: int, height: int, resolution: int | str = 640, max_side: 
         short = long_side * min(width, height) / max(width, height)
         short_side = max(SIDE_MULTIPLE, round(short / SIDE_MULTIPLE) * SIDE_MULTIPLE)
         return (long_side, short_side) if width >= height else (short_side, long_side)
-    w = math.sqrt(mode * mode * ratio)
+    area_side = int(mode)  # past the custom branch: an area bucket side (640 or 1024)
+    w = math.sqrt(area_side * area_side * ratio)
     h = w / ratio
     w32, h32 = round(w / SIDE_MULTIPLE) * SIDE_MULTIPLE, round(h / SIDE_MULTIPLE) * SIDE_MULTIPLE
     # the reference then floors to multiples of 16 (vae scale x patch), a no-op on multiples of 32
@@ -250,7 +251,7 @@ def check_output_size(layers: int, width: int, height: int, images: int = 1, *, 
 def resize_rgba(rgba: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """RGBA uint8 (H, W, 4) -> (height, width, 4) for size = (width, height), Pillow Lanczos (premultiplied)."""
     im = Image.fromarray(np.ascontiguousarray(rgba), "RGBA")
-    return np.asarray(im.resize(tuple(size), Image.Resampling.LANCZOS))
+    return np.asarray(im.resize((int(size[0]), int(size[1])), Image.Resampling.LANCZOS))
 
 
 def to_model_pixels(rgba: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
