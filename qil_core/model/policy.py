@@ -64,7 +64,8 @@ class LoadPolicy(Options):
     )
     quant: str | None = option(
         None,
-        "Quantise a bf16/fp16 transformer's blocks while loading, as ComfyUI's quantiser does: int8-convrot "
+        "Quantisation format applied to a bf16/fp16 transformer's blocks while loading, as ComfyUI's quantiser "
+        "makes it: int8-convrot "
         "(INT8 with a Hadamard rotation, closest to bf16), fp8, int8, mxfp8 or nvfp4 (quantised files stay as they "
         "are without this).",
         kind=str,
