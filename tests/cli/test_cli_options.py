@@ -47,7 +47,9 @@ def test_flags_agree_with_the_option_fields(command: str, cls: type, names: list
         assert action.option_strings == [flag(name)]
         own = name in CLI_DEFAULTS  # the command reads these itself (prompt files, --max-side implying custom)
         if spec.choices:
-            assert tuple(action.choices) == spec.choices and action.default == (None if own else str(f.default))
+            assert tuple(action.choices) == spec.choices and action.default == (
+                None if own or f.default is None else str(f.default)
+            )
         else:
             assert action.default == (None if own else f.default) and action.choices is None
         if spec.lo is not None and spec.hi is not None:

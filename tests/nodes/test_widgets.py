@@ -60,9 +60,10 @@ def test_loader_widgets_come_from_the_load_policy() -> None:
     memory, dtype = required["memory_mode"], required["weight_dtype"]
     assert memory[0] == list(policy.MEMORY_MODES) == ["auto", "resident", "offload", "block_swap"]
     assert memory[1]["default"] == "auto" and memory[1]["tooltip"] == spec_of(policy.LoadPolicy, "memory")[1].help
-    assert dtype[0] == ["default", *policy.DTYPES, "fp8_e4m3fn"] and dtype[1]["default"] == "default"
+    assert dtype[0] == ["default", *policy.DTYPES, "fp8_e4m3fn", "int8_convrot"] and dtype[1]["default"] == "default"
     p = model_nodes.load_policy("fp8_e4m3fn", "block swap")  # an old spelling, read through the LEGACY table
-    assert (p.dtype, p.fp8, p.memory) == ("default", True, "block_swap")
+    assert (p.dtype, p.quant_format(), p.memory) == ("default", "fp8", "block_swap")
+    assert model_nodes.load_policy("int8_convrot", "auto").quant_format() == "int8-convrot"
     assert model_nodes.load_policy("fp16", "block_swap") == policy.LoadPolicy(dtype="fp16", memory="block_swap")
     with pytest.raises(errors.InputError, match="input 'memory_mode' must be one of auto, resident, offload"):
         model_nodes.load_policy("default", "everything")

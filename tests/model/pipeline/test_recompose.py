@@ -83,7 +83,7 @@ def test_processing_size_defaults_to_the_models_colours(model) -> None:
     assert "recompose" not in plain.metadata and plain.size != (90, 70)
     exact = decompose(model, img, recompose="exact", **OPTS)[0]
     assert exact.size == plain.size and exact.metadata["recompose"]["remaining_max"] < 0.01
-    with pytest.raises(InputError, match="recompose must be one of exact, model"):
+    with pytest.raises(InputError, match="recompose must be one of auto, exact, model"):
         decompose(model, img, recompose="nearly", **OPTS)
 
 
