@@ -291,13 +291,9 @@ def get_torch_device() -> Any:
     mm = _host("comfy.model_management")
     if mm is not None:
         return mm.get_torch_device()
-    import torch
+    from ..qil_core.model.policy import best_device  # the CLI's choice too
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return best_device()
 
 
 def intermediate_device() -> Any:

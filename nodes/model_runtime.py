@@ -5,10 +5,10 @@ Memory modes (chosen on the loader):
   it on the GPU between runs and unloads it (or our other components) when something else needs the room.
 - offload: components are copied to the GPU when used and kept only while they fit (memory_plan's budget),
   all dropped when the run ends; little VRAM, more transfers.
-- block swap: the transformer's blocks stream from the CPU, as many kept resident as fit (BlockSwapPlacement).
+- block_swap: the transformer's blocks stream from the CPU, as many kept resident as fit (BlockSwapPlacement).
 - auto: qil_core.model.runtime.memory_plan decides on the first run of a loaded model: resident when every phase fits
-  on the device (ComfyUI evicting between phases as needed), else block swap with as many blocks as fit.
-In offload, block swap and the auto decision ComfyUI is first asked to free the room (unloading other models).
+  on the device (ComfyUI evicting between phases as needed), else block_swap with as many blocks as fit.
+In offload, block_swap and the auto decision ComfyUI is first asked to free the room (unloading other models).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 MODEL_TYPE = "QIL_MODEL"
 CONNECT_HINT = "connect a Load Qwen-Layered node to 'model'"
-PLAN_MODES = {"offload": "offload", "block swap": "block_swap"}  # loader choice -> memory_plan mode
 TEXT_TOKENS = 512  # a generous prompt length for the working-memory estimate
 
 
@@ -134,12 +133,12 @@ def _placement_for(handle: QILModel, width: int, height: int, layers: int) -> It
     if mode == "auto":
         if handle.resolved_mode is None:  # decided once: resident (ComfyUI evicts as needed) or block swap
             chosen = _plan(handle, "auto", width, height, layers).mode
-            handle.resolved_mode = "block swap" if chosen == "block_swap" else "resident"
+            handle.resolved_mode = "block_swap" if chosen == "block_swap" else "resident"
         mode = handle.resolved_mode
     if mode == "resident":
         yield HostPlacement(handle, work_bytes(handle, width, height, layers))
         return
-    plan = _plan(handle, PLAN_MODES[mode], width, height, layers)
+    plan = _plan(handle, mode, width, height, layers)  # offload or block_swap: memory_plan's own names
     placement = plan.placement(handle.model.dtype)
     log.info("memory mode %s: %s; %r", mode, plan.describe(), placement)
     try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import struct
 import tempfile
@@ -12,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from ..checks import check_number
 from ..errors import InputError, OutputPathError
 from ..fsutil import STAGING_PREFIX, name_problem
 from ..layers.export import read_layer_pngs
@@ -43,18 +43,12 @@ def argtype(fn: Callable[[str], T], what: str) -> Callable[[str], T]:
 
 def _finite(text: str) -> float:
     """A finite float from text."""
-    v = float(text)
-    if not math.isfinite(v):
-        raise InputError(f"{text!r} is not a finite number")
-    return v
+    return check_number(repr(text), float(text))
 
 
 def _unit(text: str) -> float:
     """A float in 0..1 from text."""
-    v = _finite(text)
-    if not 0.0 <= v <= 1.0:
-        raise InputError(f"{text!r} is outside 0..1")
-    return v
+    return check_number(repr(text), float(text), 0.0, 1.0)
 
 
 def _scale(text: str) -> float:

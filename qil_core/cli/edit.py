@@ -13,6 +13,7 @@ from ..layers.composite import composite
 from ..layers.edit_steps import LayerEdit, StackEdit, Step, apply_edits
 from ..layers.export import write_png
 from ..layers.psd import write_psd
+from ..layers.replace import ALPHA_POLICIES
 from ..layers.resample import INTERPOLATIONS
 from ..layers.stack import BLEND_MODES
 from ..layers.transform import GROUP_PIVOTS
@@ -51,6 +52,7 @@ examples:
       --move-to 2:0 --preview p.png
   python -m qil_core edit in.psd --out out.psd --layer Logo --replace-color "#1f244c:#802020:0.2" --blend multiply
   python -m qil_core edit in.psd --out out.psd --layer "Sun,Sun glow" --flip-h --rotate 15 --pivot canvas
+  python -m qil_core edit in.psd --out out.psd --replace-pixels Logo=logo_edited.png --replace-alpha keep
 """
 
 
@@ -108,6 +110,14 @@ def _tint_arg(text: str) -> tuple[tuple[float, float, float], float]:
     """'COLOR[:STRENGTH]' -> (RGB, strength); strength defaults to 0.5."""
     colour, _, strength = text.partition(":")
     return color_arg(colour), unit_float(strength) if strength else 0.5
+
+
+def _replace_pixels_arg(text: str) -> tuple[str, str]:
+    """'LAYER=FILE' -> (layer key, picture path)."""
+    key, sep, path = text.partition("=")
+    if not sep or not key or not path:
+        raise argparse.ArgumentTypeError(f"replace-pixels: {text!r} is not LAYER=FILE (e.g. Logo=logo_edited.png)")
+    return key, path
 
 
 def _pivot(text: str) -> str | tuple[float, float]:
@@ -192,6 +202,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--duplicate", **so, metavar="KEY", help="copy a layer; the copy goes right above it")
     g.add_argument("--drop-empty", **so, dest="drop_empty", nargs=0, const=True, help="remove fully transparent layers")
     g.add_argument("--resize", **so, type=size_arg, metavar="WxH", help="scale the whole document to WxH")
+    g.add_argument("--replace-pixels", **so, dest="replace_pixels", type=_replace_pixels_arg, metavar="LAYER=FILE",
+                   help="replace a layer's pixels with an edited picture (any size: scaled back to the canvas or "
+                        "the layer's box, whichever it shows); the alpha follows --replace-alpha")
+    p.add_argument("--replace-alpha", choices=ALPHA_POLICIES, default="keep",
+                   help="alpha for --replace-pixels: keep the layer's (default), take the picture's (RGBA), or "
+                        "re-matte by difference against the unedited layer")
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -205,6 +221,9 @@ def run_edit(args: argparse.Namespace) -> int:
         check_suffix(args.preview, (".png",), "preview")
         outs.append(args.preview)
     check_free(outs, overwrite=args.overwrite)
+    for step in steps:
+        if isinstance(step, StackEdit) and step.op == "replace_pixels":
+            step.value = (*step.value[:2], args.replace_alpha)
     t0 = time.perf_counter()
     stack = read_stack(args.inputs)
     edited = apply_edits(stack, steps)

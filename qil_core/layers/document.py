@@ -270,7 +270,8 @@ def stack_from_document(doc: dict, *, interpolation: str = "lanczos") -> LayerSt
     layers: list[Layer] = []
     for i in order:
         layers.extend(_item_layers(items[i], f"layers[{i}]", len(layers), interpolation))
-    return LayerStack(width, height, layers)
+    meta = doc.get("metadata")
+    return LayerStack(width, height, layers, metadata=dict(meta) if isinstance(meta, dict) else {})
 
 
 def stack_to_document(stack: LayerStack) -> dict:
@@ -286,7 +287,10 @@ def stack_to_document(stack: LayerStack) -> dict:
             "blend_mode": layer.blend_mode, "visible": layer.visible, "w": layer.width, "h": layer.height,
             "rotation": 0.0, "flip_h": False, "flip_v": False,
         })
-    return {"version": DOCUMENT_VERSION, "canvas": (stack.width, stack.height), "layers": items}
+    doc = {"version": DOCUMENT_VERSION, "canvas": (stack.width, stack.height), "layers": items}
+    if stack.metadata:
+        doc["metadata"] = dict(stack.metadata)  # our key, e.g. the exact-recomposition report; others ignore it
+    return doc
 
 
 def stack_from_images(image: Any, mask: Any = None, *, names: Sequence[str] | None = None, x: int = 0, y: int = 0,

@@ -9,11 +9,15 @@ the centre of their common box, so several layers turn, scale and flip as one; o
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputError
+from .image_file import float_rgba, open_image, pil_array
 from .ops import (
     delete_layers,
     drop_empty_layers,
@@ -25,6 +29,7 @@ from .ops import (
     select_layers,
 )
 from .recolor import recolor_layer
+from .replace import replace_layer_pixels
 from .stack import Layer, LayerStack
 from .transform import resize_stack, transform_layers
 
@@ -46,7 +51,8 @@ class LayerEdit:
 
 @dataclass
 class StackEdit:
-    """One stack edit (`delete`, `keep`, `move_to`, `merge_down`, `duplicate`, `drop_empty`, `resize`)."""
+    """One stack edit (`delete`, `keep`, `move_to`, `merge_down`, `duplicate`, `drop_empty`, `resize`,
+    `replace_pixels` with value (layer key, picture path, alpha policy))."""
 
     op: str
     value: Any = None
@@ -80,6 +86,18 @@ def _properties(layer: Layer, opts: dict[str, Any]) -> Layer:
     if "rename" in props:
         props["name"] = props.pop("rename")
     return layer.replace(**props) if props else layer
+
+
+def read_picture(path: str | os.PathLike[str]) -> np.ndarray:
+    """An edited picture file -> straight float32 RGB, or RGBA when the file has transparency (image_file's reader)."""
+    what = f"replacement picture {os.fspath(path)!r}"
+    im = open_image(path, what)
+    try:
+        alpha = "A" in im.getbands() or "transparency" in im.info
+        rgba = float_rgba(pil_array(im), what)
+    finally:
+        im.close()
+    return rgba if alpha else np.ascontiguousarray(rgba[..., :3])
 
 
 def edit_group(stack: LayerStack, indices: Sequence[int], opts: dict[str, Any]) -> LayerStack:
@@ -139,6 +157,9 @@ def apply_edits(stack: LayerStack, steps: Sequence[Step]) -> LayerStack:
         elif step.op == "resize":
             w, h = step.value
             stack = resize_stack(stack, w, h)
+        elif step.op == "replace_pixels":
+            key, path, policy = step.value
+            stack = replace_layer_pixels(stack, stack.index_of(key), read_picture(path), alpha=policy)
         else:
             raise InputError(f"unknown stack edit {step.op!r}")
     return stack

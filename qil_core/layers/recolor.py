@@ -13,9 +13,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..checks import check_number
 from ..errors import InputError
 from .blend import lum, set_lum
-from .stack import Layer, finite_param
+from .stack import Layer
 
 ColorLike = str | Sequence[float]
 
@@ -129,13 +130,13 @@ def recolor_layer(layer: Layer, *, hue_shift: float = 0, saturation: float = 0, 
     replace_with: pixels within `tolerance` (0..1, RGB distance / √3) move by the colour difference, fully
     up to half the tolerance and fading out to it, so shading and anti-aliased edges survive.
     """
-    hue_shift = finite_param("hue_shift", hue_shift, None, None)
-    saturation = finite_param("saturation", saturation, -1, 1)
-    lightness = finite_param("lightness", lightness, -1, 1)
-    brightness = finite_param("brightness", brightness, -1, 1)
-    contrast = finite_param("contrast", contrast, -1, 1)
-    tint_strength = finite_param("tint_strength", tint_strength, 0, 1)
-    tolerance = finite_param("tolerance", tolerance, 0, 1)
+    hue_shift = check_number("hue_shift", hue_shift, None, None, loose=True)
+    saturation = check_number("saturation", saturation, -1, 1, loose=True)
+    lightness = check_number("lightness", lightness, -1, 1, loose=True)
+    brightness = check_number("brightness", brightness, -1, 1, loose=True)
+    contrast = check_number("contrast", contrast, -1, 1, loose=True)
+    tint_strength = check_number("tint_strength", tint_strength, 0, 1, loose=True)
+    tolerance = check_number("tolerance", tolerance, 0, 1, loose=True)
     tint_rgb = parse_color(tint) if tint is not None else None
     if (replace_color is None) != (replace_with is None):
         raise InputError("replace_color and replace_with must be given together (the colour to find and its new value)")

@@ -22,11 +22,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ..checks import check_number
 from ..errors import InputError
 from ..resources import check_allocation
 from .composite import check_canvas, union_bbox
 from .resample import check_interpolation, premultiply, resample_box, unpremultiply, warp_affine
-from .stack import MAX_CANVAS_SIDE, Layer, LayerStack, finite_param
+from .stack import MAX_CANVAS_SIDE, Layer, LayerStack
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ _EPS = 1e-6
 
 
 def _check_scale(name: str, value: float) -> float:
-    v = finite_param(name, value)
+    v = check_number(name, value, loose=True)
     if not 0 < v <= MAX_SCALE:
         raise InputError(f"{name} must be in (0, {MAX_SCALE:g}], got {value!r}; use 1 to keep the size")
     return v
@@ -65,7 +66,7 @@ def _pivot(layer: Layer, pivot: str | tuple[float, float]) -> tuple[float, float
         raise InputError(f"pivot must be 'center', 'top-left' or (x, y) canvas coordinates, got {pivot!r}")
     if len(pivot) != 2:
         raise InputError(f"pivot must be 'center', 'top-left' or (x, y) canvas coordinates, got {pivot!r}")
-    return finite_param("pivot x", pivot[0]), finite_param("pivot y", pivot[1])
+    return check_number("pivot x", pivot[0], loose=True), check_number("pivot y", pivot[1], loose=True)
 
 
 def _check_result_size(width: float, height: float, what: str) -> None:
@@ -147,12 +148,12 @@ def transform_layer(layer: Layer, *, dx: float = 0, dy: float = 0, scale_x: floa
 
     `canvas` (width, height), when given, only enables a warning for a layer moved fully off the canvas.
     """
-    ddx, ddy = finite_param("dx", dx), finite_param("dy", dy)
+    ddx, ddy = check_number("dx", dx, loose=True), check_number("dy", dy, loose=True)
     sx, sy = _check_scale("scale_x", scale_x), _check_scale("scale_y", scale_y)
-    rot = finite_param("rotation", rotation) % 360.0
+    rot = check_number("rotation", rotation, loose=True) % 360.0
     check_interpolation(interpolation)
     if opacity is not None:
-        op = finite_param("opacity", opacity)
+        op = check_number("opacity", opacity, loose=True)
         if not 0 <= op <= 1:
             raise InputError(f"opacity must be in 0..1, got {opacity!r}")
     p = _pivot(layer, pivot)
@@ -251,7 +252,7 @@ def group_pivot(stack: LayerStack, indices: Sequence[int],
         raise InputError(f"pivot must be {_PIVOT_HELP}, got {pivot!r}")
     if len(pivot) != 2:
         raise InputError(f"pivot must be {_PIVOT_HELP}, got {pivot!r}")
-    return finite_param("pivot x", pivot[0]), finite_param("pivot y", pivot[1])
+    return check_number("pivot x", pivot[0], loose=True), check_number("pivot y", pivot[1], loose=True)
 
 
 def transform_layers(stack: LayerStack, indices: Iterable[int], *, pivot: str | tuple[float, float] = "group",

@@ -189,6 +189,31 @@ def test_nodes_register_in_the_real_host(comfy_server: ComfyServer) -> None:
     assert not [line for line in lines if pack_dir in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
 
 
+def test_qwen_image_edit_declarations_match_the_real_server(comfy_server: ComfyServer) -> None:
+    """The edit-a-layer workflow lays out the core Qwen-Image-Edit nodes from tests/qwen_edit_nodes.py: same
+    input names, order, kinds and widget choices as the real ComfyUI (0.3.64 or later)."""
+    from qwen_edit_nodes import QWEN_EDIT_NODES
+
+    info = comfy_server.get("/object_info")
+    for name, cls in QWEN_EDIT_NODES.items():
+        assert name in info, f"{name} is missing from this ComfyUI (the workflow needs 0.3.64 or later)"
+        real = info[name]
+        ours = cls.INPUT_TYPES()
+        assert list(real["output"]) == list(cls.RETURN_TYPES), name
+        for group in ("required", "optional"):
+            got = list(real["input"].get(group, {}))
+            want = list(ours.get(group, {}))
+            assert got[: len(want)] == want, (name, group, got, want)  # later versions may append inputs
+            for key, decl in ours.get(group, {}).items():
+                kind = real["input"][group][key][0]
+                if isinstance(decl[0], list):  # a combo: our choices are values the real one accepts
+                    choices = kind if isinstance(kind, list) else real["input"][group][key][1].get("options", [])
+                    if not key.endswith("_name"):  # model file lists depend on the install
+                        assert set(decl[0]) <= set(choices), (name, key)
+                else:
+                    assert kind == decl[0], (name, key, kind)
+
+
 def test_edit_graph_on_the_real_server_matches_the_harness(comfy_server: ComfyServer, tmp_path: Path) -> None:
     write_sample_inputs(comfy_server.base / "input")
     entry = comfy_server.run(EDIT_GRAPH)
@@ -377,6 +402,19 @@ def test_every_workflow_runs_on_the_real_server(models_installed: ComfyServer, n
     assert again["status"]["status_str"] == "success"
     assert set(_messages(again, "execution_cached")[0]["nodes"]) == set(_server_graph(name))
     assert sorted(out.glob("*.psd")) == psds
+
+
+def test_a_saved_loader_with_the_old_block_swap_spelling_runs_on_the_real_server(models_installed: ComfyServer) -> None:
+    # Before the memory modes were spelled once, the loader offered "block swap"; saved workflows keep that value.
+    graph = _server_graph("text_to_layers")
+    for node in graph.values():
+        if node["class_type"] == "QILLoadModel":
+            node["inputs"]["memory_mode"] = "block swap"
+        if isinstance(node["inputs"].get("filename_prefix"), str):
+            node["inputs"]["filename_prefix"] = "legacy/old_spelling"
+    entry = models_installed.run(graph)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + models_installed.log_tail()
+    assert len(list((models_installed.base / "output" / "legacy").glob("*.psd"))) == 1
 
 
 def test_cancel_on_the_real_server_leaves_nothing(models_installed: ComfyServer) -> None:

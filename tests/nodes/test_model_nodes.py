@@ -272,7 +272,7 @@ def test_memory_modes_give_the_resident_layers(env: tuple, mode: str, monkeypatc
     assert (shown in caplog.text) == (mode != "resident")  # resident: ComfyUI's memory management, no streaming
 
 
-@pytest.mark.parametrize(("planned", "resolved"), [("block_swap", "block swap"), ("offload", "resident"),
+@pytest.mark.parametrize(("planned", "resolved"), [("block_swap", "block_swap"), ("offload", "resident"),
                                                   ("resident", "resident")])
 def test_auto_memory_mode_makes_room_then_follows_the_plan(env: tuple, monkeypatch: pytest.MonkeyPatch,
                                                           planned: str, resolved: str) -> None:
@@ -298,7 +298,7 @@ def test_auto_memory_mode_makes_room_then_follows_the_plan(env: tuple, monkeypat
     assert asked[0] == {"width": 640, "height": 480, "layers": 4, "mode": "auto", "device": torch.device("cuda")}
     assert h.record.free_memory[0][1] == torch.device("cuda")  # ComfyUI was asked to unload other models first
     assert h.record.free_memory[0][0] >= sum(p.size for p in handle.patchers.values())
-    if resolved == "block swap":
+    if resolved == "block_swap":
         assert kind == "BlockSwapPlacement" and placement.resident_blocks == 3
         assert [a["mode"] for a in asked] == ["auto", "block_swap", "block_swap"]
     else:

@@ -33,6 +33,7 @@ EXPECTED_NODES = {
     "QILLoadPSD": "Load PSD",
     "QILSaveLayerPNGs": "Save Layer PNGs",
     "QILPreviewLayers": "Preview Layers",
+    "QILReplaceLayerImage": "Replace Layer Pixels",
 }
 OUTPUT_NODES = {"QILSavePSD", "QILSaveLayerPNGs", "QILPreviewLayers"}
 HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server",

@@ -18,6 +18,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from comfy_harness import CORE_NODES, ROOT, pack_module  # noqa: E402
+from qwen_edit_nodes import EDIT_MODEL, QWEN_EDIT_NODES, bypass_source  # noqa: E402
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
 CORE_TITLES = {"LoadImage": "Load Image", "SaveImage": "Save Image", "PreviewImage": "Preview Image"}
@@ -105,6 +106,48 @@ SPECS: dict[str, dict[str, Any]] = {
             (4, "PreviewImage", {"images": [2, 1]}, (860, 380)),
         ],
     },
+    "edit_layer_with_qwen_image_edit": {
+        "note": "EDIT ONE LAYER WITH ANY IMAGE MODEL, KEEP ITS SHAPE\nDecompose the picture (layers give back the "
+                "original exactly: recompose 'auto' is exact at output_size 'original'), pick the top layer, edit "
+                "it with ComfyUI's own Qwen-Image-Edit nodes (the purple group), and put the result back with "
+                "Replace Layer Pixels: the layer keeps its alpha, so nothing outside it changes. Then the "
+                "flattened PNG and the PSD are saved in ComfyUI/output/QwenLayered/.\n\n"
+                "THE EDIT GROUP IS BYPASSED so the workflow runs without the edit model (the layer then goes back "
+                "unchanged). To enable it: put " + EDIT_MODEL["unet"] + " in models/diffusion_models and "
+                + EDIT_MODEL["vae"] + " in models/vae (huggingface.co/Comfy-Org/Qwen-Image-Edit_ComfyUI and "
+                "Comfy-Org/Qwen-Image_ComfyUI; the text encoder is the one below), write your instruction in the "
+                "first TextEncodeQwenImageEdit, then right-click the group > 'Set Group Nodes to Always' (or select "
+                "its nodes and press Ctrl+B). Needs ComfyUI 0.3.64 or later.\n\n" + MODEL_NOTE,
+        "nodes": [
+            (1, "LoadImage", {"image": "example.png"}, (40, 420)),
+            (2, "QILLoadModel", dict(MODEL), (40, 120)),
+            (3, "QILDecompose", {"model": [2, 0], "image": [1, 0], "mask": [1, 1], "output_size": "original"},
+             (440, 120)),
+            (4, "QILSelectLayer", {"layers": [3, 0], "layer": "-1"}, (860, 120)),
+            (10, "UNETLoader", {"unet_name": EDIT_MODEL["unet"]}, (860, 520), 4),
+            (11, "CLIPLoader", {"clip_name": EDIT_MODEL["clip"], "type": "qwen_image"}, (860, 680), 4),
+            (12, "VAELoader", {"vae_name": EDIT_MODEL["vae"]}, (860, 860), 4),
+            (13, "TextEncodeQwenImageEdit", {"clip": [11, 0], "prompt": "Make it shiny gold, keep the shape.",
+                                             "vae": [12, 0], "image": [4, 1]}, (1240, 520), 4),
+            (14, "TextEncodeQwenImageEdit", {"clip": [11, 0], "prompt": "", "vae": [12, 0], "image": [4, 1]},
+             (1240, 780), 4),
+            (15, "ImageScaleToTotalPixels", {"image": [4, 1], "upscale_method": "lanczos"}, (1240, 1040), 4),
+            (16, "VAEEncode", {"pixels": [15, 0], "vae": [12, 0]}, (1620, 1040), 4),
+            (17, "KSampler", {"model": [10, 0], "positive": [13, 0], "negative": [14, 0], "latent_image": [16, 0],
+                              "steps": 20, "cfg": 2.5, "sampler_name": "euler", "scheduler": "simple"},
+             (1620, 520), 4),
+            (18, "VAEDecode", {"samples": [17, 0], "vae": [12, 0]}, (2000, 520), 4),
+            (19, "ImageCompositeMasked", {"destination": [4, 1], "source": [18, 0], "resize_source": True},
+             (2000, 680), 4),
+            (5, "QILReplaceLayerImage", {"layers": [3, 0], "layer": "-1", "image": [19, 0]}, (2400, 120)),
+            (6, "QILCompositeLayers", {"layers": [5, 0]}, (2780, 120)),
+            (7, "SaveImage", {"images": [6, 0], "filename_prefix": "QwenLayered/edited_layer"}, (3120, 120)),
+            (8, "QILSavePSD", {"layers": [5, 0], "filename_prefix": "QwenLayered/edited_layer_layers",
+                               "also_composite_png": False}, (2780, 420)),
+        ],
+        "groups": [{"title": "Qwen-Image-Edit (bypassed: right-click > Set Group Nodes to Always to enable)",
+                    "bounding": [840, 440, 1540, 760], "color": "#a1309b", "font_size": 24}],
+    },
     "lora_lightning": {
         "note": "LORA: FEW-STEP DECOMPOSITION WITH QWEN-IMAGE-LIGHTNING\nLoad LoRA adds a LoRA from "
                 "ComfyUI/models/loras (chain more Load LoRA nodes to stack several). This one is lightx2v's 8-step "
@@ -142,8 +185,8 @@ SPECS: dict[str, dict[str, Any]] = {
 
 
 def mappings() -> dict[str, type]:
-    """Our nodes plus the harness's faithful stand-ins of the core nodes the workflows use."""
-    return {**CORE_NODES, **pack_module("nodes").NODE_CLASS_MAPPINGS}
+    """Our nodes, the harness's stand-ins of the core nodes the workflows run, and the Qwen-Image-Edit declarations."""
+    return {**CORE_NODES, **QWEN_EDIT_NODES, **pack_module("nodes").NODE_CLASS_MAPPINGS}
 
 
 def is_widget(decl: tuple) -> bool:
@@ -167,9 +210,11 @@ def widget_default(decl: tuple) -> Any:
 
 
 def build(name: str, spec: dict[str, Any], nodes_map: dict[str, type]) -> tuple[dict, dict]:
-    """(UI graph, API graph) of one spec."""
+    """(UI graph, API graph) of one spec. A spec node may carry a 5th item, its mode (4 = bypassed): bypassed
+    nodes stay out of the API graph, and links through them follow the frontend's pass-through rule."""
+    spec = {**spec, "nodes": [n if len(n) == 5 else (*n, 0) for n in spec["nodes"]]}
     api: dict[str, Any] = {}
-    for node_id, class_type, given, _ in spec["nodes"]:
+    for node_id, class_type, given, _, _ in spec["nodes"]:
         cls = nodes_map[class_type]
         decl = declared(cls)
         unknown = set(given) - set(decl)
@@ -181,15 +226,15 @@ def build(name: str, spec: dict[str, Any], nodes_map: dict[str, type]) -> tuple[
         api[str(node_id)] = {"inputs": inputs, "class_type": class_type, "_meta": {"title": title}}
 
     links: list[list] = []
-    for node_id, _, given, _ in spec["nodes"]:
+    for node_id, _, given, _, _ in spec["nodes"]:
         for input_name, value in given.items():
             if isinstance(value, list):
                 src, slot = value
-                src_type = nodes_map[next(c for i, c, _, _ in spec["nodes"] if i == src)].RETURN_TYPES[slot]
+                src_type = nodes_map[next(n[1] for n in spec["nodes"] if n[0] == src)].RETURN_TYPES[slot]
                 links.append([len(links) + 1, src, slot, node_id, input_name, src_type])
     order = {nid: i for i, nid in enumerate(_topological(spec))}
     ui_nodes = []
-    for node_id, class_type, _, pos in spec["nodes"]:
+    for node_id, class_type, _, pos, mode in spec["nodes"]:
         cls = nodes_map[class_type]
         decl = declared(cls)
         sockets = [k for k, d in decl.items() if not is_widget(d)]
@@ -227,20 +272,39 @@ def build(name: str, spec: dict[str, Any], nodes_map: dict[str, type]) -> tuple[
         if class_type == "QILLoadLoRA":
             properties["models"] = LORA_LINKS
         ui_nodes.append({"id": node_id, "type": class_type, "pos": list(pos), "size": [340, height], "flags": {},
-                         "order": order[node_id], "mode": 0, "inputs": inputs, "outputs": outputs,
+                         "order": order[node_id], "mode": mode, "inputs": inputs, "outputs": outputs,
                          "properties": properties, "widgets_values": values})
+    _bypass(api, ui_nodes, links)
     note_id = max(n[0] for n in spec["nodes"]) + 1
     ui_nodes.append({"id": note_id, "type": "Note", "title": "Read me", "pos": [40, -300], "size": [760, 370],
                      "flags": {},
                      "order": len(spec["nodes"]), "mode": 0, "inputs": [], "outputs": [], "properties": {},
                      "widgets_values": [spec["note"]], "color": "#432", "bgcolor": "#653"})
-    ui = {"last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": links, "groups": [],
+    ui = {"last_node_id": note_id, "last_link_id": len(links), "nodes": ui_nodes, "links": links,
+          "groups": spec.get("groups", []),
           "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [60, 320]}}, "version": 0.4}
     return ui, api
 
 
+def _bypass(api: dict[str, Any], ui_nodes: list[dict], links: list[list]) -> None:
+    """Drop bypassed nodes from the API graph and re-point links that ran through them (frontend rule)."""
+    by_id = {n["id"]: n for n in ui_nodes}
+    by_link = {ln[0]: ln for ln in links}
+    for node in ui_nodes:
+        if node["mode"] == 4:
+            api.pop(str(node["id"]), None)
+    for node in api.values():
+        for name, value in list(node["inputs"].items()):
+            if isinstance(value, list):
+                src = bypass_source(by_id, by_link, int(value[0]), value[1])
+                if src is None:
+                    del node["inputs"][name]
+                else:
+                    node["inputs"][name] = [str(src[0]), src[1]]
+
+
 def _topological(spec: dict[str, Any]) -> list[int]:
-    deps = {nid: {v[0] for v in given.values() if isinstance(v, list)} for nid, _, given, _ in spec["nodes"]}
+    deps = {n[0]: {v[0] for v in n[2].values() if isinstance(v, list)} for n in spec["nodes"]}
     order: list[int] = []
     while len(order) < len(deps):
         order += sorted(n for n, d in deps.items() if n not in order and d <= set(order))

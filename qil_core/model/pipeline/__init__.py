@@ -1,7 +1,8 @@
 """The jobs of the model, as pure functions over a loaded model and a placement.
 
 - `decompose.py`: `decompose`, `text_to_layers`, `decompose_layer` (the entry points).
-- `checks.py`: validation of every job parameter before any work.
+- `options.py`: `DecomposeOptions`, `TextToLayersOptions`, `DecomposeLayerOptions`: every job option, once.
+- `checks.py`: validation of the job inputs that are not options (model, device, embeddings).
 - `imaging.py`: sizes, buckets and pixel <-> latent conversions of inputs and outputs.
 - `prompt.py`: prompt -> text conditioning (template, tokenize, encode).
 - `scheduler.py`: the flow-matching schedule and Euler step.

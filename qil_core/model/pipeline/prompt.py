@@ -27,6 +27,7 @@ from torch import Tensor
 from ...errors import InputError
 from ..arch.text_encoder import Qwen25TextEncoder
 from ..weights.tokenizer import QwenTokenizer
+from .options import DEFAULT_MAX_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ PROMPT_TEMPLATE = (
     "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
 DEFAULT_NEGATIVE_PROMPT = " "
-DEFAULT_MAX_SEQUENCE_LENGTH = 512
-MAX_SEQUENCE_LENGTH_LIMIT = 1024  # diffusers refuses larger values in check_inputs
 
 
 def template_prefix_length(tokenizer: QwenTokenizer) -> int:

@@ -21,13 +21,14 @@ import torch
 from torch import nn
 
 from ...errors import InputError, ResourceError
+from . import MEMORY_MODES
 from .memory import available_device_memory, available_ram, format_bytes
 from .offload import BlockSwapPlacement, OffloadPlacement
 from .placement import Placement, ResidentPlacement
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "resident", "offload", "block_swap")
+MODES = MEMORY_MODES
 # Peak activation values per token, in units of the model width, inside one block (performance.md: 86 KB per
 # token at width 3072 in bf16 = 14 x 3072 x 2 bytes).
 ACTIVATION_WIDTHS_PER_TOKEN = 14
