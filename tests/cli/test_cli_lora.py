@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from lora_support import write_tiny_lora
 from PIL import Image
+from tiny_runs import fast_cli_args
 
 from qil_core.cli import main
 from qil_core.layers.psd import read_psd
@@ -15,22 +16,7 @@ from qil_core.model.weights.tiny import build_tiny_modules, write_tiny_model
 
 pytestmark = pytest.mark.slow  # each test decomposes or loads models: seconds on a CPU
 
-FAST = [
-    "--layers",
-    "2",
-    "--steps",
-    "2",
-    "--dtype",
-    "fp32",
-    "--device",
-    "cpu",
-    "--prompt",
-    "a test scene",
-    "--resolution",
-    "custom",
-    "--max-side",
-    "64",
-]
+FAST = fast_cli_args("a test scene")
 
 
 @pytest.fixture(scope="module")

@@ -10,22 +10,10 @@ import pytest
 import torch
 from comfy_harness import pack_module
 from lora_support import LIGHTNING_NAME, write_tiny_lora
-from qil_graphs import MODEL_FILES, ListHarness, harness, sample_picture
+from qil_graphs import MODEL_NAMES, ListHarness, harness, sample_picture
 from safetensors.torch import save_file
+from tiny_runs import fast_node_settings, one_thread
 
-FILES = tuple(MODEL_FILES[k].name for k in ("transformer", "vae", "text_encoder"))
-SETTINGS = dict(
-    prompt="a red box",
-    negative_prompt=" ",
-    layers=2,
-    steps=2,
-    cfg=4.0,
-    cfg_normalize=True,
-    seed=7,
-    resolution="custom",
-    max_side=64,
-    output_size="processing",
-)
 errors = pack_module("qil_core.errors")
 model_nodes = pack_module("nodes.model_nodes")
 sample_nodes = pack_module("nodes.sample_nodes")
@@ -36,19 +24,16 @@ pytestmark = pytest.mark.slow  # each test decomposes or loads models: seconds o
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ListHarness, Any]]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     h = harness(tmp_path_factory.mktemp("lora_nodes"))
-    with h.host():
-        (handle,) = model_nodes.QILLoadModel().load(*FILES)
+    with one_thread(), h.host():
+        (handle,) = model_nodes.QILLoadModel().load(*MODEL_NAMES)
         write_tiny_lora(h.base / "models" / "loras" / "sub" / "second.safetensors", handle.model.transformer, seed=9)
         yield h, handle
-    torch.set_num_threads(threads)
 
 
 def _images(handle: Any, **changes: Any) -> torch.Tensor:
     picture = torch.from_numpy(sample_picture()).float()[None] / 255.0
-    return sample_nodes.QILDecompose().decompose(handle, picture, **{**SETTINGS, **changes})[1]
+    return sample_nodes.QILDecompose().decompose(handle, picture, **fast_node_settings(**changes))[1]
 
 
 def test_chained_loras_change_the_result_and_never_the_base(env) -> None:

@@ -19,11 +19,21 @@ import torch
 from comfy_harness import GraphError, InterruptProcessingException, pack_module
 from PIL import Image
 from psd_tools import PSDImage
-from qil_graphs import MODEL_FILES, ListHarness, fast, harness, items, load_workflow, sample_picture, write_inputs
+from qil_graphs import (
+    MODEL_FILES,
+    MODEL_NAMES,
+    ListHarness,
+    fast,
+    harness,
+    items,
+    load_workflow,
+    sample_picture,
+    write_inputs,
+)
+from tiny_runs import fast_node_settings, one_thread
 
-FILES = tuple(MODEL_FILES[k].name for k in ("transformer", "vae", "text_encoder"))
-SETTINGS = dict(prompt="a sunny sky with a red box", negative_prompt=" ", layers=2, steps=2, cfg=4.0,
-                cfg_normalize=True, seed=7, resolution="custom", max_side=64, output_size="processing")
+FILES = MODEL_NAMES
+SETTINGS = fast_node_settings(prompt="a sunny sky with a red box")
 errors = pack_module("qil_core.errors")
 model_nodes = pack_module("nodes.model_nodes")
 sample_nodes = pack_module("nodes.sample_nodes")
@@ -31,11 +41,8 @@ sample_nodes = pack_module("nodes.sample_nodes")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and two threads on a loaded 2-core runner make convolutions 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

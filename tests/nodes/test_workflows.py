@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from comfy_harness import CORE_NODES, Harness, pack_module
 from PIL import Image
 from psd_tools import PSDImage
 from qil_graphs import API_DIR, MODEL_FILES, WORKFLOWS, harness, items, load_workflow, workflow_names
 from qil_graphs import fast as fast_graph
 from qwen_edit_nodes import QWEN_EDIT_NODES
+from tiny_runs import one_thread
 
 REQUIRED = {"decompose_to_psd", "decompose_edit_composite", "recursive_decomposition", "text_to_layers", "psd_edit"}
 VIRTUAL = {"Note", "MarkdownNote"}  # frontend-only nodes, never part of the API graph
@@ -28,11 +28,8 @@ NAMES = workflow_names()
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and two threads on a loaded 2-core runner make convolutions 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def _mappings() -> dict[str, type]:

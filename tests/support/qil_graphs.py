@@ -33,6 +33,8 @@ MODEL_FILES = {
     "vae": Path("models/vae/qwen_image_layered_vae.safetensors"),
     "text_encoder": Path("models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"),
 }
+# Load Qwen-Layered's three file inputs, as the node lists them.
+MODEL_NAMES = tuple(MODEL_FILES[k].name for k in ("transformer", "vae", "text_encoder"))
 TOKENIZER = Path("comfy/text_encoders/qwen25_tokenizer")  # where a ComfyUI root keeps it, next to models/
 _CACHE: dict[str, Path] = {}
 

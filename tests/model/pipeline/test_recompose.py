@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_runs import fast_cli_args
 
 from qil_core.errors import InputError
 from qil_core.layers import composite, recolor_layer, stack_from_document, stack_to_document
@@ -226,25 +227,7 @@ def test_cli_recompose_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     src = tmp_path / "in.png"
     Image.fromarray(img[..., :3], "RGB").save(src)
     files = ["--transformer", paths["transformer"], "--vae", paths["vae"], "--text-encoder", paths["text_encoder"]]
-    common = [
-        *files,
-        "--layers",
-        "2",
-        "--steps",
-        "2",
-        "--dtype",
-        "fp32",
-        "--device",
-        "cpu",
-        "--prompt",
-        "x",
-        "--resolution",
-        "custom",
-        "--max-side",
-        "64",
-        "--output-size",
-        "original",
-    ]
+    common = [*files, *fast_cli_args(), "--output-size", "original"]
     assert main([str(a) for a in ["decompose", src, "--out", tmp_path / "a.psd", *common]]) == 0
     err = capsys.readouterr().err
     assert "exact recomposition of the image: residual before folding" in err
