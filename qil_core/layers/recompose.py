@@ -36,6 +36,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from ..errors import InputError
+from .image_file import picture_rgba
 from .stack import Layer, LayerStack
 
 logger = logging.getLogger(__name__)
@@ -116,16 +117,7 @@ def _target(target: np.ndarray, stack: LayerStack) -> np.ndarray:
         raise InputError(
             f"target must be an RGB(A) picture of the canvas size {stack.width}x{stack.height}, got shape {arr.shape}"
         )
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / np.float32(255)
-    elif arr.dtype == np.uint16:
-        arr = arr.astype(np.float32) / np.float32(65535)
-    arr = np.asarray(arr, np.float32)
-    if not np.isfinite(arr).all():
-        raise InputError("target contains NaN or infinite values")
-    if arr.shape[2] == 3:
-        arr = np.concatenate([arr, np.ones(arr.shape[:2] + (1,), np.float32)], axis=2)
-    return np.clip(arr, 0, 1)
+    return picture_rgba(arr, "target")
 
 
 def fold_residual(stack: LayerStack, target: np.ndarray) -> tuple[LayerStack, RecomposeReport]:

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..errors import InputError
 from .composite import paste_layer
+from .image_file import picture_rgba
 from .resample import check_interpolation, premultiply, resample_box, unpremultiply
 from .stack import Layer, LayerStack
 
@@ -43,16 +44,7 @@ def _picture(image: np.ndarray) -> np.ndarray:
         arr = arr[0]
     if arr.ndim != 3 or arr.shape[2] not in (3, 4) or min(arr.shape[:2]) < 1:
         raise InputError(f"image must be an RGB or RGBA picture (h, w, 3|4), got shape {arr.shape}")
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float32) / np.float32(255)
-    elif arr.dtype == np.uint16:
-        arr = arr.astype(np.float32) / np.float32(65535)
-    arr = np.asarray(arr, np.float32)
-    if not np.isfinite(arr).all():
-        raise InputError("image contains NaN or infinite values")
-    out = np.ones(arr.shape[:2] + (4,), np.float32)
-    out[..., : arr.shape[2]] = np.clip(arr, 0, 1)
-    return out
+    return picture_rgba(arr, "image")
 
 
 def _region(layer: Layer, canvas: tuple[int, int], size: tuple[int, int], region: str) -> tuple[int, int, int, int]:
