@@ -56,6 +56,22 @@ def to_document(stack: LayerStack) -> dict:
     return doc
 
 
+def layers_input() -> tuple[str, dict[str, Any]]:
+    """The LAYERS input of the nodes that take a layer document."""
+    return ("LAYERS", {"tooltip": LAYERS_TIP})
+
+
+def layer_choice(default: str) -> tuple[str, dict[str, Any]]:
+    """The 'layer' selection widget (see SELECT_TIP), read by `selected`."""
+    return ("STRING", {"default": default, "tooltip": SELECT_TIP})
+
+
+def selected(layers: Any, layer: str) -> tuple[LayerStack, list[int]]:
+    """The incoming LAYERS document as a LayerStack and the indices its 'layer' selection chooses."""
+    stack = to_stack(layers)
+    return stack, select(stack, layer)
+
+
 def select(stack: LayerStack, spec: str, name: str = "layer") -> list[int]:
     """Indices chosen by a selection string ('all', '0', '-1', 'sky', '0, 2', '1-3') in the order given, no repeats."""
     text = str(spec).strip()

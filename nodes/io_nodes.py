@@ -19,7 +19,7 @@ from ..qil_core.layers import alpha_to_mask, composite, stack_to_images
 from ..qil_core.layers.export import export_pngs, export_zip, layer_file_names, quantize_rgba8
 from ..qil_core.layers.psd import load_psd, write_psd
 from . import host
-from .common import CATEGORY_IO, LAYERS_TIP, checkerboard, to_document, to_output, to_stack
+from .common import CATEGORY_IO, checkerboard, layers_input, to_document, to_output, to_stack
 
 PSD_SUFFIXES = (".psd", ".psb")
 DEPTHS = {"8-bit": 8, "16-bit": 16}
@@ -53,6 +53,11 @@ def _metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo | None:
     return info
 
 
+def _prefix_input(tip: str) -> tuple[str, dict[str, Any]]:
+    """The saving nodes' 'filename_prefix' widget."""
+    return ("STRING", {"default": "QwenLayered/layers", "tooltip": tip})
+
+
 def _preview_prefix() -> str:
     # A random part, as PreviewImage uses: the temp folder is emptied at start-up and counters restart at 1,
     # so a fixed name could show a stale browser-cached image.
@@ -79,10 +84,9 @@ class QILSavePSD:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "filename_prefix": ("STRING", {"default": "QwenLayered/layers", "tooltip": "File name start, "
-                                               "relative to the output folder; may contain subfolders and "
-                                               "%width% %height% %year% %month% %day%."}),
+                "layers": layers_input(),
+                "filename_prefix": _prefix_input("File name start, relative to the output folder; may contain "
+                                                 "subfolders and %width% %height% %year% %month% %day%."),
             },
             "optional": {
                 "also_composite_png": ("BOOLEAN", {"default": True, "tooltip": "Also save the flattened picture "
@@ -136,9 +140,9 @@ class QILSaveLayerPNGs:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "filename_prefix": ("STRING", {"default": "QwenLayered/layers", "tooltip": "Folder name start, "
-                                               "relative to the output folder (subfolders allowed)."}),
+                "layers": layers_input(),
+                "filename_prefix": _prefix_input("Folder name start, relative to the output folder (subfolders "
+                                                 "allowed)."),
             },
             "optional": {
                 "full_canvas": ("BOOLEAN", {"default": True, "tooltip": "On: every PNG is the canvas size with "
@@ -287,7 +291,7 @@ class QILPreviewLayers:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
-            "required": {"layers": ("LAYERS", {"tooltip": LAYERS_TIP})},
+            "required": {"layers": layers_input()},
             "optional": {
                 "include_composite": ("BOOLEAN", {"default": False, "tooltip": "Add the flattened picture as a "
                                                   "last frame."}),

@@ -15,7 +15,7 @@ from ..qil_core.layers import (
     stack_to_images,
     transform_layers,
 )
-from .common import CATEGORY_LAYERS, LAYERS_TIP, SELECT_TIP, number, select, to_document, to_output, to_stack
+from .common import CATEGORY_LAYERS, layer_choice, layers_input, number, selected, to_document, to_output, to_stack
 
 # The widget's pivot names -> qil_core.layers.transform_layers' pivots.
 PIVOTS = {"selection center": "group", "layer center": "layer", "canvas center": "canvas"}
@@ -43,8 +43,8 @@ class QILLayerTransform:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "layer": ("STRING", {"default": "all", "tooltip": SELECT_TIP}),
+                "layers": layers_input(),
+                "layer": layer_choice("all"),
                 "dx": _float(0.0, -30000.0, 30000.0, 1.0, "Move right by this many pixels (negative: left)."),
                 "dy": _float(0.0, -30000.0, 30000.0, 1.0, "Move down by this many pixels (negative: up)."),
                 "scale_x": _float(1.0, 0.01, 100.0, 0.01, "Horizontal scale factor (1 = unchanged)."),
@@ -70,8 +70,7 @@ class QILLayerTransform:
         rotation, fade = number("rotation", rotation), number("opacity", opacity, 0.0, 1.0)
         if str(pivot) not in PIVOTS:
             raise InputError(f"input 'pivot' must be one of {', '.join(PIVOTS)}, got {pivot!r}")
-        stack = to_stack(layers)
-        chosen = select(stack, layer)
+        stack, chosen = selected(layers, layer)
         out = transform_layers(stack, chosen, pivot=PIVOTS[str(pivot)], dx=dx, dy=dy, scale_x=scale_x,
                                scale_y=scale_y, rotation=rotation, flip_h=flip_h, flip_v=flip_v,
                                interpolation=interpolation).layers
@@ -97,8 +96,8 @@ class QILLayerRecolor:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "layer": ("STRING", {"default": "all", "tooltip": SELECT_TIP}),
+                "layers": layers_input(),
+                "layer": layer_choice("all"),
                 "hue_shift": _float(0.0, -180.0, 180.0, 1.0, "Turn the hue by this many degrees."),
                 "saturation": _float(0.0, -1.0, 1.0, 0.01, "-1 = grey, 0 = unchanged, 1 = twice as saturated."),
                 "lightness": _float(0.0, -1.0, 1.0, 0.01, "Mix towards black (-1) or white (1)."),
@@ -128,9 +127,9 @@ class QILLayerRecolor:
         for name, value in (("tint", tint), ("replace_color", replace_color), ("replace_with", replace_with)):
             text = str(value or "").strip()
             colours[name] = parse_color(text) if text else None  # parse here so errors name the input early
-        stack = to_stack(layers)
+        stack, chosen = selected(layers, layer)
         out = list(stack.layers)
-        for i in select(stack, layer):
+        for i in chosen:
             out[i] = recolor_layer(
                 out[i], hue_shift=params["hue_shift"], saturation=params["saturation"],
                 lightness=params["lightness"], brightness=params["brightness"], contrast=params["contrast"],
@@ -155,7 +154,7 @@ class QILCompositeLayers:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
-            "required": {"layers": ("LAYERS", {"tooltip": LAYERS_TIP})},
+            "required": {"layers": layers_input()},
             "optional": {
                 "background": ("STRING", {"default": "", "tooltip": "Colour behind all layers ('#ffffff', "
                                           "'white', 'r,g,b'); empty = transparent."}),
@@ -186,14 +185,13 @@ class QILSelectLayer:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "layer": ("STRING", {"default": "-1", "tooltip": SELECT_TIP}),
+                "layers": layers_input(),
+                "layer": layer_choice("-1"),
             },
         }
 
     def pick(self, layers: Any, layer: str) -> tuple[dict, Any, Any]:
-        stack = to_stack(layers)
-        chosen = select_layers(stack, select(stack, layer))
+        chosen = select_layers(*selected(layers, layer))
         images, masks = stack_to_images(chosen, full_canvas=True)
         return to_document(chosen), to_output(images), to_output(masks)
 

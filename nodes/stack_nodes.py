@@ -15,7 +15,17 @@ from ..qil_core.layers import (
     select_layers,
     set_layer_props,
 )
-from .common import CATEGORY_LAYERS, LAYERS_TIP, SELECT_TIP, integer, number, select, to_document, to_stack
+from .common import (
+    CATEGORY_LAYERS,
+    integer,
+    layer_choice,
+    layers_input,
+    number,
+    select,
+    selected,
+    to_document,
+    to_stack,
+)
 
 OPERATIONS = ("delete", "keep only", "duplicate", "merge down", "move to", "drop empty")
 KEEP = "keep"
@@ -40,10 +50,10 @@ class QILLayerStackEdit:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
+                "layers": layers_input(),
                 "operation": (list(OPERATIONS), {"default": "delete", "tooltip": "What to do with the chosen "
                                                  "layers (see the node description)."}),
-                "layer": ("STRING", {"default": "-1", "tooltip": SELECT_TIP}),
+                "layer": layer_choice("-1"),
                 "to_index": ("INT", {"default": 0, "min": -8000, "max": 8000, "tooltip": "For 'move to': the "
                                      "new position, 0 = bottom, -1 = top."}),
             },
@@ -90,8 +100,8 @@ class QILSetLayerProperties:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "layer": ("STRING", {"default": "-1", "tooltip": SELECT_TIP}),
+                "layers": layers_input(),
+                "layer": layer_choice("-1"),
                 "name": ("STRING", {"default": "", "tooltip": "New name (any language); empty = keep. With "
                                     "several layers chosen, ' 1', ' 2', ... is appended."}),
                 "opacity": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
@@ -108,8 +118,7 @@ class QILSetLayerProperties:
             raise InputError(f"input 'blend_mode' {blend_mode!r} is unknown; use one of {', '.join(BLEND_MODES)}")
         if visible not in (KEEP, "show", "hide"):
             raise InputError(f"input 'visible' must be keep, show or hide, got {visible!r}")
-        stack = to_stack(layers)
-        chosen = select(stack, layer)
+        stack, chosen = selected(layers, layer)
         for n, i in enumerate(chosen, start=1):
             props: dict[str, Any] = {}
             if str(name).strip():
