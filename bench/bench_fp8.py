@@ -46,35 +46,49 @@ def build(blocks: int) -> torch.nn.Module:
     return model.requires_grad_(False).eval()
 
 
+N_TXT = 64  # text tokens of the bench inputs
+
+
+def bench_inputs() -> tuple[dict, dict]:
+    """The forward's inputs in fp32 and bf16: N=2 layers on an 8x16 token grid + N_TXT text tokens, sigma 0.75."""
+    gen = torch.Generator().manual_seed(1)
+    layers, hp, wp = 2, 8, 16
+    inputs = dict(hidden_states=torch.randn(1, (layers + 2) * hp * wp, 64, generator=gen),
+                  encoder_hidden_states=torch.randn(1, N_TXT, 3584, generator=gen), encoder_hidden_states_mask=None,
+                  timestep=torch.tensor([0.75]), img_shapes=[(1, hp, wp)] * (layers + 2))
+    half = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    return inputs, half
+
+
+def timed_forward(model: torch.nn.Module, x: dict, runs: int) -> tuple[torch.Tensor, float]:
+    """The model's output (fp32) and the median seconds of `runs` forwards after one warm-up."""
+    with torch.inference_mode():
+        out = model(**x)  # warm-up
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            out = model(**x)
+            times.append(time.perf_counter() - t0)
+    return out.float(), statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--runs", type=int, default=1)
     args = parser.parse_args()
     base = build(args.blocks)
-    gen = torch.Generator().manual_seed(1)
-    layers, hp, wp, n_txt = 2, 8, 16, 64
-    inputs = dict(hidden_states=torch.randn(1, (layers + 2) * hp * wp, 64, generator=gen),
-                  encoder_hidden_states=torch.randn(1, n_txt, 3584, generator=gen), encoder_hidden_states_mask=None,
-                  timestep=torch.tensor([0.75]), img_shapes=[(1, hp, wp)] * (layers + 2))
-    half = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    inputs, half = bench_inputs()
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
     fp8 = copy.deepcopy(bf16)
     quantize_module_fp8(fp8, skip=TRANSFORMER_FP8_SKIP)
-    print(f"width 3072, {args.blocks} blocks, {inputs['hidden_states'].shape[1]} image + {n_txt} text tokens; "
+    print(f"width 3072, {args.blocks} blocks, {inputs['hidden_states'].shape[1]} image + {N_TXT} text tokens; "
           f"weights: fp32 {module_bytes(base) / 1e6:.0f} MB, bf16 {module_bytes(bf16) / 1e6:.0f} MB, "
           f"fp8 {module_bytes(fp8) / 1e6:.0f} MB ({module_bytes(fp8) / module_bytes(bf16):.3f}x bf16); "
           f"threads {torch.get_num_threads()}")
 
     def run(model: torch.nn.Module, x: dict) -> tuple[torch.Tensor, float]:
-        with torch.inference_mode():
-            out = model(**x)  # warm-up
-            times = []
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                out = model(**x)
-                times.append(time.perf_counter() - t0)
-        return out.float(), statistics.median(times)
+        return timed_forward(model, x, args.runs)
 
     ref32, t32 = run(base, inputs)
     ref16, t16 = run(bf16, half)
