@@ -17,7 +17,7 @@ import pytest
 import torch
 from lora_support import make_peft_lora, to_layout
 from PIL import Image
-from reference_models import LAYERED_SCHEDULER, tiny_diffusers_transformer
+from reference_models import LAYERED_SCHEDULER, tiny_diffusers_transformer, tiny_diffusers_vae
 
 from qil_core.layers.composite import paste_layer
 from qil_core.layers.stack import LayerStack
@@ -35,27 +35,12 @@ STEPS = 2
 TXT_DIM = 48
 
 
-def _tiny_vae(seed: int):
-    """A small random RGBA AutoencoderKLQwenImage with random norms and biases."""
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKLQwenImage(
-        base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, input_channels=4
-    ).eval()
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return vae
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("lora")
     dit = tiny_diffusers_transformer(seed=0)
     dit.save_pretrained(root / "transformer")
-    _tiny_vae(seed=1).save_pretrained(root / "vae")
+    tiny_diffusers_vae(seed=1).save_pretrained(root / "vae")
     lora_a = make_peft_lora(dit, root / "a", seed=11, rank=4, alpha=8.0)
     lora_b = make_peft_lora(dit, root / "b", seed=12, rank=2, alpha=2.0, targets=["to_q", "to_v", "img_mlp.net.2"])
     return {"root": root, "a": lora_a, "b": lora_b}

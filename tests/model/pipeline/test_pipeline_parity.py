@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from qwen_tiny import build_reference
-from reference_models import layered_scheduler, tiny_diffusers_transformer
+from reference_models import layered_scheduler, tiny_diffusers_transformer, tiny_diffusers_vae
 
 from qil_core.layers.composite import paste_layer
 from qil_core.layers.stack import LayerStack
@@ -31,27 +31,13 @@ PROMPT = "a red fox sitting in front of a small blue house"
 STEPS = 2
 
 
-def _tiny_vae(seed: int):
-    """A small random AutoencoderKLQwenImage: base width 8, one residual block per stage, norms and biases random."""
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                           input_channels=4).eval()
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return vae
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A diffusers pipeline folder written by diffusers/transformers themselves (sharded transformer)."""
     root = tmp_path_factory.mktemp("layered")
     tiny_diffusers_transformer(seed=0, joint_attention_dim=64).save_pretrained(root / "transformer",
                                                                                max_shard_size="40KB")
-    _tiny_vae(seed=1).save_pretrained(root / "vae")
+    tiny_diffusers_vae(seed=1).save_pretrained(root / "vae")
     build_reference(seed=2).save_pretrained(root / "text_encoder")
     shutil.copytree(tokenizer_dir, root / "tokenizer")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageLayeredPipeline"}))
