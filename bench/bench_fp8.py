@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -46,6 +47,14 @@ def build(blocks: int) -> torch.nn.Module:
     return model.requires_grad_(False).eval()
 
 
+def bench_args(doc: str | None, blocks: int) -> argparse.Namespace:
+    """The command line of the real-width benches: --blocks (default `blocks`) and --runs (timed forwards)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--blocks", type=int, default=blocks)
+    parser.add_argument("--runs", type=int, default=1)
+    return parser.parse_args()
+
+
 N_TXT = 64  # text tokens of the bench inputs
 
 
@@ -73,10 +82,7 @@ def timed_forward(model: torch.nn.Module, x: dict, runs: int) -> tuple[torch.Ten
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=2)
-    parser.add_argument("--runs", type=int, default=1)
-    args = parser.parse_args()
+    args = bench_args(__doc__, blocks=2)
     base = build(args.blocks)
     inputs, half = bench_inputs()
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
@@ -87,9 +93,7 @@ def main() -> None:
           f"fp8 {module_bytes(fp8) / 1e6:.0f} MB ({module_bytes(fp8) / module_bytes(bf16):.3f}x bf16); "
           f"threads {torch.get_num_threads()}")
 
-    def run(model: torch.nn.Module, x: dict) -> tuple[torch.Tensor, float]:
-        return timed_forward(model, x, args.runs)
-
+    run = functools.partial(timed_forward, runs=args.runs)
     ref32, t32 = run(base, inputs)
     ref16, t16 = run(bf16, half)
     y8, t8 = run(fp8, half)

@@ -13,8 +13,8 @@ N=2 layers on an 8x16 token grid (512 image tokens) + 64 text tokens, sigma 0.75
 
 from __future__ import annotations
 
-import argparse
 import copy
+import functools
 import gc
 import sys
 from pathlib import Path
@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fp8 import N_TXT, bench_inputs, build, timed_forward  # noqa: E402
+from bench_fp8 import N_TXT, bench_args, bench_inputs, build, timed_forward  # noqa: E402
 
 from qil_core.model.runtime.memory_plan import module_bytes  # noqa: E402
 from qil_core.model.weights.quant import QUANT_CHOICES, TRANSFORMER_FP8_SKIP, QuantLinear, quantize_module_fp8  # noqa: E402
@@ -55,17 +55,12 @@ def weight_error(model: torch.nn.Module, bf16: torch.nn.Module) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=1)
-    args = parser.parse_args()
+    args = bench_args(__doc__, blocks=1)
     base = build(args.blocks)
     inputs, half = bench_inputs()
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
 
-    def run(model: torch.nn.Module, x: dict) -> tuple[torch.Tensor, float]:
-        return timed_forward(model, x, args.runs)
-
+    run = functools.partial(timed_forward, runs=args.runs)
     with torch.inference_mode():
         ref32 = base(**inputs).float()
     del base
