@@ -6,7 +6,7 @@ from typing import Any
 
 from ..qil_core.errors import InputError
 from ..qil_core.layers import stack_from_images, stack_to_images
-from .common import CATEGORY_LAYERS, LAYERS_TIP, image_batch, mask_batch, to_document, to_output, to_stack
+from .common import CATEGORY_LAYERS, image_batch, layers_input, mask_batch, to_document, to_output, to_stack
 
 
 def split_names(text: str) -> list[str] | None:
@@ -77,7 +77,7 @@ class QILLayersToImages:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
+                "layers": layers_input(),
                 "full_canvas": ("BOOLEAN", {"default": True,
                                             "tooltip": "On: frames are the canvas size. Off: frames cover all "
                                                        "layers, including parts moved off the canvas."}),

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..qil_core.errors import InputError
 from ..qil_core.layers.replace import REGIONS, replace_layer_pixels
-from .common import CATEGORY_LAYERS, LAYERS_TIP, image_batch, number, select, to_document, to_stack
+from .common import CATEGORY_LAYERS, image_batch, layers_input, number, selected, to_document
 
 # widget label -> library policy
 ALPHA_CHOICES = {"keep layer alpha": "keep", "edited image alpha": "image", "re-matte by difference": "difference"}
@@ -34,7 +34,7 @@ class QILReplaceLayerImage:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
+                "layers": layers_input(),
                 "layer": (
                     "STRING",
                     {
@@ -88,8 +88,7 @@ class QILReplaceLayerImage:
         if alpha not in ALPHA_CHOICES:
             raise InputError(f"input 'alpha' must be one of {', '.join(ALPHA_CHOICES)}, got {alpha!r}")
         tol = number("tolerance", tolerance, 0.01, 1.0)
-        stack = to_stack(layers)
-        chosen = select(stack, layer)
+        stack, chosen = selected(layers, layer)
         if len(chosen) != 1:
             raise InputError(f"input 'layer' {layer!r} selects {len(chosen)} layers; choose exactly one")
         pic = image_batch(image).numpy()

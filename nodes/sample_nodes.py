@@ -13,7 +13,7 @@ import torch
 
 from ..qil_core.errors import InputError
 from ..qil_core.model.pipeline.options import DecomposeLayerOptions, DecomposeOptions, TextToLayersOptions
-from .common import CATEGORY, LAYERS_TIP, SELECT_TIP, image_batch, select, to_document, to_stack
+from .common import CATEGORY, SELECT_TIP, image_batch, layers_input, selected, to_document
 from .model_runtime import MODEL_TYPE, check_model, run_placement
 from .sample_inputs import (
     DECOMPOSE_LAYER_OPTIONAL,
@@ -151,7 +151,7 @@ class QILDecomposeLayer:
         return {
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From Load Qwen-Layered."}),
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
+                "layers": layers_input(),
                 "layer": ("STRING", {"default": "-1", "tooltip": "The one layer to split: an index (0 = bottom, -1 "
                           "= top) or its exact name."}),
                 **widgets(DecomposeLayerOptions, DECOMPOSE_LAYER_WIDGETS, DECOMPOSE_LAYER_RENAME),
@@ -173,8 +173,7 @@ class QILDecomposeLayer:
                       cfg_normalize=bool(cfg_normalize), seed=seed, resolution=resolution, max_side=max_side,
                       recompose=recompose)
         opts = options_from_widgets(DecomposeLayerOptions, values, DECOMPOSE_LAYER_RENAME)
-        stack = to_stack(layers)
-        chosen = select(stack, layer)
+        stack, chosen = selected(layers, layer)
         if len(chosen) != 1:
             raise InputError(f"input 'layer' {layer!r} selects {len(chosen)} layers; choose exactly one ({SELECT_TIP})")
         target = stack.layers[chosen[0]]
