@@ -45,6 +45,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_decompose_single_files_to_psd_and_pngs(capsys, comfy, image: Path, tmp_path: Path) -> None:
     out, pngs = tmp_path / "out.psd", tmp_path / "pngs"
     code, err = _run(capsys, "decompose", image, "--out", out, "--png-dir", pngs, *_files(comfy), *FAST,
@@ -208,6 +209,7 @@ def test_text_to_layers_command(capsys, comfy, tmp_path: Path) -> None:
     assert stack.size == (96, 64) and len(stack) == 3 and lint_psd(out) == []
 
 
+@pytest.mark.slow
 def test_demo_decomposes_the_sample_with_a_random_model(capsys, tmp_path: Path, image: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(cli_model.DEMO_SETTINGS, "max_side", 128)

@@ -70,6 +70,7 @@ def test_encode_decode_match_diffusers_from_folder(saved, hw: tuple[int, int]) -
     assert float(out.abs().max()) <= 1.0 and float(expected.abs().amax()) > 0.05  # clamped, and not all zero
 
 
+@pytest.mark.slow
 def test_wan_single_file_loads_and_agrees(saved) -> None:
     ref, folder, wan_file = saved
     a, b = load_vae(folder), load_vae(wan_file)
@@ -131,6 +132,7 @@ def test_config_from_shapes_round_trips(kwargs: dict) -> None:
     assert shapes == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_time_conv_weights_do_not_matter(saved) -> None:
     _, folder, _ = saved
     vae = load_vae(folder)
@@ -143,6 +145,7 @@ def test_time_conv_weights_do_not_matter(saved) -> None:
         assert torch.equal(vae.decode(z), before)
 
 
+@pytest.mark.slow
 def test_decode_one_layer_at_a_time_equals_batch(saved) -> None:
     _, folder, _ = saved
     vae = load_vae(folder)

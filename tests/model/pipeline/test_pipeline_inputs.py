@@ -57,6 +57,7 @@ def _same(a, b) -> None:
 # --- input conversion (D1, D2, D7, D8, D9) --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_d1_rgb_float_batch_gives_n_layers_of_the_bucket_size(model) -> None:
     out = decompose(model, torch.from_numpy(_img())[None], prompt="a scene", **FAST)
     assert len(out) == 1 and out[0].size == (96, 64) and len(out[0]) == 2
@@ -87,6 +88,7 @@ def test_d2_channels_batch_axis_and_mask() -> None:
         prepare_images(rgb, mask=np.zeros((64, 32), np.float32))
 
 
+@pytest.mark.slow
 def test_d2_gray_input_decomposes(model) -> None:
     out = decompose(model, _img(c=1)[None], prompt="gray", **FAST)
     assert len(out[0]) == 2
@@ -185,6 +187,7 @@ def test_d5_extreme_aspect_ratios_are_refused(model) -> None:
             decompose(model, np.zeros((h, w, 3), np.uint8), prompt="x", **FAST)
 
 
+@pytest.mark.slow
 def test_d6_output_mapping_is_estimated_before_sampling(model, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InputError, match="needs up to 25.60 GB"):
         check_output_size(4, 20_000, 20_000, available=24 * 2**30)

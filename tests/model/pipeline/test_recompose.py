@@ -59,6 +59,7 @@ def _alphas(stack: LayerStack) -> list[np.ndarray]:
     return [layer.alpha.copy() for layer in stack.layers]
 
 
+@pytest.mark.slow
 def test_opaque_input_recomposes_exactly_and_alpha_is_the_models(model) -> None:
     img = _picture(90, 70, 0)
     exact = decompose(model, img, output_size="original", **OPTS)[0]  # default: exact for "original"

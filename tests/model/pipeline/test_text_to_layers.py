@@ -92,6 +92,7 @@ def test_rope_text_start_without_condition() -> None:
     assert sorted(set(img[:, 0].tolist())) == [0, 1, 2, 3, 4, 5] and txt[0].tolist() == [6, 6, 6]
 
 
+@pytest.mark.slow
 def test_deterministic_seeded_and_composite_kept(model) -> None:
     kw = dict(width=64, height=64, layers=2, steps=2)
     a = text_to_layers(model, "x", seed=3, **kw)

@@ -201,6 +201,7 @@ def _decompose(bundle, placement, cfg_batch: bool) -> list[tuple[int, int, np.nd
     return [(layer.x, layer.y, layer.pixels) for layer in stack.layers]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg_batch", [False, True], ids=["sequential-cfg", "batched-cfg"])
 def test_decompositions_identical_across_modes(bundle, cfg_batch: bool) -> None:
     plans = {

@@ -82,6 +82,7 @@ def test_bf16_close_to_fp32(outputs) -> None:
     assert _rel(outputs["bf16"], outputs["fp32"]) < BF16_VS_FP32
 
 
+@pytest.mark.slow
 def test_fp8_weights_within_stated_bound(outputs) -> None:
     err = _rel(outputs["fp8"], outputs["bf16"])
     assert 0.005 < err < FP8_VS_BF16  # the lower bound proves the fp8 path really ran

@@ -58,6 +58,7 @@ def test_comfyui_key_layouts(written) -> None:
         assert all(k.startswith("model.") for k in f.keys())
 
 
+@pytest.mark.slow
 def test_both_layouts_hold_the_same_model(written) -> None:
     a = _load_comfy(written["comfyui"])
     b = load_model(model_dir=written["diffusers"]["model_dir"], dtype=torch.float32, device="cpu")
@@ -101,6 +102,7 @@ def test_tiny_tokenizer(written) -> None:
     assert 20 < template_prefix_length(tok) < 200  # computed from this vocabulary, not the real 34
 
 
+@pytest.mark.slow
 def test_real_tokenizer_copy(tmp_path: Path, tokenizer_dir: Path) -> None:
     paths = write_tiny_model(tmp_path, layout="comfyui", tokenizer_dir=tokenizer_dir, dtype=torch.bfloat16)
     model = load_model(transformer=paths["transformer"], vae=paths["vae"], text_encoder=paths["text_encoder"],
