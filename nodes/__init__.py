@@ -18,8 +18,16 @@ from types import ModuleType
 
 from . import convert_nodes, io_nodes, layer_nodes, lora_nodes, model_nodes, replace_nodes, sample_nodes, stack_nodes
 
-_FAMILIES: tuple[ModuleType, ...] = (model_nodes, lora_nodes, sample_nodes, convert_nodes, layer_nodes, stack_nodes,
-                                     io_nodes, replace_nodes)
+_FAMILIES: tuple[ModuleType, ...] = (
+    model_nodes,
+    lora_nodes,
+    sample_nodes,
+    convert_nodes,
+    layer_nodes,
+    stack_nodes,
+    io_nodes,
+    replace_nodes,
+)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -38,8 +38,9 @@ def integer(name: str, value: Any, lo: int | None = None, hi: int | None = None)
 def to_stack(layers: Any, name: str = "layers") -> LayerStack:
     """Convert an incoming LAYERS document to a LayerStack, with a clear error when nothing is connected."""
     if layers is None:
-        raise InputError(f"input {name!r} is empty: connect a LAYERS output (Decompose Image, Images to Layers, "
-                         "Load PSD)")
+        raise InputError(
+            f"input {name!r} is empty: connect a LAYERS output (Decompose Image, Images to Layers, Load PSD)"
+        )
     if isinstance(layers, LayerStack):
         return layers
     return stack_from_document(layers)

@@ -56,11 +56,15 @@ def resolve_files(transformer: str, vae: str, text_encoder: str, diffusers_folde
     if diffusers_folder and diffusers_folder != NONE:
         return {"model_dir": host.find_model("diffusers", str(diffusers_folder))}
     out = {}
-    for name, kind, value in (("transformer", "diffusion_models", transformer), ("vae", "vae", vae),
-                              ("text_encoder", "text_encoders", text_encoder)):
+    for name, kind, value in (
+        ("transformer", "diffusion_models", transformer),
+        ("vae", "vae", vae),
+        ("text_encoder", "text_encoders", text_encoder),
+    ):
         if not value or value == NONE:
-            raise ModelFileNotFoundError(f"input {name!r} is empty: put the file into models/{kind} and refresh, "
-                                         "or choose a diffusers_folder")
+            raise ModelFileNotFoundError(
+                f"input {name!r} is empty: put the file into models/{kind} and refresh, or choose a diffusers_folder"
+            )
         out[name] = host.find_model(kind, str(value))
     return out
 
@@ -103,26 +107,48 @@ class QILLoadModel:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "transformer": (_file_list("diffusion_models"), {"tooltip": "The Qwen-Image-Layered transformer in "
-                                "models/diffusion_models: qwen_image_layered_int8_convrot or _fp8mixed (20.5 GB), or "
-                                "_bf16 (40.9 GB); ComfyUI's int8/mxfp8/nvfp4 files are read as they are."}),
-                "vae": (_file_list("vae"), {"tooltip": "The RGBA VAE in models/vae: qwen_image_layered_vae.safetensors "
-                        "(not the RGB qwen_image_vae)."}),
-                "text_encoder": (_file_list("text_encoders"), {"tooltip": "Qwen2.5-VL-7B in models/text_encoders, e.g. "
-                                 "qwen_2.5_vl_7b_fp8_scaled.safetensors (the one Qwen-Image uses)."}),
+                "transformer": (
+                    _file_list("diffusion_models"),
+                    {
+                        "tooltip": "The Qwen-Image-Layered transformer in "
+                        "models/diffusion_models: qwen_image_layered_int8_convrot or _fp8mixed (20.5 GB), or "
+                        "_bf16 (40.9 GB); ComfyUI's int8/mxfp8/nvfp4 files are read as they are."
+                    },
+                ),
+                "vae": (
+                    _file_list("vae"),
+                    {
+                        "tooltip": "The RGBA VAE in models/vae: qwen_image_layered_vae.safetensors "
+                        "(not the RGB qwen_image_vae)."
+                    },
+                ),
+                "text_encoder": (
+                    _file_list("text_encoders"),
+                    {
+                        "tooltip": "Qwen2.5-VL-7B in models/text_encoders, e.g. "
+                        "qwen_2.5_vl_7b_fp8_scaled.safetensors (the one Qwen-Image uses)."
+                    },
+                ),
                 "weight_dtype": (list(WEIGHT_DTYPES), widget(LoadPolicy, "dtype", tooltip=DTYPE_TIP)[1]),
                 "memory_mode": widget(LoadPolicy, "memory"),
             },
             "optional": {
-                "diffusers_folder": ([NONE, *_file_list("diffusers")], {"default": NONE, "tooltip": "A diffusers "
-                                     "Qwen-Image-Layered folder in models/diffusers; when set, the three files above "
-                                     "are ignored."}),
+                "diffusers_folder": (
+                    [NONE, *_file_list("diffusers")],
+                    {
+                        "default": NONE,
+                        "tooltip": "A diffusers "
+                        "Qwen-Image-Layered folder in models/diffusers; when set, the three files above "
+                        "are ignored.",
+                    },
+                ),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, transformer: str, vae: str, text_encoder: str, diffusers_folder: str = NONE,
-                        memory_mode: str = "auto") -> bool | str:
+    def VALIDATE_INPUTS(
+        cls, transformer: str, vae: str, text_encoder: str, diffusers_folder: str = NONE, memory_mode: str = "auto"
+    ) -> bool | str:
         # memory_mode is taken here so that ComfyUI accepts the old spellings of saved workflows (LEGACY).
         try:
             load_policy("default", memory_mode)
@@ -132,16 +158,30 @@ class QILLoadModel:
         return True
 
     @classmethod
-    def IS_CHANGED(cls, transformer: str, vae: str, text_encoder: str, weight_dtype: str = "default",
-                   memory_mode: str = "auto", diffusers_folder: str = NONE) -> str:
+    def IS_CHANGED(
+        cls,
+        transformer: str,
+        vae: str,
+        text_encoder: str,
+        weight_dtype: str = "default",
+        memory_mode: str = "auto",
+        diffusers_folder: str = NONE,
+    ) -> str:
         try:
             files = resolve_files(transformer, vae, text_encoder, diffusers_folder)
         except (ModelFileNotFoundError, WeightsError) as e:
             return f"missing: {e}"  # the run then fails with this message
         return repr(sorted((k, fingerprint(p)) for k, p in files.items()))
 
-    def load(self, transformer: str, vae: str, text_encoder: str, weight_dtype: str = "default",
-             memory_mode: str = "auto", diffusers_folder: str = NONE) -> tuple[QILModel]:
+    def load(
+        self,
+        transformer: str,
+        vae: str,
+        text_encoder: str,
+        weight_dtype: str = "default",
+        memory_mode: str = "auto",
+        diffusers_folder: str = NONE,
+    ) -> tuple[QILModel]:
         policy = load_policy(weight_dtype, memory_mode)
         files = resolve_files(transformer, vae, text_encoder, diffusers_folder)
         key = (tuple(sorted((k, fingerprint(p)) for k, p in files.items())), policy)
@@ -162,17 +202,28 @@ def load_handle(files: dict[str, Path], policy: LoadPolicy, key: tuple = ()) -> 
     from ..qil_core.model.loader import load_model  # on first use: keeps the pack import fast
 
     device = torch.device(host.get_torch_device())
-    model = load_model(model_dir=files.get("model_dir"), transformer=files.get("transformer"), vae=files.get("vae"),
-                       text_encoder=files.get("text_encoder"), dtype=policy.torch_dtype(device), device="cpu")
+    model = load_model(
+        model_dir=files.get("model_dir"),
+        transformer=files.get("transformer"),
+        vae=files.get("vae"),
+        text_encoder=files.get("text_encoder"),
+        dtype=policy.torch_dtype(device),
+        device="cpu",
+    )
     policy.after_load(model, device)
     model.device = device
     offload = torch.device("cpu")
-    patchers = {name: host.wrap_model_patcher(HOLDERS[name](module), device, offload)
-                for name, module in (("transformer", model.transformer), ("vae", model.vae),
-                                     ("text_encoder", model.text_encoder)) if module is not None}
+    patchers = {
+        name: host.wrap_model_patcher(HOLDERS[name](module), device, offload)
+        for name, module in (
+            ("transformer", model.transformer),
+            ("vae", model.vae),
+            ("text_encoder", model.text_encoder),
+        )
+        if module is not None
+    }
     return QILModel(model, patchers, policy.memory, device, key, files={k: str(v) for k, v in files.items()})
 
 
 NODE_CLASS_MAPPINGS = {"QILLoadModel": QILLoadModel}
 NODE_DISPLAY_NAME_MAPPINGS = {"QILLoadModel": "Load Qwen-Layered"}
-

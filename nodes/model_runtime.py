@@ -75,8 +75,9 @@ def work_bytes(handle: QILModel, width: int, height: int, layers: int) -> int:
     from ..qil_core.model.runtime.memory_plan import estimate_activation_bytes, image_tokens
 
     dit = handle.model.transformer
-    return estimate_activation_bytes(image_tokens(width, height, layers) + TEXT_TOKENS, width=dit.config.inner_dim,
-                                     dtype=handle.model.dtype)
+    return estimate_activation_bytes(
+        image_tokens(width, height, layers) + TEXT_TOKENS, width=dit.config.inner_dim, dtype=handle.model.dtype
+    )
 
 
 class HostPlacement:

@@ -34,6 +34,7 @@ DECOMPOSE_OPTIONAL = ["recompose"]
 DECOMPOSE_LAYER_OPTIONAL = ["recompose"]
 HIDDEN = {"unique_id": "UNIQUE_ID"}
 
+
 def processing_size(width: int, height: int, opts: Any) -> tuple[int, int]:
     """The processing size the pipeline will use for a (width, height) input, for the memory plan."""
     from ..qil_core.model.pipeline.imaging import bucket_size
@@ -42,15 +43,17 @@ def processing_size(width: int, height: int, opts: Any) -> tuple[int, int]:
     return bucket_size(max(1, width), max(1, height), *check_size_mode(opts.resolution, opts.max_side))
 
 
-def job_inputs(placement: Any, steps: int, unique_id: str | None, label: str, sampler: Any = None,
-               runs: int = 1) -> Any:
+def job_inputs(
+    placement: Any, steps: int, unique_id: str | None, label: str, sampler: Any = None, runs: int = 1
+) -> Any:
     """The pipeline's JobInputs of a node run: the placement, the progress/cancel callback over `runs` x the steps
     (those of custom sigmas when the handle's Sampler Settings give them) and those sampler options."""
     from ..qil_core.model.pipeline.decompose import JobInputs
 
     total = (sampler.resolve_steps(steps) if sampler is not None else steps) * runs
-    return JobInputs(placement=placement, callback=host.make_callback(total, node_id=unique_id, label=label),
-                     sampler=sampler)
+    return JobInputs(
+        placement=placement, callback=host.make_callback(total, node_id=unique_id, label=label), sampler=sampler
+    )
 
 
 def layer_images(stacks: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -49,9 +49,11 @@ class QILDecompose:
     RETURN_TYPES = ("LAYERS", "IMAGE", "MASK")
     RETURN_NAMES = ("layers", "images", "masks")
     OUTPUT_IS_LIST = (True, False, False)
-    OUTPUT_TOOLTIPS = ("One layer document per input image, bottom layer first.",
-                       "All layers as RGBA images on the full canvas (B x N), bottom first per image.",
-                       "Their masks, 1 - alpha (B x N).")
+    OUTPUT_TOOLTIPS = (
+        "One layer document per input image, bottom layer first.",
+        "All layers as RGBA images on the full canvas (B x N), bottom first per image.",
+        "Their masks, 1 - alpha (B x N).",
+    )
     FUNCTION = "decompose"
 
     @classmethod
@@ -63,23 +65,52 @@ class QILDecompose:
                 **widgets(DecomposeOptions, DECOMPOSE_WIDGETS),
             },
             "optional": {
-                "mask": ("MASK", {"tooltip": "Optional transparency of the input (1 = transparent, as Load Image "
-                         "gives it); replaces the image's alpha."}),
+                "mask": (
+                    "MASK",
+                    {
+                        "tooltip": "Optional transparency of the input (1 = transparent, as Load Image "
+                        "gives it); replaces the image's alpha."
+                    },
+                ),
                 **widgets(DecomposeOptions, DECOMPOSE_OPTIONAL),
             },
             "hidden": HIDDEN,
         }
 
-    def decompose(self, model: Any, image: Any, prompt: str, negative_prompt: str, layers: int, steps: int,
-                  cfg: float, cfg_normalize: bool, seed: int, resolution: str, max_side: int, output_size: str,
-                  mask: Any = None, recompose: str = "auto",
-                  unique_id: str | None = None) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
+    def decompose(
+        self,
+        model: Any,
+        image: Any,
+        prompt: str,
+        negative_prompt: str,
+        layers: int,
+        steps: int,
+        cfg: float,
+        cfg_normalize: bool,
+        seed: int,
+        resolution: str,
+        max_side: int,
+        output_size: str,
+        mask: Any = None,
+        recompose: str = "auto",
+        unique_id: str | None = None,
+    ) -> tuple[list[dict], torch.Tensor, torch.Tensor]:
         from ..qil_core.model.pipeline.decompose import run_decompose  # on first use: keeps the pack import fast
 
         handle = check_model(model)
-        values = dict(prompt=prompt, negative_prompt=negative_prompt, layers=layers, steps=steps, cfg=cfg,
-                      cfg_normalize=bool(cfg_normalize), seed=seed, resolution=resolution, max_side=max_side,
-                      output_size=output_size, recompose=recompose)
+        values = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            layers=layers,
+            steps=steps,
+            cfg=cfg,
+            cfg_normalize=bool(cfg_normalize),
+            seed=seed,
+            resolution=resolution,
+            max_side=max_side,
+            output_size=output_size,
+            recompose=recompose,
+        )
         opts = options_from_widgets(DecomposeOptions, values)
         img = image_batch(image)  # [B, H, W, C]; a missing batch dimension is added (D2)
         with run_placement(handle, *processing_size(img.shape[2], img.shape[1], opts), opts.layers) as pl:
@@ -99,8 +130,11 @@ class QILTextToLayers:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LAYERS", "IMAGE", "MASK")
     RETURN_NAMES = ("layers", "images", "masks")
-    OUTPUT_TOOLTIPS = ("The layer document, bottom layer first.", "The layers as RGBA images (N), bottom first.",
-                       "Their masks, 1 - alpha (N).")
+    OUTPUT_TOOLTIPS = (
+        "The layer document, bottom layer first.",
+        "The layers as RGBA images (N), bottom first.",
+        "Their masks, 1 - alpha (N).",
+    )
     FUNCTION = "generate"
 
     @classmethod
@@ -113,14 +147,34 @@ class QILTextToLayers:
             "hidden": HIDDEN,
         }
 
-    def generate(self, model: Any, prompt: str, negative_prompt: str, width: int, height: int, layers: int,
-                 steps: int, cfg: float, cfg_normalize: bool, seed: int,
-                 unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def generate(
+        self,
+        model: Any,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        layers: int,
+        steps: int,
+        cfg: float,
+        cfg_normalize: bool,
+        seed: int,
+        unique_id: str | None = None,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
         from ..qil_core.model.pipeline.decompose import run_text_to_layers
 
         handle = check_model(model)
-        values = dict(prompt=prompt, negative_prompt=negative_prompt, width=width, height=height, layers=layers,
-                      steps=steps, cfg=cfg, cfg_normalize=bool(cfg_normalize), seed=seed)
+        values = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            layers=layers,
+            steps=steps,
+            cfg=cfg,
+            cfg_normalize=bool(cfg_normalize),
+            seed=seed,
+        )
         opts = options_from_widgets(TextToLayersOptions, values)
         with run_placement(handle, opts.width, opts.height, opts.layers) as pl:
             run = job_inputs(pl, opts.steps, unique_id, "Text to Layers", handle.sampler)
@@ -141,9 +195,11 @@ class QILDecomposeLayer:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LAYERS", "IMAGE", "MASK")
     RETURN_NAMES = ("layers", "sub_layers", "sub_masks")
-    OUTPUT_TOOLTIPS = ("The document with the layer replaced by its sub-layers.",
-                       "The new sub-layers as RGBA images on the full canvas, bottom first.",
-                       "Their masks, 1 - alpha.")
+    OUTPUT_TOOLTIPS = (
+        "The document with the layer replaced by its sub-layers.",
+        "The new sub-layers as RGBA images on the full canvas, bottom first.",
+        "Their masks, 1 - alpha.",
+    )
     FUNCTION = "decompose_layer"
 
     @classmethod
@@ -152,8 +208,13 @@ class QILDecomposeLayer:
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From Load Qwen-Layered."}),
                 "layers": layers_input(),
-                "layer": ("STRING", {"default": "-1", "tooltip": "The one layer to split: an index (0 = bottom, -1 "
-                          "= top) or its exact name."}),
+                "layer": (
+                    "STRING",
+                    {
+                        "default": "-1",
+                        "tooltip": "The one layer to split: an index (0 = bottom, -1 = top) or its exact name.",
+                    },
+                ),
                 **widgets(DecomposeLayerOptions, DECOMPOSE_LAYER_WIDGETS, DECOMPOSE_LAYER_RENAME),
             },
             "optional": {
@@ -162,16 +223,38 @@ class QILDecomposeLayer:
             "hidden": HIDDEN,
         }
 
-    def decompose_layer(self, model: Any, layers: Any, layer: str, prompt: str, negative_prompt: str,
-                        sub_layers: int, steps: int, cfg: float, cfg_normalize: bool, seed: int, resolution: str,
-                        max_side: int, recompose: str = "exact",
-                        unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    def decompose_layer(
+        self,
+        model: Any,
+        layers: Any,
+        layer: str,
+        prompt: str,
+        negative_prompt: str,
+        sub_layers: int,
+        steps: int,
+        cfg: float,
+        cfg_normalize: bool,
+        seed: int,
+        resolution: str,
+        max_side: int,
+        recompose: str = "exact",
+        unique_id: str | None = None,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
         from ..qil_core.model.pipeline.decompose import run_decompose_layer
 
         handle = check_model(model)
-        values = dict(prompt=prompt, negative_prompt=negative_prompt, sub_layers=sub_layers, steps=steps, cfg=cfg,
-                      cfg_normalize=bool(cfg_normalize), seed=seed, resolution=resolution, max_side=max_side,
-                      recompose=recompose)
+        values = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            sub_layers=sub_layers,
+            steps=steps,
+            cfg=cfg,
+            cfg_normalize=bool(cfg_normalize),
+            seed=seed,
+            resolution=resolution,
+            max_side=max_side,
+            recompose=recompose,
+        )
         opts = options_from_widgets(DecomposeLayerOptions, values, DECOMPOSE_LAYER_RENAME)
         stack, chosen = selected(layers, layer)
         if len(chosen) != 1:
@@ -180,11 +263,17 @@ class QILDecomposeLayer:
         with run_placement(handle, *processing_size(target.width, target.height, opts), opts.layers) as pl:
             run = job_inputs(pl, opts.steps, unique_id, "Decompose Layer", handle.sampler)
             out = run_decompose_layer(handle.model, stack, chosen[0], opts, run)
-        new = out.replace(layers=out.layers[chosen[0]: chosen[0] + len(out.layers) - len(stack.layers) + 1])
+        new = out.replace(layers=out.layers[chosen[0] : chosen[0] + len(out.layers) - len(stack.layers) + 1])
         return (to_document(out), *layer_images([new]))
 
 
-NODE_CLASS_MAPPINGS = {"QILDecompose": QILDecompose, "QILTextToLayers": QILTextToLayers,
-                       "QILDecomposeLayer": QILDecomposeLayer}
-NODE_DISPLAY_NAME_MAPPINGS = {"QILDecompose": "Decompose Image", "QILTextToLayers": "Text to Layers",
-                              "QILDecomposeLayer": "Decompose Layer"}
+NODE_CLASS_MAPPINGS = {
+    "QILDecompose": QILDecompose,
+    "QILTextToLayers": QILTextToLayers,
+    "QILDecomposeLayer": QILDecomposeLayer,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QILDecompose": "Decompose Image",
+    "QILTextToLayers": "Text to Layers",
+    "QILDecomposeLayer": "Decompose Layer",
+}

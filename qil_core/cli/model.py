@@ -51,8 +51,12 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--transformer", type=Path, metavar="F", help="transformer .safetensors (or its folder)")
     g.add_argument("--vae", type=Path, metavar="F", help="RGBA VAE .safetensors (or its folder)")
     g.add_argument("--text-encoder", type=Path, metavar="F", help="Qwen2.5-VL text encoder .safetensors or folder")
-    g.add_argument("--tokenizer", type=Path, metavar="DIR",
-                   help="tokenizer folder (default: next to the text encoder, in the model folder or in ComfyUI)")
+    g.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="DIR",
+        help="tokenizer folder (default: next to the text encoder, in the model folder or in ComfyUI)",
+    )
     add_options(g, LoadPolicy, POLICY_FLAGS)
     add_options(g, SamplingOptions, ["vae_tile"])
     add_lora_options(p)
@@ -63,8 +67,12 @@ def _add_sampling_options(p: argparse.ArgumentParser, cls: type) -> None:
     the prompt files. --negative-prompt defaults to None here so that giving it and its file is refused."""
     g = p.add_argument_group("sampling")
     add_options(g, cls, SAMPLING_FLAGS, defaults={"negative_prompt": None})
-    g.add_argument("--prompt-file", type=Path, metavar="F",
-                   help="read the prompt from a UTF-8 text file (for prompts longer than a command line allows)")
+    g.add_argument(
+        "--prompt-file",
+        type=Path,
+        metavar="F",
+        help="read the prompt from a UTF-8 text file (for prompts longer than a command line allows)",
+    )
     g.add_argument("--negative-prompt-file", type=Path, metavar="F", help="read the negative prompt from a UTF-8 file")
     add_sampler_options(p)
 
@@ -79,10 +87,12 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `decompose` and `text-to-layers` (the `demo` command, model part included, is cli/demo.py's)."""
     p = subparsers.add_parser(
-        "decompose", help="split an image into RGBA layers with Qwen-Image-Layered",
+        "decompose",
+        help="split an image into RGBA layers with Qwen-Image-Layered",
         description="Decompose IMAGE into N RGBA layers (bottom first) and write them as a layered PSD. The image "
-                    "is resized to the 640 or 1024 area bucket (or --resolution custom --max-side N) as the "
-                    "reference pipeline does; --output-size original maps the layers back to the input's size.")
+        "is resized to the 640 or 1024 area bucket (or --resolution custom --max-side N) as the "
+        "reference pipeline does; --output-size original maps the layers back to the input's size.",
+    )
     p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, WebP, TIFF; alpha is kept)")
     _add_output_options(p)
     _add_model_options(p)
@@ -92,11 +102,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_decompose)
 
     p = subparsers.add_parser(
-        "text-to-layers", help="generate RGBA layers from a prompt (no input image)",
+        "text-to-layers",
+        help="generate RGBA layers from a prompt (no input image)",
         description="Generate N RGBA layers from PROMPT and write them as a layered PSD. The released weights are "
-                    "tuned for decomposition, so quality is limited.")
-    p.add_argument("text", metavar="PROMPT", nargs="?",
-                   help="description of the whole picture (or give --prompt-file)")
+        "tuned for decomposition, so quality is limited.",
+    )
+    p.add_argument("text", metavar="PROMPT", nargs="?", help="description of the whole picture (or give --prompt-file)")
     _add_output_options(p)
     _add_model_options(p)
     _add_sampling_options(p, TextToLayersOptions)
@@ -118,9 +129,15 @@ def _load(args: argparse.Namespace) -> Any:
     policy = _policy(args)
     device = _device(policy)
     # Weights load memory-mapped on the CPU; the memory plan then decides what goes to the device and when.
-    model = load_model(model_dir=args.model_dir, transformer=args.transformer, vae=args.vae,
-                       text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=policy.torch_dtype(device),
-                       device="cpu")
+    model = load_model(
+        model_dir=args.model_dir,
+        transformer=args.transformer,
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer,
+        dtype=policy.torch_dtype(device),
+        device="cpu",
+    )
     policy.after_load(model, device)
     apply_loras(model, args)
     model.device = device
@@ -170,11 +187,15 @@ def _device(policy: LoadPolicy) -> Any:
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
-            raise InputError(f"--device {text}: CUDA is not available here (this PyTorch is {build}, and no usable "
-                             "NVIDIA GPU was found); use --device cpu or install a CUDA build of PyTorch")
+            raise InputError(
+                f"--device {text}: CUDA is not available here (this PyTorch is {build}, and no usable "
+                "NVIDIA GPU was found); use --device cpu or install a CUDA build of PyTorch"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s) "
-                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise InputError(
+                f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"--device {text}: Apple MPS is not available here; use --device cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
@@ -190,8 +211,9 @@ def _read_text(path: Path, option: str) -> str:
     try:
         return p.read_text(encoding="utf-8-sig").removesuffix("\n").removesuffix("\r")
     except UnicodeDecodeError as err:
-        raise InputError(f"{option} {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                         "save it as UTF-8") from None
+        raise InputError(
+            f"{option} {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
     except OSError as err:
         raise InputError(f"{option} {str(path)!r} cannot be read: {err.strerror or err}") from None
 
@@ -205,8 +227,9 @@ def _prompts(args: argparse.Namespace, prompt: str | None) -> tuple[str | None, 
     negative = args.negative_prompt
     if args.negative_prompt_file is not None:
         if negative is not None:
-            raise InputError("give the negative prompt either with --negative-prompt or --negative-prompt-file, "
-                             "not both")
+            raise InputError(
+                "give the negative prompt either with --negative-prompt or --negative-prompt-file, not both"
+            )
         negative = _read_text(args.negative_prompt_file, "--negative-prompt-file")
     return prompt, spec_of(SamplingOptions, "negative_prompt")[0].default if negative is None else negative
 
@@ -219,8 +242,9 @@ def _targets(args: argparse.Namespace, layers: int, keep_composite: bool) -> Non
     check_suffix(args.out, (".psd",), "output")
     folder = args.out.parent
     if not folder.is_dir():
-        what = ("is a file, not a folder; choose another folder" if folder.exists()
-                else "does not exist; create it first")
+        what = (
+            "is a file, not a folder; choose another folder" if folder.exists() else "does not exist; create it first"
+        )
         raise OutputPathError(f"cannot write {str(args.out)!r}: the folder {str(folder)!r} {what}")
     check_writable(folder)
     paths = [args.out]
@@ -238,8 +262,9 @@ def _write(stack: LayerStack, args: argparse.Namespace) -> list[Path]:
     return write_result(stack, args.out, args.png_dir, prefix=args.out.stem, overwrite=args.overwrite)
 
 
-def result_items(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str,
-                 check: Any = None) -> list[tuple[Path, Any]]:
+def result_items(
+    stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str, check: Any = None
+) -> list[tuple[Path, Any]]:
     """`(path, write)` items of the PSD and (optionally) its layer PNGs for `fsutil.write_group`, which publishes
     them together, so a failure leaves no part behind. `check(staged_psd)` inspects the PSD before publishing."""
 
@@ -256,8 +281,9 @@ def result_items(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: 
 
 def write_result(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str, overwrite: bool) -> list[Path]:
     """Write the PSD and its layer PNGs as one group (all or nothing); returns the written paths."""
-    return write_group(result_items(stack, psd, png_dir, prefix=prefix), overwrite=overwrite,
-                       make_dirs=png_dir is not None)
+    return write_group(
+        result_items(stack, psd, png_dir, prefix=prefix), overwrite=overwrite, make_dirs=png_dir is not None
+    )
 
 
 def _read_image(path: Path) -> Image.Image:
@@ -280,18 +306,26 @@ def run_decompose(args: argparse.Namespace) -> int:
     prompt, negative = _prompts(args, args.prompt)
     opts = opts.changed(prompt=prompt, negative_prompt=negative)
     if args.max_side is not None and opts.resolution != CUSTOM:
-        raise InputError(f"--max-side applies only to --resolution custom, not --resolution {opts.resolution}; drop "
-                         "one of them")
+        raise InputError(
+            f"--max-side applies only to --resolution custom, not --resolution {opts.resolution}; drop one of them"
+        )
     image = _read_image(Path(args.image))
     check_image_size(image.width, image.height, f"image {args.image!r}")
     mode, max_side = check_size_mode(opts.resolution, opts.max_side)
     work_w, work_h = bucket_size(image.width, image.height, mode, max_side)
     model = _load(args)
     t0 = time.perf_counter()
-    stack = decompose(model, image, options=opts, placement=_placement(args, model, work_w, work_h, opts.layers),
-                      callback=_progress("decompose"), sampler=sampler_options(args))[0]
-    logger.info("decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
-                time.perf_counter() - t0)
+    stack = decompose(
+        model,
+        image,
+        options=opts,
+        placement=_placement(args, model, work_w, work_h, opts.layers),
+        callback=_progress("decompose"),
+        sampler=sampler_options(args),
+    )[0]
+    logger.info(
+        "decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height, time.perf_counter() - t0
+    )
     log_written(_write(stack, args))
     return 0
 
@@ -311,10 +345,16 @@ def run_text_to_layers(args: argparse.Namespace) -> int:
     opts = opts.changed(prompt=prompt, negative_prompt=negative)
     model = _load(args)
     t0 = time.perf_counter()
-    stack = text_to_layers(model, options=opts, placement=_placement(args, model, opts.width, opts.height, opts.layers),
-                           callback=_progress("text-to-layers"), sampler=sampler_options(args))
-    logger.info("text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
-                time.perf_counter() - t0)
+    stack = text_to_layers(
+        model,
+        options=opts,
+        placement=_placement(args, model, opts.width, opts.height, opts.layers),
+        callback=_progress("text-to-layers"),
+        sampler=sampler_options(args),
+    )
+    logger.info(
+        "text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height, time.perf_counter() - t0
+    )
     log_written(_write(stack, args))
     return 0
 
@@ -327,8 +367,9 @@ def demo_targets(out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
     return psd, layer_dir
 
 
-def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool = False,
-                   size: tuple[int, int] | None = None) -> tuple[LayerStack, list[tuple[Path, Any]], float]:
+def decompose_demo(
+    out_dir: Path, *, image: Path | None = None, overwrite: bool = False, size: tuple[int, int] | None = None
+) -> tuple[LayerStack, list[tuple[Path, Any]], float]:
     """Decompose the sample scene (or `image`) with a tiny RANDOM model; returns the stack, the `(path, write)`
     items of OUT/decomposed.psd and its layer PNGs (for one `write_group` with the rest of the demo) and the
     seconds it took."""
@@ -342,14 +383,27 @@ def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool 
     psd, layer_dir = demo_targets(out_dir, overwrite)
     picture = _read_image(image) if image is not None else sample_image(size or DEFAULT_SIZE)
     t0 = time.perf_counter()
-    logger.warning("demo: decomposing with a tiny model of RANDOM weights, written to a temporary folder. It "
-                   "shows the pipeline end to end; its layers are noise. Use 'decompose' with the "
-                   "Qwen-Image-Layered weights for real results.")
+    logger.warning(
+        "demo: decomposing with a tiny model of RANDOM weights, written to a temporary folder. It "
+        "shows the pipeline end to end; its layers are noise. Use 'decompose' with the "
+        "Qwen-Image-Layered weights for real results."
+    )
     with tempfile.TemporaryDirectory(prefix="qil_tiny_") as tmp:
         paths = write_tiny_model(tmp, layout="comfyui")
-        model = load_model(transformer=paths["transformer"], vae=paths["vae"], text_encoder=paths["text_encoder"],
-                           dtype=torch.float32, device="cpu")
-        stack = decompose(model, picture, prompt="a layered scene with sky, sun, hills, a house and a logo",
-                          output_size="original", callback=_progress("demo decompose"), **DEMO_SETTINGS)[0]
+        model = load_model(
+            transformer=paths["transformer"],
+            vae=paths["vae"],
+            text_encoder=paths["text_encoder"],
+            dtype=torch.float32,
+            device="cpu",
+        )
+        stack = decompose(
+            model,
+            picture,
+            prompt="a layered scene with sky, sun, hills, a house and a logo",
+            output_size="original",
+            callback=_progress("demo decompose"),
+            **DEMO_SETTINGS,
+        )[0]
     items = result_items(stack, psd, layer_dir, prefix="decomposed", check=lambda staged: check_psd(staged, stack))
     return stack, items, time.perf_counter() - t0

@@ -69,8 +69,9 @@ def resolve_keys(stack: LayerStack, keys: str) -> list[int]:
 def _recolor(layer: Layer, opts: dict[str, Any]) -> Layer:
     if not any(k in opts for k in _RECOLOR):
         return layer
-    kw: dict[str, Any] = {k: opts[k] for k in ("hue_shift", "saturation", "lightness", "brightness",
-                                                  "contrast", "invert") if k in opts}
+    kw: dict[str, Any] = {
+        k: opts[k] for k in ("hue_shift", "saturation", "lightness", "brightness", "contrast", "invert") if k in opts
+    }
     if "tint" in opts:
         kw["tint"], kw["tint_strength"] = opts["tint"]
     if "replace" in opts:
@@ -113,14 +114,24 @@ def edit_group(stack: LayerStack, indices: Sequence[int], opts: dict[str, Any]) 
         if "scale" in opts and ("scale_x" in opts or "scale_y" in opts):
             raise InputError("--scale sets both axes; use either --scale or --scale-x/--scale-y in one group")
         if set(opts) & set(_TRANSFORM) == {"pivot"}:
-            raise InputError("--pivot sets the centre of --scale, --rotate and --flip-h/--flip-v; add one of them "
-                             "to the group, or drop --pivot")
+            raise InputError(
+                "--pivot sets the centre of --scale, --rotate and --flip-h/--flip-v; add one of them "
+                "to the group, or drop --pivot"
+            )
         s = opts.get("scale", 1.0)
         dx, dy = opts.get("move", (0.0, 0.0))
         stack = transform_layers(
-            stack, chosen, pivot=opts.get("pivot", "group"), dx=dx, dy=dy, scale_x=opts.get("scale_x", s),
-            scale_y=opts.get("scale_y", s), rotation=opts.get("rotation", 0.0), flip_h=bool(opts.get("flip_h")),
-            flip_v=bool(opts.get("flip_v")), interpolation=opts.get("interpolation", "lanczos"),
+            stack,
+            chosen,
+            pivot=opts.get("pivot", "group"),
+            dx=dx,
+            dy=dy,
+            scale_x=opts.get("scale_x", s),
+            scale_y=opts.get("scale_y", s),
+            rotation=opts.get("rotation", 0.0),
+            flip_h=bool(opts.get("flip_h")),
+            flip_v=bool(opts.get("flip_v")),
+            interpolation=opts.get("interpolation", "lanczos"),
         )
     layers = list(stack.layers)
     for i in chosen:

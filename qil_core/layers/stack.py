@@ -17,10 +17,32 @@ from ..errors import InputError, LayerIndexError
 
 # ComfyUI core's 26 blend-mode names (architecture.md); every one maps to a PSD blend key in blend.py.
 BLEND_MODES: tuple[str, ...] = (
-    "normal", "multiply", "screen", "overlay", "darken", "lighten", "color-dodge", "color-burn",
-    "hard-light", "soft-light", "difference", "exclusion", "linear-dodge", "linear-burn", "vivid-light",
-    "pin-light", "linear-light", "hard-mix", "subtract", "divide", "grain-extract", "grain-merge", "hue",
-    "saturation", "color", "luminosity",
+    "normal",
+    "multiply",
+    "screen",
+    "overlay",
+    "darken",
+    "lighten",
+    "color-dodge",
+    "color-burn",
+    "hard-light",
+    "soft-light",
+    "difference",
+    "exclusion",
+    "linear-dodge",
+    "linear-burn",
+    "vivid-light",
+    "pin-light",
+    "linear-light",
+    "hard-mix",
+    "subtract",
+    "divide",
+    "grain-extract",
+    "grain-merge",
+    "hue",
+    "saturation",
+    "color",
+    "luminosity",
 )
 
 # Largest canvas side any writer in this pack accepts (PSD v1 limit; robustness.md S8).

@@ -23,8 +23,12 @@ errors = pack_module("qil_core.errors")
 NODES = [
     (sample_nodes.QILDecompose, options.DecomposeOptions, sample_inputs.DECOMPOSE_WIDGETS, {}),
     (sample_nodes.QILTextToLayers, options.TextToLayersOptions, sample_inputs.TEXT_TO_LAYERS_WIDGETS, {}),
-    (sample_nodes.QILDecomposeLayer, options.DecomposeLayerOptions, sample_inputs.DECOMPOSE_LAYER_WIDGETS,
-     sample_inputs.DECOMPOSE_LAYER_RENAME),
+    (
+        sample_nodes.QILDecomposeLayer,
+        options.DecomposeLayerOptions,
+        sample_inputs.DECOMPOSE_LAYER_WIDGETS,
+        sample_inputs.DECOMPOSE_LAYER_RENAME,
+    ),
 ]
 
 

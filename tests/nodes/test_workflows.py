@@ -139,8 +139,9 @@ def test_ui_and_api_files_describe_the_same_graph(name: str, tmp_path: Path) -> 
             assert rel.name in note["widgets_values"][0] and rel.parent.name in note["widgets_values"][0]
         assert "GB" in note["widgets_values"][0] and "MB" in note["widgets_values"][0]
         (loader,) = [n for n in api.values() if n["class_type"] == "QILLoadModel"]
-        assert {loader["inputs"][k] for k in ("transformer", "vae", "text_encoder")} == \
-            {p.name for p in MODEL_FILES.values()}
+        assert {loader["inputs"][k] for k in ("transformer", "vae", "text_encoder")} == {
+            p.name for p in MODEL_FILES.values()
+        }
         # properties.models lets the frontend offer the downloads when a file is missing
         (ui_loader,) = [n for n in ui["nodes"] if n["type"] == "QILLoadModel"]
         links = {(m["name"], m["directory"]) for m in ui_loader["properties"]["models"]}

@@ -85,13 +85,18 @@ def layer_names(n: int) -> list[str]:
     return ["Background"] + [f"Layer {i}" for i in range(1, n)]
 
 
-def _conditions(model: QwenLayeredModel, job: _Job, count: int, opts: SamplingOptions
-                ) -> tuple[list[TextCond], list[TextCond] | None]:
+def _conditions(
+    model: QwenLayeredModel, job: _Job, count: int, opts: SamplingOptions
+) -> tuple[list[TextCond], list[TextCond] | None]:
     """Positive condition per image and, when true CFG is on, the negative per image (on placement.device)."""
     width = model.transformer.config.joint_attention_dim
     placement, cfg, given = job.placement, opts.cfg, job.inputs
-    prompt, negative_prompt, embeds, neg_embeds = (opts.prompt, opts.negative_prompt, given.prompt_embeds,
-                                                   given.negative_embeds)
+    prompt, negative_prompt, embeds, neg_embeds = (
+        opts.prompt,
+        opts.negative_prompt,
+        given.prompt_embeds,
+        given.negative_embeds,
+    )
     if prompt is not None and embeds is not None:
         raise InputError("pass either prompt or prompt_embeds, not both")
     has_negative = negative_prompt is not None or neg_embeds is not None
@@ -100,22 +105,33 @@ def _conditions(model: QwenLayeredModel, job: _Job, count: int, opts: SamplingOp
         logger.warning("cfg is %g but no negative prompt or embeddings were given: guidance is off", cfg)
     strings: list[str] = []
     if embeds is None and (prompt is None or not prompt.strip()):
-        logger.warning("no prompt given: encoding %r as the prompt. The model works best with a caption of the whole "
-                       "image (the reference would auto-caption; that needs the vision tower, not run here)",
-                       prompt or "")
+        logger.warning(
+            "no prompt given: encoding %r as the prompt. The model works best with a caption of the whole "
+            "image (the reference would auto-caption; that needs the vision tower, not run here)",
+            prompt or "",
+        )
         prompt = prompt or ""
     if embeds is None:
         strings.append(prompt or "")
     if guided and neg_embeds is None:
         strings.append(negative_prompt or "")  # not None here: a negative was given
     encoded = _encode_strings(model, placement, strings, opts.max_sequence_length) if strings else {}
-    pos = _rows(encoded[prompt] if embeds is None else
-                chk.check_embeds("prompt_embeds", embeds, given.prompt_mask, width, count), count, placement.device)
+    pos = _rows(
+        encoded[prompt]
+        if embeds is None
+        else chk.check_embeds("prompt_embeds", embeds, given.prompt_mask, width, count),
+        count,
+        placement.device,
+    )
     if not guided:
         return pos, None
-    neg = _rows(encoded[negative_prompt] if neg_embeds is None else
-                chk.check_embeds("negative_embeds", neg_embeds, given.negative_mask, width, count), count,
-                placement.device)
+    neg = _rows(
+        encoded[negative_prompt]
+        if neg_embeds is None
+        else chk.check_embeds("negative_embeds", neg_embeds, given.negative_mask, width, count),
+        count,
+        placement.device,
+    )
     return pos, neg
 
 
@@ -145,8 +161,9 @@ def _rows(pair: tuple[torch.Tensor, torch.Tensor | None], count: int, device: to
     return out
 
 
-def _noise(noise: Any, shapes: list[tuple[int, int, int]], seed: int, dtype: torch.dtype,
-           generator_device: torch.device) -> list[torch.Tensor]:
+def _noise(
+    noise: Any, shapes: list[tuple[int, int, int]], seed: int, dtype: torch.dtype, generator_device: torch.device
+) -> list[torch.Tensor]:
     """Initial noise per image: the given tensor(s) (B or per-image (1, F, 16, h, w)), or drawn from `seed`."""
     if noise is None:
         return draw_noise(shapes, seed, dtype, generator_device)
@@ -171,8 +188,15 @@ def _progress(callback: Callback | None, total: int) -> Callable[[], None]:
     return step
 
 
-def _run(model: QwenLayeredModel, job: _Job, opts: SamplingOptions, inputs: list[np.ndarray | None],
-         sizes: list[tuple[int, int]], text: tuple, keep_composite: bool) -> list[list[np.ndarray]]:
+def _run(
+    model: QwenLayeredModel,
+    job: _Job,
+    opts: SamplingOptions,
+    inputs: list[np.ndarray | None],
+    sizes: list[tuple[int, int]],
+    text: tuple,
+    keep_composite: bool,
+) -> list[list[np.ndarray]]:
     """Sample and decode every image; returns per image the RGBA float frames 1..N (+ frame 0 last if kept).
 
     `inputs[b]` is the processing-size RGBA uint8 condition image, or None for text-to-layers.
@@ -192,8 +216,7 @@ def _run(model: QwenLayeredModel, job: _Job, opts: SamplingOptions, inputs: list
         if any(im is not None for im in inputs):
             with placement.use("vae", model.vae) as used:
                 vae = cast(RGBAVAE, used)
-                conds = [None if im is None else encode_condition(vae, im, dtype, device, vae_tile)
-                         for im in inputs]
+                conds = [None if im is None else encode_condition(vae, im, dtype, device, vae_tile) for im in inputs]
         with placement.use("transformer", model.transformer) as used:
             dit = cast(QwenImageLayeredTransformer, used)
             for b, (h, w) in enumerate(grids):
@@ -204,8 +227,9 @@ def _run(model: QwenLayeredModel, job: _Job, opts: SamplingOptions, inputs: list
                 tokens = sum(f * y * x for f, y, x in shapes) + pos[b].embeds.shape[1]
                 batched = guidance is not None and choose_cfg_batch(opts.cfg_batch, dit, tokens, dtype, device)
                 x = pack_latents(noises[b].to(device))  # (1, (N+1)*hp*wp, 64)
-                finals.append(denoise(dit, x, conds[b], shapes, pos[b], guidance, sigmas, cfg_batch=batched,
-                                      on_step=step))
+                finals.append(
+                    denoise(dit, x, conds[b], shapes, pos[b], guidance, sigmas, cfg_batch=batched, on_step=step)
+                )
         placement.release("transformer", model.transformer)
         frames = list(range(1, layers + 1)) + ([0] if keep_composite else [])
         out = []
@@ -279,8 +303,9 @@ def split_options(cls: type[O], options: O | None, kw: dict[str, Any]) -> tuple[
     return opts, JobInputs(**kw)
 
 
-def decompose(model: QwenLayeredModel, image: Any, *, mask: Any = None, options: DecomposeOptions | None = None,
-              **kw: Any) -> list[LayerStack]:
+def decompose(
+    model: QwenLayeredModel, image: Any, *, mask: Any = None, options: DecomposeOptions | None = None, **kw: Any
+) -> list[LayerStack]:
     """Decompose each image (IMAGE [B,H,W,C], array, PIL or a list) into N RGBA layers; one LayerStack per image.
 
     Keywords: any `DecomposeOptions` field (layers, steps, cfg, seed, resolution, max_side, output_size, ...),
@@ -298,8 +323,9 @@ def decompose(model: QwenLayeredModel, image: Any, *, mask: Any = None, options:
     return run_decompose(model, image, opts, given, mask=mask)
 
 
-def run_decompose(model: QwenLayeredModel, image: Any, opts: DecomposeOptions, given: JobInputs,
-                  mask: Any = None) -> list[LayerStack]:
+def run_decompose(
+    model: QwenLayeredModel, image: Any, opts: DecomposeOptions, given: JobInputs, mask: Any = None
+) -> list[LayerStack]:
     """`decompose` with its options object and inputs already split."""
     model = chk.check_model(model)
     job = _job(model, given)
@@ -320,14 +346,24 @@ def run_decompose(model: QwenLayeredModel, image: Any, opts: DecomposeOptions, g
     inputs: list[np.ndarray | None] = [resize_rgba(im, s) for im, s in zip(images, sizes, strict=True)]
     if opts.output_size != "original":
         del images  # the full-size inputs are no longer needed
-    logger.info("decomposing %d image(s) into %d layers at %s, %d steps, cfg %g%s, seed %d", len(inputs), layers,
-                ", ".join(f"{w}x{h}" for w, h in sizes), opts.steps, opts.cfg,
-                " (normalized)" if opts.cfg_normalize else "", opts.seed)
+    logger.info(
+        "decomposing %d image(s) into %d layers at %s, %d steps, cfg %g%s, seed %d",
+        len(inputs),
+        layers,
+        ", ".join(f"{w}x{h}" for w, h in sizes),
+        opts.steps,
+        opts.cfg,
+        " (normalized)" if opts.cfg_normalize else "",
+        opts.seed,
+    )
     frames = _run(model, job, opts, inputs, sizes, text, keep)
     stacks = []
     for b, (f, size, orig) in enumerate(zip(frames, sizes, originals, strict=True)):
-        stack = (LayerStack(size[0], size[1], [Layer.from_canvas(f[0], name=EXTRACTED_NAME)]) if opts.extract
-                 else _stack(f, size, layers, layer_names(layers)))
+        stack = (
+            LayerStack(size[0], size[1], [Layer.from_canvas(f[0], name=EXTRACTED_NAME)])
+            if opts.extract
+            else _stack(f, size, layers, layer_names(layers))
+        )
         target = images[b] if opts.output_size == "original" else inputs[b]
         assert target is not None  # decompose always has an input image
         if opts.output_size == "original" and orig != size:
@@ -339,8 +375,9 @@ def run_decompose(model: QwenLayeredModel, image: Any, opts: DecomposeOptions, g
     return stacks
 
 
-def text_to_layers(model: QwenLayeredModel, prompt: str | None = None, *,
-                   options: TextToLayersOptions | None = None, **kw: Any) -> LayerStack:
+def text_to_layers(
+    model: QwenLayeredModel, prompt: str | None = None, *, options: TextToLayersOptions | None = None, **kw: Any
+) -> LayerStack:
     """Generate N RGBA layers (plus the composite frame, dropped unless kept) from a prompt, with no input image.
 
     Keywords: any `TextToLayersOptions` field (width, height, layers, steps, ...) and any `JobInputs` field.
@@ -369,8 +406,14 @@ def run_text_to_layers(model: QwenLayeredModel, opts: TextToLayersOptions, given
     return _stack(frames[0], size, opts.layers, layer_names(opts.layers))
 
 
-def decompose_layer(model: QwenLayeredModel, stack: LayerStack, index: int | str, *,
-                    options: DecomposeLayerOptions | None = None, **kw: Any) -> LayerStack:
+def decompose_layer(
+    model: QwenLayeredModel,
+    stack: LayerStack,
+    index: int | str,
+    *,
+    options: DecomposeLayerOptions | None = None,
+    **kw: Any,
+) -> LayerStack:
     """Decompose one layer of `stack` into `layers` sub-layers and splice them in its place (bottom first).
 
     The layer's pixels (with its alpha) are the input; the result is mapped back to the layer's own size and
@@ -385,15 +428,17 @@ def decompose_layer(model: QwenLayeredModel, stack: LayerStack, index: int | str
     if not isinstance(stack, LayerStack):
         raise InputError(f"stack must be a LayerStack, got {type(stack).__name__}")
     if {"output_size", "image", "mask", "keep_composite"} & set(kw):
-        raise InputError("decompose_layer takes the layer from the stack; do not pass image, mask, output_size or "
-                         "keep_composite")
+        raise InputError(
+            "decompose_layer takes the layer from the stack; do not pass image, mask, output_size or keep_composite"
+        )
     model = chk.check_model(model)
     opts, given = split_options(DecomposeLayerOptions, options, kw)
     return run_decompose_layer(model, stack, index, opts, given)
 
 
-def run_decompose_layer(model: QwenLayeredModel, stack: LayerStack, index: int | str, opts: DecomposeLayerOptions,
-                        given: JobInputs) -> LayerStack:
+def run_decompose_layer(
+    model: QwenLayeredModel, stack: LayerStack, index: int | str, opts: DecomposeLayerOptions, given: JobInputs
+) -> LayerStack:
     """`decompose_layer` with its options object and inputs already split."""
     i = stack.index_of(index)
     parent = stack.layers[i]
@@ -401,8 +446,9 @@ def run_decompose_layer(model: QwenLayeredModel, stack: LayerStack, index: int |
         raise InputError(f"layer {i} ({parent.name!r}) is fully transparent; there is nothing to decompose")
     parent = parent.cropped()
     block, (ox, oy) = _pad_block(parent.pixels)
-    whole = DecomposeOptions(**{k: v for k, v in opts.values().items() if k != "recompose"},
-                             output_size="original", recompose="model")
+    whole = DecomposeOptions(
+        **{k: v for k, v in opts.values().items() if k != "recompose"}, output_size="original", recompose="model"
+    )
     sub = run_decompose(model, block, whole, given)[0]
     if opts.recompose == "exact":
         sub = snap_alpha(sub)  # before the clip below, so that no sub-layer ends up more opaque than the parent
@@ -415,12 +461,17 @@ def run_decompose_layer(model: QwenLayeredModel, stack: LayerStack, index: int |
         cuts.append(Layer.from_canvas(px, name=f"{parent.name} / {n}", visible=parent.visible))
     out = stack.replace()
     if opts.recompose == "exact":  # folded as a plain normal-mode group on the block, before the parent's properties
-        group, report = recompose_exact(LayerStack(block.shape[1], block.shape[0], cuts), block,
-                                        f"layer {i} ({parent.name!r})", snap=False)
+        group, report = recompose_exact(
+            LayerStack(block.shape[1], block.shape[0], cuts), block, f"layer {i} ({parent.name!r})", snap=False
+        )
         cuts = group.layers
         out.metadata["recompose_split"] = {**out.metadata.get("recompose_split", {}), parent.name: report.as_dict()}
-    out.layers[i : i + 1] = [cut.replace(x=cut.x + parent.x - ox, y=cut.y + parent.y - oy, opacity=parent.opacity,
-                                         blend_mode=parent.blend_mode) for cut in cuts]
+    out.layers[i : i + 1] = [
+        cut.replace(
+            x=cut.x + parent.x - ox, y=cut.y + parent.y - oy, opacity=parent.opacity, blend_mode=parent.blend_mode
+        )
+        for cut in cuts
+    ]
     return out
 
 

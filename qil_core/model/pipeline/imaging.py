@@ -177,7 +177,8 @@ def warn_if_constant(rgba: np.ndarray, what: str = "image") -> bool:
         logger.warning(
             "%s is almost constant (RGBA about %s); check that it loaded correctly - 16-bit PNGs through "
             "ComfyUI's LoadImage arrive clipped to white. The decomposition of a flat image is not meaningful.",
-            what, tuple(round(float(v), 3) for v in (lo + hi) / 2),
+            what,
+            tuple(round(float(v), 3) for v in (lo + hi) / 2),
         )
         return True
     return False

@@ -64,7 +64,10 @@ def tokenize_prompts(
         if kept > max_sequence_length:
             log.warning(
                 "prompt %d is %d tokens long (with the 5 closing template tokens); only the first %d are used "
-                "(max_sequence_length). Shorten the prompt to keep its end.", i, kept, max_sequence_length
+                "(max_sequence_length). Shorten the prompt to keep its end.",
+                i,
+                kept,
+                max_sequence_length,
             )
             ids = ids[: drop + max_sequence_length]
         out.append(ids)
@@ -111,7 +114,7 @@ def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
         raise InputError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
     if len(prompts) == 0:
-        raise InputError("prompts is empty; pass at least one prompt (use \" \" for an unconditional negative)")
+        raise InputError('prompts is empty; pass at least one prompt (use " " for an unconditional negative)')
     bad = [(i, type(p).__name__) for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise InputError(

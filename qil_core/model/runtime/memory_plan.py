@@ -140,13 +140,31 @@ class MemoryPlan:
         if self.mode == "resident":
             return ResidentPlacement(self.device, dtype)
         if self.mode == "offload":
-            return OffloadPlacement(self.device, dtype, keep=self.keep, pin_memory=self.pin_memory,
-                                    budget_bytes=self.budget_bytes, work_bytes=self.work_bytes)
+            return OffloadPlacement(
+                self.device,
+                dtype,
+                keep=self.keep,
+                pin_memory=self.pin_memory,
+                budget_bytes=self.budget_bytes,
+                work_bytes=self.work_bytes,
+            )
         budget = None if self.budget_bytes is None else self.budget_bytes - self.transformer_kept_bytes
-        others = OffloadPlacement(self.device, dtype, keep=tuple(k for k in self.keep if k != "transformer"),
-                                  pin_memory=self.pin_memory, budget_bytes=budget, work_bytes=self.work_bytes)
-        return BlockSwapPlacement(self.device, self.resident_blocks or 0, dtype, others=others,
-                                  pin_memory=self.pin_memory, keep_resident=self.keep_resident)
+        others = OffloadPlacement(
+            self.device,
+            dtype,
+            keep=tuple(k for k in self.keep if k != "transformer"),
+            pin_memory=self.pin_memory,
+            budget_bytes=budget,
+            work_bytes=self.work_bytes,
+        )
+        return BlockSwapPlacement(
+            self.device,
+            self.resident_blocks or 0,
+            dtype,
+            others=others,
+            pin_memory=self.pin_memory,
+            keep_resident=self.keep_resident,
+        )
 
     def describe(self) -> str:
         """One line for logs."""
@@ -201,13 +219,20 @@ def plan_memory(
 
     def resident() -> MemoryPlan:
         total = sum(comp.values())
-        return MemoryPlan("resident", dev, present, pin_memory=pin, work_bytes=work,
-                          phase_bytes={p: total + work[p] for p in present})
+        return MemoryPlan(
+            "resident", dev, present, pin_memory=pin, work_bytes=work, phase_bytes={p: total + work[p] for p in present}
+        )
 
     def offload() -> MemoryPlan:
         # kept components fill what the phase leaves free and are evicted on demand: each phase alone must fit
-        return MemoryPlan("offload", dev, present, pin_memory=pin, work_bytes=work,
-                          phase_bytes={p: comp[p] + work[p] for p in present})
+        return MemoryPlan(
+            "offload",
+            dev,
+            present,
+            pin_memory=pin,
+            work_bytes=work,
+            phase_bytes={p: comp[p] + work[p] for p in present},
+        )
 
     def block_swap(k: int, keep_resident: bool) -> MemoryPlan:
         k = min(k, n)
@@ -215,8 +240,17 @@ def plan_memory(
         phase = {p: kept + comp[p] + work[p] for p in present}
         # denoising: the resident part, the running and the prefetched block, and the (kept) VAE
         phase["transformer"] = rest + (k + (0 if k == n else 2)) * block + work["transformer"] + comp["vae"]
-        return MemoryPlan("block_swap", dev, ("vae",), resident_blocks=k, keep_resident=keep_resident,
-                          pin_memory=pin, work_bytes=work, phase_bytes=phase, transformer_kept_bytes=kept)
+        return MemoryPlan(
+            "block_swap",
+            dev,
+            ("vae",),
+            resident_blocks=k,
+            keep_resident=keep_resident,
+            pin_memory=pin,
+            work_bytes=work,
+            phase_bytes=phase,
+            transformer_kept_bytes=kept,
+        )
 
     if free_device_bytes is None or dev.type == "cpu":
         # Nothing to fit: on the CPU the loader memory-maps the weights and the OS pages them in and out.
@@ -227,8 +261,12 @@ def plan_memory(
     budget = free_device_bytes - _reserve(free_device_bytes)
     ks = [resident_blocks] if resident_blocks is not None else list(range(n, -1, -1))
     swaps = [block_swap(k, keep) for k in ks for keep in (True, False)]  # most resident blocks first
-    candidates = {"auto": [resident(), offload()], "resident": [resident(), offload()], "offload": [offload()],
-                  "block_swap": []}[mode] + swaps
+    candidates = {
+        "auto": [resident(), offload()],
+        "resident": [resident(), offload()],
+        "offload": [offload()],
+        "block_swap": [],
+    }[mode] + swaps
     for plan in candidates:
         plan.budget_bytes = budget
         if plan.peak_bytes <= budget:
@@ -282,9 +320,16 @@ def plan_for_model(
     vae_work = estimate_vae_decode_bytes(width, height, dtype=model.vae.dtype)  # type: ignore[attr-defined]
     free_dev = free_device_bytes if free_device_bytes is not None else available_device_memory(dev)
     free_ram = free_ram_bytes if free_ram_bytes is not None else available_ram()
-    plan = plan_memory(free_device_bytes=free_dev, free_ram_bytes=free_ram, component_bytes=comp,
-                       activation_bytes=act, mode=mode, device=dev, block_bytes=transformer_block_bytes(dit),
-                       vae_work_bytes=vae_work)
+    plan = plan_memory(
+        free_device_bytes=free_dev,
+        free_ram_bytes=free_ram,
+        component_bytes=comp,
+        activation_bytes=act,
+        mode=mode,
+        device=dev,
+        block_bytes=transformer_block_bytes(dit),
+        vae_work_bytes=vae_work,
+    )
     logger.info("%s", plan.describe())
     return plan
 

@@ -19,8 +19,13 @@ OPTS = dict(prompt="a round badge", steps=2, resolution="custom", max_side=96, s
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
     paths = write_tiny_model(tmp_path_factory.mktemp("tiny"), layout="comfyui", seed=7)
-    return load_model(transformer=paths["transformer"], vae=paths["vae"], text_encoder=paths["text_encoder"],
-                      dtype=torch.float32, device="cpu")
+    return load_model(
+        transformer=paths["transformer"],
+        vae=paths["vae"],
+        text_encoder=paths["text_encoder"],
+        dtype=torch.float32,
+        device="cpu",
+    )
 
 
 def _disc(w: int, h: int, soft: bool = True) -> np.ndarray:
