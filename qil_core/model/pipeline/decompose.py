@@ -35,6 +35,7 @@ from ...layers.fullres import upsample_stack
 from ...layers.recompose import recompose_exact, snap_alpha
 from ...layers.stack import Layer, LayerStack
 from ...options import Options, specs
+from ..arch.text_encoder import Qwen25TextEncoder
 from ..arch.transformer import QwenImageLayeredTransformer
 from ..arch.vae import RGBAVAE
 from ..loader import QwenLayeredModel
@@ -142,11 +143,14 @@ def _encode_strings(model: QwenLayeredModel, placement: Placement, strings: list
             "this model has no text encoder, so prompt strings cannot be encoded: load the Qwen2.5-VL text encoder "
             "with the model, or pass prompt_embeds (and negative_embeds, or negative_prompt=None to turn CFG off)"
         )
+    text_encoder, tokenizer = model.text_encoder, model.tokenizer
+    if text_encoder is None or tokenizer is None:  # can_encode_prompts said both are there
+        raise InputError("this model has no text encoder or tokenizer; load them with the model")
     out = {}
-    with placement.use("text_encoder", model.text_encoder) as te:  # type: ignore[arg-type]
+    with placement.use("text_encoder", text_encoder) as te:
         for s in dict.fromkeys(strings):
-            out[s] = encode_prompts(te, model.tokenizer, s, max_sequence_length=max_len)  # type: ignore[arg-type]
-    placement.release("text_encoder", model.text_encoder)  # type: ignore[arg-type]
+            out[s] = encode_prompts(cast(Qwen25TextEncoder, te), tokenizer, s, max_sequence_length=max_len)
+    placement.release("text_encoder", text_encoder)
     return out
 
 

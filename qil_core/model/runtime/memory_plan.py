@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -290,7 +291,7 @@ def transformer_block_bytes(transformer: nn.Module, blocks_attr: str = "transfor
 
 
 def plan_for_model(
-    model: object,
+    model: Any,  # a QwenLayeredModel (the loader sits above this room, so it is not imported here)
     *,
     width: int,
     height: int,
@@ -306,9 +307,9 @@ def plan_for_model(
 
     Free memory is measured (memory.available_device_memory / available_ram) unless given.
     """
-    dit = model.transformer  # type: ignore[attr-defined]
-    dev = torch.device(device) if device is not None else model.device  # type: ignore[attr-defined]
-    comp = {"transformer": module_bytes(dit), "vae": module_bytes(model.vae)}  # type: ignore[attr-defined]
+    dit = model.transformer
+    dev = torch.device(device) if device is not None else model.device
+    comp = {"transformer": module_bytes(dit), "vae": module_bytes(model.vae)}
     te = getattr(model, "text_encoder", None)
     if te is not None:
         comp["text_encoder"] = module_bytes(te)
@@ -317,7 +318,7 @@ def plan_for_model(
     # Quantised weights (any format) are dequantised one layer at a time: that layer's temporaries come on top.
     act = estimate_activation_bytes(tokens, width=cfg.inner_dim, dtype=dit.dtype, batch=2 if cfg_batch else 1)
     act += dequant_transient_bytes(dit, dit.dtype)
-    vae_work = estimate_vae_decode_bytes(width, height, dtype=model.vae.dtype)  # type: ignore[attr-defined]
+    vae_work = estimate_vae_decode_bytes(width, height, dtype=model.vae.dtype)
     free_dev = free_device_bytes if free_device_bytes is not None else available_device_memory(dev)
     free_ram = free_ram_bytes if free_ram_bytes is not None else available_ram()
     plan = plan_memory(
