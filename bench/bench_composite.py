@@ -58,8 +58,12 @@ def build(kind: str) -> LayerStack:
     rng = np.random.default_rng(0)
     if kind == "sparse":
         side, content = 4096, 1024
-        layers = [make_layer(rng, content, content, int(rng.integers(0, side - content)),
-                             int(rng.integers(0, side - content)), i) for i in range(N_LAYERS)]
+        layers = [
+            make_layer(
+                rng, content, content, int(rng.integers(0, side - content)), int(rng.integers(0, side - content)), i
+            )
+            for i in range(N_LAYERS)
+        ]
     else:
         side = 2048
         layers = [make_layer(rng, side, side, 0, 0, i) for i in range(N_LAYERS)]
@@ -71,7 +75,7 @@ def to_pil_full(stack: LayerStack) -> list[Image.Image]:
     out = []
     for layer in stack.layers:
         full = np.zeros((stack.height, stack.width, 4), np.uint8)
-        full[layer.y:layer.y + layer.height, layer.x:layer.x + layer.width] = np.round(layer.pixels * 255)
+        full[layer.y : layer.y + layer.height, layer.x : layer.x + layer.width] = np.round(layer.pixels * 255)
         out.append(Image.fromarray(full, "RGBA"))
     return out
 
@@ -83,8 +87,10 @@ def run(kind: str) -> dict[str, float]:
     t_ours = best(lambda: composite(stack))
 
     full_layers = to_pil_full(stack)
-    region_layers = [(Image.fromarray(np.round(layer.pixels * 255).astype(np.uint8), "RGBA"), (layer.x, layer.y))
-                     for layer in stack.layers]
+    region_layers = [
+        (Image.fromarray(np.round(layer.pixels * 255).astype(np.uint8), "RGBA"), (layer.x, layer.y))
+        for layer in stack.layers
+    ]
 
     def pil_chain() -> Image.Image:
         canvas = Image.new("RGBA", (w, h))
@@ -105,7 +111,7 @@ def run(kind: str) -> dict[str, float]:
 
     def paste_floor() -> None:
         for layer in stack.layers:
-            np.copyto(paste_dst[layer.y:layer.y + layer.height, layer.x:layer.x + layer.width], layer.pixels)
+            np.copyto(paste_dst[layer.y : layer.y + layer.height, layer.x : layer.x + layer.width], layer.pixels)
 
     t_floor = best(paste_floor)
     src = np.ones((h, w, 4), np.float32)
@@ -121,8 +127,10 @@ def run(kind: str) -> dict[str, float]:
     diff = np.abs(ours[..., :3] * ours[..., 3:] - theirs[..., :3] * theirs[..., 3:]).max() * 255
 
     content = sum(layer.pixels.shape[0] * layer.pixels.shape[1] for layer in stack.layers) / 1e6
-    print(f"\n{kind}: {N_LAYERS} layers, {content:.1f} MP of layer content on a {w}x{h} canvas "
-          f"(max premultiplied difference to PIL's chain: {diff:.2f}/255)")
+    print(
+        f"\n{kind}: {N_LAYERS} layers, {content:.1f} MP of layer content on a {w}x{h} canvas "
+        f"(max premultiplied difference to PIL's chain: {diff:.2f}/255)"
+    )
     rows = [
         ("ours: qil_core.layers.composite (float32)", t_ours),
         ("PIL Image.alpha_composite chain (uint8, full-canvas layers)", t_chain),
@@ -135,10 +143,14 @@ def run(kind: str) -> dict[str, float]:
     for name, t in rows:
         print(f"  {name:<66s} {t:8.3f} s")
     print(f"  ours / copy floor:                    {t_ours / t_floor:6.1f}x")
-    print(f"  ours / one float32 canvas copy:       {t_ours / t_canvas:6.1f}x "
-          f"(into a fresh allocation: {t_ours / t_fresh:.1f}x)")
-    print(f"  PIL chain / ours:                     {t_chain / t_ours:6.2f}x (PIL chain / copy floor: "
-          f"{t_chain / t_floor:.1f}x)")
+    print(
+        f"  ours / one float32 canvas copy:       {t_ours / t_canvas:6.1f}x "
+        f"(into a fresh allocation: {t_ours / t_fresh:.1f}x)"
+    )
+    print(
+        f"  PIL chain / ours:                     {t_chain / t_ours:6.2f}x (PIL chain / copy floor: "
+        f"{t_chain / t_floor:.1f}x)"
+    )
     print(f"  PIL in place / ours:                  {t_inplace / t_ours:6.2f}x")
     return {"ours": t_ours, "floor": t_floor}
 

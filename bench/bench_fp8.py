@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import statistics
 import sys
 import time
@@ -46,36 +47,59 @@ def build(blocks: int) -> torch.nn.Module:
     return model.requires_grad_(False).eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=2)
+def bench_args(doc: str | None, blocks: int) -> argparse.Namespace:
+    """The command line of the real-width benches: --blocks (default `blocks`) and --runs (timed forwards)."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--blocks", type=int, default=blocks)
     parser.add_argument("--runs", type=int, default=1)
-    args = parser.parse_args()
-    base = build(args.blocks)
+    return parser.parse_args()
+
+
+N_TXT = 64  # text tokens of the bench inputs
+
+
+def bench_inputs() -> tuple[dict, dict]:
+    """The forward's inputs in fp32 and bf16: N=2 layers on an 8x16 token grid + N_TXT text tokens, sigma 0.75."""
     gen = torch.Generator().manual_seed(1)
-    layers, hp, wp, n_txt = 2, 8, 16, 64
-    inputs = dict(hidden_states=torch.randn(1, (layers + 2) * hp * wp, 64, generator=gen),
-                  encoder_hidden_states=torch.randn(1, n_txt, 3584, generator=gen), encoder_hidden_states_mask=None,
-                  timestep=torch.tensor([0.75]), img_shapes=[(1, hp, wp)] * (layers + 2))
+    layers, hp, wp = 2, 8, 16
+    inputs = dict(
+        hidden_states=torch.randn(1, (layers + 2) * hp * wp, 64, generator=gen),
+        encoder_hidden_states=torch.randn(1, N_TXT, 3584, generator=gen),
+        encoder_hidden_states_mask=None,
+        timestep=torch.tensor([0.75]),
+        img_shapes=[(1, hp, wp)] * (layers + 2),
+    )
     half = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    return inputs, half
+
+
+def timed_forward(model: torch.nn.Module, x: dict, runs: int) -> tuple[torch.Tensor, float]:
+    """The model's output (fp32) and the median seconds of `runs` forwards after one warm-up."""
+    with torch.inference_mode():
+        out = model(**x)  # warm-up
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            out = model(**x)
+            times.append(time.perf_counter() - t0)
+    return out.float(), statistics.median(times)
+
+
+def main() -> None:
+    args = bench_args(__doc__, blocks=2)
+    base = build(args.blocks)
+    inputs, half = bench_inputs()
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
     fp8 = copy.deepcopy(bf16)
     quantize_module_fp8(fp8, skip=TRANSFORMER_FP8_SKIP)
-    print(f"width 3072, {args.blocks} blocks, {inputs['hidden_states'].shape[1]} image + {n_txt} text tokens; "
-          f"weights: fp32 {module_bytes(base) / 1e6:.0f} MB, bf16 {module_bytes(bf16) / 1e6:.0f} MB, "
-          f"fp8 {module_bytes(fp8) / 1e6:.0f} MB ({module_bytes(fp8) / module_bytes(bf16):.3f}x bf16); "
-          f"threads {torch.get_num_threads()}")
+    print(
+        f"width 3072, {args.blocks} blocks, {inputs['hidden_states'].shape[1]} image + {N_TXT} text tokens; "
+        f"weights: fp32 {module_bytes(base) / 1e6:.0f} MB, bf16 {module_bytes(bf16) / 1e6:.0f} MB, "
+        f"fp8 {module_bytes(fp8) / 1e6:.0f} MB ({module_bytes(fp8) / module_bytes(bf16):.3f}x bf16); "
+        f"threads {torch.get_num_threads()}"
+    )
 
-    def run(model: torch.nn.Module, x: dict) -> tuple[torch.Tensor, float]:
-        with torch.inference_mode():
-            out = model(**x)  # warm-up
-            times = []
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                out = model(**x)
-                times.append(time.perf_counter() - t0)
-        return out.float(), statistics.median(times)
-
+    run = functools.partial(timed_forward, runs=args.runs)
     ref32, t32 = run(base, inputs)
     ref16, t16 = run(bf16, half)
     y8, t8 = run(fp8, half)
@@ -88,14 +112,22 @@ def main() -> None:
     def cos(y: torch.Tensor, r: torch.Tensor) -> float:
         return float(torch.nn.functional.cosine_similarity(y.flatten(), r.flatten(), dim=0))
 
-    print(f"{'variant':22s} {'rel L2 vs bf16':>15s} {'rel L2 vs fp32':>15s} {'cosine vs bf16':>15s} "
-          f"{'s/forward':>10s} {'time vs bf16':>13s}")
-    for name, y, t in (("fp32", ref32, t32), ("bf16 (baseline)", ref16, t16), ("fp8 weights", y8, t8),
-                       ("fp8 x fp8 (_scaled_mm)", y88, t88)):
-        print(f"{name:22s} {rel(y, ref16):15.4%} {rel(y, ref32):15.4%} {cos(y, ref16):15.6f} {t:10.3f} "
-              f"{t / t16:12.2f}x")
-    print("stated bound (tests/model/weights/test_fp8_accuracy.py): fp8 weights within 5% of bf16, "
-          "fp8 x fp8 within 6.5%")
+    print(
+        f"{'variant':22s} {'rel L2 vs bf16':>15s} {'rel L2 vs fp32':>15s} {'cosine vs bf16':>15s} "
+        f"{'s/forward':>10s} {'time vs bf16':>13s}"
+    )
+    for name, y, t in (
+        ("fp32", ref32, t32),
+        ("bf16 (baseline)", ref16, t16),
+        ("fp8 weights", y8, t8),
+        ("fp8 x fp8 (_scaled_mm)", y88, t88),
+    ):
+        print(
+            f"{name:22s} {rel(y, ref16):15.4%} {rel(y, ref32):15.4%} {cos(y, ref16):15.6f} {t:10.3f} {t / t16:12.2f}x"
+        )
+    print(
+        "stated bound (tests/model/weights/test_fp8_accuracy.py): fp8 weights within 5% of bf16, fp8 x fp8 within 6.5%"
+    )
 
 
 if __name__ == "__main__":

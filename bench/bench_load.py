@@ -98,8 +98,16 @@ def _child(path: str, mode: str, queue: mp.Queue) -> None:
     tensor_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     if checksum != checksum:
         raise RuntimeError(f"{mode}: the loaded weights hold NaN")
-    queue.put(dict(mode=mode, before=before, peak_load=peak_load, peak_all=_peak_rss(), load_s=load_s,
-                   tensor_bytes=tensor_bytes))
+    queue.put(
+        dict(
+            mode=mode,
+            before=before,
+            peak_load=peak_load,
+            peak_all=_peak_rss(),
+            load_s=load_s,
+            tensor_bytes=tensor_bytes,
+        )
+    )
 
 
 def run(path: Path, mode: str) -> dict:
@@ -127,25 +135,38 @@ def main() -> None:
 
     free_ram = available_ram() or 0
     if free_disk < 1.5 * size_estimate or free_ram < 2.5 * size_estimate:
-        raise SystemExit(f"not enough room: {size_estimate / gb:.2f} GB checkpoint, {free_disk / gb:.1f} GB disk and "
-                         f"{free_ram / gb:.1f} GB RAM free; use --blocks with a smaller number")
+        raise SystemExit(
+            f"not enough room: {size_estimate / gb:.2f} GB checkpoint, {free_disk / gb:.1f} GB disk and "
+            f"{free_ram / gb:.1f} GB RAM free; use --blocks with a smaller number"
+        )
     path = tmp / "qwen_image_layered_synthetic_bf16.safetensors"
     try:
         t0 = time.perf_counter()
         nbytes, ntensors = write_checkpoint(path, args.blocks)
-        print(f"checkpoint: {args.blocks} real-width blocks, {ntensors} tensors, {nbytes / gb:.2f} GB bf16, "
-              f"written in {time.perf_counter() - t0:.1f} s ({path})")
-        print(f"{'case':<34}{'load s':>8}{'tensors GB':>12}{'peak GB':>10}{'peak/tensors':>14}"
-              f"{'(peak-start)/tensors':>22}")
-        rows = [("same dtype (bf16 -> bf16, mmap)", "same"), ("converting (bf16 -> fp16, streamed)", "convert"),
-                ("baseline: allocate + load_state_dict", "baseline")]
+        print(
+            f"checkpoint: {args.blocks} real-width blocks, {ntensors} tensors, {nbytes / gb:.2f} GB bf16, "
+            f"written in {time.perf_counter() - t0:.1f} s ({path})"
+        )
+        print(
+            f"{'case':<34}{'load s':>8}{'tensors GB':>12}{'peak GB':>10}{'peak/tensors':>14}"
+            f"{'(peak-start)/tensors':>22}"
+        )
+        rows = [
+            ("same dtype (bf16 -> bf16, mmap)", "same"),
+            ("converting (bf16 -> fp16, streamed)", "convert"),
+            ("baseline: allocate + load_state_dict", "baseline"),
+        ]
         for label, mode in rows:
             r = run(path, mode)
             tb = r["tensor_bytes"]
-            print(f"{label:<34}{r['load_s']:>8.2f}{tb / gb:>12.2f}{r['peak_all'] / gb:>10.2f}"
-                  f"{r['peak_all'] / tb:>13.2f}x{(r['peak_all'] - r['before']) / tb:>21.2f}x")
-            print(f"{'':<34}  right after loading: peak {r['peak_load'] / gb:.2f} GB, process before loading "
-                  f"{r['before'] / gb:.2f} GB")
+            print(
+                f"{label:<34}{r['load_s']:>8.2f}{tb / gb:>12.2f}{r['peak_all'] / gb:>10.2f}"
+                f"{r['peak_all'] / tb:>13.2f}x{(r['peak_all'] - r['before']) / tb:>21.2f}x"
+            )
+            print(
+                f"{'':<34}  right after loading: peak {r['peak_load'] / gb:.2f} GB, process before loading "
+                f"{r['before'] / gb:.2f} GB"
+            )
         print("target: peak <= 1.1x the tensor bytes of the component (performance.md, Loading)")
     finally:
         if not args.keep:

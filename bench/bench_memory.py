@@ -116,11 +116,13 @@ def _decompose_child(mode: str, transformer_file: str, vae_file: str, steps: int
     elif kind == "offload":
         placement = OffloadPlacement("cpu")
     elif kind == "swap-prefetch":
-        placement = BlockSwapPlacement("cpu", int(k), prefetch=True, keep_resident=False,
-                                       others=OffloadPlacement("cpu"))
+        placement = BlockSwapPlacement(
+            "cpu", int(k), prefetch=True, keep_resident=False, others=OffloadPlacement("cpu")
+        )
     else:
-        placement = BlockSwapPlacement("cpu", int(k), prefetch=False, keep_resident=False,
-                                       others=OffloadPlacement("cpu"))
+        placement = BlockSwapPlacement(
+            "cpu", int(k), prefetch=False, keep_resident=False, others=OffloadPlacement("cpu")
+        )
     model = QwenLayeredModel(dit, vae, dtype=torch.bfloat16, device=torch.device("cpu"))
     gen = torch.Generator().manual_seed(0)
     image = (np.random.default_rng(0).random((64, 64, 4)) * 255).astype(np.uint8)
@@ -129,10 +131,29 @@ def _decompose_child(mode: str, transformer_file: str, vae_file: str, steps: int
     loaded = _status()["RssAnon"]
     t0 = time.perf_counter()
     with AnonPeak() as peak:
-        stacks = decompose(model, image, prompt_embeds=pos, negative_embeds=neg, layers=2, steps=steps, cfg=4.0,
-                           resolution="custom", max_side=64, placement=placement, cfg_batch=False, seed=1)
-    return {"mode": mode, "start": start, "loaded": loaded, "peak": peak.peak, "hwm": _status()["VmHWM"],
-            "seconds": time.perf_counter() - t0, "digest": _digest(stacks)}
+        stacks = decompose(
+            model,
+            image,
+            prompt_embeds=pos,
+            negative_embeds=neg,
+            layers=2,
+            steps=steps,
+            cfg=4.0,
+            resolution="custom",
+            max_side=64,
+            placement=placement,
+            cfg_batch=False,
+            seed=1,
+        )
+    return {
+        "mode": mode,
+        "start": start,
+        "loaded": loaded,
+        "peak": peak.peak,
+        "hwm": _status()["VmHWM"],
+        "seconds": time.perf_counter() - t0,
+        "digest": _digest(stacks),
+    }
 
 
 def _write_checkpoints(folder: Path, blocks: int) -> dict[str, Any]:
@@ -149,8 +170,10 @@ def _write_checkpoints(folder: Path, blocks: int) -> dict[str, Any]:
     gen = torch.Generator().manual_seed(0)
     first = model.transformer_blocks[0]
     with torch.no_grad():  # random weights outside the blocks and in block 0; the other blocks copy block 0
-        for name, p in [*((n, p) for n, p in model.named_parameters() if not n.startswith("transformer_blocks.")),
-                        *first.named_parameters()]:
+        for name, p in [
+            *((n, p) for n, p in model.named_parameters() if not n.startswith("transformer_blocks.")),
+            *first.named_parameters(),
+        ]:
             if "norm" in name and "norm_out" not in name:
                 p.fill_(1.0)
             else:
@@ -158,12 +181,18 @@ def _write_checkpoints(folder: Path, blocks: int) -> dict[str, Any]:
         for block in model.transformer_blocks[1:]:
             for p, src in zip(block.parameters(), first.parameters(), strict=True):
                 p.copy_(src)
-    sizes = {"rest_bf16": module_bytes(model) - module_bytes(model.transformer_blocks),
-             "block_bf16": module_bytes(model.transformer_blocks[0]), "transformer_bf16": module_bytes(model)}
+    sizes = {
+        "rest_bf16": module_bytes(model) - module_bytes(model.transformer_blocks),
+        "block_bf16": module_bytes(model.transformer_blocks[0]),
+        "transformer_bf16": module_bytes(model),
+    }
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "transformer_bf16.safetensors")
     quantize_module_fp8(model, skip=TRANSFORMER_FP8_SKIP)
-    sizes.update(block_fp8=module_bytes(model.transformer_blocks[0]), transformer_fp8=module_bytes(model),
-                 rest_fp8=module_bytes(model) - module_bytes(model.transformer_blocks))
+    sizes.update(
+        block_fp8=module_bytes(model.transformer_blocks[0]),
+        transformer_fp8=module_bytes(model),
+        rest_fp8=module_bytes(model) - module_bytes(model.transformer_blocks),
+    )
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "transformer_fp8.safetensors")
     del model
     vae = RGBAVAE()
@@ -179,43 +208,65 @@ def _write_checkpoints(folder: Path, blocks: int) -> dict[str, Any]:
 
 
 def part_transformer(blocks: int, steps: int) -> None:
-    modes = [("bf16", "resident"), ("bf16", "offload"), ("bf16", "swap:1"), ("bf16", "swap-prefetch:0"),
-             ("bf16", "swap:0"), ("fp8", "fp8-resident"), ("fp8", "swap:0")]
+    modes = [
+        ("bf16", "resident"),
+        ("bf16", "offload"),
+        ("bf16", "swap:1"),
+        ("bf16", "swap-prefetch:0"),
+        ("bf16", "swap:0"),
+        ("fp8", "fp8-resident"),
+        ("fp8", "swap:0"),
+    ]
     with tempfile.TemporaryDirectory(prefix="qil_bench_memory_") as tmp:
         folder = Path(tmp)
         t0 = time.perf_counter()
         sizes = _write_checkpoints(folder, blocks)
-        print(f"checkpoints: transformer {blocks} blocks x width 3072 = {sizes['transformer_bf16'] / MB:.0f} MB bf16 "
-              f"({sizes['block_bf16'] / MB:.0f} MB per block, {sizes['rest_bf16'] / MB:.0f} MB outside blocks), "
-              f"{sizes['transformer_fp8'] / MB:.0f} MB fp8 ({sizes['block_fp8'] / MB:.0f} MB per block); VAE "
-              f"{sizes['vae_bf16'] / MB:.0f} MB bf16; written in {time.perf_counter() - t0:.1f} s")
+        print(
+            f"checkpoints: transformer {blocks} blocks x width 3072 = {sizes['transformer_bf16'] / MB:.0f} MB bf16 "
+            f"({sizes['block_bf16'] / MB:.0f} MB per block, {sizes['rest_bf16'] / MB:.0f} MB outside blocks), "
+            f"{sizes['transformer_fp8'] / MB:.0f} MB fp8 ({sizes['block_fp8'] / MB:.0f} MB per block); VAE "
+            f"{sizes['vae_bf16'] / MB:.0f} MB bf16; written in {time.perf_counter() - t0:.1f} s"
+        )
         rows = []
         for precision, mode in modes:
             with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                row = pool.submit(_decompose_child, mode, str(folder / f"transformer_{precision}.safetensors"),
-                                  str(folder / "vae_bf16.safetensors"), steps).result()
+                row = pool.submit(
+                    _decompose_child,
+                    mode,
+                    str(folder / f"transformer_{precision}.safetensors"),
+                    str(folder / "vae_bf16.safetensors"),
+                    steps,
+                ).result()
             row["precision"] = precision
             rows.append(row)
             print(f"  {precision} {mode:16s} done in {row['seconds']:.1f} s", flush=True)
     base = {r["precision"]: r for r in rows if r["mode"].endswith("resident")}
     expected = _expected(sizes)
-    print(f"\ndecomposition (N=2, 64x64, {steps} step(s), true CFG), anonymous memory above the process baseline;"
-          " ratio against the resident run of the same precision")
-    print(f"{'precision':9s} {'mode':16s} {'RssAnon peak':>12s} {'above base':>11s} {'of it weights':>14s} "
-          f"{'ratio':>7s} {'VmHWM':>7s} {'s':>6s}  output bit-identical")
+    print(
+        f"\ndecomposition (N=2, 64x64, {steps} step(s), true CFG), anonymous memory above the process baseline;"
+        " ratio against the resident run of the same precision"
+    )
+    print(
+        f"{'precision':9s} {'mode':16s} {'RssAnon peak':>12s} {'above base':>11s} {'of it weights':>14s} "
+        f"{'ratio':>7s} {'VmHWM':>7s} {'s':>6s}  output bit-identical"
+    )
     for r in rows:
         used = r["peak"] - r["start"]
         ref = base[r["precision"]]
         ratio = used / (ref["peak"] - ref["start"])
         same = "yes" if r["digest"] == ref["digest"] else "NO"
-        print(f"{r['precision']:9s} {r['mode']:16s} {r['peak'] / MB:9.0f} MB {used / MB:8.0f} MB "
-              f"{expected[(r['precision'], r['mode'])] / MB:11.0f} MB {ratio:7.3f} {r['hwm'] / MB:7.0f} "
-              f"{r['seconds']:6.1f}  {same}")
-    print("(modes: resident = weights copied into RAM; offload = each component copied in for its phase; swap:k = "
-          "k blocks resident, the rest copied in one at a time; swap-prefetch:k adds the look-ahead block. 'of it "
-          "weights' is what the mode must hold in the denoising phase; the remainder is activations, the fp8 "
-          "dequantisation temporaries (2 x 75 MB) and allocator slack. VmHWM also counts the memory-mapped file "
-          "pages the OS can drop.)")
+        print(
+            f"{r['precision']:9s} {r['mode']:16s} {r['peak'] / MB:9.0f} MB {used / MB:8.0f} MB "
+            f"{expected[(r['precision'], r['mode'])] / MB:11.0f} MB {ratio:7.3f} {r['hwm'] / MB:7.0f} "
+            f"{r['seconds']:6.1f}  {same}"
+        )
+    print(
+        "(modes: resident = weights copied into RAM; offload = each component copied in for its phase; swap:k = "
+        "k blocks resident, the rest copied in one at a time; swap-prefetch:k adds the look-ahead block. 'of it "
+        "weights' is what the mode must hold in the denoising phase; the remainder is activations, the fp8 "
+        "dequantisation temporaries (2 x 75 MB) and allocator slack. VmHWM also counts the memory-mapped file "
+        "pages the OS can drop.)"
+    )
 
 
 def _expected(s: dict[str, Any]) -> dict[tuple[str, str], int]:
@@ -254,8 +305,13 @@ def _vae_child(mode: str, size: int, layers: int) -> dict[str, Any]:
             out = [vae.decode(z[i : i + 1]) for i in range(layers)]
         else:
             out = [tiled_decode(vae, z[i : i + 1], tile=128, overlap=32) for i in range(layers)]
-    return {"mode": mode, "work": peak.peak - start, "seconds": time.perf_counter() - t0, "hwm": _status()["VmHWM"],
-            "pixels": torch.cat(out)}
+    return {
+        "mode": mode,
+        "work": peak.peak - start,
+        "seconds": time.perf_counter() - t0,
+        "hwm": _status()["VmHWM"],
+        "pixels": torch.cat(out),
+    }
 
 
 def part_vae(size: int, layers: int) -> None:
@@ -269,15 +325,21 @@ def part_vae(size: int, layers: int) -> None:
     base = rows[0]
     mp_ = size * size / 1e6
     model = estimate_vae_decode_bytes(size, size, dtype=torch.float32)
-    print(f"\nVAE decode of {layers} layers at {size}x{size} (real-size RGBA-VAE, fp32, random weights): working "
-          f"memory above the loaded model (baseline: batched, diffusers' way)")
+    print(
+        f"\nVAE decode of {layers} layers at {size}x{size} (real-size RGBA-VAE, fp32, random weights): working "
+        f"memory above the loaded model (baseline: batched, diffusers' way)"
+    )
     for r in rows:
         diff = float((r["pixels"] - base["pixels"]).abs().max())
-        print(f"  {r['mode']:10s} {r['work'] / MB:8.0f} MB  ratio {r['work'] / base['work']:.3f}  "
-              f"{r['work'] / 1e9 / mp_ / (layers if r['mode'] == 'batched' else 1):5.2f} GB/MP per frame in "
-              f"flight  VmHWM {r['hwm'] / MB:5.0f} MB  {r['seconds']:6.1f} s  max |diff| vs batched {diff:.1e}")
-    print(f"  memory_plan's estimate: {model / MB:.0f} MB per layer in fp32 ({model / 1e9 / mp_:.1f} GB/MP, from "
-          "performance.md's 4.2 GB/MP in bf16; deliberately high for the frame-wise 2D VAE)")
+        print(
+            f"  {r['mode']:10s} {r['work'] / MB:8.0f} MB  ratio {r['work'] / base['work']:.3f}  "
+            f"{r['work'] / 1e9 / mp_ / (layers if r['mode'] == 'batched' else 1):5.2f} GB/MP per frame in "
+            f"flight  VmHWM {r['hwm'] / MB:5.0f} MB  {r['seconds']:6.1f} s  max |diff| vs batched {diff:.1e}"
+        )
+    print(
+        f"  memory_plan's estimate: {model / MB:.0f} MB per layer in fp32 ({model / 1e9 / mp_:.1f} GB/MP, from "
+        "performance.md's 4.2 GB/MP in bf16; deliberately high for the frame-wise 2D VAE)"
+    )
 
 
 def main() -> None:

@@ -59,7 +59,7 @@ def make_stack(size: int, n: int, dense: bool) -> LayerStack:
     for i in range(n):
         x, y = (int(v) for v in rng.integers(0, size - side, 2))
         px = np.empty((side, side, 4), np.float32)
-        px[..., :3] = tex[y:y + side, x:x + side]
+        px[..., :3] = tex[y : y + side, x : x + side]
         px[..., 3] = alpha
         layers.append(Layer(px, x, y, name=f"レイヤー {i}"))
     return LayerStack(size, size, layers)
@@ -101,7 +101,7 @@ def naive_psd_tools(stack: LayerStack, path: Path, k: int) -> float:
     canvases = []
     for layer in stack.layers[:k]:
         full = np.zeros((stack.height, stack.width, 4), np.uint8)
-        full[layer.y:layer.y + layer.height, layer.x:layer.x + layer.width] = np.round(layer.pixels * 255)
+        full[layer.y : layer.y + layer.height, layer.x : layer.x + layer.width] = np.round(layer.pixels * 255)
         canvases.append(Image.fromarray(full, "RGBA"))
     t0 = time.perf_counter()
     psd = PSDImage.new("RGBA", (stack.width, stack.height))
@@ -146,8 +146,10 @@ def bench(kind: str, stack: LayerStack, folder: Path, naive_layers: int) -> None
         per_layer = (t_naive_k - t_naive_k0) / (k - k0)
         if per_layer > 0:
             t_naive = t_naive_k + per_layer * (n - k)
-            how = (f" (extrapolated: {k0} layers {t_naive_k0:.1f} s, {k} layers {t_naive_k:.1f} s, "
-                   f"{per_layer:.1f} s per layer)")
+            how = (
+                f" (extrapolated: {k0} layers {t_naive_k0:.1f} s, {k} layers {t_naive_k:.1f} s, "
+                f"{per_layer:.1f} s per layer)"
+            )
         else:
             t_naive, how = t_naive_k * n / k, f" (measured on {k} layers: {t_naive_k:.1f} s, scaled x{n / k:.1f})"
     t0 = time.perf_counter()
@@ -168,22 +170,32 @@ def bench(kind: str, stack: LayerStack, folder: Path, naive_layers: int) -> None
     t0 = time.thread_time()
     read_psd(path, workers=1)
     c_read = time.thread_time() - t0
-    print(f"\n== {kind}: {n} layers on {stack.width}x{stack.height}, {raw_bytes / 2**20:.0f} MiB of 8-bit pixels, "
-          f"file {size / 2**20:.0f} MiB, lint {'ok' if not problems else problems[:2]}")
+    print(
+        f"\n== {kind}: {n} layers on {stack.width}x{stack.height}, {raw_bytes / 2**20:.0f} MiB of 8-bit pixels, "
+        f"file {size / 2**20:.0f} MiB, lint {'ok' if not problems else problems[:2]}"
+    )
     print(f"  write_psd, merged given        {t_ours:7.2f} s   (target <= 1.5 s)")
     print(f"  write_psd, one thread, CPU     {t_cpu:7.2f} s   (CPU time of the calling thread; immune to load)")
     print(f"  write_psd + composite()        {t_full:7.2f} s   (composite alone {t_comp:.2f} s)")
     print(f"  raw file-write floor (fsync)   {t_floor:7.2f} s   -> ours / floor = {t_ours / t_floor:.1f}x")
     print(f"  psd-tools naive save()         {t_naive:7.2f} s{how}")
-    print(f"     -> speed-up vs naive: {t_naive / t_ours:.1f}x writer alone, {t_naive / t_full:.1f}x with composite "
-          f"(target >= 10x)")
+    print(
+        f"     -> speed-up vs naive: {t_naive / t_ours:.1f}x writer alone, {t_naive / t_full:.1f}x with composite "
+        f"(target >= 10x)"
+    )
     if n == 20 and stack.width == 4096:
-        print(f"     -> vs the published anchor (19.7 s, performance.md): {ANCHOR_S / t_ours:.1f}x writer alone, "
-              f"{ANCHOR_S / t_full:.1f}x with composite")
-    print(f"  read_psd                       {t_read:7.2f} s   memory-copy floor {t_copy:.3f} s "
-          f"({out_bytes / 2**20:.0f} MiB float32) -> {t_read / t_copy:.1f}x (target <= 4x)")
-    print(f"  allocating-copy floor          {t_copy_new:7.3f} s   -> read_psd / floor = {t_read / t_copy_new:.1f}x "
-          f"(new memory, page faults included)")
+        print(
+            f"     -> vs the published anchor (19.7 s, performance.md): {ANCHOR_S / t_ours:.1f}x writer alone, "
+            f"{ANCHOR_S / t_full:.1f}x with composite"
+        )
+    print(
+        f"  read_psd                       {t_read:7.2f} s   memory-copy floor {t_copy:.3f} s "
+        f"({out_bytes / 2**20:.0f} MiB float32) -> {t_read / t_copy:.1f}x (target <= 4x)"
+    )
+    print(
+        f"  allocating-copy floor          {t_copy_new:7.3f} s   -> read_psd / floor = {t_read / t_copy_new:.1f}x "
+        f"(new memory, page faults included)"
+    )
     print(f"  read_psd, one thread, CPU      {c_read:7.2f} s   copy floor CPU {c_copy:.3f} s -> {c_read / c_copy:.1f}x")
 
 
@@ -192,8 +204,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=4096)
     ap.add_argument("--layers", type=int, default=20)
-    ap.add_argument("--naive-layers", type=int, default=2,
-                    help="layers for psd-tools' naive save (also half as many; extrapolated to --layers)")
+    ap.add_argument(
+        "--naive-layers",
+        type=int,
+        default=2,
+        help="layers for psd-tools' naive save (also half as many; extrapolated to --layers)",
+    )
     ap.add_argument("--dir", default=None, help="folder for the files (default: a temporary folder)")
     args = ap.parse_args()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")

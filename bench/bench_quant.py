@@ -13,12 +13,10 @@ N=2 layers on an 8x16 token grid (512 image tokens) + 64 text tokens, sigma 0.75
 
 from __future__ import annotations
 
-import argparse
 import copy
+import functools
 import gc
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -26,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_fp8 import build  # noqa: E402
+from bench_fp8 import N_TXT, bench_args, bench_inputs, build, timed_forward  # noqa: E402
 
 from qil_core.model.runtime.memory_plan import module_bytes  # noqa: E402
 from qil_core.model.weights.quant import QUANT_CHOICES, TRANSFORMER_FP8_SKIP, QuantLinear, quantize_module_fp8  # noqa: E402
@@ -57,36 +55,19 @@ def weight_error(model: torch.nn.Module, bf16: torch.nn.Module) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, default=1)
-    parser.add_argument("--runs", type=int, default=1)
-    args = parser.parse_args()
+    args = bench_args(__doc__, blocks=1)
     base = build(args.blocks)
-    gen = torch.Generator().manual_seed(1)
-    layers, hp, wp, n_txt = 2, 8, 16, 64
-    inputs = dict(hidden_states=torch.randn(1, (layers + 2) * hp * wp, 64, generator=gen),
-                  encoder_hidden_states=torch.randn(1, n_txt, 3584, generator=gen), encoder_hidden_states_mask=None,
-                  timestep=torch.tensor([0.75]), img_shapes=[(1, hp, wp)] * (layers + 2))  # fmt: skip
-    half = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in inputs.items()}
+    inputs, half = bench_inputs()
     bf16 = copy.deepcopy(base).to(torch.bfloat16)
 
-    def run(model: torch.nn.Module, x: dict) -> tuple[torch.Tensor, float]:
-        with torch.inference_mode():
-            out = model(**x)  # warm-up
-            times = []
-            for _ in range(args.runs):
-                t0 = time.perf_counter()
-                out = model(**x)
-                times.append(time.perf_counter() - t0)
-        return out.float(), statistics.median(times)
-
+    run = functools.partial(timed_forward, runs=args.runs)
     with torch.inference_mode():
         ref32 = base(**inputs).float()
     del base
     gc.collect()
     ref16, t16 = run(bf16, half)
     print(
-        f"width 3072, {args.blocks} block(s), {half['hidden_states'].shape[1]} image + {n_txt} text tokens, "
+        f"width 3072, {args.blocks} block(s), {half['hidden_states'].shape[1]} image + {N_TXT} text tokens, "
         f"threads {torch.get_num_threads()}; baseline bf16 {module_bytes(bf16) / 1e6:.0f} MB, {t16:.3f} s/forward"
     )
     print(

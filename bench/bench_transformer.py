@@ -61,8 +61,10 @@ def summary(name: str, runs: list[tuple[float, float]]) -> tuple[float, float]:
     """Print and return (median wall, median CPU) seconds of the runs."""
     wall = [r[0] for r in runs]
     cpu = [r[1] for r in runs]
-    print(f"{name:10s}: wall median {statistics.median(wall):7.3f} s (min {min(wall):.3f})   "
-          f"CPU median {statistics.median(cpu):7.3f} s (min {min(cpu):.3f})")
+    print(
+        f"{name:10s}: wall median {statistics.median(wall):7.3f} s (min {min(wall):.3f})   "
+        f"CPU median {statistics.median(cpu):7.3f} s (min {min(cpu):.3f})"
+    )
     return statistics.median(wall), statistics.median(cpu)
 
 
@@ -96,12 +98,21 @@ def main() -> None:
         return ours(x, txt, mask, sigma, shapes, t_cond)
 
     def run_reference() -> torch.Tensor:
-        return reference(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, timestep=sigma,
-                         img_shapes=shapes, additional_t_cond=t_cond, return_dict=False)[0]
+        return reference(
+            hidden_states=x,
+            encoder_hidden_states=txt,
+            encoder_hidden_states_mask=mask,
+            timestep=sigma,
+            img_shapes=shapes,
+            additional_t_cond=t_cond,
+            return_dict=False,
+        )[0]
 
-    print(f"config: width {cfg.inner_dim} ({cfg.num_attention_heads}x{cfg.attention_head_dim}), {cfg.num_layers} "
-          f"blocks, text dim {cfg.joint_attention_dim}; tokens: {x.shape[1]} image + {n_txt} text"
-          f"{' + 64 padding' if args.padded else ''}; dtype {args.dtype}; threads {torch.get_num_threads()}")
+    print(
+        f"config: width {cfg.inner_dim} ({cfg.num_attention_heads}x{cfg.attention_head_dim}), {cfg.num_layers} "
+        f"blocks, text dim {cfg.joint_attention_dim}; tokens: {x.shape[1]} image + {n_txt} text"
+        f"{' + 64 padding' if args.padded else ''}; dtype {args.dtype}; threads {torch.get_num_threads()}"
+    )
     with torch.inference_mode():
         a, b = run_ours(), run_reference()  # warm-up
         diff = (a.float() - b.float()).abs().max().item()
@@ -112,8 +123,11 @@ def main() -> None:
     print(f"max |ours - diffusers| = {diff:.3e} (output max {b.float().abs().max().item():.3f})")
     ours_wall, ours_cpu = summary("ours", ours_t)
     ref_wall, ref_cpu = summary("diffusers", ref_t)
-    print(f"ratio ours/diffusers = {ours_wall / ref_wall:.3f}x wall, {ours_cpu / ref_cpu:.3f}x CPU time "
-          "(target <= 1.0x; on a shared machine trust the CPU-time ratio)")
+    print(
+        f"ratio ours/diffusers = {ours_wall / ref_wall:.3f}x wall, {ours_cpu / ref_cpu:.3f}x CPU time "
+        "(target <= 1.0x; on a shared machine trust the CPU-time ratio)"
+    )
+
 
 if __name__ == "__main__":
     main()

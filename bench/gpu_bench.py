@@ -61,8 +61,9 @@ REAL_BLOCKS = 60
 GFLOP_L, MFLOP_L2 = 13.59e9, 0.737e6  # performance.md cost model, 60 blocks
 CARD_24GB_FREE = int(23.5e9)  # free memory of a 24 GB card with a CUDA context, for the block-swap plan
 DIFFUSERS_BACKENDS = {"flash_attn": "flash", "flash_attn3": "_flash_3", "sageattention": "sage"}
-TINY = TransformerConfig(num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48,
-                         axes_dims_rope=(8, 12, 12))
+TINY = TransformerConfig(
+    num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=48, axes_dims_rope=(8, 12, 12)
+)
 
 
 @dataclass(frozen=True)
@@ -113,8 +114,9 @@ class Bench:
     def log(self, text: str) -> None:
         print(f"[{self.elapsed():6.1f}s] {text}", flush=True)
 
-    def time_variant(self, variant: str, setting: Setting, step: Callable[[], object], flops: float,
-                     extra_peak: int = 0, **info: Any) -> dict[str, Any] | None:
+    def time_variant(
+        self, variant: str, setting: Setting, step: Callable[[], object], flops: float, extra_peak: int = 0, **info: Any
+    ) -> dict[str, Any] | None:
         """Warm up once, time `steps` steps; record s/step, TFLOP/s and peak memory."""
         if self.elapsed() > self.args.budget_s:
             self.notes.append(f"{variant} @ {setting.name}: skipped, time budget of {self.args.budget_s:.0f}s spent")
@@ -147,10 +149,16 @@ class Bench:
             "projected_peak_bytes": None if peak is None else peak + extra_peak, **info,
         }  # fmt: skip
         self.results.append(row)
-        mem = "" if peak is None else f", peak {peak / 1e9:.2f} GB" + (
-            f" (projected to 60 blocks {(peak + extra_peak) / 1e9:.2f} GB)" if extra_peak else "")
-        self.log(f"{variant:18s} {setting.name:9s} {dt * self.scale:7.3f} s/step (60 blocks), "
-                 f"{row['tflops']:7.1f} TFLOP/s{mem}")
+        mem = (
+            ""
+            if peak is None
+            else f", peak {peak / 1e9:.2f} GB"
+            + (f" (projected to 60 blocks {(peak + extra_peak) / 1e9:.2f} GB)" if extra_peak else "")
+        )
+        self.log(
+            f"{variant:18s} {setting.name:9s} {dt * self.scale:7.3f} s/step (60 blocks), "
+            f"{row['tflops']:7.1f} TFLOP/s{mem}"
+        )
         return row
 
 
@@ -205,18 +213,23 @@ def make_inputs(b: Bench, s: Setting) -> dict[str, Any]:
         return torch.randn(*shape, generator=gen, device=b.device, dtype=torch.float32).to(b.dtype)
 
     return {
-        "x": rnd(1, s.img_tokens, b.cfg.in_channels), "pos": rnd(1, s.text, b.cfg.joint_attention_dim),
-        "neg": rnd(1, s.neg_text, b.cfg.joint_attention_dim), "sigma": torch.tensor([0.75], device=b.device),
-        "shapes": [(1, hp, wp)] * (s.layers + 2), "t_cond": torch.zeros(1, dtype=torch.long, device=b.device),
+        "x": rnd(1, s.img_tokens, b.cfg.in_channels),
+        "pos": rnd(1, s.text, b.cfg.joint_attention_dim),
+        "neg": rnd(1, s.neg_text, b.cfg.joint_attention_dim),
+        "sigma": torch.tensor([0.75], device=b.device),
+        "shapes": [(1, hp, wp)] * (s.layers + 2),
+        "t_cond": torch.zeros(1, dtype=torch.long, device=b.device),
     }
 
 
 def ours_step(model: torch.nn.Module, inp: dict[str, Any], batched: bool) -> Callable[[], object]:
     """One denoising step's transformer work with true CFG: two forwards, or one batch-2 forward."""
     if not batched:
+
         def step() -> object:
             model(inp["x"], inp["pos"], None, inp["sigma"], inp["shapes"], inp["t_cond"])
             return model(inp["x"], inp["neg"], None, inp["sigma"], inp["shapes"], inp["t_cond"])
+
         return step
     pos, neg = inp["pos"], inp["neg"]
     length = max(pos.shape[1], neg.shape[1])
@@ -230,6 +243,7 @@ def ours_step(model: torch.nn.Module, inp: dict[str, Any], batched: bool) -> Cal
 
     def step2() -> object:
         return model(x2, txt, mask, inp["sigma"].expand(2), inp["shapes"], t2)
+
     return step2
 
 
@@ -238,12 +252,20 @@ def diffusers_step(ref: torch.nn.Module, inp: dict[str, Any]) -> Callable[[], ob
     shapes = [inp["shapes"]]
 
     def call(txt: torch.Tensor) -> torch.Tensor:
-        return ref(hidden_states=inp["x"], encoder_hidden_states=txt, encoder_hidden_states_mask=None,
-                   timestep=inp["sigma"], img_shapes=shapes, additional_t_cond=inp["t_cond"], return_dict=False)[0]
+        return ref(
+            hidden_states=inp["x"],
+            encoder_hidden_states=txt,
+            encoder_hidden_states_mask=None,
+            timestep=inp["sigma"],
+            img_shapes=shapes,
+            additional_t_cond=inp["t_cond"],
+            return_dict=False,
+        )[0]
 
     def step() -> object:
         call(inp["pos"])
         return call(inp["neg"])
+
     return step
 
 
@@ -279,12 +301,22 @@ def run_vae(b: Bench, s: Setting) -> dict[str, Any]:
         b.sync()
         t2 = time.perf_counter()
     peak = torch.cuda.max_memory_allocated() if b.device.type == "cuda" else None
-    row = {"setting": s.name, "encode_s": t1 - t0, "decode_per_layer_s": (t2 - t1) / s.layers,
-           "total_s": (t2 - t0), "peak_bytes": peak,
-           "model_decode_bytes": mp.estimate_vae_decode_bytes(s.width, s.height, dtype=b.dtype)}
-    b.log(f"VAE {s.name}: encode {row['encode_s']:.3f} s, decode {row['decode_per_layer_s']:.3f} s/layer"
-          + ("" if peak is None else f", peak {peak / 1e9:.2f} GB (model estimate "
-             f"{row['model_decode_bytes'] / 1e9:.2f} GB + weights)"))
+    row = {
+        "setting": s.name,
+        "encode_s": t1 - t0,
+        "decode_per_layer_s": (t2 - t1) / s.layers,
+        "total_s": (t2 - t0),
+        "peak_bytes": peak,
+        "model_decode_bytes": mp.estimate_vae_decode_bytes(s.width, s.height, dtype=b.dtype),
+    }
+    b.log(
+        f"VAE {s.name}: encode {row['encode_s']:.3f} s, decode {row['decode_per_layer_s']:.3f} s/layer"
+        + (
+            ""
+            if peak is None
+            else f", peak {peak / 1e9:.2f} GB (model estimate {row['model_decode_bytes'] / 1e9:.2f} GB + weights)"
+        )
+    )
     del vae
     return row
 
@@ -298,8 +330,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--text", type=int, default=150, help="positive prompt tokens")
     parser.add_argument("--neg-text", type=int, default=150, help="negative prompt tokens")
     parser.add_argument("--attention", default="auto", help="our attention backend (speed.BACKENDS)")
-    parser.add_argument("--sdpa", default="default", choices=["default", "cudnn", "flash", "efficient"],
-                        help="SDPA kernel priority for both models")
+    parser.add_argument(
+        "--sdpa",
+        default="default",
+        choices=["default", "cudnn", "flash", "efficient"],
+        help="SDPA kernel priority for both models",
+    )
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd blocks (bf16)")
     parser.add_argument("--no-diffusers", action="store_true")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip variants starting after this")
@@ -314,8 +350,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     b = Bench(args)
     if args.dry_run:
         b.notes.append("dry run: tiny model on the CPU; TFLOP/s use the real model's cost model and mean nothing")
-    settings = [Setting("640/N4", 640, 640, 4, args.text, args.neg_text),
-                Setting("1024/N8", 1024, 1024, 8, args.text, args.neg_text)]
+    settings = [
+        Setting("640/N4", 640, 640, 4, args.text, args.neg_text),
+        Setting("1024/N8", 1024, 1024, 8, args.text, args.neg_text),
+    ]
     if args.dry_run:
         settings = [Setting("64/N2", 64, 64, 2, 16, 16), Setting("96/N3", 96, 96, 3, 16, 12)]
     if args.quick:
@@ -337,27 +375,47 @@ def _sdpa_context(choice: str):  # -> AbstractContextManager
         return contextlib.nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    first = {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION}[choice]
-    order = [first] + [k for k in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                                   SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH) if k != first]
+    first = {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    }[choice]
+    order = [first] + [
+        k
+        for k in (
+            SDPBackend.CUDNN_ATTENTION,
+            SDPBackend.FLASH_ATTENTION,
+            SDPBackend.EFFICIENT_ATTENTION,
+            SDPBackend.MATH,
+        )
+        if k != first
+    ]
     return sdpa_kernel(order, set_priority=True)
 
 
 def _run(b: Bench, settings: list[Setting]) -> dict[str, Any]:
     args = b.args
-    env = {"torch": torch.__version__, "python": platform.python_version(), "device": str(b.device),
-           "cuda": torch.version.cuda, "gpu": torch.cuda.get_device_name() if b.device.type == "cuda" else None,
-           "capability": torch.cuda.get_device_capability() if b.device.type == "cuda" else None}
-    b.log(f"env {env}; {b.blocks} blocks x width {b.cfg.inner_dim}; settings "
-          + ", ".join(f"{s.name} ({s.img_tokens}+{s.text}/{s.neg_text} tokens)" for s in settings))
+    env = {
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": str(b.device),
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if b.device.type == "cuda" else None,
+        "capability": torch.cuda.get_device_capability() if b.device.type == "cuda" else None,
+    }
+    b.log(
+        f"env {env}; {b.blocks} blocks x width {b.cfg.inner_dim}; settings "
+        + ", ".join(f"{s.name} ({s.img_tokens}+{s.text}/{s.neg_text} tokens)" for s in settings)
+    )
     ours = build_ours(b)
     weights = mp.module_bytes(ours)
     block_bytes = mp.module_bytes(ours.transformer_blocks[0])
     missing = (REAL_BLOCKS - b.blocks) * block_bytes if not b.dry else 0
     args.attention_resolved = speed.set_attention_backend(ours, args.attention)
-    b.log(f"ours built: {weights / 1e9:.2f} GB bf16 ({block_bytes / 1e6:.0f} MB per block), "
-          f"attention {args.attention_resolved}")
+    b.log(
+        f"ours built: {weights / 1e9:.2f} GB bf16 ({block_bytes / 1e6:.0f} MB per block), "
+        f"attention {args.attention_resolved}"
+    )
     inputs = {s.name: make_inputs(b, s) for s in settings}
 
     # --- bf16: ours, ours batched, diffusers on the same tensors ---------------------------------------------
@@ -372,8 +430,10 @@ def _run(b: Bench, settings: list[Setting]) -> dict[str, Any]:
             act = rows[0]["peak_bytes"] - rows[0]["resident_bytes"]
             rows[0]["activation_bytes_per_token"] = act / tokens
             rows[0]["model_activation_bytes"] = mp.estimate_activation_bytes(tokens, width=b.cfg.inner_dim)
-            b.log(f"  measured working memory {act / tokens / 1e3:.1f} KB/token "
-                  f"(memory_plan assumes {rows[0]['model_activation_bytes'] / tokens / 1e3:.1f} KB/token)")
+            b.log(
+                f"  measured working memory {act / tokens / 1e3:.1f} KB/token "
+                f"(memory_plan assumes {rows[0]['model_activation_bytes'] / tokens / 1e3:.1f} KB/token)"
+            )
     if args.compile:
         speed.compile_blocks(ours)
         for s in settings:
@@ -439,8 +499,10 @@ def _kitchen_variant(b: Bench, fmt: str, settings: list[Setting], inputs: dict[s
     layers = [m for m in ours.modules() if isinstance(m, QuantLinear)]
     fast = sum(m.kernel == "comfy-kitchen" for m in layers)
     if fast < len(layers):
-        b.notes.append(f"{name}: {len(layers) - fast} of {len(layers)} layers ran the portable path (comfy-kitchen "
-                       "missing or its kernel unsupported here)")
+        b.notes.append(
+            f"{name}: {len(layers) - fast} of {len(layers)} layers ran the portable path (comfy-kitchen "
+            "missing or its kernel unsupported here)"
+        )
     for s in settings:
         b.time_variant(name, s, ours_step(ours, inputs[s.name], False), cfg_flops(b, s), missing)
     b.log(f"{fmt} (comfy-kitchen) velocity error vs bf16: {b.accuracy[f'{fmt}_ck_vs_bf16_rel_l2']:.3%}")
@@ -465,8 +527,15 @@ def _block_swap(b: Bench, ours: torch.nn.Module, s: Setting, inp: dict[str, Any]
         k_full = k = b.blocks // 2  # the tiny model fits anywhere: stream half of it to exercise the hooks
     placement = BlockSwapPlacement(b.device, k, prefetch=True, keep_resident=False)
     with placement.use("transformer", ours) as dit:
-        row = b.time_variant("ours-fp8-swap", s, ours_step(dit, inp, False), cfg_flops(b, s),
-                             (k_full - k) * block, resident_blocks=k_full, plan_peak_bytes=plan.peak_bytes)
+        row = b.time_variant(
+            "ours-fp8-swap",
+            s,
+            ours_step(dit, inp, False),
+            cfg_flops(b, s),
+            (k_full - k) * block,
+            resident_blocks=k_full,
+            plan_peak_bytes=plan.peak_bytes,
+        )
     placement.release("transformer", ours)
     placement.unload()
     if row is not None:
@@ -480,12 +549,16 @@ def _report(b: Bench, env: dict, settings: list[Setting], vae: list[dict]) -> di
     for s in settings:
         ours, ref = by.get(("ours-bf16", s.name)), by.get(("diffusers-bf16", s.name))
         if ours and ref:
-            ratios[s.name] = {"time_ours_over_diffusers": ours["s_per_step"] / ref["s_per_step"],
-                              "speedup_vs_diffusers": ref["s_per_step"] / ours["s_per_step"]}
+            ratios[s.name] = {
+                "time_ours_over_diffusers": ours["s_per_step"] / ref["s_per_step"],
+                "speedup_vs_diffusers": ref["s_per_step"] / ours["s_per_step"],
+            }
             if ours["peak_bytes"] and ref["peak_bytes"]:
                 ratios[s.name]["peak_ours_over_diffusers"] = ours["peak_bytes"] / ref["peak_bytes"]
-            fastest = min((r for r in b.results if r["setting"] == s.name and r["variant"].startswith("ours-bf16")),
-                          key=lambda r: r["s_per_step"])
+            fastest = min(
+                (r for r in b.results if r["setting"] == s.name and r["variant"].startswith("ours-bf16")),
+                key=lambda r: r["s_per_step"],
+            )
             ratios[s.name]["best_bf16_variant"] = fastest["variant"]
             ratios[s.name]["best_bf16_speedup_vs_diffusers"] = ref["s_per_step"] / fastest["s_per_step"]
         v = next((x for x in vae if x["setting"] == s.name), None)
@@ -506,17 +579,22 @@ def _report(b: Bench, env: dict, settings: list[Setting], vae: list[dict]) -> di
     for s in settings:
         if "best_bf16_speedup_vs_diffusers" in ratios.get(s.name, {}):
             checks[f"{ratios[s.name]['best_bf16_variant']} >= 1.5x diffusers @ {s.name}"] = (
-                ratios[s.name]["best_bf16_speedup_vs_diffusers"] >= 1.5)
+                ratios[s.name]["best_bf16_speedup_vs_diffusers"] >= 1.5
+            )
     print("\n=== summary ===")
     for s in settings:
         for r in [r for r in b.results if r["setting"] == s.name]:
             peak = "" if r["projected_peak_bytes"] is None else f"  peak {r['projected_peak_bytes'] / 1e9:6.2f} GB"
             total = projections[f"{r['variant']} @ {s.name}"]
-            print(f"{s.name:8s} {r['variant']:18s} {r['s_per_step_60']:7.3f} s/step  {r['tflops']:7.1f} TFLOP/s"
-                  f"{peak}  50 steps + VAE: {total:.1f} s")
+            print(
+                f"{s.name:8s} {r['variant']:18s} {r['s_per_step_60']:7.3f} s/step  {r['tflops']:7.1f} TFLOP/s"
+                f"{peak}  50 steps + VAE: {total:.1f} s"
+            )
         if s.name in ratios:
-            print(f"{s.name:8s} ours/diffusers: " + ", ".join(
-                f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in ratios[s.name].items()))
+            print(
+                f"{s.name:8s} ours/diffusers: "
+                + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in ratios[s.name].items())
+            )
     for k, v in b.accuracy.items():
         print(f"accuracy {k}: {v:.3e}")
     for k, v in checks.items():
@@ -524,10 +602,19 @@ def _report(b: Bench, env: dict, settings: list[Setting], vae: list[dict]) -> di
     for n in b.notes:
         print(f"note: {n}")
     print(f"total {b.elapsed():.1f} s")
-    return {"env": env, "args": {k: v for k, v in vars(b.args).items() if k != "out"},
-            "settings": [s.__dict__ | {"img_tokens": s.img_tokens} for s in settings], "results": b.results,
-            "ratios": ratios, "projections_50_steps_s": projections, "vae": vae, "accuracy": b.accuracy,
-            "targets": checks, "notes": b.notes, "elapsed_s": b.elapsed()}
+    return {
+        "env": env,
+        "args": {k: v for k, v in vars(b.args).items() if k != "out"},
+        "settings": [s.__dict__ | {"img_tokens": s.img_tokens} for s in settings],
+        "results": b.results,
+        "ratios": ratios,
+        "projections_50_steps_s": projections,
+        "vae": vae,
+        "accuracy": b.accuracy,
+        "targets": checks,
+        "notes": b.notes,
+        "elapsed_s": b.elapsed(),
+    }
 
 
 if __name__ == "__main__":

@@ -51,8 +51,12 @@ def available_attention_backends() -> list[str]:
 
 def _fast_path(q: Tensor, key_mask: Tensor | None) -> bool:
     """Whether the packaged kernels apply: CUDA, half precision, no key mask, head dim a multiple of 8 up to 256."""
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and key_mask is None and (
-        q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and key_mask is None
+        and (q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
+    )
 
 
 def attention_function(name: str = "auto") -> tuple[str, AttentionFn]:

@@ -7,7 +7,8 @@
 - `stack_nodes.py`: delete, duplicate, merge down, move, drop empty, layer properties.
 - `convert_nodes.py`: IMAGE + MASK batches <-> LAYERS.
 - `io_nodes.py`: Save PSD, Load PSD, Save Layer PNGs, Preview Layers.
-- `common.py`: helpers the families share. `host.py`: the one module that touches ComfyUI.
+- `common.py`: helpers the families share. `widgets.py`: widgets generated from the library's options.
+- `host.py`: the one module that touches ComfyUI.
 
 Node ids are stored in users' saved workflows: they are a public contract, prefixed `QIL`, never renamed.
 """
@@ -16,10 +17,29 @@ from __future__ import annotations
 
 from types import ModuleType
 
-from . import caption_nodes, convert_nodes, io_nodes, layer_nodes, model_nodes, sample_nodes, stack_nodes
+from . import (
+    caption_nodes,
+    convert_nodes,
+    io_nodes,
+    layer_nodes,
+    lora_nodes,
+    model_nodes,
+    replace_nodes,
+    sample_nodes,
+    stack_nodes,
+)
 
-_FAMILIES: tuple[ModuleType, ...] = (model_nodes, sample_nodes, caption_nodes, convert_nodes, layer_nodes, stack_nodes,
-                                      io_nodes)
+_FAMILIES: tuple[ModuleType, ...] = (
+    model_nodes,
+    lora_nodes,
+    sample_nodes,
+    caption_nodes,
+    convert_nodes,
+    layer_nodes,
+    stack_nodes,
+    io_nodes,
+    replace_nodes,
+)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..qil_core.model.pipeline.options import DecomposeOptions
 from .common import CATEGORY, image_batch, integer
-from .model_runtime import MODEL_TYPE, run_placement
-from .sample_inputs import check_counts, parse_resolution, size_inputs
+from .model_runtime import MODEL_TYPE, check_model, run_placement
+from .sample_inputs import SIZE
+from .widgets import options_from_widgets, widgets
 
 
 class QILCaptionImage:
@@ -40,7 +42,7 @@ class QILCaptionImage:
                     "INT",
                     {"default": 512, "min": 1, "max": 4096, "tooltip": "Most tokens to write (512 as the reference)."},
                 ),
-                **size_inputs(),  # as Decompose Image's: the same resize gives the caption it would write
+                **widgets(DecomposeOptions, SIZE),  # as Decompose Image's: the same resize, the caption it would write
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
@@ -57,14 +59,20 @@ class QILCaptionImage:
     ) -> dict[str, Any]:
         from ..qil_core.model.pipeline.auto_caption import caption_inputs_at
 
-        handle, _, _ = check_counts(model, 1, 1)
+        handle = check_model(model)
         img = image_batch(image)
         tokens = integer("max_new_tokens", max_new_tokens, 1, 4096)
-        res = parse_resolution(resolution)
-        side = max_side if res == "custom" else None
+        size = options_from_widgets(DecomposeOptions, {"resolution": resolution, "max_side": max_side})
+        side = size.max_side if size.resolution == "custom" else None
         with run_placement(handle, int(img.shape[2]), int(img.shape[1]), 1) as pl:
             captions = caption_inputs_at(
-                handle.model, pl, img, resolution=res, max_side=side, language=language, max_new_tokens=tokens
+                handle.model,
+                pl,
+                img,
+                resolution=size.resolution,
+                max_side=side,
+                language=language,
+                max_new_tokens=tokens,
             )
         text = "\n\n".join(captions)
         return {"ui": {"text": [text]}, "result": (text,)}

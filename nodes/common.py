@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 import torch
 
+from ..qil_core.checks import check_int, check_number
 from ..qil_core.errors import InputError
 from ..qil_core.layers import LayerStack
 from ..qil_core.layers.document import stack_from_document, stack_to_document
@@ -26,30 +26,21 @@ SELECT_TIP = (
 
 
 def number(name: str, value: Any, lo: float | None = None, hi: float | None = None) -> float:
-    """`value` as a finite float within lo..hi, else InputError naming the input (linked values skip widget limits)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-        raise InputError(f"input {name!r} must be a number, got {type(value).__name__} {value!r}")
-    v = float(value)
-    if not math.isfinite(v):
-        raise InputError(f"input {name!r} must be a finite number, got {value!r}; check the node linked to it")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise InputError(f"input {name!r} must be in {lo:g}..{hi:g}, got {v:g}")
-    return v
+    """`value` as a finite float within lo..hi, else InputError naming the widget (linked values skip its limits)."""
+    return check_number(f"input {name!r}", value, lo, hi)
 
 
 def integer(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """`value` as an int within lo..hi (an integral float is accepted), else InputError naming the input."""
-    v = number(name, value, lo, hi)
-    if v != int(v):
-        raise InputError(f"input {name!r} must be a whole number, got {value!r}")
-    return int(v)
+    """`value` as an int within lo..hi (a whole float is accepted), else InputError naming the widget."""
+    return check_int(f"input {name!r}", value, lo, hi, allow_float=True)
 
 
 def to_stack(layers: Any, name: str = "layers") -> LayerStack:
     """Convert an incoming LAYERS document to a LayerStack, with a clear error when nothing is connected."""
     if layers is None:
-        raise InputError(f"input {name!r} is empty: connect a LAYERS output (Decompose Image, Images to Layers, "
-                         "Load PSD)")
+        raise InputError(
+            f"input {name!r} is empty: connect a LAYERS output (Decompose Image, Images to Layers, Load PSD)"
+        )
     if isinstance(layers, LayerStack):
         return layers
     return stack_from_document(layers)
@@ -64,6 +55,22 @@ def to_document(stack: LayerStack) -> dict:
             if isinstance(item.get(key), torch.Tensor):
                 item[key] = item[key].to(device)
     return doc
+
+
+def layers_input() -> tuple[str, dict[str, Any]]:
+    """The LAYERS input of the nodes that take a layer document."""
+    return ("LAYERS", {"tooltip": LAYERS_TIP})
+
+
+def layer_choice(default: str) -> tuple[str, dict[str, Any]]:
+    """The 'layer' selection widget (see SELECT_TIP), read by `selected`."""
+    return ("STRING", {"default": default, "tooltip": SELECT_TIP})
+
+
+def selected(layers: Any, layer: str) -> tuple[LayerStack, list[int]]:
+    """The incoming LAYERS document as a LayerStack and the indices its 'layer' selection chooses."""
+    stack = to_stack(layers)
+    return stack, select(stack, layer)
 
 
 def select(stack: LayerStack, spec: str, name: str = "layer") -> list[int]:

@@ -6,7 +6,7 @@ from typing import Any
 
 from ..qil_core.errors import InputError
 from ..qil_core.layers import stack_from_images, stack_to_images
-from .common import CATEGORY_LAYERS, LAYERS_TIP, image_batch, mask_batch, to_document, to_output, to_stack
+from .common import CATEGORY_LAYERS, image_batch, layers_input, mask_batch, to_document, to_output, to_stack
 
 
 def split_names(text: str) -> list[str] | None:
@@ -39,11 +39,19 @@ class QILImagesToLayers:
                 "image": ("IMAGE", {"tooltip": "Images, one layer per batch item (item 0 = bottom). RGB or RGBA."}),
             },
             "optional": {
-                "mask": ("MASK", {"tooltip": "Transparency, 1 = transparent (LoadImage's MASK). Batch of 1 or "
-                                             "one per image."}),
-                "names": ("STRING", {"default": "", "multiline": True,
-                                     "tooltip": "Layer names bottom first, one per line (or comma-separated). "
-                                                "Empty: 'Layer 1', 'Layer 2', ..."}),
+                "mask": (
+                    "MASK",
+                    {"tooltip": "Transparency, 1 = transparent (LoadImage's MASK). Batch of 1 or one per image."},
+                ),
+                "names": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "multiline": True,
+                        "tooltip": "Layer names bottom first, one per line (or comma-separated). "
+                        "Empty: 'Layer 1', 'Layer 2', ...",
+                    },
+                ),
             },
         }
 
@@ -53,8 +61,10 @@ class QILImagesToLayers:
         n = max(batch.shape[0], masks.shape[0] if masks is not None else 0)
         wanted = split_names(names)
         if wanted is not None and len(wanted) != n:
-            raise InputError(f"input 'names' lists {len(wanted)} names for {n} layers; give one name per layer, "
-                             "bottom first, or leave it empty")
+            raise InputError(
+                f"input 'names' lists {len(wanted)} names for {n} layers; give one name per layer, "
+                "bottom first, or leave it empty"
+            )
         return (to_document(stack_from_images(batch, masks, names=wanted)),)
 
 
@@ -77,10 +87,15 @@ class QILLayersToImages:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "full_canvas": ("BOOLEAN", {"default": True,
-                                            "tooltip": "On: frames are the canvas size. Off: frames cover all "
-                                                       "layers, including parts moved off the canvas."}),
+                "layers": layers_input(),
+                "full_canvas": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "On: frames are the canvas size. Off: frames cover all "
+                        "layers, including parts moved off the canvas.",
+                    },
+                ),
             },
         }
 

@@ -26,7 +26,7 @@ from ..qil_core.fsutil import ensure_inside, name_problem, next_counter, publish
 
 log = logging.getLogger(__name__)
 
-MODEL_KINDS: tuple[str, ...] = ("diffusion_models", "vae", "text_encoders", "diffusers")
+MODEL_KINDS: tuple[str, ...] = ("diffusion_models", "vae", "text_encoders", "diffusers", "loras")
 # Legacy folder names ComfyUI still searches for the same kinds.
 _LEGACY_FOLDERS = {"diffusion_models": ("unet",), "text_encoders": ("clip",)}
 WEIGHT_SUFFIXES = (".safetensors", ".sft")
@@ -142,9 +142,16 @@ class SavedFile:
 def expand_prefix(prefix: str, width: int = 0, height: int = 0) -> str:
     """Expand ComfyUI's %width% %height% %year% %month% %day% %hour% %minute% %second% variables."""
     now = time.localtime()
-    values = {"width": width, "height": height, "year": now.tm_year, "month": f"{now.tm_mon:02}",
-              "day": f"{now.tm_mday:02}", "hour": f"{now.tm_hour:02}", "minute": f"{now.tm_min:02}",
-              "second": f"{now.tm_sec:02}"}
+    values = {
+        "width": width,
+        "height": height,
+        "year": now.tm_year,
+        "month": f"{now.tm_mon:02}",
+        "day": f"{now.tm_mday:02}",
+        "hour": f"{now.tm_hour:02}",
+        "minute": f"{now.tm_min:02}",
+        "second": f"{now.tm_sec:02}",
+    }
     for key, value in values.items():
         prefix = prefix.replace(f"%{key}%", str(value))
     return prefix
@@ -163,8 +170,11 @@ def check_prefix(prefix: str) -> tuple[str, str]:
         raise OutputPathError(f"filename_prefix {shown} is an absolute path; files stay in the output folder, {hint}")
     parts = [p for p in norm.split("/") if p]
     for part in parts:
-        why = "'.' and '..' are not allowed (files must stay inside the output folder)" if part in (".", "..") \
-            else name_problem(part)  # the same rules as every file the library writes
+        why = (
+            "'.' and '..' are not allowed (files must stay inside the output folder)"
+            if part in (".", "..")
+            else name_problem(part)
+        )  # the same rules as every file the library writes
         if why:
             raise OutputPathError(f"filename_prefix {shown} rejected: {part[:40]!r}: {why}; {hint}")
     return "/".join(parts[:-1]), parts[-1]
@@ -200,8 +210,9 @@ def _plan(prefix: str, width: int, height: int, temp: bool) -> tuple[Path, str, 
             folder.mkdir(parents=True, exist_ok=True)
             counter = next_counter(folder, base)
     except OSError as e:  # a path part is a file, read-only or full disk, no permission
-        raise OutputPathError(f"cannot create or list the folder {folder} for {prefix!r}: {e.strerror or e}; "
-                              "check the output folder") from e
+        raise OutputPathError(
+            f"cannot create or list the folder {folder} for {prefix!r}: {e.strerror or e}; check the output folder"
+        ) from e
     if not folder.is_dir() or not _inside(folder, root):
         raise OutputPathError(f"cannot save into {folder}: not a folder inside {root}")
     return folder, base, int(counter), subfolder.replace("\\", "/"), "temp" if temp else "output"
@@ -263,8 +274,15 @@ class ProgressReporter:
             self._logged = tenth
             spent = time.monotonic() - self._start
             eta = spent / step * (self.total - step) if step else float("nan")
-            log.info("%s: %d/%d (%.0f%%) %.1fs elapsed, ETA %.1fs", self.label, step, self.total,
-                     100 * step / self.total, spent, eta)
+            log.info(
+                "%s: %d/%d (%.0f%%) %.1fs elapsed, ETA %.1fs",
+                self.label,
+                step,
+                self.total,
+                100 * step / self.total,
+                spent,
+                eta,
+            )
 
 
 def check_interrupt() -> None:
@@ -291,13 +309,9 @@ def get_torch_device() -> Any:
     mm = _host("comfy.model_management")
     if mm is not None:
         return mm.get_torch_device()
-    import torch
+    from ..qil_core.model.policy import best_device  # the CLI's choice too
 
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    return best_device()
 
 
 def intermediate_device() -> Any:

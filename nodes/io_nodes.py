@@ -19,7 +19,7 @@ from ..qil_core.layers import alpha_to_mask, composite, stack_to_images
 from ..qil_core.layers.export import export_pngs, export_zip, layer_file_names, quantize_rgba8
 from ..qil_core.layers.psd import load_psd, write_psd
 from . import host
-from .common import CATEGORY_IO, LAYERS_TIP, checkerboard, to_document, to_output, to_stack
+from .common import CATEGORY_IO, checkerboard, layers_input, to_document, to_output, to_stack
 
 PSD_SUFFIXES = (".psd", ".psb")
 DEPTHS = {"8-bit": 8, "16-bit": 16}
@@ -27,8 +27,9 @@ PREVIEW_SIDE = 1024  # temp previews are shrunk to this; saved files keep full s
 GROUP_CHOICES = {"keep children": "keep", "flatten": "flatten"}  # Load PSD's 'groups' -> the reader's option
 
 
-def _png_writer(rgba: np.ndarray, info: PngInfo | None = None, level: int = 4,
-                max_side: int | None = None) -> Callable[[Path], None]:
+def _png_writer(
+    rgba: np.ndarray, info: PngInfo | None = None, level: int = 4, max_side: int | None = None
+) -> Callable[[Path], None]:
     """A writer for host.save_files: (H, W, 3|4) float 0..1 -> 8-bit PNG (RGB under alpha 0 zeroed)."""
 
     def write(path: Path) -> None:
@@ -51,6 +52,11 @@ def _metadata(prompt: Any, extra_pnginfo: Any) -> PngInfo | None:
     for key, value in (extra_pnginfo or {}).items():
         info.add_text(key, json.dumps(value))
     return info
+
+
+def _prefix_input(tip: str) -> tuple[str, dict[str, Any]]:
+    """The saving nodes' 'filename_prefix' widget."""
+    return ("STRING", {"default": "QwenLayered/layers", "tooltip": tip})
 
 
 def _preview_prefix() -> str:
@@ -79,22 +85,37 @@ class QILSavePSD:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "filename_prefix": ("STRING", {"default": "QwenLayered/layers", "tooltip": "File name start, "
-                                               "relative to the output folder; may contain subfolders and "
-                                               "%width% %height% %year% %month% %day%."}),
+                "layers": layers_input(),
+                "filename_prefix": _prefix_input(
+                    "File name start, relative to the output folder; may contain "
+                    "subfolders and %width% %height% %year% %month% %day%."
+                ),
             },
             "optional": {
-                "also_composite_png": ("BOOLEAN", {"default": True, "tooltip": "Also save the flattened picture "
-                                                   "as <prefix>_00001_.png."}),
-                "depth": (list(DEPTHS), {"default": "8-bit", "tooltip": "Bits per channel. 8-bit opens "
-                                         "everywhere; 16-bit embeds an sRGB profile."}),
+                "also_composite_png": (
+                    "BOOLEAN",
+                    {"default": True, "tooltip": "Also save the flattened picture as <prefix>_00001_.png."},
+                ),
+                "depth": (
+                    list(DEPTHS),
+                    {
+                        "default": "8-bit",
+                        "tooltip": "Bits per channel. 8-bit opens everywhere; 16-bit embeds an sRGB profile.",
+                    },
+                ),
             },
             "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
         }
 
-    def save(self, layers: Any, filename_prefix: str, also_composite_png: bool = True, depth: str = "8-bit",
-             prompt: Any = None, extra_pnginfo: Any = None) -> dict[str, Any]:
+    def save(
+        self,
+        layers: Any,
+        filename_prefix: str,
+        also_composite_png: bool = True,
+        depth: str = "8-bit",
+        prompt: Any = None,
+        extra_pnginfo: Any = None,
+    ) -> dict[str, Any]:
         if depth not in DEPTHS:
             raise InputError(f"input 'depth' must be one of {', '.join(DEPTHS)}, got {depth!r}")
         stack = to_stack(layers)
@@ -110,8 +131,9 @@ class QILSavePSD:
         if also_composite_png:
             shown = files[1]
         else:
-            shown = host.save_files(_preview_prefix(), [(".png", _png_writer(merged, level=1,
-                                                                             max_side=PREVIEW_SIDE))], temp=True)[0]
+            shown = host.save_files(
+                _preview_prefix(), [(".png", _png_writer(merged, level=1, max_side=PREVIEW_SIDE))], temp=True
+            )[0]
         # "images" must list image files (the frontend loads each one); the PSD goes under its own key, which
         # the frontend keeps in the history without trying to display it (like core's SaveLatent "latents").
         return {"ui": {"images": [shown.ui()], "psd": [files[0].ui()]}, "result": (str(files[0].path),)}
@@ -136,13 +158,20 @@ class QILSaveLayerPNGs:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "filename_prefix": ("STRING", {"default": "QwenLayered/layers", "tooltip": "Folder name start, "
-                                               "relative to the output folder (subfolders allowed)."}),
+                "layers": layers_input(),
+                "filename_prefix": _prefix_input(
+                    "Folder name start, relative to the output folder (subfolders allowed)."
+                ),
             },
             "optional": {
-                "full_canvas": ("BOOLEAN", {"default": True, "tooltip": "On: every PNG is the canvas size with "
-                                            "the layer at its place. Off: each PNG is cropped to its layer."}),
+                "full_canvas": (
+                    "BOOLEAN",
+                    {
+                        "default": True,
+                        "tooltip": "On: every PNG is the canvas size with "
+                        "the layer at its place. Off: each PNG is cropped to its layer.",
+                    },
+                ),
                 "zip": ("BOOLEAN", {"default": False, "tooltip": "Also write a ZIP of the PNGs."}),
             },
         }
@@ -152,7 +181,8 @@ class QILSaveLayerPNGs:
         if not stack.layers:
             raise InputError("input 'layers' has no layers; nothing to save")
         writers: list[tuple[str, Callable[[Path], Any]]] = [
-            ("", lambda p: export_pngs(stack, p, full_canvas=bool(full_canvas)))]
+            ("", lambda p: export_pngs(stack, p, full_canvas=bool(full_canvas)))
+        ]
         if zip:
             writers.append((".zip", lambda p: export_zip(stack, p, full_canvas=bool(full_canvas))))
         files = host.save_files(str(filename_prefix), writers, stack.width, stack.height)
@@ -171,8 +201,11 @@ def _input_psds() -> list[str]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         rel = Path(dirpath).relative_to(root)
-        found += [(rel / f).as_posix().removeprefix("./") for f in filenames
-                  if f.lower().endswith(PSD_SUFFIXES) and not f.startswith(".")]
+        found += [
+            (rel / f).as_posix().removeprefix("./")
+            for f in filenames
+            if f.lower().endswith(PSD_SUFFIXES) and not f.startswith(".")
+        ]
     return sorted(found, key=str.lower)
 
 
@@ -181,15 +214,18 @@ def resolve_psd(psd: str, path: str = "") -> Path:
     text = str(path or "").strip()
     for label, value in (("path", text), ("psd", str(psd or ""))):
         if "\x00" in value:
-            raise InputError(f"input {label!r} {value!r} contains a NUL character, which no file name can hold; "
-                             "retype the path")
+            raise InputError(
+                f"input {label!r} {value!r} contains a NUL character, which no file name can hold; retype the path"
+            )
     if text:
         roots = [host.get_input_directory(), host.get_output_directory(), host.get_temp_directory()]
         candidate = Path(text) if Path(text).is_absolute() else roots[0] / text
         real = os.path.realpath(candidate)
         if not any(os.path.commonpath([real, os.path.realpath(r)]) == os.path.realpath(r) for r in roots):
-            raise InputError(f"input 'path' {text!r} is outside ComfyUI's input, output and temp folders; copy "
-                             "the file into the input folder")
+            raise InputError(
+                f"input 'path' {text!r} is outside ComfyUI's input, output and temp folders; copy "
+                "the file into the input folder"
+            )
         file = Path(real)
     else:
         name = str(psd or "")
@@ -229,19 +265,36 @@ class QILLoadPSD:
                 "psd": (_input_psds(), {"tooltip": "A .psd or .psb file in ComfyUI's input folder."}),
             },
             "optional": {
-                "path": ("STRING", {"default": "", "tooltip": "Optional: a PSD path inside the input, output or "
-                                    "temp folder (absolute, or relative to input); overrides 'psd'."}),
-                "groups": (list(GROUP_CHOICES), {"default": "keep children", "tooltip": "keep children: the "
-                           "layers of pass-through groups stay layers; a group with its own blend mode, opacity "
-                           "or mask becomes one layer (that is how it looks). flatten: every group is one layer."}),
-                "use_merged": ("BOOLEAN", {"default": False, "tooltip": "Output Photoshop's stored merged image "
-                               "as 'composite' instead of compositing the layers: use it when the node warns about "
-                               "effects or adjustments it cannot draw."}),
+                "path": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Optional: a PSD path inside the input, output or "
+                        "temp folder (absolute, or relative to input); overrides 'psd'.",
+                    },
+                ),
+                "groups": (
+                    list(GROUP_CHOICES),
+                    {
+                        "default": "keep children",
+                        "tooltip": "keep children: the "
+                        "layers of pass-through groups stay layers; a group with its own blend mode, opacity "
+                        "or mask becomes one layer (that is how it looks). flatten: every group is one layer.",
+                    },
+                ),
+                "use_merged": (
+                    "BOOLEAN",
+                    {
+                        "default": False,
+                        "tooltip": "Output Photoshop's stored merged image "
+                        "as 'composite' instead of compositing the layers: use it when the node warns about "
+                        "effects or adjustments it cannot draw.",
+                    },
+                ),
             },
         }
 
-    def load(self, psd: str, path: str = "", groups: str = "keep children",
-             use_merged: bool = False) -> dict[str, Any]:
+    def load(self, psd: str, path: str = "", groups: str = "keep children", use_merged: bool = False) -> dict[str, Any]:
         if groups not in GROUP_CHOICES:
             raise InputError(f"input 'groups' must be one of {', '.join(GROUP_CHOICES)}, got {groups!r}")
         read = load_psd(resolve_psd(psd, path), groups=GROUP_CHOICES[groups], merged=bool(use_merged))
@@ -287,10 +340,12 @@ class QILPreviewLayers:
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
-            "required": {"layers": ("LAYERS", {"tooltip": LAYERS_TIP})},
+            "required": {"layers": layers_input()},
             "optional": {
-                "include_composite": ("BOOLEAN", {"default": False, "tooltip": "Add the flattened picture as a "
-                                                  "last frame."}),
+                "include_composite": (
+                    "BOOLEAN",
+                    {"default": False, "tooltip": "Add the flattened picture as a last frame."},
+                ),
             },
         }
 
@@ -304,12 +359,23 @@ class QILPreviewLayers:
             rgba = np.concatenate([rgba, composite(stack)[None]])
         board = checkerboard(stack.height, stack.width)
         shown = rgba[..., :3] * rgba[..., 3:] + board * (1 - rgba[..., 3:])  # (N, H, W, 3)
-        files = host.save_files(_preview_prefix(), [(f"{i:02}.png", _png_writer(f, level=1, max_side=PREVIEW_SIDE))
-                                                    for i, f in enumerate(shown)], temp=True)
+        files = host.save_files(
+            _preview_prefix(),
+            [(f"{i:02}.png", _png_writer(f, level=1, max_side=PREVIEW_SIDE)) for i, f in enumerate(shown)],
+            temp=True,
+        )
         return {"ui": {"images": [f.ui() for f in files]}, "result": (to_output(shown),)}
 
 
-NODE_CLASS_MAPPINGS = {"QILSavePSD": QILSavePSD, "QILLoadPSD": QILLoadPSD, "QILSaveLayerPNGs": QILSaveLayerPNGs,
-                       "QILPreviewLayers": QILPreviewLayers}
-NODE_DISPLAY_NAME_MAPPINGS = {"QILSavePSD": "Save PSD", "QILLoadPSD": "Load PSD", "QILSaveLayerPNGs": "Save Layer PNGs",
-                              "QILPreviewLayers": "Preview Layers"}
+NODE_CLASS_MAPPINGS = {
+    "QILSavePSD": QILSavePSD,
+    "QILLoadPSD": QILLoadPSD,
+    "QILSaveLayerPNGs": QILSaveLayerPNGs,
+    "QILPreviewLayers": QILPreviewLayers,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QILSavePSD": "Save PSD",
+    "QILLoadPSD": "Load PSD",
+    "QILSaveLayerPNGs": "Save Layer PNGs",
+    "QILPreviewLayers": "Preview Layers",
+}

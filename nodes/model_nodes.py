@@ -15,18 +15,29 @@ from typing import Any
 
 import torch
 
+from ..qil_core.checks import check_choice
 from ..qil_core.errors import InputError, ModelFileNotFoundError, WeightsError
+from ..qil_core.model.policy import LoadPolicy
+from ..qil_core.options import spec_of
 from . import host
 from .common import CATEGORY
 from .model_runtime import HOLDERS, MODEL_TYPE, QILModel
+from .widgets import widget
 
 log = logging.getLogger(__name__)
 
 NONE = "none"
-WEIGHT_DTYPES = ("default", "bf16", "fp16", "fp32", "fp8_e4m3fn", "int8_convrot")
-_QUANTIZE = {"fp8_e4m3fn": "fp8", "int8_convrot": "int8-convrot"}  # quantise-on-load choices (quant.QUANT_CHOICES)
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-MEMORY_MODES = ("auto", "resident", "offload", "block swap")
+# weight_dtype choices that quantise a bf16 transformer while loading (with the default compute dtype) -> the
+# LoadPolicy quant format they mean.
+QUANTIZE = {"fp8_e4m3fn": "fp8", "int8_convrot": "int8-convrot"}
+WEIGHT_DTYPES = (*spec_of(LoadPolicy, "dtype")[1].choices, *QUANTIZE)
+WIDGETS = {"dtype": "weight_dtype", "memory": "memory_mode"}  # LoadPolicy field -> widget name
+# Widget values of saved workflows from before a choice was renamed -> today's spelling (one table, read here only).
+LEGACY = {"memory_mode": {"block swap": "block_swap"}}
+DTYPE_TIP = (
+    f"{spec_of(LoadPolicy, 'dtype')[1].help} fp8_e4m3fn / int8_convrot quantise a bf16 transformer's blocks while "
+    "loading (half the VRAM, slightly different output; int8_convrot is closer to bf16)."
+)
 
 _LOADED: weakref.WeakValueDictionary[tuple, QILModel] = weakref.WeakValueDictionary()
 
@@ -45,22 +56,26 @@ def resolve_files(transformer: str, vae: str, text_encoder: str, diffusers_folde
     if diffusers_folder and diffusers_folder != NONE:
         return {"model_dir": host.find_model("diffusers", str(diffusers_folder))}
     out = {}
-    for name, kind, value in (("transformer", "diffusion_models", transformer), ("vae", "vae", vae),
-                              ("text_encoder", "text_encoders", text_encoder)):
+    for name, kind, value in (
+        ("transformer", "diffusion_models", transformer),
+        ("vae", "vae", vae),
+        ("text_encoder", "text_encoders", text_encoder),
+    ):
         if not value or value == NONE:
-            raise ModelFileNotFoundError(f"input {name!r} is empty: put the file into models/{kind} and refresh, "
-                                         "or choose a diffusers_folder")
+            raise ModelFileNotFoundError(
+                f"input {name!r} is empty: put the file into models/{kind} and refresh, or choose a diffusers_folder"
+            )
         out[name] = host.find_model(kind, str(value))
     return out
 
 
-def pick_dtype(weight_dtype: str, device: torch.device) -> torch.dtype:
-    """Compute dtype: bf16 (fp16 without bf16 support) on CUDA, fp16 on MPS, fp32 on the CPU, unless chosen."""
-    if weight_dtype in _DTYPES:
-        return _DTYPES[weight_dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float16 if device.type == "mps" else torch.float32
+def load_policy(weight_dtype: Any, memory_mode: Any) -> LoadPolicy:
+    """The loader's widgets as the library's LoadPolicy (old spellings read through LEGACY); errors name them."""
+    memory = LEGACY["memory_mode"].get(memory_mode, memory_mode) if isinstance(memory_mode, str) else memory_mode
+    quant = QUANTIZE.get(check_choice("input 'weight_dtype'", weight_dtype, WEIGHT_DTYPES))
+    dtype = spec_of(LoadPolicy, "dtype")[0].default if quant else weight_dtype
+    values = {"dtype": dtype, "quant": quant, "memory": memory}
+    return LoadPolicy.build(values, lambda n: f"input {WIDGETS.get(n, n)!r}")
 
 
 def _file_list(kind: str) -> list[str]:
@@ -80,7 +95,7 @@ class QILLoadModel:
         "loaded once, a changed file loads again. Memory mode: auto keeps the components on the GPU when each "
         "step of a run fits (ComfyUI swapping them as needed) and otherwise streams the transformer's blocks; "
         "offload copies a component to the GPU when it runs, keeps it only while there is room and drops it "
-        "after the run; block swap streams the transformer's blocks, as many staying on the GPU as fit (least "
+        "after the run; block_swap streams the transformer's blocks, as many staying on the GPU as fit (least "
         "VRAM, slowest)."
     )
     CATEGORY = CATEGORY
@@ -92,85 +107,123 @@ class QILLoadModel:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "transformer": (_file_list("diffusion_models"), {"tooltip": "The Qwen-Image-Layered transformer in "
-                                "models/diffusion_models: qwen_image_layered_int8_convrot or _fp8mixed (20.5 GB), or "
-                                "_bf16 (40.9 GB); ComfyUI's int8/mxfp8/nvfp4 files are read as they are."}),
-                "vae": (_file_list("vae"), {"tooltip": "The RGBA VAE in models/vae: qwen_image_layered_vae.safetensors "
-                        "(not the RGB qwen_image_vae)."}),
-                "text_encoder": (_file_list("text_encoders"), {"tooltip": "Qwen2.5-VL-7B in models/text_encoders, e.g. "
-                                 "qwen_2.5_vl_7b_fp8_scaled.safetensors (the one Qwen-Image uses)."}),
-                "weight_dtype": (list(WEIGHT_DTYPES), {"default": "default", "tooltip": "Compute precision. default: "
-                                 "bf16 on the GPU, fp32 on the CPU (quantised files stay quantised). fp8_e4m3fn / "
-                                 "int8_convrot quantise a bf16 transformer's blocks while loading (half the VRAM, "
-                                 "slightly different output; int8_convrot is closer to bf16)."}),
-                "memory_mode": (list(MEMORY_MODES), {"default": "auto", "tooltip": "auto: resident when it fits, "
-                                "else block swap. resident: ComfyUI keeps components on the GPU. offload: components "
-                                "on the GPU only while used and room allows. block swap: stream transformer blocks."}),
+                "transformer": (
+                    _file_list("diffusion_models"),
+                    {
+                        "tooltip": "The Qwen-Image-Layered transformer in "
+                        "models/diffusion_models: qwen_image_layered_int8_convrot or _fp8mixed (20.5 GB), or "
+                        "_bf16 (40.9 GB); ComfyUI's int8/mxfp8/nvfp4 files are read as they are."
+                    },
+                ),
+                "vae": (
+                    _file_list("vae"),
+                    {
+                        "tooltip": "The RGBA VAE in models/vae: qwen_image_layered_vae.safetensors "
+                        "(not the RGB qwen_image_vae)."
+                    },
+                ),
+                "text_encoder": (
+                    _file_list("text_encoders"),
+                    {
+                        "tooltip": "Qwen2.5-VL-7B in models/text_encoders, e.g. "
+                        "qwen_2.5_vl_7b_fp8_scaled.safetensors (the one Qwen-Image uses)."
+                    },
+                ),
+                "weight_dtype": (list(WEIGHT_DTYPES), widget(LoadPolicy, "dtype", tooltip=DTYPE_TIP)[1]),
+                "memory_mode": widget(LoadPolicy, "memory"),
             },
             "optional": {
-                "diffusers_folder": ([NONE, *_file_list("diffusers")], {"default": NONE, "tooltip": "A diffusers "
-                                     "Qwen-Image-Layered folder in models/diffusers; when set, the three files above "
-                                     "are ignored."}),
+                "diffusers_folder": (
+                    [NONE, *_file_list("diffusers")],
+                    {
+                        "default": NONE,
+                        "tooltip": "A diffusers "
+                        "Qwen-Image-Layered folder in models/diffusers; when set, the three files above "
+                        "are ignored.",
+                    },
+                ),
             },
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, transformer: str, vae: str, text_encoder: str, diffusers_folder: str = NONE) -> bool | str:
+    def VALIDATE_INPUTS(
+        cls, transformer: str, vae: str, text_encoder: str, diffusers_folder: str = NONE, memory_mode: str = "auto"
+    ) -> bool | str:
+        # memory_mode is taken here so that ComfyUI accepts the old spellings of saved workflows (LEGACY).
         try:
+            load_policy("default", memory_mode)
             resolve_files(transformer, vae, text_encoder, diffusers_folder)
-        except (ModelFileNotFoundError, WeightsError) as e:
+        except (InputError, ModelFileNotFoundError, WeightsError) as e:
             return str(e)
         return True
 
     @classmethod
-    def IS_CHANGED(cls, transformer: str, vae: str, text_encoder: str, weight_dtype: str = "default",
-                   memory_mode: str = "auto", diffusers_folder: str = NONE) -> str:
+    def IS_CHANGED(
+        cls,
+        transformer: str,
+        vae: str,
+        text_encoder: str,
+        weight_dtype: str = "default",
+        memory_mode: str = "auto",
+        diffusers_folder: str = NONE,
+    ) -> str:
         try:
             files = resolve_files(transformer, vae, text_encoder, diffusers_folder)
         except (ModelFileNotFoundError, WeightsError) as e:
             return f"missing: {e}"  # the run then fails with this message
         return repr(sorted((k, fingerprint(p)) for k, p in files.items()))
 
-    def load(self, transformer: str, vae: str, text_encoder: str, weight_dtype: str = "default",
-             memory_mode: str = "auto", diffusers_folder: str = NONE) -> tuple[QILModel]:
-        if weight_dtype not in WEIGHT_DTYPES:
-            raise InputError(f"input 'weight_dtype' must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
-        if memory_mode not in MEMORY_MODES:
-            raise InputError(f"input 'memory_mode' must be one of {', '.join(MEMORY_MODES)}, got {memory_mode!r}")
+    def load(
+        self,
+        transformer: str,
+        vae: str,
+        text_encoder: str,
+        weight_dtype: str = "default",
+        memory_mode: str = "auto",
+        diffusers_folder: str = NONE,
+    ) -> tuple[QILModel]:
+        policy = load_policy(weight_dtype, memory_mode)
         files = resolve_files(transformer, vae, text_encoder, diffusers_folder)
-        key = (tuple(sorted((k, fingerprint(p)) for k, p in files.items())), weight_dtype, memory_mode)
+        key = (tuple(sorted((k, fingerprint(p)) for k, p in files.items())), policy)
         handle = _LOADED.get(key)
         if handle is not None:
             log.info("Load Qwen-Layered: these files are already loaded; reusing them")
             return (handle,)
-        handle = load_handle(files, weight_dtype, memory_mode, key)
+        handle = load_handle(files, policy, key)
         _LOADED[key] = handle
         return (handle,)
 
 
-def load_handle(files: dict[str, Path], weight_dtype: str, memory_mode: str, key: tuple = ()) -> QILModel:
-    """Load the model onto the CPU (ComfyUI's offload device) and wrap every component in a ModelPatcher."""
+def load_handle(files: dict[str, Path], policy: LoadPolicy, key: tuple = ()) -> QILModel:
+    """Load the model onto the CPU (ComfyUI's offload device) and wrap every component in a ModelPatcher.
+
+    The device is ComfyUI's choice (the host adapter), which overrides the policy's own (it has none set here).
+    """
     from ..qil_core.model.loader import load_model  # on first use: keeps the pack import fast
-    from ..qil_core.model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
-    from ..qil_core.model.weights.quant_kernels import enable_quant_kernels
 
     device = torch.device(host.get_torch_device())
-    dtype = pick_dtype(weight_dtype, device)
-    model = load_model(model_dir=files.get("model_dir"), transformer=files.get("transformer"), vae=files.get("vae"),
-                       text_encoder=files.get("text_encoder"), dtype=dtype, device="cpu")
-    if weight_dtype in _QUANTIZE:
-        quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP, fmt=_QUANTIZE[weight_dtype])
-    for module in (model.transformer, model.text_encoder):  # comfy-kitchen matmuls on CUDA, else portable
-        if module is not None:
-            enable_quant_kernels(module, "auto", device=device)
+    model = load_model(
+        model_dir=files.get("model_dir"),
+        transformer=files.get("transformer"),
+        vae=files.get("vae"),
+        text_encoder=files.get("text_encoder"),
+        dtype=policy.torch_dtype(device),
+        device="cpu",
+    )
+    policy.after_load(model, device)
     model.device = device
     offload = torch.device("cpu")
-    patchers = {name: host.wrap_model_patcher(HOLDERS[name](module), device, offload)
-                for name, module in (("transformer", model.transformer), ("vae", model.vae),
-                                     ("text_encoder", model.text_encoder)) if module is not None}
-    return QILModel(model, patchers, memory_mode, device, key, files={k: str(v) for k, v in files.items()})
+    patchers = {
+        name: host.wrap_model_patcher(HOLDERS[name](module), device, offload)
+        for name, module in (
+            ("transformer", model.transformer),
+            ("vae", model.vae),
+            ("text_encoder", model.text_encoder),
+        )
+        if module is not None
+    }
+    return QILModel(model, patchers, policy.memory, device, key, files={k: str(v) for k, v in files.items()})
 
 
 NODE_CLASS_MAPPINGS = {"QILLoadModel": QILLoadModel}
 NODE_DISPLAY_NAME_MAPPINGS = {"QILLoadModel": "Load Qwen-Layered"}
-

@@ -5,10 +5,10 @@ Memory modes (chosen on the loader):
   it on the GPU between runs and unloads it (or our other components) when something else needs the room.
 - offload: components are copied to the GPU when used and kept only while they fit (memory_plan's budget),
   all dropped when the run ends; little VRAM, more transfers.
-- block swap: the transformer's blocks stream from the CPU, as many kept resident as fit (BlockSwapPlacement).
+- block_swap: the transformer's blocks stream from the CPU, as many kept resident as fit (BlockSwapPlacement).
 - auto: qil_core.model.runtime.memory_plan decides on the first run of a loaded model: resident when every phase fits
-  on the device (ComfyUI evicting between phases as needed), else block swap with as many blocks as fit.
-In offload, block swap and the auto decision ComfyUI is first asked to free the room (unloading other models).
+  on the device (ComfyUI evicting between phases as needed), else block_swap with as many blocks as fit.
+In offload, block_swap and the auto decision ComfyUI is first asked to free the room (unloading other models).
 """
 
 from __future__ import annotations
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 MODEL_TYPE = "QIL_MODEL"
 CONNECT_HINT = "connect a Load Qwen-Layered node to 'model'"
-PLAN_MODES = {"offload": "offload", "block swap": "block_swap"}  # loader choice -> memory_plan mode
 TEXT_TOKENS = 512  # a generous prompt length for the working-memory estimate
 
 
@@ -58,6 +57,8 @@ class QILModel:
     key: tuple = ()
     files: dict[str, str] = field(default_factory=dict)
     resolved_mode: str | None = None  # what "auto" chose on the first run
+    loras: tuple = ()  # (qil_core LoraFile, strength) pairs, applied for each run by run_placement (lora_nodes)
+    sampler: Any = None  # qil_core SamplerOptions or None (the reference schedule), from Sampler Settings
 
 
 def check_model(model: Any) -> QILModel:
@@ -74,8 +75,9 @@ def work_bytes(handle: QILModel, width: int, height: int, layers: int) -> int:
     from ..qil_core.model.runtime.memory_plan import estimate_activation_bytes, image_tokens
 
     dit = handle.model.transformer
-    return estimate_activation_bytes(image_tokens(width, height, layers) + TEXT_TOKENS, width=dit.config.inner_dim,
-                                     dtype=handle.model.dtype)
+    return estimate_activation_bytes(
+        image_tokens(width, height, layers) + TEXT_TOKENS, width=dit.config.inner_dim, dtype=handle.model.dtype
+    )
 
 
 class HostPlacement:
@@ -114,6 +116,15 @@ def _plan(handle: QILModel, mode: str, width: int, height: int, layers: int) -> 
 
 @contextlib.contextmanager
 def run_placement(handle: QILModel, width: int, height: int, layers: int) -> Iterator[Any]:
+    """The handle's LoRAs applied for the run (taken off after it, on Cancel too), and its placement."""
+    from ..qil_core.model.weights.lora_apply import loras_applied
+
+    with loras_applied(handle.model, handle.loras), _placement_for(handle, width, height, layers) as placement:
+        yield placement
+
+
+@contextlib.contextmanager
+def _placement_for(handle: QILModel, width: int, height: int, layers: int) -> Iterator[Any]:
     """The Placement for one run at (width, height) px with `layers` layers, in the handle's memory mode.
 
     Streaming placements drop their device copies when the run ends, on Cancel too, so between runs ComfyUI
@@ -123,12 +134,12 @@ def run_placement(handle: QILModel, width: int, height: int, layers: int) -> Ite
     if mode == "auto":
         if handle.resolved_mode is None:  # decided once: resident (ComfyUI evicts as needed) or block swap
             chosen = _plan(handle, "auto", width, height, layers).mode
-            handle.resolved_mode = "block swap" if chosen == "block_swap" else "resident"
+            handle.resolved_mode = "block_swap" if chosen == "block_swap" else "resident"
         mode = handle.resolved_mode
     if mode == "resident":
         yield HostPlacement(handle, work_bytes(handle, width, height, layers))
         return
-    plan = _plan(handle, PLAN_MODES[mode], width, height, layers)
+    plan = _plan(handle, mode, width, height, layers)  # offload or block_swap: memory_plan's own names
     placement = plan.placement(handle.model.dtype)
     log.info("memory mode %s: %s; %r", mode, plan.describe(), placement)
     try:

@@ -1,4 +1,4 @@
-"""Inputs and helpers the sampling nodes share: widget declarations, the semantics text, checks, outputs."""
+"""Inputs and helpers the sampling nodes share: widget lists (generated from the options), semantics, outputs."""
 
 from __future__ import annotations
 
@@ -6,17 +6,15 @@ from typing import Any
 
 import torch
 
-from ..qil_core.errors import InputError
 from ..qil_core.layers import stack_to_images
+from . import host
 from .common import mask_batch, to_output
-from .model_runtime import check_model
 
-RESOLUTIONS = ("640", "1024", "custom")
-OUTPUT_SIZES = ("processing", "original")
 SEMANTICS = (
     "Layers are bottom first: layer 0 ('Background') is at the bottom, the last layer on top, and stacking them in "
-    "order rebuilds the picture. The prompt describes the WHOLE image (what is in it), not one layer; empty works "
-    "too (there is no automatic captioning). IMAGE outputs are RGBA on the full canvas; MASK outputs are 1 - alpha "
+    "order rebuilds the picture. The prompt describes the WHOLE image (what is in it), not one layer; an "
+    "empty one is captioned first by the model's Qwen2.5-VL (auto_caption), as the reference does. IMAGE outputs "
+    "are RGBA on the full canvas; MASK outputs are 1 - alpha "
     "(ComfyUI's convention: 1 = transparent). 50 steps with true CFG 4.0 is the reference setting; 20-30 steps "
     "are faster. VRAM: the transformer is 40.9 GB in bf16 (20.5 GB as fp8mixed) and the text encoder 9.4 GB "
     "(fp8); the loader's memory mode keeps what fits on the GPU and streams the rest. Cancel stops after the "
@@ -24,72 +22,39 @@ SEMANTICS = (
 )
 
 
-AUTO_CAPTION_INPUTS: dict[str, Any] = {
-    "auto_caption": ("BOOLEAN", {"default": True, "tooltip": "With an empty prompt, caption the image with the "
-                     "model's Qwen2.5-VL first, as the reference does (needs the vision tower and lm_head)."}),
-    "caption_language": (["en", "zh"], {"default": "en", "tooltip": "Language of the auto-caption."}),
-}
-
-
-def prompt_inputs(model_tip: str) -> dict[str, Any]:
-    """Inputs shared by the sampling nodes, in widget order after the node's own first inputs."""
-    return {
-        "prompt": ("STRING", {"default": "", "multiline": True, "tooltip": model_tip}),
-        "negative_prompt": ("STRING", {"default": " ", "multiline": True, "tooltip": "What to steer away from; "
-                            "the reference uses a single space. Only used when cfg > 1."}),
-    }
-
-
-def sampling_inputs(layers_default: int, layers_tip: str) -> dict[str, Any]:
-    """Layer count, steps, true CFG, cfg_normalize and seed (with the frontend's control after generate)."""
-    return {
-        "layers": ("INT", {"default": layers_default, "min": 1, "max": 20, "tooltip": layers_tip}),
-        "steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip": "Denoising steps: 50 is the reference "
-                  "setting, 20-30 is faster with a little less detail."}),
-        "cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 100.0, "step": 0.1, "round": 0.01,
-                "tooltip": "True classifier-free guidance scale (4.0 reference); 1 turns it off and runs 2x faster."}),
-        "cfg_normalize": ("BOOLEAN", {"default": True, "tooltip": "Rescale the guided prediction to the norm of "
-                          "the conditional one (the reference does; keeps colours from burning at high cfg)."}),
-        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
-                 "tooltip": "Noise seed; the same seed, inputs and settings give the same layers."}),
-    }
-
-
-def size_inputs() -> dict[str, Any]:
-    """The resolution mode and max_side widgets."""
-    return {
-        "resolution": (list(RESOLUTIONS), {"default": "640", "tooltip": "Processing size: 640 or 1024 pixels of "
-                       "area at the image's aspect (640 is what the model was tuned for), or custom: longest side "
-                       "= max_side."}),
-        "max_side": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 32, "tooltip": "Longest side in pixels "
-                     "for resolution 'custom' (rounded to a multiple of 32); ignored otherwise."}),
-    }
-
-
+PROMPTS = ["prompt", "negative_prompt"]
+SAMPLING = ["layers", "steps", "cfg", "cfg_normalize", "seed"]
+SIZE = ["resolution", "max_side"]
+# Widget order per node, as saved workflows store the values (never reorder; append new widgets at the end).
+DECOMPOSE_WIDGETS = [*PROMPTS, *SAMPLING, *SIZE, "output_size"]
+TEXT_TO_LAYERS_WIDGETS = [*PROMPTS, "width", "height", *SAMPLING]
+DECOMPOSE_LAYER_WIDGETS = [*PROMPTS, *SAMPLING, *SIZE]
+DECOMPOSE_LAYER_RENAME = {"layers": "sub_layers"}  # the node's own LAYERS input is called "layers"
+# Optional widgets added later (saved workflows without them keep their defaults).
+DECOMPOSE_OPTIONAL = ["recompose", "auto_caption", "caption_language"]
+DECOMPOSE_LAYER_OPTIONAL = ["recompose"]
 HIDDEN = {"unique_id": "UNIQUE_ID"}
 
 
-def parse_resolution(resolution: Any) -> int | str:
-    """The resolution widget ('640', '1024', 'custom') as the pipeline takes it."""
-    if resolution not in RESOLUTIONS:
-        raise InputError(f"input 'resolution' must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
-    return "custom" if resolution == "custom" else int(resolution)
-
-
-def check_counts(model: Any, layers: Any, steps: Any, name: str = "layers") -> tuple[Any, int, int]:
-    """The model handle (D14) and the layer and step counts, checked before any work (linked values, D10)."""
-    from ..qil_core.model.pipeline.checks import MAX_LAYERS, check_int, check_steps
-
-    return check_model(model), check_int(name, layers, 1, MAX_LAYERS), check_steps(steps)
-
-
-def processing_size(width: int, height: int, resolution: int | str, max_side: Any) -> tuple[int, int]:
-    """The processing size the pipeline will use, for the memory plan (a square guess where it cannot tell)."""
+def processing_size(width: int, height: int, opts: Any) -> tuple[int, int]:
+    """The processing size the pipeline will use for a (width, height) input, for the memory plan."""
     from ..qil_core.model.pipeline.imaging import bucket_size
+    from ..qil_core.model.pipeline.options import check_size_mode
 
-    if resolution == "custom" and not isinstance(max_side, int):
-        return 640, 640  # the pipeline refuses it with a message naming max_side
-    return bucket_size(max(1, width), max(1, height), resolution, max_side if resolution == "custom" else None)
+    return bucket_size(max(1, width), max(1, height), *check_size_mode(opts.resolution, opts.max_side))
+
+
+def job_inputs(
+    placement: Any, steps: int, unique_id: str | None, label: str, sampler: Any = None, runs: int = 1
+) -> Any:
+    """The pipeline's JobInputs of a node run: the placement, the progress/cancel callback over `runs` x the steps
+    (those of custom sigmas when the handle's Sampler Settings give them) and those sampler options."""
+    from ..qil_core.model.pipeline.decompose import JobInputs
+
+    total = (sampler.resolve_steps(steps) if sampler is not None else steps) * runs
+    return JobInputs(
+        placement=placement, callback=host.make_callback(total, node_id=unique_id, label=label), sampler=sampler
+    )
 
 
 def layer_images(stacks: list) -> tuple[torch.Tensor, torch.Tensor]:

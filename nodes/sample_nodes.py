@@ -12,23 +12,24 @@ from typing import Any
 import torch
 
 from ..qil_core.errors import InputError
-from . import host
-from .common import CATEGORY, LAYERS_TIP, SELECT_TIP, image_batch, select, to_document, to_stack
-from .model_runtime import MODEL_TYPE, run_placement
+from ..qil_core.model.pipeline.options import DecomposeLayerOptions, DecomposeOptions, TextToLayersOptions
+from .common import CATEGORY, SELECT_TIP, image_batch, layers_input, selected, to_document
+from .model_runtime import MODEL_TYPE, check_model, run_placement
 from .sample_inputs import (
-    AUTO_CAPTION_INPUTS,
+    DECOMPOSE_LAYER_OPTIONAL,
+    DECOMPOSE_LAYER_RENAME,
+    DECOMPOSE_LAYER_WIDGETS,
+    DECOMPOSE_OPTIONAL,
+    DECOMPOSE_WIDGETS,
     HIDDEN,
-    OUTPUT_SIZES,
     SEMANTICS,
-    check_counts,
+    TEXT_TO_LAYERS_WIDGETS,
     input_mask,
+    job_inputs,
     layer_images,
-    parse_resolution,
     processing_size,
-    prompt_inputs,
-    sampling_inputs,
-    size_inputs,
 )
+from .widgets import options_from_widgets, widgets
 
 
 class QILDecompose:
@@ -38,18 +39,22 @@ class QILDecompose:
         "Splits a picture into N transparent layers with Qwen-Image-Layered. " + SEMANTICS + " Transparency of the "
         "input: an RGBA IMAGE uses its alpha; a connected MASK replaces it (alpha = 1 - mask); Load Image's empty "
         "64x64 mask for pictures without alpha is ignored. output_size 'original' maps the layers back to the "
-        "input's size. Batches: with B images, LAYERS is a list of B documents (one per image), so every node "
-        "after it runs once per image and Save PSD writes B files; the IMAGE and MASK outputs hold all B x N "
+        "input's size, each layer's alpha following the input's own edges. recompose 'exact' (default with "
+        "'original') corrects the layers' colours so that together they give back the input. Batches: with B "
+        "images, LAYERS is a list of B documents (one per image), so every node after it runs once per image and "
+        "Save PSD writes B files; the IMAGE and MASK outputs hold all B x N "
         "layers, image by image, each bottom first."
     )
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LAYERS", "IMAGE", "MASK", "STRING")
     RETURN_NAMES = ("layers", "images", "masks", "caption")
     OUTPUT_IS_LIST = (True, False, False, False)
-    OUTPUT_TOOLTIPS = ("One layer document per input image, bottom layer first.",
-                       "All layers as RGBA images on the full canvas (B x N), bottom first per image.",
-                       "Their masks, 1 - alpha (B x N).",
-                       "The prompt used: the auto-caption(s) when the prompt was empty (blank-line separated).")
+    OUTPUT_TOOLTIPS = (
+        "One layer document per input image, bottom layer first.",
+        "All layers as RGBA images on the full canvas (B x N), bottom first per image.",
+        "Their masks, 1 - alpha (B x N).",
+        "The prompt used: the auto-caption(s) when the prompt was empty (blank-line separated).",
+    )
     FUNCTION = "decompose"
 
     @classmethod
@@ -58,42 +63,75 @@ class QILDecompose:
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From Load Qwen-Layered."}),
                 "image": ("IMAGE", {"tooltip": "The picture(s) to split; a batch gives one layer document per image."}),
-                **prompt_inputs("Describe the whole image (all of it, not one layer), e.g. 'a red car on a beach at "
-                          "sunset with the title SUMMER'. Empty works too."),
-                **sampling_inputs(4, "How many layers to make (1-20); 3-6 suits most pictures."),
-                **size_inputs(),
-                "output_size": (list(OUTPUT_SIZES), {"default": "processing", "tooltip": "processing: layers at the "
-                                "size the model ran at. original: scaled back to the input image's size."}),
+                **widgets(DecomposeOptions, DECOMPOSE_WIDGETS),
             },
             "optional": {
-                "mask": ("MASK", {"tooltip": "Optional transparency of the input (1 = transparent, as Load Image "
-                         "gives it); replaces the image's alpha."}),
-                **AUTO_CAPTION_INPUTS,
-                "prompt_text": ("STRING", {"forceInput": True, "tooltip": "A prompt from another node (e.g. "
-                                "Caption Image); when connected it replaces the prompt widget."}),
+                "mask": (
+                    "MASK",
+                    {
+                        "tooltip": "Optional transparency of the input (1 = transparent, as Load Image "
+                        "gives it); replaces the image's alpha."
+                    },
+                ),
+                **widgets(DecomposeOptions, DECOMPOSE_OPTIONAL),
+                "prompt_text": (
+                    "STRING",
+                    {
+                        "forceInput": True,
+                        "tooltip": "A prompt from another node (e.g. Caption Image); when connected it replaces "
+                        "the prompt widget.",
+                    },
+                ),
             },
             "hidden": HIDDEN,
         }
 
-    def decompose(self, model: Any, image: Any, prompt: str, negative_prompt: str, layers: int, steps: int,
-                  cfg: float, cfg_normalize: bool, seed: int, resolution: str, max_side: int, output_size: str,
-                  mask: Any = None, auto_caption: bool = True, caption_language: str = "en",
-                  prompt_text: str | None = None, unique_id: str | None = None) -> dict[str, Any]:
-        from ..qil_core.model.pipeline.decompose import decompose  # on first use: keeps the pack import fast
+    def decompose(
+        self,
+        model: Any,
+        image: Any,
+        prompt: str,
+        negative_prompt: str,
+        layers: int,
+        steps: int,
+        cfg: float,
+        cfg_normalize: bool,
+        seed: int,
+        resolution: str,
+        max_side: int,
+        output_size: str,
+        mask: Any = None,
+        recompose: str = "auto",
+        auto_caption: bool = True,
+        caption_language: str = "en",
+        prompt_text: str | None = None,
+        unique_id: str | None = None,
+    ) -> dict[str, Any]:
+        from ..qil_core.model.pipeline.decompose import run_decompose  # on first use: keeps the pack import fast
 
-        handle, layers, steps = check_counts(model, layers, steps)
-        img = image_batch(image)  # [B, H, W, C]; a missing batch dimension is added (D2)
-        res = parse_resolution(resolution)
+        handle = check_model(model)
         prompt = prompt if prompt_text is None else prompt_text
-        with run_placement(handle, *processing_size(img.shape[2], img.shape[1], res, max_side), layers) as pl:
-            stacks = decompose(handle.model, img, mask=input_mask(mask, img), prompt=prompt,
-                               negative_prompt=negative_prompt, layers=layers, steps=steps, cfg=cfg,
-                               cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,
-                               max_side=max_side if res == "custom" else None, output_size=output_size, placement=pl,
-                               callback=host.make_callback(steps * img.shape[0], node_id=unique_id,
-                                                           label="Decompose Image"),
-                               auto_caption=bool(auto_caption), caption_language=caption_language)
-        used = "\n\n".join(s.caption for s in stacks if s.caption is not None) or prompt
+        values = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            layers=layers,
+            steps=steps,
+            cfg=cfg,
+            cfg_normalize=bool(cfg_normalize),
+            seed=seed,
+            resolution=resolution,
+            max_side=max_side,
+            output_size=output_size,
+            recompose=recompose,
+            auto_caption=auto_caption,
+            caption_language=caption_language,
+        )
+        opts = options_from_widgets(DecomposeOptions, values)
+        img = image_batch(image)  # [B, H, W, C]; a missing batch dimension is added (D2)
+        with run_placement(handle, *processing_size(img.shape[2], img.shape[1], opts), opts.layers) as pl:
+            run = job_inputs(pl, opts.steps, unique_id, "Decompose Image", handle.sampler, runs=img.shape[0])
+            stacks = run_decompose(handle.model, img, opts, run, mask=input_mask(mask, img))
+        used = "\n\n".join(s.metadata["caption"] for s in stacks if "caption" in s.metadata) or prompt
         return {"ui": {"text": [used]}, "result": ([to_document(s) for s in stacks], *layer_images(stacks), used)}
 
 
@@ -108,8 +146,11 @@ class QILTextToLayers:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LAYERS", "IMAGE", "MASK")
     RETURN_NAMES = ("layers", "images", "masks")
-    OUTPUT_TOOLTIPS = ("The layer document, bottom layer first.", "The layers as RGBA images (N), bottom first.",
-                       "Their masks, 1 - alpha (N).")
+    OUTPUT_TOOLTIPS = (
+        "The layer document, bottom layer first.",
+        "The layers as RGBA images (N), bottom first.",
+        "Their masks, 1 - alpha (N).",
+    )
     FUNCTION = "generate"
 
     @classmethod
@@ -117,29 +158,43 @@ class QILTextToLayers:
         return {
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From Load Qwen-Layered."}),
-                **prompt_inputs("Describe the whole picture to generate."),
-                "width": ("INT", {"default": 640, "min": 64, "max": 4096, "step": 16,
-                          "tooltip": "Canvas width in px."}),
-                "height": ("INT", {"default": 640, "min": 64, "max": 4096, "step": 16,
-                           "tooltip": "Canvas height in px."}),
-                **sampling_inputs(4, "How many layers to make (1-20)."),
+                **widgets(TextToLayersOptions, TEXT_TO_LAYERS_WIDGETS),
             },
             "hidden": HIDDEN,
         }
 
-    def generate(self, model: Any, prompt: str, negative_prompt: str, width: int, height: int, layers: int,
-                 steps: int, cfg: float, cfg_normalize: bool, seed: int,
-                 unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline.checks import check_int
-        from ..qil_core.model.pipeline.decompose import text_to_layers
+    def generate(
+        self,
+        model: Any,
+        prompt: str,
+        negative_prompt: str,
+        width: int,
+        height: int,
+        layers: int,
+        steps: int,
+        cfg: float,
+        cfg_normalize: bool,
+        seed: int,
+        unique_id: str | None = None,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        from ..qil_core.model.pipeline.decompose import run_text_to_layers
 
-        handle, layers, steps = check_counts(model, layers, steps)
-        width, height = check_int("width", width, 64, 4096), check_int("height", height, 64, 4096)
-        with run_placement(handle, width, height, layers) as pl:
-            stack = text_to_layers(handle.model, prompt, width=width, height=height, negative_prompt=negative_prompt,
-                                   layers=layers, steps=steps, cfg=cfg, cfg_normalize=bool(cfg_normalize), seed=seed,
-                                   placement=pl, callback=host.make_callback(steps, node_id=unique_id,
-                                                                             label="Text to Layers"))
+        handle = check_model(model)
+        values = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            width=width,
+            height=height,
+            layers=layers,
+            steps=steps,
+            cfg=cfg,
+            cfg_normalize=bool(cfg_normalize),
+            seed=seed,
+        )
+        opts = options_from_widgets(TextToLayersOptions, values)
+        with run_placement(handle, opts.width, opts.height, opts.layers) as pl:
+            run = job_inputs(pl, opts.steps, unique_id, "Text to Layers", handle.sampler)
+            stack = run_text_to_layers(handle.model, opts, run)
         return (to_document(stack), *layer_images([stack]))
 
 
@@ -156,9 +211,11 @@ class QILDecomposeLayer:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("LAYERS", "IMAGE", "MASK")
     RETURN_NAMES = ("layers", "sub_layers", "sub_masks")
-    OUTPUT_TOOLTIPS = ("The document with the layer replaced by its sub-layers.",
-                       "The new sub-layers as RGBA images on the full canvas, bottom first.",
-                       "Their masks, 1 - alpha.")
+    OUTPUT_TOOLTIPS = (
+        "The document with the layer replaced by its sub-layers.",
+        "The new sub-layers as RGBA images on the full canvas, bottom first.",
+        "Their masks, 1 - alpha.",
+    )
     FUNCTION = "decompose_layer"
 
     @classmethod
@@ -166,40 +223,73 @@ class QILDecomposeLayer:
         return {
             "required": {
                 "model": (MODEL_TYPE, {"tooltip": "From Load Qwen-Layered."}),
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "layer": ("STRING", {"default": "-1", "tooltip": "The one layer to split: an index (0 = bottom, -1 "
-                          "= top) or its exact name."}),
-                **prompt_inputs("Describe the content of that layer."),
-                **{("sub_layers" if k == "layers" else k): v for k, v in
-                   sampling_inputs(3, "How many sub-layers to split it into (1-20).").items()},
-                **size_inputs(),
+                "layers": layers_input(),
+                "layer": (
+                    "STRING",
+                    {
+                        "default": "-1",
+                        "tooltip": "The one layer to split: an index (0 = bottom, -1 = top) or its exact name.",
+                    },
+                ),
+                **widgets(DecomposeLayerOptions, DECOMPOSE_LAYER_WIDGETS, DECOMPOSE_LAYER_RENAME),
+            },
+            "optional": {
+                **widgets(DecomposeLayerOptions, DECOMPOSE_LAYER_OPTIONAL),
             },
             "hidden": HIDDEN,
         }
 
-    def decompose_layer(self, model: Any, layers: Any, layer: str, prompt: str, negative_prompt: str,
-                        sub_layers: int, steps: int, cfg: float, cfg_normalize: bool, seed: int, resolution: str,
-                        max_side: int, unique_id: str | None = None) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        from ..qil_core.model.pipeline.decompose import decompose_layer
+    def decompose_layer(
+        self,
+        model: Any,
+        layers: Any,
+        layer: str,
+        prompt: str,
+        negative_prompt: str,
+        sub_layers: int,
+        steps: int,
+        cfg: float,
+        cfg_normalize: bool,
+        seed: int,
+        resolution: str,
+        max_side: int,
+        recompose: str = "exact",
+        unique_id: str | None = None,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        from ..qil_core.model.pipeline.decompose import run_decompose_layer
 
-        handle, sub_layers, steps = check_counts(model, sub_layers, steps, "sub_layers")
-        stack = to_stack(layers)
-        chosen = select(stack, layer)
+        handle = check_model(model)
+        values = dict(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            sub_layers=sub_layers,
+            steps=steps,
+            cfg=cfg,
+            cfg_normalize=bool(cfg_normalize),
+            seed=seed,
+            resolution=resolution,
+            max_side=max_side,
+            recompose=recompose,
+        )
+        opts = options_from_widgets(DecomposeLayerOptions, values, DECOMPOSE_LAYER_RENAME)
+        stack, chosen = selected(layers, layer)
         if len(chosen) != 1:
             raise InputError(f"input 'layer' {layer!r} selects {len(chosen)} layers; choose exactly one ({SELECT_TIP})")
-        res = parse_resolution(resolution)
         target = stack.layers[chosen[0]]
-        with run_placement(handle, *processing_size(target.width, target.height, res, max_side), sub_layers) as pl:
-            out = decompose_layer(handle.model, stack, chosen[0], layers=sub_layers, prompt=prompt,
-                                  negative_prompt=negative_prompt, steps=steps, cfg=cfg,
-                                  cfg_normalize=bool(cfg_normalize), seed=seed, resolution=res,
-                                  max_side=max_side if res == "custom" else None, placement=pl,
-                                  callback=host.make_callback(steps, node_id=unique_id, label="Decompose Layer"))
-        new = out.replace(layers=out.layers[chosen[0]: chosen[0] + len(out.layers) - len(stack.layers) + 1])
+        with run_placement(handle, *processing_size(target.width, target.height, opts), opts.layers) as pl:
+            run = job_inputs(pl, opts.steps, unique_id, "Decompose Layer", handle.sampler)
+            out = run_decompose_layer(handle.model, stack, chosen[0], opts, run)
+        new = out.replace(layers=out.layers[chosen[0] : chosen[0] + len(out.layers) - len(stack.layers) + 1])
         return (to_document(out), *layer_images([new]))
 
 
-NODE_CLASS_MAPPINGS = {"QILDecompose": QILDecompose, "QILTextToLayers": QILTextToLayers,
-                       "QILDecomposeLayer": QILDecomposeLayer}
-NODE_DISPLAY_NAME_MAPPINGS = {"QILDecompose": "Decompose Image", "QILTextToLayers": "Text to Layers",
-                              "QILDecomposeLayer": "Decompose Layer"}
+NODE_CLASS_MAPPINGS = {
+    "QILDecompose": QILDecompose,
+    "QILTextToLayers": QILTextToLayers,
+    "QILDecomposeLayer": QILDecomposeLayer,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QILDecompose": "Decompose Image",
+    "QILTextToLayers": "Text to Layers",
+    "QILDecomposeLayer": "Decompose Layer",
+}

@@ -15,7 +15,17 @@ from ..qil_core.layers import (
     select_layers,
     set_layer_props,
 )
-from .common import CATEGORY_LAYERS, LAYERS_TIP, SELECT_TIP, integer, number, select, to_document, to_stack
+from .common import (
+    CATEGORY_LAYERS,
+    integer,
+    layer_choice,
+    layers_input,
+    number,
+    select,
+    selected,
+    to_document,
+    to_stack,
+)
 
 OPERATIONS = ("delete", "keep only", "duplicate", "merge down", "move to", "drop empty")
 KEEP = "keep"
@@ -40,12 +50,21 @@ class QILLayerStackEdit:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "operation": (list(OPERATIONS), {"default": "delete", "tooltip": "What to do with the chosen "
-                                                 "layers (see the node description)."}),
-                "layer": ("STRING", {"default": "-1", "tooltip": SELECT_TIP}),
-                "to_index": ("INT", {"default": 0, "min": -8000, "max": 8000, "tooltip": "For 'move to': the "
-                                     "new position, 0 = bottom, -1 = top."}),
+                "layers": layers_input(),
+                "operation": (
+                    list(OPERATIONS),
+                    {"default": "delete", "tooltip": "What to do with the chosen layers (see the node description)."},
+                ),
+                "layer": layer_choice("-1"),
+                "to_index": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": -8000,
+                        "max": 8000,
+                        "tooltip": "For 'move to': the new position, 0 = bottom, -1 = top.",
+                    },
+                ),
             },
         }
 
@@ -90,26 +109,38 @@ class QILSetLayerProperties:
     def INPUT_TYPES(cls) -> dict[str, Any]:
         return {
             "required": {
-                "layers": ("LAYERS", {"tooltip": LAYERS_TIP}),
-                "layer": ("STRING", {"default": "-1", "tooltip": SELECT_TIP}),
-                "name": ("STRING", {"default": "", "tooltip": "New name (any language); empty = keep. With "
-                                    "several layers chosen, ' 1', ' 2', ... is appended."}),
-                "opacity": ("FLOAT", {"default": -1.0, "min": -1.0, "max": 1.0, "step": 0.01,
-                                      "tooltip": "New opacity 0..1; negative = keep."}),
+                "layers": layers_input(),
+                "layer": layer_choice("-1"),
+                "name": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "New name (any language); empty = keep. With "
+                        "several layers chosen, ' 1', ' 2', ... is appended.",
+                    },
+                ),
+                "opacity": (
+                    "FLOAT",
+                    {
+                        "default": -1.0,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "New opacity 0..1; negative = keep.",
+                    },
+                ),
                 "blend_mode": ([KEEP, *BLEND_MODES], {"default": KEEP, "tooltip": "New blend mode; keep = unchanged."}),
                 "visible": ([KEEP, "show", "hide"], {"default": KEEP, "tooltip": "Show or hide; keep = unchanged."}),
             },
         }
 
-    def apply(self, layers: Any, layer: str, name: str, opacity: float, blend_mode: str,
-              visible: str) -> tuple[dict]:
+    def apply(self, layers: Any, layer: str, name: str, opacity: float, blend_mode: str, visible: str) -> tuple[dict]:
         opacity = number("opacity", opacity, -1.0, 1.0)
         if blend_mode != KEEP and blend_mode not in BLEND_MODES:
             raise InputError(f"input 'blend_mode' {blend_mode!r} is unknown; use one of {', '.join(BLEND_MODES)}")
         if visible not in (KEEP, "show", "hide"):
             raise InputError(f"input 'visible' must be keep, show or hide, got {visible!r}")
-        stack = to_stack(layers)
-        chosen = select(stack, layer)
+        stack, chosen = selected(layers, layer)
         for n, i in enumerate(chosen, start=1):
             props: dict[str, Any] = {}
             if str(name).strip():
@@ -142,8 +173,14 @@ class QILCombineLayers:
             "required": {
                 "bottom": ("LAYERS", {"tooltip": "These layers stay below."}),
                 "top": ("LAYERS", {"tooltip": "These layers go on top, in their own order."}),
-                "canvas": (["bottom", "union"], {"default": "bottom", "tooltip": "Canvas size of the result: the "
-                           "bottom document's, or wide and tall enough for both canvases."}),
+                "canvas": (
+                    ["bottom", "union"],
+                    {
+                        "default": "bottom",
+                        "tooltip": "Canvas size of the result: the "
+                        "bottom document's, or wide and tall enough for both canvases.",
+                    },
+                ),
             },
         }
 
@@ -155,7 +192,13 @@ class QILCombineLayers:
         return (to_document(low.replace(width=width, height=height, layers=[*low.layers, *high.layers])),)
 
 
-NODE_CLASS_MAPPINGS = {"QILLayerStackEdit": QILLayerStackEdit, "QILSetLayerProperties": QILSetLayerProperties,
-                       "QILCombineLayers": QILCombineLayers}
-NODE_DISPLAY_NAME_MAPPINGS = {"QILLayerStackEdit": "Edit Layer Stack", "QILSetLayerProperties": "Set Layer Properties",
-                              "QILCombineLayers": "Combine Layers"}
+NODE_CLASS_MAPPINGS = {
+    "QILLayerStackEdit": QILLayerStackEdit,
+    "QILSetLayerProperties": QILSetLayerProperties,
+    "QILCombineLayers": QILCombineLayers,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QILLayerStackEdit": "Edit Layer Stack",
+    "QILSetLayerProperties": "Set Layer Properties",
+    "QILCombineLayers": "Combine Layers",
+}

@@ -3,11 +3,14 @@
 Where things live (each subpackage's docstring lists its modules, one line each):
 
 - `layers/`: the layer document (`LayerStack`, `Layer`) and everything done to it: compositing, blend modes,
-  transform, recolor, stack edits, PNG/ZIP export, and `layers/psd/` (PSD write, read, lint).
+  transform, recolor, stack edits, PNG/ZIP export, full-resolution upsampling, exact recomposition, replacing a
+  layer's pixels, and `layers/psd/` (PSD write, read, lint).
 - `model/`: the network in four rooms: `arch/` (networks), `weights/` (files -> networks), `runtime/` (memory and
   placement), `pipeline/` (decompose, text-to-layers, decompose-layer), plus `loader.py` (`load_model`).
 - `demo/`: the built-in demo scene (`scene.py`) and the demo job on it (`job.py`).
 - `cli/`: the command line, `python -m qil_core` (a front end over the library).
+- `options.py`: options as dataclass fields (default, range, choices, help written once); the CLI flags and the
+  node widgets are generated from them. `checks.py`: number, int, choice and finite checks naming the input.
 - `errors.py`: the typed errors every module raises. `fsutil.py`: safe, atomic output files.
 - `assets/`: data shipped in the package (the Qwen2.5 tokenizer).
 
@@ -40,11 +43,13 @@ from .layers import (
     composite,
     delete_layers,
     duplicate_layer,
+    fold_residual,
     merge_down,
     move_layer,
     parse_color,
     recolor_layer,
     reorder_layers,
+    replace_layer_pixels,
     resize_stack,
     select_layers,
     set_layer_props,
@@ -58,6 +63,8 @@ from .layers.psd import lint_psd, read_psd, write_psd
 if TYPE_CHECKING:
     from .model.loader import QwenLayeredModel, load_model
     from .model.pipeline.decompose import decompose, decompose_layer, text_to_layers
+    from .model.pipeline.options import DecomposeLayerOptions, DecomposeOptions, TextToLayersOptions
+    from .model.policy import LoadPolicy
 
 __version__ = "0.1.0"
 
@@ -69,6 +76,10 @@ _LAZY = {
     "decompose": ".model.pipeline.decompose",
     "text_to_layers": ".model.pipeline.decompose",
     "decompose_layer": ".model.pipeline.decompose",
+    "DecomposeOptions": ".model.pipeline.options",
+    "TextToLayersOptions": ".model.pipeline.options",
+    "DecomposeLayerOptions": ".model.pipeline.options",
+    "LoadPolicy": ".model.policy",
 }
 
 
@@ -84,12 +95,15 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "BLEND_MODES",
+    "DecomposeLayerOptions",
+    "DecomposeOptions",
     "INTERPOLATIONS",
     "InputError",
     "Layer",
     "LayerEdit",
     "LayerIndexError",
     "LayerStack",
+    "LoadPolicy",
     "ModelFileNotFoundError",
     "ModelMismatchError",
     "OutputExistsError",
@@ -99,6 +113,7 @@ __all__ = [
     "QwenLayeredModel",
     "ResourceError",
     "StackEdit",
+    "TextToLayersOptions",
     "WeightsError",
     "__version__",
     "apply_edits",
@@ -109,6 +124,7 @@ __all__ = [
     "duplicate_layer",
     "export_pngs",
     "export_zip",
+    "fold_residual",
     "lint_psd",
     "load_model",
     "merge_down",
@@ -118,6 +134,7 @@ __all__ = [
     "read_psd",
     "recolor_layer",
     "reorder_layers",
+    "replace_layer_pixels",
     "resize_stack",
     "select_layers",
     "set_layer_props",

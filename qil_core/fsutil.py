@@ -60,8 +60,9 @@ def check_output_name(name: str) -> str:
     """Return `name` unchanged when it is a safe single file name, else raise OutputPathError with the reason."""
     reason = name_problem(str(name))
     if reason is not None:
-        raise OutputPathError(f"output file name {name!r} is not allowed: {reason}; choose a plain name "
-                              f"such as 'layers_00001_.psd'")
+        raise OutputPathError(
+            f"output file name {name!r} is not allowed: {reason}; choose a plain name such as 'layers_00001_.psd'"
+        )
     return name
 
 
@@ -86,8 +87,10 @@ def ensure_inside(path: str | os.PathLike[str], root: str | os.PathLike[str]) ->
     real_root = os.path.realpath(root)
     real = os.path.realpath(path)
     if os.path.commonpath([real_root, real]) != real_root:
-        raise OutputPathError(f"output path {os.fspath(path)!r} resolves to {real!r}, outside the output folder "
-                              f"{real_root!r} (through '..' or a symbolic link); use a name inside that folder")
+        raise OutputPathError(
+            f"output path {os.fspath(path)!r} resolves to {real!r}, outside the output folder "
+            f"{real_root!r} (through '..' or a symbolic link); use a name inside that folder"
+        )
     return Path(real)
 
 
@@ -106,21 +109,27 @@ def _translate(err: OSError, path: Path) -> OutputPathError:
     code = err.errno
     where = f"cannot write {os.fspath(path)!r}"
     if code == errno.EEXIST:
-        return OutputExistsError(f"{where}: a file with that name already exists and was left untouched; "
-                                 f"choose another name, or allow replacing it (--overwrite on the command line, "
-                                 f"overwrite=True in Python)")
+        return OutputExistsError(
+            f"{where}: a file with that name already exists and was left untouched; "
+            f"choose another name, or allow replacing it (--overwrite on the command line, "
+            f"overwrite=True in Python)"
+        )
     if code == errno.ENOTDIR:
         return OutputPathError(f"{where}: a part of the folder path is a file, not a folder; choose another folder")
     if code == errno.ENOENT:
         return OutputPathError(f"{where}: the folder {os.fspath(path.parent)!r} does not exist; create it first")
     if code in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputPathError(f"{where}: the folder is read-only or not writable by this user ({err.strerror}); "
-                               f"choose a writable output folder")
+        return OutputPathError(
+            f"{where}: the folder is read-only or not writable by this user ({err.strerror}); "
+            f"choose a writable output folder"
+        )
     if code in (errno.ENOSPC, errno.EDQUOT):
         return OutputPathError(f"{where}: the disk is full ({err.strerror}); free some space or choose another disk")
     if code == errno.EFBIG:
-        return OutputPathError(f"{where}: the file is larger than this system allows ({err.strerror}: file size "
-                               f"limit or file system limit); use a smaller canvas or another disk")
+        return OutputPathError(
+            f"{where}: the file is larger than this system allows ({err.strerror}: file size "
+            f"limit or file system limit); use a smaller canvas or another disk"
+        )
     if code == errno.ENAMETOOLONG:
         return OutputPathError(f"{where}: the file name or path is too long; choose a shorter name")
     if code == errno.EISDIR:
@@ -225,8 +234,14 @@ def _publish(tmp: Path, final: Path, overwrite: bool) -> None:
         raise FileExistsError(errno.EEXIST, "File exists", os.fspath(final))
 
 
-def atomic_write(path: str | os.PathLike[str], write: Callable[[BinaryIO], None], *, overwrite: bool = False,
-                 make_dirs: bool = False, check: Callable[[Path], None] | None = None) -> Path:
+def atomic_write(
+    path: str | os.PathLike[str],
+    write: Callable[[BinaryIO], None],
+    *,
+    overwrite: bool = False,
+    make_dirs: bool = False,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
     """Write a file through `write(f)` atomically; an existing file is never touched unless `overwrite`.
 
     `check(tmp_path)`, when given, inspects the finished temporary file and raises to stop publishing it.
@@ -276,8 +291,15 @@ def _claim(tmp: Path, target: Path) -> bool:
     return publish_exclusive(tmp, target)  # atomic, never replaces an existing file
 
 
-def publish_group(folder: str | os.PathLike[str], base: str, writers: Sequence[tuple[str, Callable[[Path], Any]]], *,
-                  counter: int | None = None, max_tries: int = 1000, label: str | None = None) -> list[Path]:
+def publish_group(
+    folder: str | os.PathLike[str],
+    base: str,
+    writers: Sequence[tuple[str, Callable[[Path], Any]]],
+    *,
+    counter: int | None = None,
+    max_tries: int = 1000,
+    label: str | None = None,
+) -> list[Path]:
     """Write files (or folders) sharing one counter, e.g. `.psd` + `.png`, named `{base}_{counter:05}_{suffix}`.
 
     The one counter-named publisher (ComfyUI's `filename_prefix_00001_` names). Each writer fills a path that does
@@ -317,8 +339,10 @@ def publish_group(folder: str | os.PathLike[str], base: str, writers: Sequence[t
             counter += 1
         raise OutputPathError(f"no free file name for {label!r} in {folder} after {max_tries} counters")
     except OSError as e:
-        raise OutputPathError(f"could not write {label!r} into {folder}: {e.strerror or e}; check free space "
-                              "and permissions of the output folder") from e
+        raise OutputPathError(
+            f"could not write {label!r} into {folder}: {e.strerror or e}; check free space "
+            "and permissions of the output folder"
+        ) from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
@@ -333,8 +357,6 @@ def check_free(paths: Sequence[Path], *, overwrite: bool) -> None:
             raise OutputPathError(
                 f"output {os.fspath(p)!r} already exists and was left untouched; pass --overwrite to replace it"
             )
-
-
 
 
 # --- groups of files: all or nothing -------------------------------------------------------------------------
@@ -391,8 +413,12 @@ def _keep_copy(path: Path, backup: Path) -> None:
         shutil.copy2(path, backup)
 
 
-def write_group(items: Sequence[tuple[str | os.PathLike[str], Callable[[Path], object]]], *,
-                overwrite: bool = False, make_dirs: bool = False) -> list[Path]:
+def write_group(
+    items: Sequence[tuple[str | os.PathLike[str], Callable[[Path], object]]],
+    *,
+    overwrite: bool = False,
+    make_dirs: bool = False,
+) -> list[Path]:
     """Write several files as one group: all appear (or replace their old versions), or none changes.
 
     Each `(path, write)` item's `write(staged)` fills `staged`, a path that does not exist yet inside a hidden

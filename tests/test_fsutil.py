@@ -21,26 +21,41 @@ from qil_core.fsutil import (
 )
 
 
-@pytest.mark.parametrize("name, reason", [
-    ("", "empty"), ("   ", "empty"), (".", "folder reference"), ("..", "folder reference"),
-    (".hidden.psd", "starts with '.'"), ("nul\x00byte.psd", "control"), ("tab\there.psd", "control"),
-    ("a" * 201, "201 bytes"), ("é" * 101, "202 bytes"), ("CON", "reserved"), ("nul.psd", "reserved"),
-    ("com1.tar.gz", "reserved"), ("LPT9.psd", "reserved"), ("a/b.psd", "separator"), ("a\\b.psd", "separator"),
-    ("trailing.", "ends with"),
-])
+@pytest.mark.parametrize(
+    "name, reason",
+    [
+        ("", "empty"),
+        ("   ", "empty"),
+        (".", "folder reference"),
+        ("..", "folder reference"),
+        (".hidden.psd", "starts with '.'"),
+        ("nul\x00byte.psd", "control"),
+        ("tab\there.psd", "control"),
+        ("a" * 201, "201 bytes"),
+        ("é" * 101, "202 bytes"),
+        ("CON", "reserved"),
+        ("nul.psd", "reserved"),
+        ("com1.tar.gz", "reserved"),
+        ("LPT9.psd", "reserved"),
+        ("a/b.psd", "separator"),
+        ("a\\b.psd", "separator"),
+        ("trailing.", "ends with"),
+    ],
+)
 def test_s5_bad_names_rejected_with_reason(name: str, reason: str) -> None:
     with pytest.raises(OutputPathError, match=reason):
         check_output_name(name)
 
 
-@pytest.mark.parametrize("name", ["layers_00001_.psd", "名前 レイヤー.psd", "-rf", "a" * 200, "console.psd",
-                                  "COM10.psd"])
+@pytest.mark.parametrize(
+    "name", ["layers_00001_.psd", "名前 レイヤー.psd", "-rf", "a" * 200, "console.psd", "COM10.psd"]
+)
 def test_good_names_pass(name: str) -> None:
     assert check_output_name(name) == name
 
 
 def test_safe_name_makes_any_text_usable() -> None:
-    assert safe_name("a/b\\c:d*e?f\"g<h>i|j") == "a_b_c_d_e_f_g_h_i_j"
+    assert safe_name('a/b\\c:d*e?f"g<h>i|j') == "a_b_c_d_e_f_g_h_i_j"
     assert safe_name("..") == "untitled" and safe_name("") == "untitled"
     assert safe_name("  .hidden. ") == "hidden"
     assert safe_name("nul") == "_nul" and safe_name("CON.txt") == "_CON.txt"
@@ -219,5 +234,10 @@ def test_one_byte_formatter_in_decimal_units() -> None:
     # the model code, the PSD writer and the CLI use the one formatter of qil_core.resources
     assert memory.format_bytes is resources.format_bytes and psd_write.format_bytes is resources.format_bytes
     assert [resources.format_bytes(n) for n in (0, 999, 1536, 40.86e9, 2.5e12)] == [
-        "0 B", "999 B", "1.54 KB", "40.86 GB", "2.50 TB"]
+        "0 B",
+        "999 B",
+        "1.54 KB",
+        "40.86 GB",
+        "2.50 TB",
+    ]
     assert not hasattr(fsutil, "human_bytes") and not hasattr(fsutil, "format_bytes")

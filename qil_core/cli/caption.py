@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 from ..layers.image_file import open_image
+from ..model.policy import LoadPolicy
 from .common import existing_input
-from .model import DTYPES, _device
+from .model import _device
+from .options import add_options, from_args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,17 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="most tokens to generate (default 512, as the reference)",
     )
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weight dtype (default bf16)")
-    p.add_argument("--device", help="torch device, e.g. cuda or cpu (default: cuda if available)")
+    add_options(p, LoadPolicy, ["dtype", "device"])
     p.set_defaults(handler=run_caption)
 
 
 def run_caption(args: argparse.Namespace) -> int:
     """Handler of `caption`."""
-    import torch
-
     from ..model.pipeline.caption_job import caption_from_files
 
+    policy = from_args(LoadPolicy, args, ["dtype", "device"])
+    device = _device(policy)
     image = open_image(existing_input(Path(args.image), "image"), f"image {args.image!r}", upright=True)
     text = caption_from_files(
         image,
@@ -65,8 +66,8 @@ def run_caption(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         language=args.language,
         max_new_tokens=args.max_new_tokens,
-        dtype=getattr(torch, DTYPES[args.dtype]),
-        device=_device(args.device),
+        dtype=policy.torch_dtype(device),
+        device=device,
     )
     sys.stdout.write(text + "\n")
     return 0

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import struct
 import tempfile
@@ -12,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from ..checks import check_number
 from ..errors import InputError, OutputPathError
 from ..fsutil import STAGING_PREFIX, name_problem
 from ..layers.export import read_layer_pngs
@@ -43,18 +43,12 @@ def argtype(fn: Callable[[str], T], what: str) -> Callable[[str], T]:
 
 def _finite(text: str) -> float:
     """A finite float from text."""
-    v = float(text)
-    if not math.isfinite(v):
-        raise InputError(f"{text!r} is not a finite number")
-    return v
+    return check_number(repr(text), float(text))
 
 
 def _unit(text: str) -> float:
     """A float in 0..1 from text."""
-    v = _finite(text)
-    if not 0.0 <= v <= 1.0:
-        raise InputError(f"{text!r} is outside 0..1")
-    return v
+    return check_number(repr(text), float(text), 0.0, 1.0)
 
 
 def _scale(text: str) -> float:
@@ -126,8 +120,19 @@ def read_stack(paths: Sequence[str | os.PathLike[str]], *, groups: str = "keep")
 
 
 # What a damaged PSD may raise inside a parser (beyond its typed errors): shown as one line, never a traceback.
-_PARSER_ERRORS = (struct.error, IndexError, KeyError, TypeError, AttributeError, ZeroDivisionError, OverflowError,
-                  EOFError, UnicodeDecodeError, RecursionError, AssertionError)
+_PARSER_ERRORS = (
+    struct.error,
+    IndexError,
+    KeyError,
+    TypeError,
+    AttributeError,
+    ZeroDivisionError,
+    OverflowError,
+    EOFError,
+    UnicodeDecodeError,
+    RecursionError,
+    AssertionError,
+)
 
 
 def _read_psd(path: Path, *, groups: str = "keep") -> LayerStack:
@@ -135,15 +140,19 @@ def _read_psd(path: Path, *, groups: str = "keep") -> LayerStack:
     try:
         return read_psd(path, groups=groups)
     except _PARSER_ERRORS as err:
-        raise InputError(f"cannot read PSD {os.fspath(path)!r}: the file is damaged or uses an unsupported "
-                         f"structure ({type(err).__name__}: {' '.join(str(err).split())[:200]})") from err
+        raise InputError(
+            f"cannot read PSD {os.fspath(path)!r}: the file is damaged or uses an unsupported "
+            f"structure ({type(err).__name__}: {' '.join(str(err).split())[:200]})"
+        ) from err
 
 
 def check_prefix(prefix: str, option: str = "--prefix") -> str:
     """Refuse a file-name prefix that is a path (it would lead outside the output folder) or otherwise unsafe."""
     if "/" in prefix or "\\" in prefix or prefix in (".", ".."):
-        raise OutputPathError(f"{option} {prefix!r} is a path, and files named with it would land outside the "
-                              "output folder; give a plain name (choose the folder with --out)")
+        raise OutputPathError(
+            f"{option} {prefix!r} is a path, and files named with it would land outside the "
+            "output folder; give a plain name (choose the folder with --out)"
+        )
     reason = name_problem(f"{prefix}_00_layer.png")
     if reason is not None:
         raise OutputPathError(f"{option} {prefix!r} is not allowed: {reason}; give a plain name")
@@ -159,20 +168,27 @@ def check_writable(folder: Path) -> None:
     if not probe.is_dir():
         return  # a path through a file: the writers report it with its own message
     if not os.access(probe, os.W_OK | os.X_OK):
-        raise OutputPathError(f"cannot write into {os.fspath(probe)!r}: the folder is read-only or not writable by "
-                              "this user; choose a writable output folder")
+        raise OutputPathError(
+            f"cannot write into {os.fspath(probe)!r}: the folder is read-only or not writable by "
+            "this user; choose a writable output folder"
+        )
     try:  # named like a staging folder, so a run killed right here leaves nothing the sweep would not remove
         os.rmdir(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=probe))
     except OSError as err:
-        raise OutputPathError(f"cannot write into {os.fspath(probe)!r}: {err.strerror or err}; choose a writable "
-                              "output folder") from None
+        raise OutputPathError(
+            f"cannot write into {os.fspath(probe)!r}: {err.strerror or err}; choose a writable output folder"
+        ) from None
 
 
 def add_psd_options(p: argparse.ArgumentParser) -> None:
     """The PSD reading options shared by the commands that read a PSD."""
-    p.add_argument("--groups", choices=("keep", "flatten"), default="keep",
-                   help="PSD groups: 'keep' keeps the layers of pass-through groups and reads other groups (blend "
-                        "mode, opacity, mask) as one layer each; 'flatten' reads every group as one layer")
+    p.add_argument(
+        "--groups",
+        choices=("keep", "flatten"),
+        default="keep",
+        help="PSD groups: 'keep' keeps the layers of pass-through groups and reads other groups (blend "
+        "mode, opacity, mask) as one layer each; 'flatten' reads every group as one layer",
+    )
 
 
 def check_suffix(path: Path, suffixes: Sequence[str], what: str) -> None:

@@ -13,6 +13,7 @@ from ..layers.composite import composite
 from ..layers.edit_steps import LayerEdit, StackEdit, Step, apply_edits
 from ..layers.export import write_png
 from ..layers.psd import write_psd
+from ..layers.replace import ALPHA_POLICIES
 from ..layers.resample import INTERPOLATIONS
 from ..layers.stack import BLEND_MODES
 from ..layers.transform import GROUP_PIVOTS
@@ -51,6 +52,7 @@ examples:
       --move-to 2:0 --preview p.png
   python -m qil_core edit in.psd --out out.psd --layer Logo --replace-color "#1f244c:#802020:0.2" --blend multiply
   python -m qil_core edit in.psd --out out.psd --layer "Sun,Sun glow" --flip-h --rotate 15 --pivot canvas
+  python -m qil_core edit in.psd --out out.psd --replace-pixels Logo=logo_edited.png --replace-alpha keep
 """
 
 
@@ -64,16 +66,26 @@ def _steps(namespace: argparse.Namespace) -> list[Step]:
 class _LayerAction(argparse.Action):
     """`--layer KEYS`: start a new group."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         _steps(namespace).append(LayerEdit(str(values)))
 
 
 class _LayerOption(argparse.Action):
     """A per-layer option: recorded in the most recent group, refused without one or when repeated."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         steps = _steps(namespace)
         if not steps or not isinstance(steps[-1], LayerEdit):
             after = "a stack edit" if steps else "nothing"
@@ -88,8 +100,13 @@ class _LayerOption(argparse.Action):
 class _StackOption(argparse.Action):
     """A stack edit: appended as its own step."""
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
-                 option_string: str | None = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
         _steps(namespace).append(StackEdit(self.dest, self.const if self.nargs == 0 else values))
 
 
@@ -108,6 +125,14 @@ def _tint_arg(text: str) -> tuple[tuple[float, float, float], float]:
     """'COLOR[:STRENGTH]' -> (RGB, strength); strength defaults to 0.5."""
     colour, _, strength = text.partition(":")
     return color_arg(colour), unit_float(strength) if strength else 0.5
+
+
+def _replace_pixels_arg(text: str) -> tuple[str, str]:
+    """'LAYER=FILE' -> (layer key, picture path)."""
+    key, sep, path = text.partition("=")
+    if not sep or not key or not path:
+        raise argparse.ArgumentTypeError(f"replace-pixels: {text!r} is not LAYER=FILE (e.g. Logo=logo_edited.png)")
+    return key, path
 
 
 def _pivot(text: str) -> str | tuple[float, float]:
@@ -134,7 +159,9 @@ def _move_to_arg(text: str) -> tuple[str, int]:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `edit` command."""
     p = subparsers.add_parser(
-        "edit", help="transform, recolor and restack layers of a PSD", description=EDIT_HELP,
+        "edit",
+        help="transform, recolor and restack layers of a PSD",
+        description=EDIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("inputs", nargs="+", metavar="IN", help="one .psd, or layer images bottom first (or one ZIP)")
@@ -153,30 +180,62 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g.add_argument("--scale", **lo, type=scale_float, metavar="S", help="scale both axes about the pivot")
     g.add_argument("--scale-x", **lo, type=scale_float, metavar="SX", help="horizontal scale")
     g.add_argument("--scale-y", **lo, type=scale_float, metavar="SY", help="vertical scale")
-    g.add_argument("--rotate", **lo, dest="rotation", type=finite_float, metavar="DEG",
-                   help="rotate clockwise in degrees; the layer grows to fit")
+    g.add_argument(
+        "--rotate",
+        **lo,
+        dest="rotation",
+        type=finite_float,
+        metavar="DEG",
+        help="rotate clockwise in degrees; the layer grows to fit",
+    )
     g.add_argument("--flip-h", **lo, nargs=0, const=True, help="mirror left-right")
     g.add_argument("--flip-v", **lo, nargs=0, const=True, help="mirror top-bottom")
     g.add_argument("--interpolation", **lo, choices=INTERPOLATIONS, help="resampling filter (default lanczos)")
-    g.add_argument("--pivot", **lo, type=pivot_arg, metavar="P",
-                   help="centre of scale, rotation and flips for the group's layers: group (their common box, "
-                        "default), layer (each its own), canvas, or X,Y")
+    g.add_argument(
+        "--pivot",
+        **lo,
+        type=pivot_arg,
+        metavar="P",
+        help="centre of scale, rotation and flips for the group's layers: group (their common box, "
+        "default), layer (each its own), canvas, or X,Y",
+    )
 
     g = p.add_argument_group("recolor (per --layer; alpha never changes)")
     g.add_argument("--hue", **lo, dest="hue_shift", type=finite_float, metavar="DEG", help="hue shift in degrees")
-    for flag, what in (("saturation", "-1 grey .. 1 double, relative"), ("lightness", "-1 black .. 1 white"),
-                       ("brightness", "-1..1 added to every channel"), ("contrast", "-1 flat .. 1 threshold")):
+    for flag, what in (
+        ("saturation", "-1 grey .. 1 double, relative"),
+        ("lightness", "-1 black .. 1 white"),
+        ("brightness", "-1..1 added to every channel"),
+        ("contrast", "-1 flat .. 1 threshold"),
+    ):
         g.add_argument(f"--{flag}", **lo, type=finite_float, metavar="V", help=what)
-    g.add_argument("--tint", **lo, type=_tint_arg, metavar="COLOR[:S]",
-                   help="tint towards COLOR with strength S in 0..1 (default 0.5), e.g. '#ff0000:0.5'")
-    g.add_argument("--replace-color", **lo, dest="replace", type=_replace_arg, metavar="FROM:TO[:TOL]",
-                   help="replace colour FROM by TO within tolerance TOL in 0..1 (default 0.1)")
+    g.add_argument(
+        "--tint",
+        **lo,
+        type=_tint_arg,
+        metavar="COLOR[:S]",
+        help="tint towards COLOR with strength S in 0..1 (default 0.5), e.g. '#ff0000:0.5'",
+    )
+    g.add_argument(
+        "--replace-color",
+        **lo,
+        dest="replace",
+        type=_replace_arg,
+        metavar="FROM:TO[:TOL]",
+        help="replace colour FROM by TO within tolerance TOL in 0..1 (default 0.1)",
+    )
     g.add_argument("--invert", **lo, nargs=0, const=True, help="invert RGB")
 
     g = p.add_argument_group("layer properties (per --layer)")
     g.add_argument("--opacity", **lo, type=unit_float, metavar="A", help="set the layer opacity, 0..1")
-    g.add_argument("--blend", **lo, dest="blend_mode", choices=BLEND_MODES, metavar="MODE",
-                   help=f"set the blend mode: {', '.join(BLEND_MODES)}")
+    g.add_argument(
+        "--blend",
+        **lo,
+        dest="blend_mode",
+        choices=BLEND_MODES,
+        metavar="MODE",
+        help=f"set the blend mode: {', '.join(BLEND_MODES)}",
+    )
     g.add_argument("--rename", **lo, metavar="NAME", help="set the layer name")
     g.add_argument("--hide", **lo, dest="visible", nargs=0, const=False, help="make the layer invisible")
     g.add_argument("--show", **lo, dest="visible", nargs=0, const=True, help="make the layer visible")
@@ -184,14 +243,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     g = p.add_argument_group("stack edits (each is one step; indices as the stack is at that point)")
     so = {"action": _StackOption}
     g.add_argument("--delete", **so, metavar="KEYS", help="delete layers")
-    g.add_argument("--keep", **so, metavar="KEYS",
-                   help="keep only these layers, in the order listed (so it can also reorder)")
-    g.add_argument("--move-to", **so, dest="move_to", type=_move_to_arg, metavar="FROM:TO",
-                   help="move layer FROM to index TO (2:0 sends layer 2 to the bottom)")
+    g.add_argument(
+        "--keep", **so, metavar="KEYS", help="keep only these layers, in the order listed (so it can also reorder)"
+    )
+    g.add_argument(
+        "--move-to",
+        **so,
+        dest="move_to",
+        type=_move_to_arg,
+        metavar="FROM:TO",
+        help="move layer FROM to index TO (2:0 sends layer 2 to the bottom)",
+    )
     g.add_argument("--merge-down", **so, dest="merge_down", metavar="KEY", help="merge a layer into the one below")
     g.add_argument("--duplicate", **so, metavar="KEY", help="copy a layer; the copy goes right above it")
     g.add_argument("--drop-empty", **so, dest="drop_empty", nargs=0, const=True, help="remove fully transparent layers")
     g.add_argument("--resize", **so, type=size_arg, metavar="WxH", help="scale the whole document to WxH")
+    g.add_argument(
+        "--replace-pixels",
+        **so,
+        dest="replace_pixels",
+        type=_replace_pixels_arg,
+        metavar="LAYER=FILE",
+        help="replace a layer's pixels with an edited picture (any size: scaled back to the canvas or "
+        "the layer's box, whichever it shows); the alpha follows --replace-alpha",
+    )
+    p.add_argument(
+        "--replace-alpha",
+        choices=ALPHA_POLICIES,
+        default="keep",
+        help="alpha for --replace-pixels: keep the layer's (default), take the picture's (RGBA), or "
+        "re-matte by difference against the unedited layer",
+    )
 
 
 def run_edit(args: argparse.Namespace) -> int:
@@ -205,6 +287,9 @@ def run_edit(args: argparse.Namespace) -> int:
         check_suffix(args.preview, (".png",), "preview")
         outs.append(args.preview)
     check_free(outs, overwrite=args.overwrite)
+    for step in steps:
+        if isinstance(step, StackEdit) and step.op == "replace_pixels":
+            step.value = (*step.value[:2], args.replace_alpha)
     t0 = time.perf_counter()
     stack = read_stack(args.inputs)
     edited = apply_edits(stack, steps)
@@ -213,6 +298,7 @@ def run_edit(args: argparse.Namespace) -> int:
     if args.preview is not None:
         written.append(write_png(flat, args.preview, overwrite=args.overwrite))
     log_written(written)
-    logger.info("edit: %d steps, %d -> %d layers in %.2f s", len(steps), len(stack), len(edited),
-                time.perf_counter() - t0)
+    logger.info(
+        "edit: %d steps, %d -> %d layers in %.2f s", len(steps), len(stack), len(edited), time.perf_counter() - t0
+    )
     return 0

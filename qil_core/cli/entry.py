@@ -38,6 +38,8 @@ def _prog() -> str:
     """The name the user typed: `qil` for the console script, `python -m qil_core` otherwise."""
     name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return name if name and not name.endswith(".py") and name != "-c" else PROG
+
+
 # Sub-command modules, in the order their commands appear in --help; each has `register(subparsers)`.
 COMMAND_MODULES: tuple[ModuleType, ...] = (cli_layers, cli_edit, cli_demo, cli_model, cli_caption)
 
@@ -96,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
             "layer PNGs). Layers are always counted bottom first: index 0 is the bottom layer, -1 the top."
         ),
         epilog=f"Run '{_prog()} COMMAND --help' for the options of one command. Exit status: 0 success; 2 bad "
-               "input or output path (a one-line message, -v adds the traceback); 1 other I/O failure or out "
-               "of memory; 130 interrupted; 143 terminated. Existing files are never replaced without --overwrite.",
+        "input or output path (a one-line message, -v adds the traceback); 1 other I/O failure or out "
+        "of memory; 130 interrupted; 143 terminated. Existing files are never replaced without --overwrite.",
     )
     parser.add_argument("--version", action="version", version=f"qil_core {__version__}")
     _add_common_options(parser, top=True)
@@ -166,8 +168,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (QILError, ValueError, *_PATH_ERRORS) as exc:
         return _report(exc, verbose, code=2)
     except MemoryError as exc:  # a ResourceError (refused before allocating) is a QILError, handled above
-        return _report(MemoryError(f"out of memory while running {args.command} ({exc or 'allocation failed'}); "
-                                   "use smaller inputs or sizes, or free memory"), verbose, code=1)
+        return _report(
+            MemoryError(
+                f"out of memory while running {args.command} ({exc or 'allocation failed'}); "
+                "use smaller inputs or sizes, or free memory"
+            ),
+            verbose,
+            code=1,
+        )
     except OSError as exc:
         return _report(exc, verbose, code=1)
     except Terminated:

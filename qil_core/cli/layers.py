@@ -37,24 +37,36 @@ INPUTS_HELP = "one .psd, or layer images (.png, bottom first; or one ZIP from ps
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `compose`, `layers-to-psd`, `psd-to-layers` and `info`."""
-    p = subparsers.add_parser("compose", help="flatten a PSD or layer PNGs into one PNG",
-                              description="Flatten with our compositor (all 26 blend modes, opacity, visibility).")
+    p = subparsers.add_parser(
+        "compose",
+        help="flatten a PSD or layer PNGs into one PNG",
+        description="Flatten with our compositor (all 26 blend modes, opacity, visibility).",
+    )
     p.add_argument("inputs", nargs="+", metavar="IN", help=INPUTS_HELP)
     p.add_argument("--out", required=True, type=Path, metavar="OUT.png", help="PNG to write")
-    p.add_argument("--background", type=color_arg, metavar="COLOR",
-                   help="fill under the layers, e.g. '#ffffff' (default: transparent)")
-    p.add_argument("--use-merged", action="store_true",
-                   help="for a PSD: write Photoshop's stored merged image instead of compositing the layers (use "
-                        "it when the reader warns about effects or adjustments it cannot draw)")
+    p.add_argument(
+        "--background",
+        type=color_arg,
+        metavar="COLOR",
+        help="fill under the layers, e.g. '#ffffff' (default: transparent)",
+    )
+    p.add_argument(
+        "--use-merged",
+        action="store_true",
+        help="for a PSD: write Photoshop's stored merged image instead of compositing the layers (use "
+        "it when the reader warns about effects or adjustments it cannot draw)",
+    )
     add_psd_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(handler=run_compose)
 
     p = subparsers.add_parser(
-        "layers-to-psd", help="stack layer PNGs (bottom first) into a layered PSD",
+        "layers-to-psd",
+        help="stack layer PNGs (bottom first) into a layered PSD",
         description="Stack images into a PSD, first file at the bottom. Names come from the file stems (or the "
-                    "layer record psd-to-layers stores in each PNG); layers are cropped to their content. Images "
-                    "without a record are placed at the top-left of a canvas as large as the largest image.")
+        "layer record psd-to-layers stores in each PNG); layers are cropped to their content. Images "
+        "without a record are placed at the top-left of a canvas as large as the largest image.",
+    )
     p.add_argument("inputs", nargs="+", metavar="LAYER.png", help="layer images, bottom first (or one ZIP)")
     p.add_argument("--out", required=True, type=Path, metavar="OUT.psd", help="PSD to write")
     p.add_argument("--names", nargs="+", metavar="NAME", help="layer names, one per input, bottom first")
@@ -64,23 +76,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_layers_to_psd)
 
     p = subparsers.add_parser(
-        "psd-to-layers", help="export every layer of a PSD as a PNG (plus a manifest)",
+        "psd-to-layers",
+        help="export every layer of a PSD as a PNG (plus a manifest)",
         description="Write one RGBA PNG per layer, named PREFIX_INDEX_NAME.png bottom first with zero-padded "
-                    "indices, and PREFIX_manifest.json (canvas, names, offsets, opacity, blend, visibility). "
-                    "Each PNG also carries its layer record, so layers-to-psd restores the document.")
+        "indices, and PREFIX_manifest.json (canvas, names, offsets, opacity, blend, visibility). "
+        "Each PNG also carries its layer record, so layers-to-psd restores the document.",
+    )
     p.add_argument("input", metavar="IN", help=INPUTS_HELP)
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="folder to write into (created)")
     p.add_argument("--prefix", help="file name prefix (default: the input's stem)")
-    p.add_argument("--cropped", action="store_true",
-                   help="store each layer cropped to its content, offsets in the manifest (default: full-canvas "
-                        "PNGs, which cut off any part of a layer lying outside the canvas; --cropped keeps it)")
+    p.add_argument(
+        "--cropped",
+        action="store_true",
+        help="store each layer cropped to its content, offsets in the manifest (default: full-canvas "
+        "PNGs, which cut off any part of a layer lying outside the canvas; --cropped keeps it)",
+    )
     p.add_argument("--zip", action="store_true", help="write one ZIP (PNGs + manifest.json) instead of loose files")
     add_psd_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(handler=run_psd_to_layers)
 
-    p = subparsers.add_parser("info", help="list the layers of a PSD or layer PNGs",
-                              description="Print canvas size and one row per layer, bottom first.")
+    p = subparsers.add_parser(
+        "info",
+        help="list the layers of a PSD or layer PNGs",
+        description="Print canvas size and one row per layer, bottom first.",
+    )
     p.add_argument("inputs", nargs="+", metavar="IN", help=INPUTS_HELP)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     add_psd_options(p)
@@ -102,14 +122,16 @@ def run_compose(args: argparse.Namespace) -> int:
             flat[..., :3] = flat[..., :3] * a + np.asarray(bg[:3], np.float32) * (1 - a)
             flat[..., 3] = 1.0
         log_written([write_png(flat, args.out, overwrite=args.overwrite)])
-        logger.info("compose: stored merged image %dx%d in %.2f s", flat.shape[1], flat.shape[0],
-                    time.perf_counter() - t0)
+        logger.info(
+            "compose: stored merged image %dx%d in %.2f s", flat.shape[1], flat.shape[0], time.perf_counter() - t0
+        )
         return 0
     stack = read_stack(args.inputs, groups=args.groups)
     flat = composite(stack, background=bg)
     log_written([write_png(flat, args.out, overwrite=args.overwrite)])
-    logger.info("compose: %d layers on %dx%d in %.2f s", len(stack), stack.width, stack.height,
-                time.perf_counter() - t0)
+    logger.info(
+        "compose: %d layers on %dx%d in %.2f s", len(stack), stack.width, stack.height, time.perf_counter() - t0
+    )
     return 0
 
 
@@ -129,8 +151,14 @@ def run_layers_to_psd(args: argparse.Namespace) -> int:
         stack = LayerStack(args.canvas[0], args.canvas[1], stack.layers)
     path = write_psd(stack, args.out, depth=args.depth, overwrite=args.overwrite)
     log_written([path])
-    logger.info("layers-to-psd: %d layers, canvas %dx%d, %d-bit, in %.2f s", len(stack), stack.width,
-                stack.height, args.depth, time.perf_counter() - t0)
+    logger.info(
+        "layers-to-psd: %d layers, canvas %dx%d, %d-bit, in %.2f s",
+        len(stack),
+        stack.width,
+        stack.height,
+        args.depth,
+        time.perf_counter() - t0,
+    )
     return 0
 
 
@@ -138,14 +166,27 @@ def manifest(stack: LayerStack, *, source: str, files: list[str] | None = None) 
     """A JSON-ready description of a stack: canvas, order and one record per layer (file when exported)."""
     records = []
     for i, layer in enumerate(stack.layers):
-        rec: dict[str, object] = {"index": i, "name": layer.name, "x": layer.x, "y": layer.y,
-                                  "width": layer.width, "height": layer.height, "opacity": layer.opacity,
-                                  "blend_mode": layer.blend_mode, "visible": layer.visible}
+        rec: dict[str, object] = {
+            "index": i,
+            "name": layer.name,
+            "x": layer.x,
+            "y": layer.y,
+            "width": layer.width,
+            "height": layer.height,
+            "opacity": layer.opacity,
+            "blend_mode": layer.blend_mode,
+            "visible": layer.visible,
+        }
         if files is not None:
             rec["file"] = files[i]
         records.append(rec)
-    return {"version": 1, "source": source, "canvas": [stack.width, stack.height], "order": "bottom first",
-            "layers": records}
+    return {
+        "version": 1,
+        "source": source,
+        "canvas": [stack.width, stack.height],
+        "order": "bottom first",
+        "layers": records,
+    }
 
 
 def run_psd_to_layers(args: argparse.Namespace) -> int:
@@ -178,8 +219,12 @@ def run_psd_to_layers(args: argparse.Namespace) -> int:
         items = png_items(stack, out_dir, prefix=prefix, full_canvas=full) + [(manifest_path, write_manifest)]
         written = write_group(items, overwrite=args.overwrite, make_dirs=True)
     log_written(written)
-    logger.info("psd-to-layers: %d layers (%s) in %.2f s", len(stack), "cropped" if args.cropped else "full canvas",
-                time.perf_counter() - t0)
+    logger.info(
+        "psd-to-layers: %d layers (%s) in %.2f s",
+        len(stack),
+        "cropped" if args.cropped else "full canvas",
+        time.perf_counter() - t0,
+    )
     return 0
 
 
@@ -187,8 +232,17 @@ def layer_table(stack: LayerStack) -> str:
     """A plain-text table of the stack: canvas line, then index, name, offset, size, opacity, blend, visible."""
     header = ("#", "name", "x", "y", "width", "height", "opacity", "blend", "visible")
     rows = [header] + [
-        (str(i), layer.name, str(layer.x), str(layer.y), str(layer.width), str(layer.height),
-         f"{layer.opacity:.3f}", layer.blend_mode, "yes" if layer.visible else "no")
+        (
+            str(i),
+            layer.name,
+            str(layer.x),
+            str(layer.y),
+            str(layer.width),
+            str(layer.height),
+            f"{layer.opacity:.3f}",
+            layer.blend_mode,
+            "yes" if layer.visible else "no",
+        )
         for i, layer in enumerate(stack.layers)
     ]
     widths = [max(_display_width(r[c]) for r in rows) for c in range(len(header))]

@@ -27,59 +27,55 @@ from ..layers.export import layer_file_names, png_items
 from ..layers.image_file import open_image
 from ..layers.psd import write_psd
 from ..layers.stack import Layer, LayerStack
-from .common import check_suffix, check_writable, existing_input, finite_float, log_written
+from ..model.pipeline.options import CUSTOM, DecomposeOptions, SamplingOptions, TextToLayersOptions, check_size_mode
+from ..model.policy import LoadPolicy
+from ..options import spec_of
+from .common import check_suffix, check_writable, existing_input, log_written
+from .lora import add_lora_options, add_sampler_options, apply_loras, sampler_options
+from .options import add_options, from_args
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names (torch loads lazily)
-DEMO_SETTINGS = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
+POLICY_FLAGS = ["dtype", "device", "memory", "fp8", "quant", "quant_kernels"]  # LoadPolicy fields shown as flags
+SAMPLING_FLAGS = ["prompt", "negative_prompt", "layers", "steps", "cfg", "cfg_normalize", "seed", "keep_composite"]
+SIZE_FLAGS = ["resolution", "max_side", "output_size", "recompose"]
+CAPTION_FLAGS = ["caption_language", "auto_caption"]  # auto-caption when no prompt is given (as the reference)
+PROMPT_FLAGS = ["prompt", "negative_prompt"]  # read with their files (--prompt-file), after the other checks
+CANVAS_FLAGS = ["width", "height"]
+DEMO_SETTINGS: dict[str, Any] = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
-    """Weights, dtype and device options shared by the model commands."""
+    """Weights, dtype, device and memory options shared by the model commands (generated from LoadPolicy)."""
     g = p.add_argument_group("model files (a diffusers folder, or single files in ComfyUI's or diffusers' layout)")
     g.add_argument("--model-dir", type=Path, metavar="DIR", help="diffusers Qwen-Image-Layered folder")
     g.add_argument("--transformer", type=Path, metavar="F", help="transformer .safetensors (or its folder)")
     g.add_argument("--vae", type=Path, metavar="F", help="RGBA VAE .safetensors (or its folder)")
     g.add_argument("--text-encoder", type=Path, metavar="F", help="Qwen2.5-VL text encoder .safetensors or folder")
-    g.add_argument("--tokenizer", type=Path, metavar="DIR",
-                   help="tokenizer folder (default: next to the text encoder, in the model folder or in ComfyUI)")
-    g.add_argument("--dtype", choices=tuple(DTYPES), default="bf16", help="weight dtype (default bf16)")
-    g.add_argument("--device", help="torch device, e.g. cuda, cuda:1 or cpu (default: cuda if available)")
-    g.add_argument("--memory", choices=("auto", "resident", "offload", "block_swap"), default="auto",
-                   help="where weights live while sampling: auto picks from the free memory; resident keeps all on "
-                        "the device; offload moves components in only while used; block_swap streams transformer "
-                        "blocks (fits 24 GB cards). Results are identical in every mode (default auto)")
-    g.add_argument("--fp8", action="store_true",
-                   help="quantise a bf16/fp16 transformer to fp8 (e4m3fn) while loading: half the memory, ~2-3%% "
-                        "output difference (fp8 files stay fp8 without this); the same as --quant fp8")
-    g.add_argument("--quant", choices=("fp8", "int8-convrot", "int8", "mxfp8", "nvfp4"),
-                   help="quantise a bf16/fp16 transformer's blocks while loading, as ComfyUI's quantiser does: "
-                        "int8-convrot (INT8 with a Hadamard rotation, closest to bf16), fp8, int8, mxfp8 or nvfp4 "
-                        "(quantised files stay as they are without this)")
-    g.add_argument("--quant-kernels", choices=("auto", "portable", "comfy-kitchen"), default="auto",
-                   help="matmuls of quantised layers: auto uses comfy-kitchen's kernels on CUDA when installed; "
-                        "portable dequantises one layer at a time (any device)")
-    g.add_argument("--vae-tile", type=int, metavar="PX",
-                   help="decode/encode the VAE in tiles of PX pixels (64 px overlap) to bound memory on large outputs")
+    g.add_argument(
+        "--tokenizer",
+        type=Path,
+        metavar="DIR",
+        help="tokenizer folder (default: next to the text encoder, in the model folder or in ComfyUI)",
+    )
+    add_options(g, LoadPolicy, POLICY_FLAGS)
+    add_options(g, SamplingOptions, ["vae_tile"])
+    add_lora_options(p)
 
 
-def _add_sampling_options(p: argparse.ArgumentParser, layers: int) -> None:
-    """Sampling options shared by decompose and text-to-layers."""
+def _add_sampling_options(p: argparse.ArgumentParser, cls: type) -> None:
+    """Sampling options shared by decompose and text-to-layers (generated from the job's options class), plus
+    the prompt files. --negative-prompt defaults to None here so that giving it and its file is refused."""
     g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", help="caption of the WHOLE image (decompose: omitted = auto-caption)")
-    g.add_argument("--prompt-file", type=Path, metavar="F",
-                   help="read the prompt from a UTF-8 text file (for prompts longer than a command line allows)")
-    g.add_argument("--negative-prompt", default=None, help="negative prompt for true CFG (default ' ')")
+    add_options(g, cls, SAMPLING_FLAGS, defaults={"negative_prompt": None})
+    g.add_argument(
+        "--prompt-file",
+        type=Path,
+        metavar="F",
+        help="read the prompt from a UTF-8 text file (for prompts longer than a command line allows)",
+    )
     g.add_argument("--negative-prompt-file", type=Path, metavar="F", help="read the negative prompt from a UTF-8 file")
-    g.add_argument("--layers", type=int, default=layers, help=f"number of layers, 1..20 (default {layers})")
-    g.add_argument("--steps", type=int, default=50, help="denoising steps, 1..1000 (default 50)")
-    g.add_argument("--cfg", type=finite_float, default=4.0, help="true CFG scale, 1 = off (default 4.0)")
-    g.add_argument("--no-cfg-normalize", dest="cfg_normalize", action="store_false",
-                   help="do not rescale the guided velocity to the conditional one's norm (on by default)")
-    g.add_argument("--seed", type=int, default=0, help="seed (taken modulo 2**64; default 0)")
-    g.add_argument("--keep-composite", action="store_true",
-                   help="also keep the model's own composite frame, as a hidden top layer")
+    add_sampler_options(p)
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -92,63 +88,60 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add `decompose` and `text-to-layers` (the `demo` command, model part included, is cli/demo.py's)."""
     p = subparsers.add_parser(
-        "decompose", help="split an image into RGBA layers with Qwen-Image-Layered",
+        "decompose",
+        help="split an image into RGBA layers with Qwen-Image-Layered",
         description="Decompose IMAGE into N RGBA layers (bottom first) and write them as a layered PSD. The image "
-                    "is resized to the 640 or 1024 area bucket (or --resolution custom --max-side N) as the "
-                    "reference pipeline does; --output-size original maps the layers back to the input's size.")
+        "is resized to the 640 or 1024 area bucket (or --resolution custom --max-side N) as the "
+        "reference pipeline does; --output-size original maps the layers back to the input's size.",
+    )
     p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, WebP, TIFF; alpha is kept)")
     _add_output_options(p)
     _add_model_options(p)
-    _add_sampling_options(p, 4)
-    g = p.add_argument_group("size")
-    g.add_argument("--resolution", choices=("640", "1024", "custom"), default=None,
-                   help="processing size: 640 or 1024 area bucket, or custom with --max-side (default 640; "
-                        "custom when --max-side is given)")
-    g.add_argument("--max-side", type=int, help="longest side in px (64..4096); implies --resolution custom")
-    g.add_argument("--output-size", choices=("processing", "original"), default="processing",
-                   help="canvas of the result: the processing size, or the input's original size")
-    g = p.add_argument_group("auto-caption (when no prompt is given, as the reference)")
-    g.add_argument("--caption-language", choices=("en", "zh"), default="en", help="caption language (default en)")
-    g.add_argument("--no-auto-caption", dest="auto_caption", action="store_false",
-                   help="encode the empty prompt instead of captioning the image")
+    _add_sampling_options(p, DecomposeOptions)
+    # --resolution has no default here: --max-side alone means custom, neither means the option's default (640)
+    add_options(p.add_argument_group("size"), DecomposeOptions, SIZE_FLAGS, defaults={"resolution": None})
+    add_options(p.add_argument_group("auto-caption (when no prompt is given)"), DecomposeOptions, CAPTION_FLAGS)
     p.set_defaults(handler=run_decompose)
 
     p = subparsers.add_parser(
-        "text-to-layers", help="generate RGBA layers from a prompt (no input image)",
+        "text-to-layers",
+        help="generate RGBA layers from a prompt (no input image)",
         description="Generate N RGBA layers from PROMPT and write them as a layered PSD. The released weights are "
-                    "tuned for decomposition, so quality is limited.")
-    p.add_argument("text", metavar="PROMPT", nargs="?",
-                   help="description of the whole picture (or give --prompt-file)")
+        "tuned for decomposition, so quality is limited.",
+    )
+    p.add_argument("text", metavar="PROMPT", nargs="?", help="description of the whole picture (or give --prompt-file)")
     _add_output_options(p)
     _add_model_options(p)
-    _add_sampling_options(p, 4)
-    p.add_argument("--width", type=int, default=640, help="width in px, 64..4096, rounded to 16 (default 640)")
-    p.add_argument("--height", type=int, default=640, help="height in px, 64..4096, rounded to 16 (default 640)")
+    _add_sampling_options(p, TextToLayersOptions)
+    add_options(p.add_argument_group("size"), TextToLayersOptions, CANVAS_FLAGS)
     p.set_defaults(handler=run_text_to_layers)
+
+
+def _policy(args: argparse.Namespace) -> LoadPolicy:
+    """The loading policy of the command line (checked before any work, errors naming the flags)."""
+    if args.model_dir is None and (args.transformer is None or args.vae is None):
+        raise InputError("give --model-dir DIR, or --transformer F and --vae F (plus --text-encoder F for prompts)")
+    return from_args(LoadPolicy, args, POLICY_FLAGS)
 
 
 def _load(args: argparse.Namespace) -> Any:
     """Load the model named by the command line options."""
-    import torch
-
     from ..model.loader import load_model
-    from ..model.weights.quant import TRANSFORMER_FP8_SKIP, quantize_module_fp8
-    from ..model.weights.quant_kernels import enable_quant_kernels
 
-    if args.model_dir is None and (args.transformer is None or args.vae is None):
-        raise InputError("give --model-dir DIR, or --transformer F and --vae F (plus --text-encoder F for prompts)")
-    dtype = getattr(torch, DTYPES[args.dtype])
-    device = _device(args.device)
+    policy = _policy(args)
+    device = _device(policy)
     # Weights load memory-mapped on the CPU; the memory plan then decides what goes to the device and when.
-    model = load_model(model_dir=args.model_dir, transformer=args.transformer, vae=args.vae,
-                       text_encoder=args.text_encoder, tokenizer=args.tokenizer, dtype=dtype, device="cpu")
-
-    quant = getattr(args, "quant", None) or ("fp8" if args.fp8 else None)
-    if quant:
-        quantize_module_fp8(model.transformer, skip=TRANSFORMER_FP8_SKIP, fmt=quant)
-    for module in (model.transformer, model.text_encoder):
-        if module is not None:
-            enable_quant_kernels(module, getattr(args, "quant_kernels", "auto"), device=device)
+    model = load_model(
+        model_dir=args.model_dir,
+        transformer=args.transformer,
+        vae=args.vae,
+        text_encoder=args.text_encoder,
+        tokenizer=args.tokenizer,
+        dtype=policy.torch_dtype(device),
+        device="cpu",
+    )
+    policy.after_load(model, device)
+    apply_loras(model, args)
     model.device = device
     return model
 
@@ -184,23 +177,27 @@ def _planned_names(layers: int, keep_composite: bool, prefix: str) -> list[str]:
     return layer_file_names(stub, prefix)
 
 
-def _device(text: str | None) -> Any:
-    """The torch device of --device, checked before any loading: it must parse and be present on this machine."""
+def _device(policy: LoadPolicy) -> Any:
+    """The torch device of --device (the policy's best one when not given), checked before any loading: it must
+    be present on this machine."""
     import torch
 
-    from ..model.pipeline.checks import check_device
-
-    if text is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = check_device(text, "--device")
+    dev = policy.torch_device()
+    if policy.device is None:
+        return dev
+    text = policy.device
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "built without CUDA"
-            raise InputError(f"--device {text}: CUDA is not available here (this PyTorch is {build}, and no usable "
-                             "NVIDIA GPU was found); use --device cpu or install a CUDA build of PyTorch")
+            raise InputError(
+                f"--device {text}: CUDA is not available here (this PyTorch is {build}, and no usable "
+                "NVIDIA GPU was found); use --device cpu or install a CUDA build of PyTorch"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise InputError(f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s) "
-                             f"(cuda:0..cuda:{torch.cuda.device_count() - 1})")
+            raise InputError(
+                f"--device {text}: there are only {torch.cuda.device_count()} CUDA device(s) "
+                f"(cuda:0..cuda:{torch.cuda.device_count() - 1})"
+            )
     elif dev.type == "mps" and not torch.backends.mps.is_available():
         raise InputError(f"--device {text}: Apple MPS is not available here; use --device cpu")
     elif dev.type not in ("cpu", "cuda", "mps"):
@@ -216,13 +213,14 @@ def _read_text(path: Path, option: str) -> str:
     try:
         return p.read_text(encoding="utf-8-sig").removesuffix("\n").removesuffix("\r")
     except UnicodeDecodeError as err:
-        raise InputError(f"{option} {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); "
-                         "save it as UTF-8") from None
+        raise InputError(
+            f"{option} {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); save it as UTF-8"
+        ) from None
     except OSError as err:
         raise InputError(f"{option} {str(path)!r} cannot be read: {err.strerror or err}") from None
 
 
-def _prompts(args: argparse.Namespace, prompt: str | None) -> tuple[str | None, str]:
+def _prompts(args: argparse.Namespace, prompt: str | None) -> tuple[str | None, Any]:
     """(prompt, negative prompt) from the options or their files; giving both forms of one is refused."""
     if args.prompt_file is not None:
         if prompt is not None:
@@ -231,28 +229,24 @@ def _prompts(args: argparse.Namespace, prompt: str | None) -> tuple[str | None, 
     negative = args.negative_prompt
     if args.negative_prompt_file is not None:
         if negative is not None:
-            raise InputError("give the negative prompt either with --negative-prompt or --negative-prompt-file, "
-                             "not both")
+            raise InputError(
+                "give the negative prompt either with --negative-prompt or --negative-prompt-file, not both"
+            )
         negative = _read_text(args.negative_prompt_file, "--negative-prompt-file")
-    return prompt, " " if negative is None else negative
+    return prompt, spec_of(SamplingOptions, "negative_prompt")[0].default if negative is None else negative
 
 
 def _targets(args: argparse.Namespace, layers: int, keep_composite: bool) -> None:
-    """Check every argument and every file the command will write before any work (numbers, device, suffix, safe
-    names, no collisions, an existing writable folder for --out): loading and sampling take minutes."""
-    from ..model.pipeline.checks import check_cfg, check_layers, check_steps
-    from ..model.runtime.vae_tiling import check_tile
-
-    check_layers(layers)
-    check_steps(args.steps)
-    check_cfg(args.cfg)
-    check_tile(args.vae_tile, "--vae-tile")
-    _device(args.device)
+    """Check every argument and every file the command will write before any work (device, suffix, safe names, no
+    collisions, an existing writable folder for --out): loading and sampling take minutes. The options (numbers,
+    sizes, tile) are checked already, by their dataclasses."""
+    _device(_policy(args))
     check_suffix(args.out, (".psd",), "output")
     folder = args.out.parent
     if not folder.is_dir():
-        what = ("is a file, not a folder; choose another folder" if folder.exists()
-                else "does not exist; create it first")
+        what = (
+            "is a file, not a folder; choose another folder" if folder.exists() else "does not exist; create it first"
+        )
         raise OutputPathError(f"cannot write {str(args.out)!r}: the folder {str(folder)!r} {what}")
     check_writable(folder)
     paths = [args.out]
@@ -270,8 +264,9 @@ def _write(stack: LayerStack, args: argparse.Namespace) -> list[Path]:
     return write_result(stack, args.out, args.png_dir, prefix=args.out.stem, overwrite=args.overwrite)
 
 
-def result_items(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str,
-                 check: Any = None) -> list[tuple[Path, Any]]:
+def result_items(
+    stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str, check: Any = None
+) -> list[tuple[Path, Any]]:
     """`(path, write)` items of the PSD and (optionally) its layer PNGs for `fsutil.write_group`, which publishes
     them together, so a failure leaves no part behind. `check(staged_psd)` inspects the PSD before publishing."""
 
@@ -288,8 +283,9 @@ def result_items(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: 
 
 def write_result(stack: LayerStack, psd: Path, png_dir: Path | None, *, prefix: str, overwrite: bool) -> list[Path]:
     """Write the PSD and its layer PNGs as one group (all or nothing); returns the written paths."""
-    return write_group(result_items(stack, psd, png_dir, prefix=prefix), overwrite=overwrite,
-                       make_dirs=png_dir is not None)
+    return write_group(
+        result_items(stack, psd, png_dir, prefix=prefix), overwrite=overwrite, make_dirs=png_dir is not None
+    )
 
 
 def _read_image(path: Path) -> Image.Image:
@@ -302,56 +298,66 @@ def _read_image(path: Path) -> Image.Image:
 def run_decompose(args: argparse.Namespace) -> int:
     """Handler of `decompose`."""
     from ..model.pipeline.decompose import decompose
+    from ..model.pipeline.imaging import bucket_size, check_image_size
 
-    _targets(args, args.layers, args.keep_composite)
+    # --max-side alone means --resolution custom; neither flag leaves the option's default (640)
+    resolution = args.resolution or (CUSTOM if args.max_side is not None else None)
+    flags = SAMPLING_FLAGS + SIZE_FLAGS + CAPTION_FLAGS + ["vae_tile"]
+    names = [n for n in flags if n not in PROMPT_FLAGS + ["resolution"]]
+    opts = from_args(DecomposeOptions, args, names, extra={"resolution": resolution} if resolution else None)
+    _targets(args, opts.layers, opts.keep_composite)
     prompt, negative = _prompts(args, args.prompt)
-    from ..model.pipeline.imaging import bucket_size, check_image_size, check_resolution
-
-    mode = args.resolution or ("custom" if args.max_side is not None else "640")
-    if args.max_side is not None and mode != "custom":
-        raise InputError(f"--max-side applies only to --resolution custom, not --resolution {mode}; drop one of them")
-    resolution = check_resolution(mode, args.max_side)
+    opts = opts.changed(prompt=prompt, negative_prompt=negative)
+    if args.max_side is not None and opts.resolution != CUSTOM:
+        raise InputError(
+            f"--max-side applies only to --resolution custom, not --resolution {opts.resolution}; drop one of them"
+        )
     image = _read_image(Path(args.image))
     check_image_size(image.width, image.height, f"image {args.image!r}")
-    work_w, work_h = bucket_size(image.width, image.height, resolution, args.max_side)
+    mode, max_side = check_size_mode(opts.resolution, opts.max_side)
+    work_w, work_h = bucket_size(image.width, image.height, mode, max_side)
     model = _load(args)
     t0 = time.perf_counter()
-    stack = decompose(model, image, prompt=prompt, negative_prompt=negative, layers=args.layers,
-                      steps=args.steps, cfg=args.cfg, cfg_normalize=args.cfg_normalize, seed=args.seed,
-                      resolution=resolution, max_side=args.max_side, output_size=args.output_size,
-                      keep_composite=args.keep_composite, vae_tile=args.vae_tile,
-                      placement=_placement(args, model, work_w, work_h, args.layers),
-                      callback=_progress("decompose"), auto_caption=args.auto_caption,
-                      caption_language=args.caption_language)[0]
-    logger.info("decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
-                time.perf_counter() - t0)
+    stack = decompose(
+        model,
+        image,
+        options=opts,
+        placement=_placement(args, model, work_w, work_h, opts.layers),
+        callback=_progress("decompose"),
+        sampler=sampler_options(args),
+    )[0]
+    logger.info(
+        "decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height, time.perf_counter() - t0
+    )
     log_written(_write(stack, args))
     return 0
 
 
 def run_text_to_layers(args: argparse.Namespace) -> int:
     """Handler of `text-to-layers`."""
-    from ..model.pipeline.checks import check_int
     from ..model.pipeline.decompose import text_to_layers
 
-    _targets(args, args.layers, args.keep_composite)
-    check_int("--width", args.width, 64, 4096)
-    check_int("--height", args.height, 64, 4096)
+    names = [n for n in SAMPLING_FLAGS if n not in PROMPT_FLAGS] + CANVAS_FLAGS + ["vae_tile"]
+    opts = from_args(TextToLayersOptions, args, names)
+    _targets(args, opts.layers, opts.keep_composite)
     if args.text is not None and args.prompt is not None:
         raise InputError("give the prompt once: as PROMPT or with --prompt, not both")
     prompt, negative = _prompts(args, args.text if args.text is not None else args.prompt)
     if not prompt:
         raise InputError("text-to-layers needs a prompt: give PROMPT or --prompt-file F")
+    opts = opts.changed(prompt=prompt, negative_prompt=negative)
     model = _load(args)
     t0 = time.perf_counter()
-    stack = text_to_layers(model, prompt, width=args.width, height=args.height,
-                           negative_prompt=negative, layers=args.layers, steps=args.steps, cfg=args.cfg,
-                           cfg_normalize=args.cfg_normalize, seed=args.seed, keep_composite=args.keep_composite,
-                           vae_tile=args.vae_tile, placement=_placement(args, model, args.width, args.height,
-                                                                        args.layers),
-                           callback=_progress("text-to-layers"))
-    logger.info("text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height,
-                time.perf_counter() - t0)
+    stack = text_to_layers(
+        model,
+        options=opts,
+        placement=_placement(args, model, opts.width, opts.height, opts.layers),
+        callback=_progress("text-to-layers"),
+        sampler=sampler_options(args),
+    )
+    logger.info(
+        "text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height, time.perf_counter() - t0
+    )
     log_written(_write(stack, args))
     return 0
 
@@ -364,8 +370,9 @@ def demo_targets(out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
     return psd, layer_dir
 
 
-def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool = False,
-                   size: tuple[int, int] | None = None) -> tuple[LayerStack, list[tuple[Path, Any]], float]:
+def decompose_demo(
+    out_dir: Path, *, image: Path | None = None, overwrite: bool = False, size: tuple[int, int] | None = None
+) -> tuple[LayerStack, list[tuple[Path, Any]], float]:
     """Decompose the sample scene (or `image`) with a tiny RANDOM model; returns the stack, the `(path, write)`
     items of OUT/decomposed.psd and its layer PNGs (for one `write_group` with the rest of the demo) and the
     seconds it took."""
@@ -379,14 +386,27 @@ def decompose_demo(out_dir: Path, *, image: Path | None = None, overwrite: bool 
     psd, layer_dir = demo_targets(out_dir, overwrite)
     picture = _read_image(image) if image is not None else sample_image(size or DEFAULT_SIZE)
     t0 = time.perf_counter()
-    logger.warning("demo: decomposing with a tiny model of RANDOM weights, written to a temporary folder. It "
-                   "shows the pipeline end to end; its layers are noise. Use 'decompose' with the "
-                   "Qwen-Image-Layered weights for real results.")
+    logger.warning(
+        "demo: decomposing with a tiny model of RANDOM weights, written to a temporary folder. It "
+        "shows the pipeline end to end; its layers are noise. Use 'decompose' with the "
+        "Qwen-Image-Layered weights for real results."
+    )
     with tempfile.TemporaryDirectory(prefix="qil_tiny_") as tmp:
         paths = write_tiny_model(tmp, layout="comfyui")
-        model = load_model(transformer=paths["transformer"], vae=paths["vae"], text_encoder=paths["text_encoder"],
-                           dtype=torch.float32, device="cpu")
-        stack = decompose(model, picture, prompt="a layered scene with sky, sun, hills, a house and a logo",
-                          output_size="original", callback=_progress("demo decompose"), **DEMO_SETTINGS)[0]
+        model = load_model(
+            transformer=paths["transformer"],
+            vae=paths["vae"],
+            text_encoder=paths["text_encoder"],
+            dtype=torch.float32,
+            device="cpu",
+        )
+        stack = decompose(
+            model,
+            picture,
+            prompt="a layered scene with sky, sun, hills, a house and a logo",
+            output_size="original",
+            callback=_progress("demo decompose"),
+            **DEMO_SETTINGS,
+        )[0]
     items = result_items(stack, psd, layer_dir, prefix="decomposed", check=lambda staged: check_psd(staged, stack))
     return stack, items, time.perf_counter() - t0

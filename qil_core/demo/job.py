@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
 def demo_edits(size: tuple[int, int]) -> tuple[LayerEdit, ...]:
     """The demo's edits: autumn colours for the near hill; the sun and its glow moved, the sun enlarged."""
     w, h = size
@@ -94,8 +95,13 @@ def check_psd(path: Path, expect: LayerStack) -> None:
 Items = list[tuple[Path, Callable[[Path], object]]]
 
 
-def run_demo(out_dir: str | os.PathLike[str], *, size: tuple[int, int] = DEFAULT_SIZE, overwrite: bool = False,
-             more: Callable[[DemoReport], Items] | None = None) -> DemoReport:
+def run_demo(
+    out_dir: str | os.PathLike[str],
+    *,
+    size: tuple[int, int] = DEFAULT_SIZE,
+    overwrite: bool = False,
+    more: Callable[[DemoReport], Items] | None = None,
+) -> DemoReport:
     """Build the sample stack, edit it, and write composites, PSDs and per-layer PNGs into `out_dir`.
 
     Everything is computed first and then published as one group (`fsutil.write_group`), together with the
@@ -116,8 +122,7 @@ def run_demo(out_dir: str | os.PathLike[str], *, size: tuple[int, int] = DEFAULT
     }
     layer_dir = out / "layers"
     # Everything is checked before anything is written, so a refused run leaves the folder as it was.
-    check_free([*targets.values(), *(layer_dir / n for n in layer_file_names(stack, "sample"))],
-               overwrite=overwrite)
+    check_free([*targets.values(), *(layer_dir / n for n in layer_file_names(stack, "sample"))], overwrite=overwrite)
 
     flat = _run(report, "composite", lambda: composite(stack))
     edited = _run(report, "edit", lambda: apply_edits(stack, demo_edits(stack.size)))
@@ -128,6 +133,7 @@ def run_demo(out_dir: str | os.PathLike[str], *, size: tuple[int, int] = DEFAULT
             _run(report, label, lambda: write_psd(doc, staged, merged=merged))
             with report.timed("verify"):
                 check_psd(staged, doc)
+
         return write
 
     items: Items = [
@@ -139,10 +145,11 @@ def run_demo(out_dir: str | os.PathLike[str], *, size: tuple[int, int] = DEFAULT
     pngs = png_items(stack, layer_dir, prefix="sample")
     extra = more(report) if more is not None else []
     out.mkdir(parents=True, exist_ok=True)
-    written = _run(report, "write files", lambda: write_group(items + pngs + extra, overwrite=overwrite,
-                                                              make_dirs=True))
+    written = _run(
+        report, "write files", lambda: write_group(items + pngs + extra, overwrite=overwrite, make_dirs=True)
+    )
     for label, path in zip(targets, written):
         report.files[label] = path
-    for path in written[len(items):len(items) + len(pngs)]:
+    for path in written[len(items) : len(items) + len(pngs)]:
         report.files[f"layer {path.stem.split('_')[1]}"] = path
     return report

@@ -74,9 +74,7 @@ def sample_stack(size: tuple[int, int] = DEFAULT_SIZE) -> LayerStack:
     # Glow: a Gaussian falloff drawn in screen mode so it brightens the sky without darkening anything.
     glow = np.exp(-((d / (2.6 * sun_r)) ** 2)).astype(np.float32)
     glow[glow < 1.0 / 512.0] = 0.0  # cut the invisible tail so the layer crops to a compact box
-    layers.append(
-        Layer.from_canvas(_rgba((1.0, 0.85, 0.45), glow), name="Sun glow", blend_mode="screen", opacity=0.8)
-    )
+    layers.append(Layer.from_canvas(_rgba((1.0, 0.85, 0.45), glow), name="Sun glow", blend_mode="screen", opacity=0.8))
     layers.append(Layer.from_canvas(_rgba((1.0, 0.93, 0.55), _coverage(d - sun_r)), name="Sun"))
 
     # Hills: the region under a sum of sines; vertical distance is a good enough SDF for gentle slopes.

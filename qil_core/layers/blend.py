@@ -233,31 +233,70 @@ def luminosity(cb: np.ndarray, cs: np.ndarray) -> np.ndarray:
 # -- tables -----------------------------------------------------------------------------------------------------
 
 BLEND_FUNCS: dict[str, BlendFunc] = {
-    "normal": normal, "multiply": multiply, "screen": screen, "overlay": overlay, "darken": darken,
-    "lighten": lighten, "color-dodge": color_dodge, "color-burn": color_burn, "hard-light": hard_light,
-    "soft-light": soft_light, "difference": difference, "exclusion": exclusion, "linear-dodge": linear_dodge,
-    "linear-burn": linear_burn, "vivid-light": vivid_light, "pin-light": pin_light,
-    "linear-light": linear_light, "hard-mix": hard_mix, "subtract": subtract, "divide": divide,
-    "grain-extract": grain_extract, "grain-merge": grain_merge, "hue": hue, "saturation": saturation,
-    "color": color, "luminosity": luminosity,
+    "normal": normal,
+    "multiply": multiply,
+    "screen": screen,
+    "overlay": overlay,
+    "darken": darken,
+    "lighten": lighten,
+    "color-dodge": color_dodge,
+    "color-burn": color_burn,
+    "hard-light": hard_light,
+    "soft-light": soft_light,
+    "difference": difference,
+    "exclusion": exclusion,
+    "linear-dodge": linear_dodge,
+    "linear-burn": linear_burn,
+    "vivid-light": vivid_light,
+    "pin-light": pin_light,
+    "linear-light": linear_light,
+    "hard-mix": hard_mix,
+    "subtract": subtract,
+    "divide": divide,
+    "grain-extract": grain_extract,
+    "grain-merge": grain_merge,
+    "hue": hue,
+    "saturation": saturation,
+    "color": color,
+    "luminosity": luminosity,
 }
 
 # Core blend-mode name -> 4-byte PSD blend key (Photoshop's "Blend mode key", PSD spec layer record).
 PSD_BLEND_KEYS: dict[str, str] = {
-    "normal": "norm", "multiply": "mul ", "screen": "scrn", "overlay": "over", "darken": "dark",
-    "lighten": "lite", "color-dodge": "div ", "color-burn": "idiv", "hard-light": "hLit",
-    "soft-light": "sLit", "difference": "diff", "exclusion": "smud", "linear-dodge": "lddg",
-    "linear-burn": "lbrn", "vivid-light": "vLit", "pin-light": "pLit", "linear-light": "lLit",
-    "hard-mix": "hMix", "subtract": "fsub", "divide": "fdiv", "grain-extract": "fsub",
-    "grain-merge": "lLit", "hue": "hue ", "saturation": "sat ", "color": "colr", "luminosity": "lum ",
+    "normal": "norm",
+    "multiply": "mul ",
+    "screen": "scrn",
+    "overlay": "over",
+    "darken": "dark",
+    "lighten": "lite",
+    "color-dodge": "div ",
+    "color-burn": "idiv",
+    "hard-light": "hLit",
+    "soft-light": "sLit",
+    "difference": "diff",
+    "exclusion": "smud",
+    "linear-dodge": "lddg",
+    "linear-burn": "lbrn",
+    "vivid-light": "vLit",
+    "pin-light": "pLit",
+    "linear-light": "lLit",
+    "hard-mix": "hMix",
+    "subtract": "fsub",
+    "divide": "fdiv",
+    "grain-extract": "fsub",
+    "grain-merge": "lLit",
+    "hue": "hue ",
+    "saturation": "sat ",
+    "color": "colr",
+    "luminosity": "lum ",
 }
 
 # Modes whose PSD key only approximates them (the writer should warn once per file).
 PSD_APPROXIMATE_MODES: dict[str, str] = {
     "grain-extract": "GIMP's grain extract has no Photoshop equivalent; written as 'fsub' (subtract), "
-                     "which renders 0.5 darker",
+    "which renders 0.5 darker",
     "grain-merge": "GIMP's grain merge has no Photoshop equivalent; written as 'lLit' (linear light), "
-                   "which doubles the deviation of the layer from mid grey",
+    "which doubles the deviation of the layer from mid grey",
 }
 
 # PSD key -> core name, for the keys that stand for exactly one core mode.
@@ -272,6 +311,7 @@ PSD_KEY_FALLBACKS: dict[str, str] = {
     "dkCl": "darken",  # darker color (whole-pixel choice)
     "lgCl": "lighten",  # lighter color (whole-pixel choice)
 }
+
 
 def blend_function(mode: str) -> BlendFunc:
     """The `B(Cb, Cs)` function of a core blend-mode name."""

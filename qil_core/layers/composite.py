@@ -29,8 +29,9 @@ Rect = tuple[int, int, int, int]  # (left, top, right, bottom), canvas pixels, r
 _BAND_PIXELS = 1 << 16
 
 
-def check_canvas(width: int, height: int, *, what: str = "canvas", channels: int = 4, count: int = 1,
-                 memory_limit: int | None = None) -> int:
+def check_canvas(
+    width: int, height: int, *, what: str = "canvas", channels: int = 4, count: int = 1, memory_limit: int | None = None
+) -> int:
     """Refuse a canvas over MAX_CANVAS_SIDE or over the memory estimate before allocating; returns its bytes."""
     if width < 1 or height < 1:
         raise InputError(f"{what} must be at least 1x1 px, got {width}x{height}")
@@ -41,8 +42,12 @@ def check_canvas(width: int, height: int, *, what: str = "canvas", channels: int
         )
     need = int(width) * int(height) * channels * 4 * count
     limit = memory_limit if memory_limit is not None else available_ram_bytes()
-    check_allocation(need, f"a {what} of {width}x{height} px (float32, x{count})", available=limit,
-                     hint="use a smaller canvas or free memory")
+    check_allocation(
+        need,
+        f"a {what} of {width}x{height} px (float32, x{count})",
+        available=limit,
+        hint="use a smaller canvas or free memory",
+    )
     return need
 
 
@@ -66,8 +71,9 @@ def _workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _parallel_rows(work: Callable[[int, int, dict], None], rows: int, row_pixels: int,
-                   pool: ThreadPoolExecutor | None) -> None:
+def _parallel_rows(
+    work: Callable[[int, int, dict], None], rows: int, row_pixels: int, pool: ThreadPoolExecutor | None
+) -> None:
     """Run `work(start, stop, workspace)` over row bands, one contiguous run of bands per pool thread.
 
     numpy releases the GIL inside ufunc loops, so threads scale; each run keeps its own `workspace` dict so
@@ -100,8 +106,9 @@ def _scratch(workspace: dict, name: str, shape: tuple[int, ...]) -> np.ndarray:
     return arr[: shape[0]]
 
 
-def blend_layer_into(planes: np.ndarray, origin: tuple[int, int], layer: Layer,
-                     pool: ThreadPoolExecutor | None = None) -> Rect | None:
+def blend_layer_into(
+    planes: np.ndarray, origin: tuple[int, int], layer: Layer, pool: ThreadPoolExecutor | None = None
+) -> Rect | None:
     """Add one layer onto a premultiplied planar (4, H, W) canvas whose pixel [0, 0] sits at canvas `origin`.
 
     Returns the canvas rectangle touched, or None when the layer is hidden, empty or outside the canvas.
@@ -113,8 +120,8 @@ def blend_layer_into(planes: np.ndarray, origin: tuple[int, int], layer: Layer,
     if rect is None:
         return None
     l, t, r, b = rect
-    src = layer.pixels[t - layer.y:b - layer.y, l - layer.x:r - layer.x]  # (h, w, 4) straight, interleaved
-    dst = planes[:, t - oy:b - oy, l - ox:r - ox]  # (4, h, w) premultiplied planes (views)
+    src = layer.pixels[t - layer.y : b - layer.y, l - layer.x : r - layer.x]  # (h, w, 4) straight, interleaved
+    dst = planes[:, t - oy : b - oy, l - ox : r - ox]  # (4, h, w) premultiplied planes (views)
     opacity = np.float32(layer.opacity)
     fn = None if layer.blend_mode == "normal" else blend_function(layer.blend_mode)
 
@@ -182,8 +189,9 @@ def planes_to_straight(planes: np.ndarray, out: np.ndarray, pool: ThreadPoolExec
     return out
 
 
-def composite_layers(layers: Sequence[Layer], rect: Rect, *, background: Sequence[float] | None = None,
-                     memory_limit: int | None = None) -> np.ndarray:
+def composite_layers(
+    layers: Sequence[Layer], rect: Rect, *, background: Sequence[float] | None = None, memory_limit: int | None = None
+) -> np.ndarray:
     """Flatten layers (bottom first) over canvas rectangle `rect`; returns straight RGBA (h, w, 4) float32."""
     l, t, r, b = (int(v) for v in rect)
     check_canvas(r - l, b - t, what="composite output", count=2, memory_limit=memory_limit)
@@ -198,12 +206,17 @@ def composite_layers(layers: Sequence[Layer], rect: Rect, *, background: Sequenc
     with ThreadPoolExecutor(_workers()) as pool:
         touched = [hit for layer in layers if (hit := blend_layer_into(planes, (l, t), layer, pool)) is not None]
         for x0, y0, x1, y1 in _disjoint_cover(touched):
-            planes_to_straight(planes[:, y0 - t:y1 - t, x0 - l:x1 - l], out[y0 - t:y1 - t, x0 - l:x1 - l], pool)
+            planes_to_straight(planes[:, y0 - t : y1 - t, x0 - l : x1 - l], out[y0 - t : y1 - t, x0 - l : x1 - l], pool)
     return out
 
 
-def composite(stack: LayerStack, *, background: tuple[float, float, float, float] | None = None,
-              canvas: tuple[int, int, int, int] | None = None, memory_limit: int | None = None) -> np.ndarray:
+def composite(
+    stack: LayerStack,
+    *,
+    background: tuple[float, float, float, float] | None = None,
+    canvas: tuple[int, int, int, int] | None = None,
+    memory_limit: int | None = None,
+) -> np.ndarray:
     """Flatten a stack to straight RGBA (H, W, 4) float32; `canvas` = (left, top, right, bottom), default the stack's.
 
     Hidden layers are skipped, opacity is applied once, parts outside `canvas` are clipped, and a stack with
@@ -224,7 +237,7 @@ def paste_layer(dst: np.ndarray, layer: Layer, origin: tuple[int, int] = (0, 0))
     rect = _clip_rect(layer.bbox(), (ox, oy, ox + dst.shape[1], oy + dst.shape[0]))
     if rect is not None and layer.pixels.size:
         l, t, r, b = rect
-        dst[t - oy:b - oy, l - ox:r - ox] = layer.pixels[t - layer.y:b - layer.y, l - layer.x:r - layer.x]
+        dst[t - oy : b - oy, l - ox : r - ox] = layer.pixels[t - layer.y : b - layer.y, l - layer.x : r - layer.x]
     return dst
 
 

@@ -103,8 +103,9 @@ def _mask_batch(value: Any, what: str, size: tuple[int, int]) -> np.ndarray:
     if mask.shape[1:] != size:
         if mask.shape[0] == 0 or 0 in mask.shape[1:] or 0 in size:
             raise InputError(f"{what} of shape {tuple(mask.shape)} cannot be fitted to a {size[1]}x{size[0]} image")
-        logger.info("%s is %dx%d, the image %dx%d; resizing the mask", what, mask.shape[2], mask.shape[1],
-                    size[1], size[0])
+        logger.info(
+            "%s is %dx%d, the image %dx%d; resizing the mask", what, mask.shape[2], mask.shape[1], size[1], size[0]
+        )
         mask = np.clip(np.stack([resize_plane(m, (size[1], size[0]), "bilinear") for m in mask]), 0, 1)
     return mask
 
@@ -117,7 +118,10 @@ def _frame_masks(n_img: int, mask: np.ndarray, what: str) -> list[np.ndarray | N
     if n_mask != n_img:
         logger.warning(
             "%s: image batch %d with mask batch %d; frame k takes mask k (%s), as ComfyUI core does",
-            what, n_img, n_mask, "extra masks ignored" if n_mask > n_img else "the frames past the masks stay unmasked",
+            what,
+            n_img,
+            n_mask,
+            "extra masks ignored" if n_mask > n_img else "the frames past the masks stay unmasked",
         )
     return [mask[k] if k < n_mask else None for k in range(n_img)]
 
@@ -199,9 +203,13 @@ def _canvas(doc: dict, items: Sequence[dict]) -> tuple[int, int]:
             if len(shape) not in (3, 4):
                 raise InputError(f"layers[{i}].image must be an IMAGE [B, H, W, C], got shape {tuple(shape)}")
             what = f"layers[{i}]"
-            r, b = _placed_right_bottom(_int(it, "x", 0, what), _int(it, "y", 0, what),
-                                        _display_size(it, "w", shape[-2], what),
-                                        _display_size(it, "h", shape[-3], what), _rotation(it, what))
+            r, b = _placed_right_bottom(
+                _int(it, "x", 0, what),
+                _int(it, "y", 0, what),
+                _display_size(it, "w", shape[-2], what),
+                _display_size(it, "h", shape[-3], what),
+                _rotation(it, what),
+            )
             right, bottom = max(right, r), max(bottom, b)
         canvas = (right, bottom)
         logger.info("LAYERS document has no canvas; using %dx%d from its layers", *canvas)
@@ -233,7 +241,8 @@ def _item_layers(item: dict, what: str, first: int, interpolation: str) -> list[
     rot = _rotation(item, what)
     name = item.get("name")
     common: dict[str, Any] = {
-        "opacity": _opacity(item.get("opacity", 1.0), what), "visible": bool(_scalar(item.get("visible", True))),
+        "opacity": _opacity(item.get("opacity", 1.0), what),
+        "visible": bool(_scalar(item.get("visible", True))),
         "blend_mode": _blend_mode(item.get("blend_mode", "normal"), what),
     }
     out = []
@@ -249,8 +258,13 @@ def _item_layers(item: dict, what: str, first: int, interpolation: str) -> list[
             label = str(name) if rgba.shape[0] == 1 else f"{name} {k + 1}"
         layer = Layer(np.ascontiguousarray(px), x=x, y=y, name=label, **common)
         if rot or item.get("flip_h") or item.get("flip_v"):
-            layer = transform_layer(layer, rotation=math.degrees(rot), flip_h=bool(item.get("flip_h")),
-                                    flip_v=bool(item.get("flip_v")), interpolation=interpolation)
+            layer = transform_layer(
+                layer,
+                rotation=math.degrees(rot),
+                flip_h=bool(item.get("flip_h")),
+                flip_v=bool(item.get("flip_v")),
+                interpolation=interpolation,
+            )
         out.append(layer.cropped())
     return out
 
@@ -270,7 +284,8 @@ def stack_from_document(doc: dict, *, interpolation: str = "lanczos") -> LayerSt
     layers: list[Layer] = []
     for i in order:
         layers.extend(_item_layers(items[i], f"layers[{i}]", len(layers), interpolation))
-    return LayerStack(width, height, layers)
+    meta = doc.get("metadata")
+    return LayerStack(width, height, layers, metadata=dict(meta) if isinstance(meta, dict) else {})
 
 
 def stack_to_document(stack: LayerStack) -> dict:
@@ -280,17 +295,39 @@ def stack_to_document(stack: LayerStack) -> dict:
     items = []
     top = len(stack.layers) - 1
     for i, layer in enumerate(stack.layers):
-        items.append({
-            "type": "raster", "image": torch.from_numpy(np.ascontiguousarray(layer.pixels[None], np.float32).copy()),
-            "name": layer.name, "x": layer.x, "y": layer.y, "z_index": i - top, "opacity": layer.opacity,
-            "blend_mode": layer.blend_mode, "visible": layer.visible, "w": layer.width, "h": layer.height,
-            "rotation": 0.0, "flip_h": False, "flip_v": False,
-        })
-    return {"version": DOCUMENT_VERSION, "canvas": (stack.width, stack.height), "layers": items}
+        items.append(
+            {
+                "type": "raster",
+                "image": torch.from_numpy(np.ascontiguousarray(layer.pixels[None], np.float32).copy()),
+                "name": layer.name,
+                "x": layer.x,
+                "y": layer.y,
+                "z_index": i - top,
+                "opacity": layer.opacity,
+                "blend_mode": layer.blend_mode,
+                "visible": layer.visible,
+                "w": layer.width,
+                "h": layer.height,
+                "rotation": 0.0,
+                "flip_h": False,
+                "flip_v": False,
+            }
+        )
+    doc = {"version": DOCUMENT_VERSION, "canvas": (stack.width, stack.height), "layers": items}
+    if stack.metadata:
+        doc["metadata"] = dict(stack.metadata)  # our key, e.g. the exact-recomposition report; others ignore it
+    return doc
 
 
-def stack_from_images(image: Any, mask: Any = None, *, names: Sequence[str] | None = None, x: int = 0, y: int = 0,
-                      canvas: tuple[int, int] | None = None) -> LayerStack:
+def stack_from_images(
+    image: Any,
+    mask: Any = None,
+    *,
+    names: Sequence[str] | None = None,
+    x: int = 0,
+    y: int = 0,
+    canvas: tuple[int, int] | None = None,
+) -> LayerStack:
     """IMAGE [B, H, W, C] (C = 1, 3, 4) + optional MASK [B, H, W] / [H, W] -> one layer per batch item, bottom first.
 
     A batch of 1 on either side broadcasts; each layer is cropped to its content and offset by (x, y); the
@@ -312,8 +349,10 @@ def stack_from_images(image: Any, mask: Any = None, *, names: Sequence[str] | No
     cw, ch = (w, h) if canvas is None else (int(canvas[0]), int(canvas[1]))
     if not (1 <= cw <= MAX_CANVAS_SIDE and 1 <= ch <= MAX_CANVAS_SIDE):
         raise InputError(f"canvas {cw}x{ch} is outside 1..{MAX_CANVAS_SIDE} px per side")
-    layers = [Layer(rgba[i], x=int(x), y=int(y), name=str(names[i]) if names else f"Layer {i + 1}").cropped()
-              for i in range(n)]
+    layers = [
+        Layer(rgba[i], x=int(x), y=int(y), name=str(names[i]) if names else f"Layer {i + 1}").cropped()
+        for i in range(n)
+    ]
     return LayerStack(cw, ch, layers)
 
 
@@ -336,6 +375,6 @@ def stack_to_images(stack: LayerStack, *, full_canvas: bool = True) -> tuple[Any
     frames = np.zeros((n, b - t, r - l, 4), np.float32)
     for i, layer in enumerate(stack.layers):
         paste_layer(frames[i], layer, (l, t))
-    frames[..., :3] *= (frames[..., 3:4] > 0)
+    frames[..., :3] *= frames[..., 3:4] > 0
     rgba = torch.from_numpy(frames)
     return rgba, alpha_to_mask(rgba[..., 3]).contiguous()

@@ -9,11 +9,15 @@ the centre of their common box, so several layers turn, scale and flip as one; o
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import InputError
+from .image_file import float_rgba, open_image, pil_array
 from .ops import (
     delete_layers,
     drop_empty_layers,
@@ -25,6 +29,7 @@ from .ops import (
     select_layers,
 )
 from .recolor import recolor_layer
+from .replace import replace_layer_pixels
 from .stack import Layer, LayerStack
 from .transform import resize_stack, transform_layers
 
@@ -46,7 +51,8 @@ class LayerEdit:
 
 @dataclass
 class StackEdit:
-    """One stack edit (`delete`, `keep`, `move_to`, `merge_down`, `duplicate`, `drop_empty`, `resize`)."""
+    """One stack edit (`delete`, `keep`, `move_to`, `merge_down`, `duplicate`, `drop_empty`, `resize`,
+    `replace_pixels` with value (layer key, picture path, alpha policy))."""
 
     op: str
     value: Any = None
@@ -63,8 +69,9 @@ def resolve_keys(stack: LayerStack, keys: str) -> list[int]:
 def _recolor(layer: Layer, opts: dict[str, Any]) -> Layer:
     if not any(k in opts for k in _RECOLOR):
         return layer
-    kw: dict[str, Any] = {k: opts[k] for k in ("hue_shift", "saturation", "lightness", "brightness",
-                                                  "contrast", "invert") if k in opts}
+    kw: dict[str, Any] = {
+        k: opts[k] for k in ("hue_shift", "saturation", "lightness", "brightness", "contrast", "invert") if k in opts
+    }
     if "tint" in opts:
         kw["tint"], kw["tint_strength"] = opts["tint"]
     if "replace" in opts:
@@ -82,6 +89,18 @@ def _properties(layer: Layer, opts: dict[str, Any]) -> Layer:
     return layer.replace(**props) if props else layer
 
 
+def read_picture(path: str | os.PathLike[str]) -> np.ndarray:
+    """An edited picture file -> straight float32 RGB, or RGBA when the file has transparency (image_file's reader)."""
+    what = f"replacement picture {os.fspath(path)!r}"
+    im = open_image(path, what)
+    try:
+        alpha = "A" in im.getbands() or "transparency" in im.info
+        rgba = float_rgba(pil_array(im), what)
+    finally:
+        im.close()
+    return rgba if alpha else np.ascontiguousarray(rgba[..., :3])
+
+
 def edit_group(stack: LayerStack, indices: Sequence[int], opts: dict[str, Any]) -> LayerStack:
     """Apply one group's options to the layers at `indices`: recolor each, transform them together, then set
     properties. The transform turns, scales and flips the layers as one group about opts["pivot"] (default the
@@ -95,14 +114,24 @@ def edit_group(stack: LayerStack, indices: Sequence[int], opts: dict[str, Any]) 
         if "scale" in opts and ("scale_x" in opts or "scale_y" in opts):
             raise InputError("--scale sets both axes; use either --scale or --scale-x/--scale-y in one group")
         if set(opts) & set(_TRANSFORM) == {"pivot"}:
-            raise InputError("--pivot sets the centre of --scale, --rotate and --flip-h/--flip-v; add one of them "
-                             "to the group, or drop --pivot")
+            raise InputError(
+                "--pivot sets the centre of --scale, --rotate and --flip-h/--flip-v; add one of them "
+                "to the group, or drop --pivot"
+            )
         s = opts.get("scale", 1.0)
         dx, dy = opts.get("move", (0.0, 0.0))
         stack = transform_layers(
-            stack, chosen, pivot=opts.get("pivot", "group"), dx=dx, dy=dy, scale_x=opts.get("scale_x", s),
-            scale_y=opts.get("scale_y", s), rotation=opts.get("rotation", 0.0), flip_h=bool(opts.get("flip_h")),
-            flip_v=bool(opts.get("flip_v")), interpolation=opts.get("interpolation", "lanczos"),
+            stack,
+            chosen,
+            pivot=opts.get("pivot", "group"),
+            dx=dx,
+            dy=dy,
+            scale_x=opts.get("scale_x", s),
+            scale_y=opts.get("scale_y", s),
+            rotation=opts.get("rotation", 0.0),
+            flip_h=bool(opts.get("flip_h")),
+            flip_v=bool(opts.get("flip_v")),
+            interpolation=opts.get("interpolation", "lanczos"),
         )
     layers = list(stack.layers)
     for i in chosen:
@@ -139,6 +168,9 @@ def apply_edits(stack: LayerStack, steps: Sequence[Step]) -> LayerStack:
         elif step.op == "resize":
             w, h = step.value
             stack = resize_stack(stack, w, h)
+        elif step.op == "replace_pixels":
+            key, path, policy = step.value
+            stack = replace_layer_pixels(stack, stack.index_of(key), read_picture(path), alpha=policy)
         else:
             raise InputError(f"unknown stack edit {step.op!r}")
     return stack

@@ -55,8 +55,10 @@ def write_png(rgba: np.ndarray, path: str | os.PathLike[str], *, overwrite: bool
     """
     bad = int(rgba.size - np.count_nonzero(np.isfinite(rgba)))
     if bad:
-        raise InputError(f"cannot write {os.fspath(path)!r}: the image holds {bad} NaN or infinite values (a damaged "
-                         "input, e.g. a 32-bit PSD with invalid floats); nothing was written. Repair the input")
+        raise InputError(
+            f"cannot write {os.fspath(path)!r}: the image holds {bad} NaN or infinite values (a damaged "
+            "input, e.g. a 32-bit PSD with invalid floats); nothing was written. Repair the input"
+        )
     px = quantize_rgba8(rgba)
     img = Image.fromarray(px[..., :3], "RGB") if bool((px[..., 3] == 255).all()) else Image.fromarray(px, "RGBA")
 
@@ -77,16 +79,26 @@ def _to_rgba8(layer: Layer, width: int, height: int, full_canvas: bool) -> np.nd
     x0, y0 = max(layer.x, 0), max(layer.y, 0)
     x1, y1 = min(layer.x + layer.width, width), min(layer.y + layer.height, height)
     if x1 > x0 and y1 > y0:
-        out[y0:y1, x0:x1] = q[y0 - layer.y:y1 - layer.y, x0 - layer.x:x1 - layer.x]
+        out[y0:y1, x0:x1] = q[y0 - layer.y : y1 - layer.y, x0 - layer.x : x1 - layer.x]
     return out
 
 
 def _record(layer: Layer, index: int, file: str, stack: LayerStack, full_canvas: bool) -> dict:
     """The JSON record of one exported layer (also stored inside its PNG)."""
-    return {"index": index, "file": file, "name": layer.name, "x": layer.x, "y": layer.y,
-            "width": layer.width, "height": layer.height, "opacity": layer.opacity,
-            "blend_mode": layer.blend_mode, "visible": layer.visible, "canvas": [stack.width, stack.height],
-            "full_canvas": full_canvas}
+    return {
+        "index": index,
+        "file": file,
+        "name": layer.name,
+        "x": layer.x,
+        "y": layer.y,
+        "width": layer.width,
+        "height": layer.height,
+        "opacity": layer.opacity,
+        "blend_mode": layer.blend_mode,
+        "visible": layer.visible,
+        "canvas": [stack.width, stack.height],
+        "full_canvas": full_canvas,
+    }
 
 
 def _png_bytes(rgba: np.ndarray, record: dict, compress_level: int) -> bytes:
@@ -101,15 +113,22 @@ def _png_bytes(rgba: np.ndarray, record: dict, compress_level: int) -> bytes:
 def layer_file_names(stack: LayerStack, prefix: str = "layer") -> list[str]:
     """The PNG file names `export_pngs` uses for `stack`, bottom first."""
     digits = max(2, len(str(len(stack.layers) - 1)))
-    names = [f"{prefix}_{i:0{digits}d}_{safe_name(layer.name, fallback='layer')}.png"
-             for i, layer in enumerate(stack.layers)]
+    names = [
+        f"{prefix}_{i:0{digits}d}_{safe_name(layer.name, fallback='layer')}.png" for i, layer in enumerate(stack.layers)
+    ]
     for name in names:
         check_output_name(name)
     return names
 
 
-def png_items(stack: LayerStack, out_dir: str | os.PathLike[str], *, prefix: str = "layer",
-              full_canvas: bool = True, compress_level: int = 6) -> list[tuple[Path, Callable[[Path], object]]]:
+def png_items(
+    stack: LayerStack,
+    out_dir: str | os.PathLike[str],
+    *,
+    prefix: str = "layer",
+    full_canvas: bool = True,
+    compress_level: int = 6,
+) -> list[tuple[Path, Callable[[Path], object]]]:
     """`(path, write)` items of the per-layer PNGs for `fsutil.write_group` (each PNG encoded when written), so
     callers can publish them together with other files (a manifest, a PSD) as one group."""
     if not stack.layers:
@@ -117,17 +136,28 @@ def png_items(stack: LayerStack, out_dir: str | os.PathLike[str], *, prefix: str
     out = Path(out_dir)
     items: list[tuple[Path, Callable[[Path], object]]] = []
     for i, (layer, name) in enumerate(zip(stack.layers, layer_file_names(stack, prefix))):
+
         def write(staged: Path, layer: Layer = layer, i: int = i, name: str = name) -> Path:
-            data = _png_bytes(_to_rgba8(layer, stack.width, stack.height, full_canvas),
-                              _record(layer, i, name, stack, full_canvas), compress_level)
+            data = _png_bytes(
+                _to_rgba8(layer, stack.width, stack.height, full_canvas),
+                _record(layer, i, name, stack, full_canvas),
+                compress_level,
+            )
             return atomic_write_bytes(staged, data)
 
         items.append((out / name, write))
     return items
 
 
-def export_pngs(stack: LayerStack, out_dir: str | os.PathLike[str], *, prefix: str = "layer",
-                full_canvas: bool = True, overwrite: bool = False, compress_level: int = 6) -> list[Path]:
+def export_pngs(
+    stack: LayerStack,
+    out_dir: str | os.PathLike[str],
+    *,
+    prefix: str = "layer",
+    full_canvas: bool = True,
+    overwrite: bool = False,
+    compress_level: int = 6,
+) -> list[Path]:
     """Write one RGBA PNG per layer into `out_dir` (created if missing), bottom first; returns the paths.
 
     The set is written as one group (`fsutil.write_group`): all files appear, or replace their old versions,
@@ -137,13 +167,22 @@ def export_pngs(stack: LayerStack, out_dir: str | os.PathLike[str], *, prefix: s
     if not overwrite:
         taken = [p.name for p, _ in items if os.path.lexists(p)]
         if taken:
-            raise OutputPathError(f"{len(taken)} of the PNG names already exist in {os.fspath(out_dir)!r} (first: "
-                                  f"{taken[0]!r}); nothing was written; choose another prefix or folder")
+            raise OutputPathError(
+                f"{len(taken)} of the PNG names already exist in {os.fspath(out_dir)!r} (first: "
+                f"{taken[0]!r}); nothing was written; choose another prefix or folder"
+            )
     return write_group(items, overwrite=overwrite, make_dirs=True)
 
 
-def export_zip(stack: LayerStack, path: str | os.PathLike[str], *, full_canvas: bool = True,
-               prefix: str = "layer", overwrite: bool = False, compress_level: int = 6) -> Path:
+def export_zip(
+    stack: LayerStack,
+    path: str | os.PathLike[str],
+    *,
+    full_canvas: bool = True,
+    prefix: str = "layer",
+    overwrite: bool = False,
+    compress_level: int = 6,
+) -> Path:
     """Write a ZIP holding the per-layer PNGs and manifest.json (names, offsets, opacity, blend); returns it."""
     if not stack.layers:
         raise InputError("the stack has no layers; nothing to export")
@@ -153,10 +192,11 @@ def export_zip(stack: LayerStack, path: str | os.PathLike[str], *, full_canvas: 
     def write(f: BinaryIO) -> None:
         with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as z:  # PNGs are compressed already
             for layer, rec in zip(stack.layers, records):
-                z.writestr(rec["file"], _png_bytes(_to_rgba8(layer, stack.width, stack.height, full_canvas), rec,
-                                                   compress_level))
-            manifest = {"version": 1, "canvas": [stack.width, stack.height], "order": "bottom first",
-                        "layers": records}
+                z.writestr(
+                    rec["file"],
+                    _png_bytes(_to_rgba8(layer, stack.width, stack.height, full_canvas), rec, compress_level),
+                )
+            manifest = {"version": 1, "canvas": [stack.width, stack.height], "order": "bottom first", "layers": records}
             z.writestr(MANIFEST, json.dumps(manifest, ensure_ascii=False, indent=1))
 
     return atomic_write(path, write, overwrite=overwrite)
@@ -169,8 +209,9 @@ def _json_record(text: str | bytes, what: str) -> dict:
     except (ValueError, RecursionError) as err:
         raise InputError(f"{what} is not valid JSON ({err}); export the layers again") from None
     if not isinstance(value, dict):
-        raise InputError(f"{what} is a JSON {type(value).__name__}, not an object with layer fields; "
-                         "export the layers again")
+        raise InputError(
+            f"{what} is a JSON {type(value).__name__}, not an object with layer fields; export the layers again"
+        )
     return value
 
 
@@ -185,8 +226,10 @@ def _field(meta: dict, key: str, kind: type, default: object, what: str) -> Any:
             raise ValueError(value)
         return out
     except (TypeError, ValueError, OverflowError):
-        raise InputError(f"{what}: field {key!r} must be {'an integer' if kind is int else 'a number'}, "
-                         f"got {value!r}; export the layers again") from None
+        raise InputError(
+            f"{what}: field {key!r} must be {'an integer' if kind is int else 'a number'}, "
+            f"got {value!r}; export the layers again"
+        ) from None
 
 
 def _canvas(meta: dict, what: str) -> tuple[int, int] | None:
@@ -194,14 +237,18 @@ def _canvas(meta: dict, what: str) -> tuple[int, int] | None:
     if "canvas" not in meta:
         return None
     c = meta["canvas"]
-    if not isinstance(c, (list, tuple)) or len(c) != 2 or not all(
-            isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_CANVAS_SIDE for v in c):
+    if (
+        not isinstance(c, (list, tuple))
+        or len(c) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= MAX_CANVAS_SIDE for v in c)
+    ):
         raise InputError(f"{what}: canvas must be [width, height] with each side 1..{MAX_CANVAS_SIDE}, got {c!r}")
     return int(c[0]), int(c[1])
 
 
-def _layer_from_png(data: bytes | Path, fallback_name: str, record: dict | None,
-                    what: str) -> tuple[Layer, dict | None]:
+def _layer_from_png(
+    data: bytes | Path, fallback_name: str, record: dict | None, what: str
+) -> tuple[Layer, dict | None]:
     """One Layer from PNG bytes or a path, using its stored record (or `record`) when present."""
     px, info = read_rgba(data, what)
     meta = record
@@ -210,8 +257,12 @@ def _layer_from_png(data: bytes | Path, fallback_name: str, record: dict | None,
     if meta is None:
         return Layer.from_canvas(px, name=fallback_name), None
     blend = meta.get("blend_mode", "normal")
-    fields = {"name": str(meta.get("name", fallback_name)), "opacity": _field(meta, "opacity", float, 1.0, what),
-              "blend_mode": blend if blend in BLEND_MODES else "normal", "visible": bool(meta.get("visible", True))}
+    fields = {
+        "name": str(meta.get("name", fallback_name)),
+        "opacity": _field(meta, "opacity", float, 1.0, what),
+        "blend_mode": blend if blend in BLEND_MODES else "normal",
+        "visible": bool(meta.get("visible", True)),
+    }
     if not 0 <= fields["opacity"] <= 1:
         raise InputError(f"{what}: opacity must be in 0..1, got {fields['opacity']!r}; export the layers again")
     if _field(meta, "width", int, 1, what) == 0 or _field(meta, "height", int, 1, what) == 0:
@@ -256,16 +307,21 @@ def _member(z: zipfile.ZipFile, name: object, path: Path, limit: int) -> bytes:
     where = f"{os.fspath(path)!r}"
     parts = name.replace("\\", "/").split("/") if isinstance(name, str) else [""]
     if not isinstance(name, str) or not name or name.startswith(("/", "\\")) or ".." in parts:
-        raise InputError(f"the manifest of {where} names the member {name!r}, which is not a plain name inside "
-                         "the archive; export the layers again")
+        raise InputError(
+            f"the manifest of {where} names the member {name!r}, which is not a plain name inside "
+            "the archive; export the layers again"
+        )
     try:
         info = z.getinfo(name)
     except KeyError:
-        raise InputError(f"the manifest of {where} names {name!r}, which the archive does not hold; "
-                         "export the layers again") from None
+        raise InputError(
+            f"the manifest of {where} names {name!r}, which the archive does not hold; export the layers again"
+        ) from None
     if info.file_size > limit:
-        raise InputError(f"{name!r} in {where} is {format_bytes(info.file_size)}, over the "
-                         f"{format_bytes(limit)} limit for this member; export the layers again")
+        raise InputError(
+            f"{name!r} in {where} is {format_bytes(info.file_size)}, over the "
+            f"{format_bytes(limit)} limit for this member; export the layers again"
+        )
     check_allocation(info.file_size, f"reading {name!r} from {where}")
     with z.open(info) as f:
         return f.read(limit + 1)
@@ -286,13 +342,22 @@ def _read_zip(path: Path) -> LayerStack:
             layers = []
             for i, rec in enumerate(records):
                 if not isinstance(rec, dict):
-                    raise InputError(f"layer {i} of {MANIFEST} in {where} is a JSON {type(rec).__name__}, not an "
-                                     "object; export the layers again")
+                    raise InputError(
+                        f"layer {i} of {MANIFEST} in {where} is a JSON {type(rec).__name__}, not an "
+                        "object; export the layers again"
+                    )
                 data = _member(z, rec.get("file"), path, MAX_MEMBER_BYTES)
                 layer, _ = _layer_from_png(data, Path(rec["file"]).stem, rec, f"{rec['file']!r} in {where}")
                 layers.append(layer)
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError, ValueError,
-            zlib.error) as err:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        EOFError,
+        OSError,
+        ValueError,
+        zlib.error,
+    ) as err:
         if isinstance(err, InputError):
             raise
         raise InputError(f"{where} is not a readable ZIP archive ({err}); export the layers again") from None

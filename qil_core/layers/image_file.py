@@ -123,6 +123,21 @@ def float_rgba(arr: np.ndarray, what: str) -> np.ndarray:
     return out
 
 
+def picture_rgba(arr: np.ndarray, what: str) -> np.ndarray:
+    """An (H, W, 3|4) picture, float 0..1 or uint8/uint16, as straight RGBA float32 (H, W, 4) clipped to 0..1
+    (opaque when it has no alpha); InputError naming `what` when it holds NaN or infinite values."""
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float32) / np.float32(255)
+    elif arr.dtype == np.uint16:
+        arr = arr.astype(np.float32) / np.float32(65535)
+    arr = np.asarray(arr, np.float32)
+    if not np.isfinite(arr).all():
+        raise InputError(f"{what} contains NaN or infinite values")
+    out = np.ones(arr.shape[:2] + (4,), np.float32)
+    out[..., : arr.shape[2]] = np.clip(arr, 0, 1)
+    return out
+
+
 def read_rgba(source: str | os.PathLike[str] | bytes, what: str) -> tuple[np.ndarray, dict]:
     """Read an image file as straight RGBA float32 (H, W, 4) in 0..1 plus its Pillow info (text chunks)."""
     im = open_image(source, what)

@@ -86,9 +86,7 @@ def reorder_layers(stack: LayerStack, order: Sequence[int]) -> LayerStack:
     n = len(stack.layers)
     got = [int(i) for i in order]
     if sorted(got) != list(range(n)):
-        raise InputError(
-            f"reorder_layers: order must list every index 0..{n - 1} exactly once, got {list(order)!r}"
-        )
+        raise InputError(f"reorder_layers: order must list every index 0..{n - 1} exactly once, got {list(order)!r}")
     return stack.replace(layers=[stack.layers[i] for i in got])
 
 
@@ -137,8 +135,10 @@ def set_layer_props(stack: LayerStack, key: Key, **props: object) -> LayerStack:
     """Change name / x / y / opacity / blend_mode / visible of one layer (validated like a new Layer)."""
     unknown = sorted(set(props) - set(EDITABLE_PROPS))
     if unknown:
-        raise InputError(f"set_layer_props: unknown propert{'y' if len(unknown) == 1 else 'ies'} "
-                         f"{', '.join(unknown)}; editable: {', '.join(EDITABLE_PROPS)}")
+        raise InputError(
+            f"set_layer_props: unknown propert{'y' if len(unknown) == 1 else 'ies'} "
+            f"{', '.join(unknown)}; editable: {', '.join(EDITABLE_PROPS)}"
+        )
     for name in ("x", "y"):
         if name in props and (isinstance(props[name], bool) or not isinstance(props[name], int)):
             raise InputError(f"set_layer_props: {name} must be an int (canvas pixels), got {props[name]!r}")

@@ -13,19 +13,40 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..checks import check_number
 from ..errors import InputError
 from .blend import lum, set_lum
-from .stack import Layer, finite_param
+from .stack import Layer
 
 ColorLike = str | Sequence[float]
 
 # CSS basic colour keywords (CSS Color 3 section 4.1) plus a few common extras; lower-case lookup.
 _NAMED = {
-    "black": "#000000", "silver": "#c0c0c0", "gray": "#808080", "grey": "#808080", "white": "#ffffff",
-    "maroon": "#800000", "red": "#ff0000", "purple": "#800080", "fuchsia": "#ff00ff", "magenta": "#ff00ff",
-    "green": "#008000", "lime": "#00ff00", "olive": "#808000", "yellow": "#ffff00", "navy": "#000080",
-    "blue": "#0000ff", "teal": "#008080", "aqua": "#00ffff", "cyan": "#00ffff", "orange": "#ffa500",
-    "pink": "#ffc0cb", "brown": "#a52a2a", "gold": "#ffd700", "indigo": "#4b0082", "violet": "#ee82ee",
+    "black": "#000000",
+    "silver": "#c0c0c0",
+    "gray": "#808080",
+    "grey": "#808080",
+    "white": "#ffffff",
+    "maroon": "#800000",
+    "red": "#ff0000",
+    "purple": "#800080",
+    "fuchsia": "#ff00ff",
+    "magenta": "#ff00ff",
+    "green": "#008000",
+    "lime": "#00ff00",
+    "olive": "#808000",
+    "yellow": "#ffff00",
+    "navy": "#000080",
+    "blue": "#0000ff",
+    "teal": "#008080",
+    "aqua": "#00ffff",
+    "cyan": "#00ffff",
+    "orange": "#ffa500",
+    "pink": "#ffc0cb",
+    "brown": "#a52a2a",
+    "gold": "#ffd700",
+    "indigo": "#4b0082",
+    "violet": "#ee82ee",
 }
 _HEX = re.compile(r"#?([0-9a-fA-F]{3}|[0-9a-fA-F]{6})")
 _FUNC = re.compile(r"rgba?\((.*)\)", re.IGNORECASE)
@@ -69,7 +90,7 @@ def parse_color(value: ColorLike) -> tuple[float, float, float]:
             digits = m.group(1)
             if len(digits) == 3:
                 digits = "".join(ch * 2 for ch in digits)
-            return tuple(int(digits[i:i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[return-value]
+            return tuple(int(digits[i : i + 2], 16) / 255 for i in (0, 2, 4))  # type: ignore[return-value]
         f = _FUNC.fullmatch(text)
         body = f.group(1) if f else text
         if "," in body:
@@ -116,10 +137,21 @@ def hsl_to_rgb(hsl: np.ndarray) -> np.ndarray:
     return np.stack([r + m, g + m, b + m], -1)
 
 
-def recolor_layer(layer: Layer, *, hue_shift: float = 0, saturation: float = 0, lightness: float = 0,
-                  brightness: float = 0, contrast: float = 0, tint: ColorLike | None = None,
-                  tint_strength: float = 0, replace_color: ColorLike | None = None,
-                  replace_with: ColorLike | None = None, tolerance: float = 0.1, invert: bool = False) -> Layer:
+def recolor_layer(
+    layer: Layer,
+    *,
+    hue_shift: float = 0,
+    saturation: float = 0,
+    lightness: float = 0,
+    brightness: float = 0,
+    contrast: float = 0,
+    tint: ColorLike | None = None,
+    tint_strength: float = 0,
+    replace_color: ColorLike | None = None,
+    replace_with: ColorLike | None = None,
+    tolerance: float = 0.1,
+    invert: bool = False,
+) -> Layer:
     """Recolour one layer's RGB; alpha stays bit-identical and fully transparent pixels get RGB 0.
 
     hue_shift: degrees around the HSL wheel. saturation: -1 (grey) .. 1 (double), relative. lightness: -1
@@ -129,13 +161,13 @@ def recolor_layer(layer: Layer, *, hue_shift: float = 0, saturation: float = 0, 
     replace_with: pixels within `tolerance` (0..1, RGB distance / √3) move by the colour difference, fully
     up to half the tolerance and fading out to it, so shading and anti-aliased edges survive.
     """
-    hue_shift = finite_param("hue_shift", hue_shift, None, None)
-    saturation = finite_param("saturation", saturation, -1, 1)
-    lightness = finite_param("lightness", lightness, -1, 1)
-    brightness = finite_param("brightness", brightness, -1, 1)
-    contrast = finite_param("contrast", contrast, -1, 1)
-    tint_strength = finite_param("tint_strength", tint_strength, 0, 1)
-    tolerance = finite_param("tolerance", tolerance, 0, 1)
+    hue_shift = check_number("hue_shift", hue_shift, None, None, loose=True)
+    saturation = check_number("saturation", saturation, -1, 1, loose=True)
+    lightness = check_number("lightness", lightness, -1, 1, loose=True)
+    brightness = check_number("brightness", brightness, -1, 1, loose=True)
+    contrast = check_number("contrast", contrast, -1, 1, loose=True)
+    tint_strength = check_number("tint_strength", tint_strength, 0, 1, loose=True)
+    tolerance = check_number("tolerance", tolerance, 0, 1, loose=True)
     tint_rgb = parse_color(tint) if tint is not None else None
     if (replace_color is None) != (replace_with is None):
         raise InputError("replace_color and replace_with must be given together (the colour to find and its new value)")

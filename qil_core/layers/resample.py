@@ -66,8 +66,9 @@ def unpremultiply(prem: np.ndarray) -> np.ndarray:
     return out
 
 
-def resample_box(prem: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int],
-                 interpolation: str = "lanczos") -> np.ndarray:
+def resample_box(
+    prem: np.ndarray, box: tuple[float, float, float, float], size: tuple[int, int], interpolation: str = "lanczos"
+) -> np.ndarray:
     """Resample the source rectangle `box` (x0, y0, x1, y1) of premultiplied (h, w, 4) to (H, W, 4), W, H = size.
 
     The box may reach outside the source (that part is transparent); downscaling is antialiased (Pillow
@@ -108,12 +109,14 @@ def _kernel(interpolation: str) -> tuple[int, Callable[[np.ndarray], np.ndarray]
         return 1, lambda t: np.maximum(0, 1 - np.abs(t))
 
     if interpolation == "bicubic":
+
         def cubic(t: np.ndarray) -> np.ndarray:
             t = np.abs(t)
             a = -0.5
             near = ((a + 2) * t - (a + 3)) * t * t + 1
             far = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
             return np.where(t < 1, near, np.where(t < 2, far, 0))
+
         return 2, cubic
 
     def lanczos(t: np.ndarray) -> np.ndarray:
@@ -122,11 +125,13 @@ def _kernel(interpolation: str) -> tuple[int, Callable[[np.ndarray], np.ndarray]
         den = pt * pt
         val = np.divide(3 * np.sin(pt) * np.sin(pt / 3), den, out=np.ones_like(pt), where=den > 1e-12)
         return np.where(np.abs(pt) < 3 * np.float32(np.pi), val, np.float32(0))
+
     return 3, lanczos
 
 
-def warp_affine(prem: np.ndarray, inverse: np.ndarray, size: tuple[int, int],
-                interpolation: str = "lanczos") -> np.ndarray:
+def warp_affine(
+    prem: np.ndarray, inverse: np.ndarray, size: tuple[int, int], interpolation: str = "lanczos"
+) -> np.ndarray:
     """Sample premultiplied (h, w, 4) at `inverse` @ (X + 0.5, Y + 0.5, 1) for every output pixel; -> (H, W, 4).
 
     `inverse` (2, 3) maps output pixel coordinates to source coordinates. Meant for rotations and

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -16,27 +17,36 @@ from ..errors import InputError, LayerIndexError
 
 # ComfyUI core's 26 blend-mode names (architecture.md); every one maps to a PSD blend key in blend.py.
 BLEND_MODES: tuple[str, ...] = (
-    "normal", "multiply", "screen", "overlay", "darken", "lighten", "color-dodge", "color-burn",
-    "hard-light", "soft-light", "difference", "exclusion", "linear-dodge", "linear-burn", "vivid-light",
-    "pin-light", "linear-light", "hard-mix", "subtract", "divide", "grain-extract", "grain-merge", "hue",
-    "saturation", "color", "luminosity",
+    "normal",
+    "multiply",
+    "screen",
+    "overlay",
+    "darken",
+    "lighten",
+    "color-dodge",
+    "color-burn",
+    "hard-light",
+    "soft-light",
+    "difference",
+    "exclusion",
+    "linear-dodge",
+    "linear-burn",
+    "vivid-light",
+    "pin-light",
+    "linear-light",
+    "hard-mix",
+    "subtract",
+    "divide",
+    "grain-extract",
+    "grain-merge",
+    "hue",
+    "saturation",
+    "color",
+    "luminosity",
 )
 
 # Largest canvas side any writer in this pack accepts (PSD v1 limit; robustness.md S8).
 MAX_CANVAS_SIDE = 30_000
-
-
-def finite_param(name: str, value: object, lo: float | None = None, hi: float | None = None) -> float:
-    """`value` as a finite float (within lo..hi when given), else InputError naming the parameter."""
-    try:
-        v = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        raise InputError(f"{name} must be a number, got {value!r}") from None
-    if not math.isfinite(v):
-        raise InputError(f"{name} must be a finite number, got {value!r}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        raise InputError(f"{name} must be in {lo:g}..{hi:g}, got {value!r}")
-    return v
 
 
 @dataclass
@@ -94,7 +104,7 @@ class Layer:
         """Canvas rectangle (left, top, right, bottom) of the stored pixels."""
         return self.x, self.y, self.x + self.width, self.y + self.height
 
-    def replace(self, **changes: object) -> Layer:
+    def replace(self, **changes: Any) -> Layer:
         """A copy with some fields changed (pixels are shared unless replaced)."""
         return dataclasses.replace(self, **changes)
 
@@ -111,25 +121,31 @@ class Layer:
         return self.replace(pixels=self.pixels[t:b, l:r], x=self.x + l, y=self.y + t)
 
     @classmethod
-    def from_canvas(cls, rgba: np.ndarray, **fields: object) -> Layer:
+    def from_canvas(cls, rgba: np.ndarray, **fields: Any) -> Layer:
         """A layer from a full-canvas (H, W, 4) straight RGBA array, cropped to its content."""
         return cls(pixels=np.asarray(rgba, dtype=np.float32), x=0, y=0, **fields).cropped()
 
 
 @dataclass
 class LayerStack:
-    """A canvas of `width` x `height` and its layers, index 0 = bottom."""
+    """A canvas of `width` x `height` and its layers, index 0 = bottom.
+
+    `metadata` holds plain JSON-friendly facts about how the stack was made (e.g. "recompose": the residual
+    report of exact recomposition); it travels in the LAYERS document and is dropped by operations that
+    build a new stack.
+    """
 
     width: int
     height: int
     layers: list[Layer] = field(default_factory=list)
-    caption: str | None = field(default=None, compare=False)  # the auto-caption the model decomposed it with
+    metadata: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.width, self.height = int(self.width), int(self.height)
         if self.width < 1 or self.height < 1:
             raise InputError(f"canvas must be at least 1x1 px, got {self.width}x{self.height}")
         self.layers = list(self.layers)
+        self.metadata = dict(self.metadata or {})
 
     @property
     def size(self) -> tuple[int, int]:
@@ -161,8 +177,9 @@ class LayerStack:
             raise LayerIndexError(f"layer {i} requested, {n} available (0..{n - 1}, or -1 for the top)")
         return i % n
 
-    def replace(self, **changes: object) -> LayerStack:
+    def replace(self, **changes: Any) -> LayerStack:
         """A shallow copy with some fields changed (the layer list itself is copied)."""
         out = dataclasses.replace(self, **changes)
         out.layers = list(out.layers)
+        out.metadata = dict(out.metadata)
         return out

@@ -22,11 +22,12 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ..checks import check_number
 from ..errors import InputError
 from ..resources import check_allocation
 from .composite import check_canvas, union_bbox
 from .resample import check_interpolation, premultiply, resample_box, unpremultiply, warp_affine
-from .stack import MAX_CANVAS_SIDE, Layer, LayerStack, finite_param
+from .stack import MAX_CANVAS_SIDE, Layer, LayerStack
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ _EPS = 1e-6
 
 
 def _check_scale(name: str, value: float) -> float:
-    v = finite_param(name, value)
+    v = check_number(name, value, loose=True)
     if not 0 < v <= MAX_SCALE:
         raise InputError(f"{name} must be in (0, {MAX_SCALE:g}], got {value!r}; use 1 to keep the size")
     return v
@@ -65,7 +66,7 @@ def _pivot(layer: Layer, pivot: str | tuple[float, float]) -> tuple[float, float
         raise InputError(f"pivot must be 'center', 'top-left' or (x, y) canvas coordinates, got {pivot!r}")
     if len(pivot) != 2:
         raise InputError(f"pivot must be 'center', 'top-left' or (x, y) canvas coordinates, got {pivot!r}")
-    return finite_param("pivot x", pivot[0]), finite_param("pivot y", pivot[1])
+    return check_number("pivot x", pivot[0], loose=True), check_number("pivot y", pivot[1], loose=True)
 
 
 def _check_result_size(width: float, height: float, what: str) -> None:
@@ -79,8 +80,15 @@ def _check_result_size(width: float, height: float, what: str) -> None:
     check_canvas(math.ceil(width) + 8, math.ceil(height) + 8, what=what, count=3)
 
 
-def _scale_only(layer: Layer, px: np.ndarray, sx: float, sy: float, p: tuple[float, float],
-                d: tuple[float, float], interpolation: str) -> Layer:
+def _scale_only(
+    layer: Layer,
+    px: np.ndarray,
+    sx: float,
+    sy: float,
+    p: tuple[float, float],
+    d: tuple[float, float],
+    interpolation: str,
+) -> Layer:
     """Scale about pivot p plus a move d through Pillow (antialiased when shrinking), snapped to whole pixels."""
     h, w = px.shape[:2]
     ex0 = p[0] + sx * (layer.x - p[0]) + d[0]  # exact extent of the scaled block on the canvas
@@ -94,8 +102,9 @@ def _scale_only(layer: Layer, px: np.ndarray, sx: float, sy: float, p: tuple[flo
     return layer.replace(pixels=unpremultiply(out), x=_clamp_offset("x", x0), y=_clamp_offset("y", y0))
 
 
-def _right_angle(layer: Layer, px: np.ndarray, quarter_turns: int, p: tuple[float, float],
-                 d: tuple[float, float]) -> Layer:
+def _right_angle(
+    layer: Layer, px: np.ndarray, quarter_turns: int, p: tuple[float, float], d: tuple[float, float]
+) -> Layer:
     """Exact rotation by quarter_turns x 90° clockwise about p, then a move d (centre rounded to the grid)."""
     h, w = px.shape[:2]
     out = np.rot90(px, k=-quarter_turns)  # np.rot90 turns counter-clockwise on screen for k > 0
@@ -108,8 +117,16 @@ def _right_angle(layer: Layer, px: np.ndarray, quarter_turns: int, p: tuple[floa
     return layer.replace(pixels=np.ascontiguousarray(out), x=x, y=y)
 
 
-def _general(layer: Layer, px: np.ndarray, sx: float, sy: float, theta: float, p: tuple[float, float],
-             d: tuple[float, float], interpolation: str) -> Layer:
+def _general(
+    layer: Layer,
+    px: np.ndarray,
+    sx: float,
+    sy: float,
+    theta: float,
+    p: tuple[float, float],
+    d: tuple[float, float],
+    interpolation: str,
+) -> Layer:
     """Any scale and rotation: shrink with Pillow first (antialiasing), then one affine warp."""
     h, w = px.shape[:2]
     _check_result_size(w * sx, h * sy, f"layer {layer.name!r} after scaling")
@@ -139,20 +156,31 @@ def _general(layer: Layer, px: np.ndarray, sx: float, sy: float, theta: float, p
     return layer.replace(pixels=unpremultiply(out), x=_clamp_offset("x", X0), y=_clamp_offset("y", Y0))
 
 
-def transform_layer(layer: Layer, *, dx: float = 0, dy: float = 0, scale_x: float = 1, scale_y: float = 1,
-                    rotation: float = 0, flip_h: bool = False, flip_v: bool = False, opacity: float | None = None,
-                    interpolation: str = "lanczos", pivot: str | tuple[float, float] = "center",
-                    canvas: tuple[int, int] | None = None) -> Layer:
+def transform_layer(
+    layer: Layer,
+    *,
+    dx: float = 0,
+    dy: float = 0,
+    scale_x: float = 1,
+    scale_y: float = 1,
+    rotation: float = 0,
+    flip_h: bool = False,
+    flip_v: bool = False,
+    opacity: float | None = None,
+    interpolation: str = "lanczos",
+    pivot: str | tuple[float, float] = "center",
+    canvas: tuple[int, int] | None = None,
+) -> Layer:
     """Move / scale / rotate (degrees, clockwise) / flip / set opacity of one layer; result cropped to content.
 
     `canvas` (width, height), when given, only enables a warning for a layer moved fully off the canvas.
     """
-    ddx, ddy = finite_param("dx", dx), finite_param("dy", dy)
+    ddx, ddy = check_number("dx", dx, loose=True), check_number("dy", dy, loose=True)
     sx, sy = _check_scale("scale_x", scale_x), _check_scale("scale_y", scale_y)
-    rot = finite_param("rotation", rotation) % 360.0
+    rot = check_number("rotation", rotation, loose=True) % 360.0
     check_interpolation(interpolation)
     if opacity is not None:
-        op = finite_param("opacity", opacity)
+        op = check_number("opacity", opacity, loose=True)
         if not 0 <= op <= 1:
             raise InputError(f"opacity must be in 0..1, got {opacity!r}")
     p = _pivot(layer, pivot)
@@ -171,8 +199,11 @@ def transform_layer(layer: Layer, *, dx: float = 0, dy: float = 0, scale_x: floa
         if quarter_turns:
             out = _right_angle(layer, px, quarter_turns, p, d)
         else:
-            out = layer.replace(pixels=np.ascontiguousarray(px), x=_clamp_offset("x", layer.x + ddx),
-                                y=_clamp_offset("y", layer.y + ddy))
+            out = layer.replace(
+                pixels=np.ascontiguousarray(px),
+                x=_clamp_offset("x", layer.x + ddx),
+                y=_clamp_offset("y", layer.y + ddy),
+            )
     elif right_angle and quarter_turns == 0:
         out = _scale_only(layer, px, sx, sy, p, d, interpolation)
     else:
@@ -184,8 +215,9 @@ def transform_layer(layer: Layer, *, dx: float = 0, dy: float = 0, scale_x: floa
         cw, ch = int(canvas[0]), int(canvas[1])
         l, t, r, b = out.bbox()
         if r <= 0 or b <= 0 or l >= cw or t >= ch:
-            logger.warning("transform: layer %r now lies fully outside the %dx%d canvas (at %d, %d)",
-                           out.name, cw, ch, l, t)
+            logger.warning(
+                "transform: layer %r now lies fully outside the %dx%d canvas (at %d, %d)", out.name, cw, ch, l, t
+            )
     return out
 
 
@@ -215,9 +247,11 @@ def resize_stack(stack: LayerStack, width: int, height: int, interpolation: str 
     plans = [_resize_plan(layer, sx, sy) for layer in stack.layers]
     sizes = [(x1 - x0) * (y1 - y0) for x0, x1, y0, y1 in (p[0] for p in plans if p is not None)]
     if sizes:  # every result is kept, plus the temporaries of the largest one (out, per-channel, unpremultiply)
-        check_allocation(sum(sizes) * 16 + max(sizes) * _RESIZE_WORK_BYTES_PER_PX,
-                         f"resizing {len(stack.layers)} layers to {width}x{height} px",
-                         hint="choose a smaller size, or delete or crop layers first")
+        check_allocation(
+            sum(sizes) * 16 + max(sizes) * _RESIZE_WORK_BYTES_PER_PX,
+            f"resizing {len(stack.layers)} layers to {width}x{height} px",
+            hint="choose a smaller size, or delete or crop layers first",
+        )
     layers = []
     for layer, plan in zip(stack.layers, plans):
         if plan is None:
@@ -234,8 +268,9 @@ GROUP_PIVOTS = ("group", "layer", "canvas")
 _PIVOT_HELP = "'group', 'layer', 'canvas' or (x, y) canvas coordinates"
 
 
-def group_pivot(stack: LayerStack, indices: Sequence[int],
-                pivot: str | tuple[float, float] = "group") -> tuple[float, float] | None:
+def group_pivot(
+    stack: LayerStack, indices: Sequence[int], pivot: str | tuple[float, float] = "group"
+) -> tuple[float, float] | None:
     """The shared pivot of the layers at `indices` (canvas px), or None for "layer" (each about its own centre).
 
     "group" is the centre of the layers' common bounding box (the canvas centre when all of them are empty).
@@ -251,13 +286,24 @@ def group_pivot(stack: LayerStack, indices: Sequence[int],
         raise InputError(f"pivot must be {_PIVOT_HELP}, got {pivot!r}")
     if len(pivot) != 2:
         raise InputError(f"pivot must be {_PIVOT_HELP}, got {pivot!r}")
-    return finite_param("pivot x", pivot[0]), finite_param("pivot y", pivot[1])
+    return check_number("pivot x", pivot[0], loose=True), check_number("pivot y", pivot[1], loose=True)
 
 
-def transform_layers(stack: LayerStack, indices: Iterable[int], *, pivot: str | tuple[float, float] = "group",
-                     dx: float = 0, dy: float = 0, scale_x: float = 1, scale_y: float = 1, rotation: float = 0,
-                     flip_h: bool = False, flip_v: bool = False, opacity: float | None = None,
-                     interpolation: str = "lanczos") -> LayerStack:
+def transform_layers(
+    stack: LayerStack,
+    indices: Iterable[int],
+    *,
+    pivot: str | tuple[float, float] = "group",
+    dx: float = 0,
+    dy: float = 0,
+    scale_x: float = 1,
+    scale_y: float = 1,
+    rotation: float = 0,
+    flip_h: bool = False,
+    flip_v: bool = False,
+    opacity: float | None = None,
+    interpolation: str = "lanczos",
+) -> LayerStack:
     """Transform several layers together, as one group, about a shared pivot (see `group_pivot`).
 
     Scale and rotation turn every layer about the pivot, so the group keeps its shape; flips mirror each layer's
@@ -277,7 +323,18 @@ def transform_layers(stack: LayerStack, indices: Iterable[int], *, pivot: str | 
             if shift_x or shift_y:  # (a layer centred on the pivot flips in place, in the one call below)
                 item = transform_layer(item, dx=shift_x, dy=shift_y, flip_h=fh, flip_v=fv)
                 fh = fv = False
-        out[i] = transform_layer(item, dx=dx, dy=dy, scale_x=scale_x, scale_y=scale_y, rotation=rotation,
-                                 flip_h=fh, flip_v=fv, opacity=opacity, interpolation=interpolation,
-                                 pivot=centre if centre is not None else "center", canvas=stack.size)
+        out[i] = transform_layer(
+            item,
+            dx=dx,
+            dy=dy,
+            scale_x=scale_x,
+            scale_y=scale_y,
+            rotation=rotation,
+            flip_h=fh,
+            flip_v=fv,
+            opacity=opacity,
+            interpolation=interpolation,
+            pivot=centre if centre is not None else "center",
+            canvas=stack.size,
+        )
     return stack.replace(layers=out)

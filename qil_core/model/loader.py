@@ -56,8 +56,11 @@ class QwenLayeredModel:
     def describe(self) -> str:
         """One line for logs: sizes, dtype, device and where each component came from."""
         cfg = self.transformer.config
-        parts = [f"transformer {cfg.num_layers} blocks x {cfg.inner_dim}", f"dtype {str(self.dtype).split('.')[-1]}",
-                 f"device {self.device}"]
+        parts = [
+            f"transformer {cfg.num_layers} blocks x {cfg.inner_dim}",
+            f"dtype {str(self.dtype).split('.')[-1]}",
+            f"device {self.device}",
+        ]
         parts += [f"{k} {v}" for k, v in self.sources.items()]
         text = "Qwen-Image-Layered: " + ", ".join(parts)
         return text + (" [RANDOM WEIGHTS: test/demo model, output is noise]" if self.random_weights else "")

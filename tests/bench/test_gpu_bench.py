@@ -9,8 +9,16 @@ from pathlib import Path
 
 import pytest
 
-VARIANTS = {"ours-bf16", "ours-bf16-batched", "diffusers-bf16", "ours-fp8", "ours-fp8-mm", "ours-fp8-swap",
-            "ours-int8-convrot-ck", "ours-nvfp4-ck"}
+VARIANTS = {
+    "ours-bf16",
+    "ours-bf16-batched",
+    "diffusers-bf16",
+    "ours-fp8",
+    "ours-fp8-mm",
+    "ours-fp8-swap",
+    "ours-int8-convrot-ck",
+    "ours-nvfp4-ck",
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +58,8 @@ def test_dry_run_reports_every_variant(gpu_bench, tmp_path: Path, capsys: pytest
     swap = [r for r in report["results"] if r["variant"] == "ours-fp8-swap"]
     assert all(r["uploaded_gb_per_step"] > 0 for r in swap)  # blocks really streamed
     assert set(report["ratios"]) == set(settings) and all(
-        r["speedup_vs_diffusers"] > 0 for r in report["ratios"].values())
+        r["speedup_vs_diffusers"] > 0 for r in report["ratios"].values()
+    )
     acc = report["accuracy"]
     assert acc["ours_vs_diffusers_bf16_rel_l2"] < 0.02  # same weights and inputs, bf16 rounding only
     assert 0 < acc["fp8_vs_bf16_rel_l2"] < 0.1 and 0 < acc["fp8mm_vs_bf16_rel_l2"] < 0.1

@@ -214,6 +214,7 @@ def test_max_side_alone_means_custom_resolution(capsys, comfy, image: Path, tmp_
     assert read_psd(tmp_path / "a.psd").size == (64, 32)  # 96x64 -> longest side 64 (not the 640 bucket)
 
 
+@pytest.mark.slow
 def test_prompt_files_give_the_same_result_as_the_options(capsys, comfy, image: Path, tmp_path: Path) -> None:
     prompt = "a test scene with a red roof 🏠 and 日本語 text"
     (tmp_path / "p.txt").write_text(prompt + "\n", encoding="utf-8")

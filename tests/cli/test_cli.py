@@ -71,11 +71,15 @@ def small_psd(tmp_path_factory: pytest.TempPathFactory) -> Path:
     yy, xx = np.mgrid[0:12, 0:12]
     disc[..., 2] = 1.0
     disc[..., 3] = np.clip(6.0 - np.hypot(yy - 5.5, xx - 5.5), 0, 1)
-    stack = LayerStack(64, 48, [
-        Layer(back, name="Back"),
-        Layer(square, x=10, y=8, name="Red square", opacity=0.8, blend_mode="multiply"),
-        Layer(disc, x=40, y=20, name="Blå ✓ disc").cropped(),
-    ])
+    stack = LayerStack(
+        64,
+        48,
+        [
+            Layer(back, name="Back"),
+            Layer(square, x=10, y=8, name="Red square", opacity=0.8, blend_mode="multiply"),
+            Layer(disc, x=40, y=20, name="Blå ✓ disc").cropped(),
+        ],
+    )
     path = tmp_path_factory.mktemp("small") / "small.psd"
     write_psd(stack, path)
     return path
@@ -134,13 +138,12 @@ def test_compose_psd(capsys: pytest.CaptureFixture[str], tmp_path: Path, scene_p
     assert np.abs(img - composite(scene)).max() <= TOL
 
 
-def test_compose_background_and_layer_pngs(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                           small_psd: Path) -> None:
+def test_compose_background_and_layer_pngs(capsys: pytest.CaptureFixture[str], tmp_path: Path, small_psd: Path) -> None:
     stack = read_psd(small_psd)
     names = []
     for i, layer in enumerate(stack):  # plain full-canvas PNGs with no layer record
         canvas = np.zeros((stack.height, stack.width, 4), np.float32)
-        canvas[layer.y:layer.y + layer.height, layer.x:layer.x + layer.width] = layer.pixels
+        canvas[layer.y : layer.y + layer.height, layer.x : layer.x + layer.width] = layer.pixels
         names.append(tmp_path / f"l{i}.png")
         Image.fromarray(np.round(canvas * 255).astype(np.uint8), "RGBA").save(names[-1])
     out = tmp_path / "flat.png"
@@ -171,21 +174,40 @@ def test_layers_to_psd_plain_pngs(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert [layer.name for layer in back] == ["background", "sticker"]
     assert [(layer.x, layer.y, layer.width, layer.height) for layer in back] == [(7, 5, 23, 15), (3, 2, 6, 8)]
     assert np.abs(back[1].pixels - np.array([0, 0, 1, 128 / 255], np.float32)).max() <= TOL
-    expect = LayerStack(64, 48, [Layer.from_canvas(big / np.float32(255), name="background"),
-                                 Layer.from_canvas(small / np.float32(255), name="sticker")])
+    expect = LayerStack(
+        64,
+        48,
+        [
+            Layer.from_canvas(big / np.float32(255), name="background"),
+            Layer.from_canvas(small / np.float32(255), name="sticker"),
+        ],
+    )
     check_readers(out, expect)  # psd-tools, pytoshop and ImageMagick agree with what we meant to write
 
     out2 = tmp_path / "named.psd"
-    argv = ["layers-to-psd", tmp_path / "background.png", tmp_path / "sticker.png", "--out", out2,
-            "--names", "Fond", "Étiquette 🏷", "--canvas", "100x80", "--depth", "16"]
+    argv = [
+        "layers-to-psd",
+        tmp_path / "background.png",
+        tmp_path / "sticker.png",
+        "--out",
+        out2,
+        "--names",
+        "Fond",
+        "Étiquette 🏷",
+        "--canvas",
+        "100x80",
+        "--depth",
+        "16",
+    ]
     assert _run(capsys, *argv)[0] == 0
     assert lint_psd(out2) == []
     back2 = read_psd(out2)
     assert back2.size == (100, 80)
     assert [layer.name for layer in back2] == ["Fond", "Étiquette 🏷"]
 
-    code, _, err = _run(capsys, "layers-to-psd", tmp_path / "background.png", "--out", tmp_path / "x.psd",
-                        "--names", "a", "b")
+    code, _, err = _run(
+        capsys, "layers-to-psd", tmp_path / "background.png", "--out", tmp_path / "x.psd", "--names", "a", "b"
+    )
     assert code == 2 and "2 names for 1 layers" in err
     code, _, err = _run(capsys, "layers-to-psd", out, "--out", tmp_path / "x.psd")
     assert code == 2 and "use 'edit'" in err
@@ -195,8 +217,9 @@ def test_layers_to_psd_plain_pngs(capsys: pytest.CaptureFixture[str], tmp_path: 
 # ---------------------------------------------------------------- psd-to-layers and the round trip
 
 
-def test_psd_to_layers_round_trip(capsys: pytest.CaptureFixture[str], tmp_path: Path, scene_psd: Path,
-                                  scene: LayerStack) -> None:
+def test_psd_to_layers_round_trip(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene_psd: Path, scene: LayerStack
+) -> None:
     out_dir = tmp_path / "layers"
     code, _, err = _run(capsys, "psd-to-layers", scene_psd, "--out", out_dir)
     assert code == 0, err
@@ -234,8 +257,7 @@ def test_psd_to_layers_cropped_and_zip(capsys: pytest.CaptureFixture[str], tmp_p
     assert np.abs(_png(flat) - composite(stack)).max() <= TOL
 
 
-def test_psd_to_layers_refuses_taken_names(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                           small_psd: Path) -> None:
+def test_psd_to_layers_refuses_taken_names(capsys: pytest.CaptureFixture[str], tmp_path: Path, small_psd: Path) -> None:
     out_dir = tmp_path / "o"
     assert _run(capsys, "psd-to-layers", small_psd, "--out", out_dir)[0] == 0
     manifest = out_dir / "small_manifest.json"
@@ -259,8 +281,13 @@ def test_info_columns_stay_aligned_with_wide_names(capsys: pytest.CaptureFixture
     code, out, _ = _run(capsys, "info", path)
     assert code == 0
     rows = out.splitlines()[2:]
-    cols = {sum(2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1
-                for c in row[: row.index(" normal")]) for row in rows}
+    cols = {
+        sum(
+            2 if unicodedata.east_asian_width(c) in "WF" else 0 if unicodedata.combining(c) else 1
+            for c in row[: row.index(" normal")]
+        )
+        for row in rows
+    }
     assert len(cols) == 1, out
 
 
@@ -281,13 +308,39 @@ def test_info_table_and_json(capsys: pytest.CaptureFixture[str], small_psd: Path
 # ---------------------------------------------------------------- edit
 
 
-def test_edit_changes_only_addressed_layers(capsys: pytest.CaptureFixture[str], tmp_path: Path, scene_psd: Path,
-                                            scene: LayerStack) -> None:
+def test_edit_changes_only_addressed_layers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, scene_psd: Path, scene: LayerStack
+) -> None:
     out, preview = tmp_path / "edited.psd", tmp_path / "edited.png"
-    code, _, err = _run(capsys, "edit", scene_psd, "--out", out, "--preview", preview,
-                        "--layer", "2", "--move", "10,-5", "--scale", "1.5",
-                        "--layer", "Near hill", "--hue", "40", "--saturation", "0.2",
-                        "--layer", "Logo", "--opacity", "0.5", "--blend", "screen", "--rename", "Badge")
+    code, _, err = _run(
+        capsys,
+        "edit",
+        scene_psd,
+        "--out",
+        out,
+        "--preview",
+        preview,
+        "--layer",
+        "2",
+        "--move",
+        "10,-5",
+        "--scale",
+        "1.5",
+        "--layer",
+        "Near hill",
+        "--hue",
+        "40",
+        "--saturation",
+        "0.2",
+        "--layer",
+        "Logo",
+        "--opacity",
+        "0.5",
+        "--blend",
+        "screen",
+        "--rename",
+        "Badge",
+    )
     assert code == 0, err
     edited = read_psd(out)
     check_readers(out, edited)
@@ -312,10 +365,29 @@ def test_edit_changes_only_addressed_layers(capsys: pytest.CaptureFixture[str], 
 def test_edit_stack_operations(capsys: pytest.CaptureFixture[str], tmp_path: Path, small_psd: Path) -> None:
     stack = read_psd(small_psd)
     out = tmp_path / "ops.psd"
-    code, _, err = _run(capsys, "edit", small_psd, "--out", out,
-                        "--duplicate", "Back", "--move-to", "-1:0", "--delete", "1",
-                        "--layer", "0", "--hide", "--layer", "Red square", "--flip-h", "--rotate", "90",
-                        "--move", "-3,2")
+    code, _, err = _run(
+        capsys,
+        "edit",
+        small_psd,
+        "--out",
+        out,
+        "--duplicate",
+        "Back",
+        "--move-to",
+        "-1:0",
+        "--delete",
+        "1",
+        "--layer",
+        "0",
+        "--hide",
+        "--layer",
+        "Red square",
+        "--flip-h",
+        "--rotate",
+        "90",
+        "--move",
+        "-3,2",
+    )
     assert code == 0, err
     back = read_psd(out)
     # duplicate puts "Back copy" above Back; moving the top (disc) to the bottom, then deleting index 1 (Back).
@@ -370,8 +442,9 @@ def test_edit_grouping_rules(capsys: pytest.CaptureFixture[str], tmp_path: Path,
         (["info", "{tmp}"], "not a regular file"),
     ],
 )
-def test_bad_input(capsys: pytest.CaptureFixture[str], tmp_path: Path, small_psd: Path, argv: list[str],
-                   message: str) -> None:
+def test_bad_input(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, small_psd: Path, argv: list[str], message: str
+) -> None:
     args = [a.format(psd=small_psd, tmp=tmp_path) for a in argv]
     code, _, err = _run(capsys, *args)
     assert code == 2
@@ -405,10 +478,12 @@ def test_existing_output_is_untouched(capsys: pytest.CaptureFixture[str], tmp_pa
 def test_output_through_a_regular_file(capsys: pytest.CaptureFixture[str], tmp_path: Path, small_psd: Path) -> None:
     blocker = tmp_path / "file.txt"
     blocker.write_text("x")
-    for argv in (["compose", small_psd, "--out", blocker / "o.png"],
-                 ["psd-to-layers", small_psd, "--out", blocker / "dir"],
-                 ["psd-to-layers", small_psd, "--out", blocker],
-                 ["demo", "--out", blocker / "d", "--size", "64x48"]):
+    for argv in (
+        ["compose", small_psd, "--out", blocker / "o.png"],
+        ["psd-to-layers", small_psd, "--out", blocker / "dir"],
+        ["psd-to-layers", small_psd, "--out", blocker],
+        ["demo", "--out", blocker / "d", "--size", "64x48"],
+    ):
         code, _, err = _run(capsys, *argv)
         assert code == 2, argv
         assert "Traceback" not in err and ("not a folder" in err or "is a file" in err or "Not a directory" in err)
@@ -436,8 +511,11 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     check_readers(out / "sample.psd", original, imagemagick=False)
     check_readers(out / "sample_edited.psd", edited, imagemagick=False)
     _same_layers(original, sample_stack(SIZE), pixels_exact=False)
-    changed = [i for i, (a, b) in enumerate(zip(original, edited))
-               if a.bbox() != b.bbox() or not np.array_equal(a.pixels, b.pixels)]
+    changed = [
+        i
+        for i, (a, b) in enumerate(zip(original, edited))
+        if a.bbox() != b.bbox() or not np.array_equal(a.pixels, b.pixels)
+    ]
     assert changed == [1, 2, 4]  # glow and sun moved (sun scaled), near hill recoloured
     assert len(list((out / "layers").glob("sample_*.png"))) == len(original)
     assert Image.open(out / "sample_edited.png").size == SIZE
@@ -449,8 +527,9 @@ def test_demo(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_demo_default_folder(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_demo_default_folder(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert _run(capsys, "demo", "--size", "96x64")[0] == 0
     assert lint_psd(tmp_path / "qil_demo" / "sample_edited.psd") == []

@@ -36,8 +36,14 @@ def image(tmp_path: Path) -> Path:
 
 
 def _files(paths: dict[str, Path]) -> list[str]:
-    return ["--transformer", str(paths["transformer"]), "--vae", str(paths["vae"]), "--text-encoder",
-            str(paths["text_encoder"])]
+    return [
+        "--transformer",
+        str(paths["transformer"]),
+        "--vae",
+        str(paths["vae"]),
+        "--text-encoder",
+        str(paths["text_encoder"]),
+    ]
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
@@ -45,10 +51,24 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: object) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_decompose_single_files_to_psd_and_pngs(capsys, comfy, image: Path, tmp_path: Path) -> None:
     out, pngs = tmp_path / "out.psd", tmp_path / "pngs"
-    code, err = _run(capsys, "decompose", image, "--out", out, "--png-dir", pngs, *_files(comfy), *FAST,
-                     "--resolution", "custom", "--max-side", "96")
+    code, err = _run(
+        capsys,
+        "decompose",
+        image,
+        "--out",
+        out,
+        "--png-dir",
+        pngs,
+        *_files(comfy),
+        *FAST,
+        "--resolution",
+        "custom",
+        "--max-side",
+        "96",
+    )
     assert code == 0, err
     assert "RANDOM WEIGHTS" in err and "step 2/2" in err and "wrote" in err
     assert err.count("memory plan:") == 1, err  # regression: the plan was logged twice
@@ -60,8 +80,9 @@ def test_decompose_single_files_to_psd_and_pngs(capsys, comfy, image: Path, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize("extra", [["--memory", "offload"], ["--memory", "block_swap"], ["--vae-tile", "128"]])
-def test_memory_modes_and_vae_tiling_give_the_resident_result(capsys, comfy, image: Path, tmp_path: Path,
-                                                              extra: list[str]) -> None:
+def test_memory_modes_and_vae_tiling_give_the_resident_result(
+    capsys, comfy, image: Path, tmp_path: Path, extra: list[str]
+) -> None:
     args = [*_files(comfy), *FAST, "--resolution", "custom", "--max-side", "96"]
     code, err = _run(capsys, "decompose", image, "--out", tmp_path / "ref.psd", *args, "--memory", "resident")
     assert code == 0, err
@@ -76,8 +97,9 @@ def test_memory_modes_and_vae_tiling_give_the_resident_result(capsys, comfy, ima
 
 
 @pytest.mark.slow
-def test_fp8_option_quantises_the_transformer(capsys, comfy, image: Path, tmp_path: Path,
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fp8_option_quantises_the_transformer(
+    capsys, comfy, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from qil_core.model.weights import quant
 
     seen: list[int] = []
@@ -89,8 +111,20 @@ def test_fp8_option_quantises_the_transformer(capsys, comfy, image: Path, tmp_pa
         return out
 
     monkeypatch.setattr(quant, "quantize_module_fp8", spy)
-    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "fp8.psd", *_files(comfy), *FAST,
-                     "--resolution", "custom", "--max-side", "96", "--fp8")
+    code, err = _run(
+        capsys,
+        "decompose",
+        image,
+        "--out",
+        tmp_path / "fp8.psd",
+        *_files(comfy),
+        *FAST,
+        "--resolution",
+        "custom",
+        "--max-side",
+        "96",
+        "--fp8",
+    )
     assert code == 0, err
     assert seen and seen[0] > 0, "the transformer's Linear layers were not quantised"
     assert lint_psd(tmp_path / "fp8.psd") == []
@@ -99,9 +133,26 @@ def test_fp8_option_quantises_the_transformer(capsys, comfy, image: Path, tmp_pa
 @pytest.mark.slow
 def test_decompose_model_dir_original_size(capsys, diffusers_dir: Path, image: Path, tmp_path: Path) -> None:
     out = tmp_path / "o.psd"
-    code, err = _run(capsys, "decompose", image, "--out", out, "--model-dir", diffusers_dir, *FAST,
-                     "--resolution", "custom", "--max-side", "96", "--output-size", "original", "--keep-composite",
-                     "--no-cfg-normalize", "--seed", "-1")
+    code, err = _run(
+        capsys,
+        "decompose",
+        image,
+        "--out",
+        out,
+        "--model-dir",
+        diffusers_dir,
+        *FAST,
+        "--resolution",
+        "custom",
+        "--max-side",
+        "96",
+        "--output-size",
+        "original",
+        "--keep-composite",
+        "--no-cfg-normalize",
+        "--seed",
+        "-1",
+    )
     assert code == 0, err
     stack = read_psd(out)
     assert stack.size == (100, 70)
@@ -109,8 +160,9 @@ def test_decompose_model_dir_original_size(capsys, diffusers_dir: Path, image: P
     assert not stack.layers[-1].visible
 
 
-def test_outputs_are_checked_before_loading(capsys, comfy, image: Path, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outputs_are_checked_before_loading(
+    capsys, comfy, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     out = tmp_path / "taken.psd"
     out.write_bytes(b"keep me")
     monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
@@ -120,8 +172,9 @@ def test_outputs_are_checked_before_loading(capsys, comfy, image: Path, tmp_path
     assert code == 2 and "must end with .psd" in err
 
 
-def test_numbers_image_size_and_out_folder_are_checked_before_loading(capsys, comfy, image: Path, tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_numbers_image_size_and_out_folder_are_checked_before_loading(
+    capsys, comfy, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Regression: --layers 0, --steps 0, a 1x1 image and a missing --out folder used to fail only after the
     # model had loaded (the folder only after the whole decomposition had run).
     monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
@@ -156,8 +209,21 @@ def test_decompose_turns_an_exif_rotated_photo_upright(capsys, comfy, tmp_path: 
     photo = tmp_path / "photo.jpg"
     Image.fromarray(stored, "RGB").save(photo, exif=exif.tobytes(), quality=95)
     out = tmp_path / "photo.psd"
-    code, err = _run(capsys, "decompose", photo, "--out", out, *_files(comfy), *FAST, "--resolution", "custom",
-                     "--max-side", "96", "--output-size", "original")
+    code, err = _run(
+        capsys,
+        "decompose",
+        photo,
+        "--out",
+        out,
+        *_files(comfy),
+        *FAST,
+        "--resolution",
+        "custom",
+        "--max-side",
+        "96",
+        "--output-size",
+        "original",
+    )
     assert code == 0, err
     assert read_psd(out).size == (64, 96)  # displayed: 64 wide, 96 high
     assert cli_model._read_image(photo).size == (64, 96)
@@ -168,11 +234,24 @@ def test_decompose_turns_an_exif_rotated_photo_upright(capsys, comfy, tmp_path: 
 def test_bad_options_give_one_line_errors(capsys, comfy, image: Path, tmp_path: Path) -> None:
     code, err = _run(capsys, "decompose", image, "--out", tmp_path / "a.psd", *FAST)
     assert code == 2 and "--model-dir DIR, or --transformer F and --vae F" in err
-    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "a.psd", *_files(comfy), *FAST,
-                     "--resolution", "custom")
+    code, err = _run(
+        capsys, "decompose", image, "--out", tmp_path / "a.psd", *_files(comfy), *FAST, "--resolution", "custom"
+    )
     assert code == 2 and "needs max_side" in err and "Traceback" not in err
-    code, err = _run(capsys, "decompose", image, "--out", tmp_path / "a.psd", *_files(comfy), "--layers", "21",
-                     "--dtype", "fp32", "--device", "cpu")
+    code, err = _run(
+        capsys,
+        "decompose",
+        image,
+        "--out",
+        tmp_path / "a.psd",
+        *_files(comfy),
+        "--layers",
+        "21",
+        "--dtype",
+        "fp32",
+        "--device",
+        "cpu",
+    )
     assert code == 2 and "layers must be in 1..20" in err
     code, err = _run(capsys, "decompose", tmp_path / "missing.png", "--out", tmp_path / "a.psd", *_files(comfy))
     assert code == 2 and "not found" in err
@@ -192,8 +271,21 @@ def test_interrupt_leaves_nothing(capsys, comfy, image: Path, tmp_path: Path, mo
 
     monkeypatch.setattr(cli_model, "_progress", stop)
     out, pngs = tmp_path / "never.psd", tmp_path / "pngs"
-    code, err = _run(capsys, "decompose", image, "--out", out, "--png-dir", pngs, *_files(comfy), *FAST,
-                     "--resolution", "custom", "--max-side", "96")
+    code, err = _run(
+        capsys,
+        "decompose",
+        image,
+        "--out",
+        out,
+        "--png-dir",
+        pngs,
+        *_files(comfy),
+        *FAST,
+        "--resolution",
+        "custom",
+        "--max-side",
+        "96",
+    )
     assert code == 130 and "interrupted" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png"]
 
@@ -201,15 +293,30 @@ def test_interrupt_leaves_nothing(capsys, comfy, image: Path, tmp_path: Path, mo
 @pytest.mark.slow
 def test_text_to_layers_command(capsys, comfy, tmp_path: Path) -> None:
     out = tmp_path / "t2l.psd"
-    code, err = _run(capsys, "text-to-layers", "a red balloon over a field", "--out", out, *_files(comfy),
-                     *FAST[:-2], "--width", "100", "--height", "64", "--layers", "3")
+    code, err = _run(
+        capsys,
+        "text-to-layers",
+        "a red balloon over a field",
+        "--out",
+        out,
+        *_files(comfy),
+        *FAST[:-2],
+        "--width",
+        "100",
+        "--height",
+        "64",
+        "--layers",
+        "3",
+    )
     assert code == 0, err
     stack = read_psd(out)
     assert stack.size == (96, 64) and len(stack) == 3 and lint_psd(out) == []
 
 
-def test_demo_decomposes_the_sample_with_a_random_model(capsys, tmp_path: Path, image: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.slow
+def test_demo_decomposes_the_sample_with_a_random_model(
+    capsys, tmp_path: Path, image: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(cli_model.DEMO_SETTINGS, "max_side", 128)
     monkeypatch.setitem(cli_model.DEMO_SETTINGS, "steps", 2)
     out = tmp_path / "demo"
@@ -217,8 +324,7 @@ def test_demo_decomposes_the_sample_with_a_random_model(capsys, tmp_path: Path, 
     assert code == 0, err
     assert "RANDOM" in err and "decomposed psd" in err and "sample.psd" in err
     stack = read_psd(out / "decomposed.psd")
-    assert stack.size == (96, 64) and [layer.name for layer in stack] == ["Background", "Layer 1", "Layer 2",
-                                                                          "Layer 3"]
+    assert stack.size == (96, 64) and [layer.name for layer in stack] == ["Background", "Layer 1", "Layer 2", "Layer 3"]
     assert len(list((out / "decomposed_layers").glob("decomposed_*.png"))) == 4
     code, err = _run(capsys, "demo", "--out", out, "--size", "96x64")
     assert code == 2 and "--overwrite" in err
@@ -230,4 +336,3 @@ def test_demo_decomposes_the_sample_with_a_random_model(capsys, tmp_path: Path, 
     code, err = _run(capsys, "demo", "--out", tmp_path / "demo3", "--no-model", "--size", "96x64")
     assert code == 0 and not (tmp_path / "demo3" / "decomposed.psd").exists()
     assert (tmp_path / "demo3" / "sample.psd").is_file()
-

@@ -108,9 +108,17 @@ def test_random_mixed_modes_match_independent_reference(seed: int) -> None:
         h, w = rng.integers(1, 9, size=2)
         px = rng.random((h, w, 4), dtype=np.float32)
         px[..., 3] = np.where(rng.random((h, w)) < 0.3, 1.0, px[..., 3])
-        layers.append(Layer(px, x=int(rng.integers(-3, 12)), y=int(rng.integers(-3, 9)), name=f"l{i}",
-                            blend_mode=str(rng.choice(BLEND_MODES)), opacity=float(rng.random()),
-                            visible=bool(rng.random() > 0.15)))
+        layers.append(
+            Layer(
+                px,
+                x=int(rng.integers(-3, 12)),
+                y=int(rng.integers(-3, 9)),
+                name=f"l{i}",
+                blend_mode=str(rng.choice(BLEND_MODES)),
+                opacity=float(rng.random()),
+                visible=bool(rng.random() > 0.15),
+            )
+        )
     stack = LayerStack(12, 9, layers)
     np.testing.assert_allclose(composite(stack), reference(stack), atol=2e-6)
 
@@ -131,9 +139,15 @@ def test_wide_layers_use_several_bands() -> None:
 
 def test_200_layers_memory_linear_c5() -> None:
     rng = np.random.default_rng(5)
-    layers = [Layer(rng.random((16, 16, 4), dtype=np.float32), x=int(rng.integers(-8, 256)),
-                    y=int(rng.integers(-8, 256)), blend_mode="multiply" if i % 7 == 0 else "normal")
-              for i in range(200)]
+    layers = [
+        Layer(
+            rng.random((16, 16, 4), dtype=np.float32),
+            x=int(rng.integers(-8, 256)),
+            y=int(rng.integers(-8, 256)),
+            blend_mode="multiply" if i % 7 == 0 else "normal",
+        )
+        for i in range(200)
+    ]
     stack = LayerStack(256, 256, layers)
     canvas_bytes = 256 * 256 * 16
     tracemalloc.start()
@@ -166,8 +180,9 @@ def _psd_tools_composite(stack: LayerStack) -> np.ndarray:
 
     psd = PSDImage.new("RGBA", (stack.width, stack.height))
     for layer in stack.layers:
-        pl = PixelLayer.fromarray(np.round(layer.pixels * 255).astype(np.uint8), psd, name=layer.name,
-                                  top=layer.y, left=layer.x)
+        pl = PixelLayer.fromarray(
+            np.round(layer.pixels * 255).astype(np.uint8), psd, name=layer.name, top=layer.y, left=layer.x
+        )
         pl.blend_mode = BlendMode(PSD_BLEND_KEYS[layer.blend_mode].encode("ascii"))
         pl.opacity = int(round(layer.opacity * 255))
         pl.visible = layer.visible
@@ -189,11 +204,15 @@ def test_matches_psd_tools_compositor_within_2_of_255_c1(mode: str) -> None:
         a[..., 3] = np.where(rng.random((h, w)) < 0.4, 1.0, a[..., 3])
         return a.astype(np.float32)
 
-    stack = LayerStack(20, 14, [
-        Layer(px(10, 12), x=1, y=2, name="base"),
-        Layer(px(8, 9), x=8, y=5, name="top", blend_mode=mode, opacity=round(0.7 * 255) / 255),
-        Layer(px(4, 4), x=-2, y=-1, name="corner", blend_mode=mode),
-    ])
+    stack = LayerStack(
+        20,
+        14,
+        [
+            Layer(px(10, 12), x=1, y=2, name="base"),
+            Layer(px(8, 9), x=8, y=5, name="top", blend_mode=mode, opacity=round(0.7 * 255) / 255),
+            Layer(px(4, 4), x=-2, y=-1, name="corner", blend_mode=mode),
+        ],
+    )
     theirs = _psd_tools_composite(stack)
     ours = composite(stack)
     # Compare premultiplied colour (RGB under alpha 0 is undefined) and alpha.
@@ -216,12 +235,16 @@ def test_our_psd_composited_by_psd_tools_matches_ours(mode: str, tmp_path: Path)
         a[..., 3] = np.where(rng.random((h, w)) < 0.4, 1.0, a[..., 3])
         return a.astype(np.float32)
 
-    stack = LayerStack(24, 16, [
-        Layer(px(12, 14), x=2, y=1, name="base"),
-        Layer(px(9, 10), x=10, y=6, name="top", blend_mode=mode, opacity=round(0.6 * 255) / 255),
-        Layer(px(5, 6), x=-3, y=-2, name="corner", blend_mode=mode),
-        Layer(px(4, 4), x=20, y=12, name="hidden", visible=False),
-    ])
+    stack = LayerStack(
+        24,
+        16,
+        [
+            Layer(px(12, 14), x=2, y=1, name="base"),
+            Layer(px(9, 10), x=10, y=6, name="top", blend_mode=mode, opacity=round(0.6 * 255) / 255),
+            Layer(px(5, 6), x=-3, y=-2, name="corner", blend_mode=mode),
+            Layer(px(4, 4), x=20, y=12, name="hidden", visible=False),
+        ],
+    )
     path = write_psd(stack, tmp_path / f"{mode}.psd")
     theirs = np.asarray(PSDImage.open(path).composite(force=True, apply_icc=False), np.float32) / 255
     ours = composite(stack)

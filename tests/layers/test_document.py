@@ -22,8 +22,22 @@ from qil_core.layers import (
     stack_to_images,
 )
 
-DOC_KEYS = {"type", "image", "name", "x", "y", "z_index", "opacity", "blend_mode", "visible", "w", "h",
-            "rotation", "flip_h", "flip_v"}
+DOC_KEYS = {
+    "type",
+    "image",
+    "name",
+    "x",
+    "y",
+    "z_index",
+    "opacity",
+    "blend_mode",
+    "visible",
+    "w",
+    "h",
+    "rotation",
+    "flip_h",
+    "flip_v",
+}
 
 
 def random_stack(seed: int = 0) -> LayerStack:
@@ -34,8 +48,17 @@ def random_stack(seed: int = 0) -> LayerStack:
         px = rng.random((h, w, 4), dtype=np.float32)
         px[0, 0, 3] = 1.0  # crops stay as they are
         px[-1, -1, 3] = 1.0
-        layers.append(Layer(px, x=int(rng.integers(-4, 12)), y=int(rng.integers(-4, 10)), name=f"レイヤー {i} 😀",
-                            opacity=float(rng.random()), blend_mode=mode, visible=i != 2))
+        layers.append(
+            Layer(
+                px,
+                x=int(rng.integers(-4, 12)),
+                y=int(rng.integers(-4, 10)),
+                name=f"レイヤー {i} 😀",
+                opacity=float(rng.random()),
+                blend_mode=mode,
+                visible=i != 2,
+            )
+        )
     layers.append(Layer(np.zeros((0, 0, 4), np.float32), x=3, y=1, name="empty"))
     return LayerStack(12, 10, layers)
 
@@ -43,8 +66,14 @@ def random_stack(seed: int = 0) -> LayerStack:
 def assert_same(a: LayerStack, b: LayerStack) -> None:
     assert a.size == b.size and len(a) == len(b)
     for la, lb in zip(a, b):
-        assert (la.name, la.x, la.y, la.opacity, la.blend_mode, la.visible) == \
-            (lb.name, lb.x, lb.y, lb.opacity, lb.blend_mode, lb.visible)
+        assert (la.name, la.x, la.y, la.opacity, la.blend_mode, la.visible) == (
+            lb.name,
+            lb.x,
+            lb.y,
+            lb.opacity,
+            lb.blend_mode,
+            lb.visible,
+        )
         assert la.pixels.shape == lb.pixels.shape and np.array_equal(la.pixels, lb.pixels)
 
 
@@ -73,10 +102,21 @@ def test_addlayer_style_full_size_image_with_mask() -> None:
     mask = torch.ones(1, h, w)  # 1 = transparent
     mask[0, 5:9, 10:20] = 0  # an opaque window
     mask[0, 9, 10:20] = 0.75  # a soft edge: alpha .25
-    doc = {"version": 1, "canvas": (w, h), "layers": [
-        {"type": "raster", "image": torch.ones(1, h, w, 3), "name": "white"},
-        {"type": "raster", "image": image, "mask": mask, "name": "window", "opacity": 0.9, "blend_mode": "multiply"},
-    ]}
+    doc = {
+        "version": 1,
+        "canvas": (w, h),
+        "layers": [
+            {"type": "raster", "image": torch.ones(1, h, w, 3), "name": "white"},
+            {
+                "type": "raster",
+                "image": image,
+                "mask": mask,
+                "name": "window",
+                "opacity": 0.9,
+                "blend_mode": "multiply",
+            },
+        ],
+    }
     stack = stack_from_document(doc)
     assert [layer.name for layer in stack] == ["white", "window"]
     win = stack[1]
@@ -95,8 +135,15 @@ def test_z_index_stable_sort_and_batched_items() -> None:
             d["name"] = name
         return d
 
-    doc = {"canvas": (2, 2), "layers": [item(0.1, 2, name="c"), item(0.2, 0, name="a"), item(0.3, 1, b=3, name="b"),
-                                         item(0.4, 0, name="a2")]}
+    doc = {
+        "canvas": (2, 2),
+        "layers": [
+            item(0.1, 2, name="c"),
+            item(0.2, 0, name="a"),
+            item(0.3, 1, b=3, name="b"),
+            item(0.4, 0, name="a2"),
+        ],
+    }
     stack = stack_from_document(doc)
     assert [layer.name for layer in stack] == ["a", "a2", "b 1", "b 2", "b 3", "c"]
     assert stack[2].pixels[0, 0, 0] == pytest.approx(0.3)
@@ -104,8 +151,12 @@ def test_z_index_stable_sort_and_batched_items() -> None:
     plain = stack_from_document({"canvas": (2, 2), "layers": [item(0.5, None), item(0.6, None, b=2)]})
     assert [layer.name for layer in plain] == ["Layer 1", "Layer 2", "Layer 3"]
     # A missing z_index counts as 0 (as in core): below an item with z_index 1 that comes first in the list.
-    mixed = stack_from_document({"canvas": (2, 2), "layers": [item(0.1, 1, name="one"), item(0.2, None, name="none"),
-                                                             item(0.3, -1, name="minus")]})
+    mixed = stack_from_document(
+        {
+            "canvas": (2, 2),
+            "layers": [item(0.1, 1, name="one"), item(0.2, None, name="none"), item(0.3, -1, name="minus")],
+        }
+    )
     assert [layer.name for layer in mixed] == ["minus", "none", "one"]
 
 
@@ -115,8 +166,9 @@ def test_image_batch_sets_the_frames_and_frame_k_takes_mask_k(caplog: pytest.Log
     for i in range(3):
         mask[i, i, i] = 0
     with caplog.at_level(logging.WARNING):
-        one = stack_from_document({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "mask": mask,
-                                                                 "name": "m"}]})
+        one = stack_from_document(
+            {"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "mask": mask, "name": "m"}]}
+        )
     assert [(layer.name, layer.bbox()) for layer in one] == [("m", (0, 0, 1, 1))]
     assert "image batch 1 with mask batch 3" in caplog.text
     two = stack_from_document({"canvas": (4, 4), "layers": [{"image": torch.rand(2, 4, 4, 3), "mask": mask}]})
@@ -138,8 +190,9 @@ def test_rgba_image_and_mask_multiply() -> None:
 
 def test_mask_of_another_size_is_resized() -> None:
     # LoadImage gives a 64x64 all-zero MASK for an image without alpha: that means fully opaque.
-    stack = stack_from_document({"canvas": (10, 6), "layers": [{"image": torch.rand(1, 6, 10, 3),
-                                                                "mask": torch.zeros(1, 64, 64)}]})
+    stack = stack_from_document(
+        {"canvas": (10, 6), "layers": [{"image": torch.rand(1, 6, 10, 3), "mask": torch.zeros(1, 64, 64)}]}
+    )
     assert stack[0].bbox() == (0, 0, 10, 6) and (stack[0].alpha == 1).all()
 
 
@@ -163,29 +216,40 @@ def test_empty_document_and_inferred_canvas() -> None:
     assert inferred.size == (10, 6)
 
 
-@pytest.mark.parametrize("doc,msg", [
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(4, 4)}]}, r"layers\[0\]\.image must be an IMAGE"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 2)}]}, r"C = 1, 3 or 4, got shape \(1, 4, 4, 2\)"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.full((1, 4, 4, 3), float("nan"))}]},
-     r"layers\[0\]\.image contains NaN"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "mask": torch.full((4, 4), float("inf"))}]},
-     r"layers\[0\]\.mask contains NaN or infinite"),
-    ({"canvas": (MAX_CANVAS_SIDE + 1, 4), "layers": []}, "outside 1..30000"),
-    ({"canvas": (0, 4), "layers": []}, "outside 1..30000"),
-    ({"layers": []}, "no 'canvas' and no layers"),
-    ({"version": 2, "canvas": (4, 4), "layers": []}, "version 2 is not supported"),
-    ({"canvas": (4, 4), "layers": [{"type": "text", "image": torch.rand(1, 4, 4, 3)}]}, "type 'text'"),
-    ({"canvas": (4, 4), "layers": [{"name": "x"}]}, r"layers\[0\] has no 'image'"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "opacity": float("nan")}]},
-     r"layers\[0\]\.opacity must be a finite number"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "opacity": "half"}]}, r"\.opacity must be"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "w": MAX_CANVAS_SIDE + 1}]},
-     r"layers\[0\]\.w = 30001 is outside"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "z_index": "top"}]}, r"\.z_index must be a"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "x": float("nan")}]}, r"\.x must be a finite"),
-    ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "rotation": float("nan")}]}, "rotation"),
-    ({"canvas": (4, 4), "layers": "nope"}, "must be a list of dicts"),
-])
+@pytest.mark.parametrize(
+    "doc,msg",
+    [
+        ({"canvas": (4, 4), "layers": [{"image": torch.rand(4, 4)}]}, r"layers\[0\]\.image must be an IMAGE"),
+        ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 2)}]}, r"C = 1, 3 or 4, got shape \(1, 4, 4, 2\)"),
+        (
+            {"canvas": (4, 4), "layers": [{"image": torch.full((1, 4, 4, 3), float("nan"))}]},
+            r"layers\[0\]\.image contains NaN",
+        ),
+        (
+            {"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "mask": torch.full((4, 4), float("inf"))}]},
+            r"layers\[0\]\.mask contains NaN or infinite",
+        ),
+        ({"canvas": (MAX_CANVAS_SIDE + 1, 4), "layers": []}, "outside 1..30000"),
+        ({"canvas": (0, 4), "layers": []}, "outside 1..30000"),
+        ({"layers": []}, "no 'canvas' and no layers"),
+        ({"version": 2, "canvas": (4, 4), "layers": []}, "version 2 is not supported"),
+        ({"canvas": (4, 4), "layers": [{"type": "text", "image": torch.rand(1, 4, 4, 3)}]}, "type 'text'"),
+        ({"canvas": (4, 4), "layers": [{"name": "x"}]}, r"layers\[0\] has no 'image'"),
+        (
+            {"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "opacity": float("nan")}]},
+            r"layers\[0\]\.opacity must be a finite number",
+        ),
+        ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "opacity": "half"}]}, r"\.opacity must be"),
+        (
+            {"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "w": MAX_CANVAS_SIDE + 1}]},
+            r"layers\[0\]\.w = 30001 is outside",
+        ),
+        ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "z_index": "top"}]}, r"\.z_index must be a"),
+        ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "x": float("nan")}]}, r"\.x must be a finite"),
+        ({"canvas": (4, 4), "layers": [{"image": torch.rand(1, 4, 4, 3), "rotation": float("nan")}]}, "rotation"),
+        ({"canvas": (4, 4), "layers": "nope"}, "must be a list of dicts"),
+    ],
+)
 def test_document_validation(doc: dict, msg: str) -> None:
     with pytest.raises(InputError, match=msg):
         stack_from_document(doc)
@@ -202,9 +266,17 @@ def test_document_accepts_numpy_bf16_uint8_and_loose_mode_names(caplog: pytest.L
     u8 = np.full((3, 3, 3), 255, np.uint8)
     over = np.full((1, 3, 3, 3), 1.5, np.float32)
     with caplog.at_level(logging.WARNING):
-        stack = stack_from_document({"canvas": (3, 3), "layers": [
-            {"image": np_img, "blend_mode": "Linear_Dodge"}, {"image": bf16, "opacity": torch.tensor(0.5)},
-            {"image": u8}, {"image": over}]})
+        stack = stack_from_document(
+            {
+                "canvas": (3, 3),
+                "layers": [
+                    {"image": np_img, "blend_mode": "Linear_Dodge"},
+                    {"image": bf16, "opacity": torch.tensor(0.5)},
+                    {"image": u8},
+                    {"image": over},
+                ],
+            }
+        )
     assert stack[0].blend_mode == "linear-dodge" and stack[1].opacity == 0.5
     assert (stack[2].pixels == 1).all() and (stack[3].pixels == 1).all()
     assert "outside 0..1" in caplog.text
@@ -219,8 +291,15 @@ def test_alpha_mask_inversion_helpers() -> None:
 
 def test_images_round_trip() -> None:
     stack = random_stack(1)
-    inside = [layer for layer in stack if layer.pixels.size and layer.x >= 0 and layer.y >= 0
-              and layer.x + layer.width <= 12 and layer.y + layer.height <= 10]
+    inside = [
+        layer
+        for layer in stack
+        if layer.pixels.size
+        and layer.x >= 0
+        and layer.y >= 0
+        and layer.x + layer.width <= 12
+        and layer.y + layer.height <= 10
+    ]
     stack = LayerStack(12, 10, [layer.replace(opacity=1.0, blend_mode="normal", visible=True) for layer in inside])
     assert len(stack) >= 1
     rgba, mask = stack_to_images(stack)

@@ -21,9 +21,11 @@ def _stack() -> LayerStack:
     px = rng.random((6, 8, 4), dtype=np.float32)
     px[..., 3] = np.where(px[..., 3] < 0.3, 0, px[..., 3])
     px[0, 0, 3] = px[-1, -1, 3] = 1  # keep the bounding box
-    layers = [Layer(px, x=2, y=3, name="base", opacity=0.75, blend_mode="multiply"),
-              Layer(px[:3, :3], x=-1, y=-1, name="a/b: レイヤー 😀", visible=False),
-              Layer(np.zeros((0, 0, 4), np.float32), name="")]
+    layers = [
+        Layer(px, x=2, y=3, name="base", opacity=0.75, blend_mode="multiply"),
+        Layer(px[:3, :3], x=-1, y=-1, name="a/b: レイヤー 😀", visible=False),
+        Layer(np.zeros((0, 0, 4), np.float32), name=""),
+    ]
     layers += [Layer(px[:2, :2], x=i, y=i, name=f"n{i}") for i in range(9)]
     return LayerStack(16, 12, layers)
 
@@ -54,8 +56,12 @@ def test_round_trip_through_pngs(tmp_path, full_canvas) -> None:
     back = read_layer_pngs(export_pngs(stack, tmp_path, full_canvas=full_canvas))
     assert back.size == stack.size and len(back) == len(stack)
     for got, want in zip(back, stack):
-        assert (got.name, got.opacity, got.blend_mode, got.visible) == (want.name, want.opacity, want.blend_mode,
-                                                                        want.visible)
+        assert (got.name, got.opacity, got.blend_mode, got.visible) == (
+            want.name,
+            want.opacity,
+            want.blend_mode,
+            want.visible,
+        )
     assert (back[0].x, back[0].y, back[0].pixels.shape) == (2, 3, (6, 8, 4))
     assert back[2].pixels.shape == (0, 0, 4)
     if full_canvas:  # clipped to the canvas

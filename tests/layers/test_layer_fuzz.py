@@ -38,14 +38,14 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
         elif kind == 1:
             buf[pos] = rng.randrange(256)
         elif kind == 2:
-            buf[pos:pos + 4] = rng.choice(_EXTREMES)
+            buf[pos : pos + 4] = rng.choice(_EXTREMES)
         elif kind == 3:
-            del buf[rng.randrange(len(buf)):]
+            del buf[rng.randrange(len(buf)) :]
         elif kind == 4:
             n = rng.randint(1, 64)
-            buf[pos:pos] = buf[pos:pos + n]
+            buf[pos:pos] = buf[pos : pos + n]
         else:
-            del buf[pos:pos + rng.randint(1, 64)]
+            del buf[pos : pos + rng.randint(1, 64)]
     return bytes(buf)
 
 
@@ -91,11 +91,12 @@ def run_fuzz(kind: str, count: int, seed: int) -> list[str]:
 
 def _child(kind: str) -> list[str]:
     env = {**os.environ, "QIL_ASSUME_FREE_RAM": "1G", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    code = ("import resource, sys, json; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
-            f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import test_layer_fuzz as f; "
-            f"print(json.dumps(f.run_fuzz({kind!r}, {COUNTS[kind]}, {SEED})))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    code = (
+        "import resource, sys, json; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+        f"sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); import test_layer_fuzz as f; "
+        f"print(json.dumps(f.run_fuzz({kind!r}, {COUNTS[kind]}, {SEED})))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 

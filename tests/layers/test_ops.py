@@ -28,12 +28,16 @@ def solid(rgba: tuple[float, float, float, float], h: int = 2, w: int = 2, **kw:
 
 @pytest.fixture()
 def stack() -> LayerStack:
-    return LayerStack(6, 6, [
-        solid((1, 1, 1, 1), 6, 6, name="paper"),
-        solid((1, 0, 0, 1), name="sky", x=1, y=1),
-        solid((0, 0, 1, 0.5), 3, 3, name="logo", x=2, y=2, opacity=0.5),
-        solid((0, 1, 0, 1), name="grass", x=4, y=4),
-    ])
+    return LayerStack(
+        6,
+        6,
+        [
+            solid((1, 1, 1, 1), 6, 6, name="paper"),
+            solid((1, 0, 0, 1), name="sky", x=1, y=1),
+            solid((0, 0, 1, 0.5), 3, 3, name="logo", x=2, y=2, opacity=0.5),
+            solid((0, 1, 0, 1), name="grass", x=4, y=4),
+        ],
+    )
 
 
 def names(stack: LayerStack) -> list[str]:
@@ -57,12 +61,24 @@ def test_select_keeps_key_order_and_drops_duplicates(stack: LayerStack) -> None:
     assert out[0] is stack[3]  # layers are shared, not copied
 
 
-@pytest.mark.parametrize("key,msg", [(5, "layer 5 requested, 4 available"), (-5, "layer -5 requested"),
-                                     (999, "999 requested"), ("moon", "layer named 'moon' not found")])
+@pytest.mark.parametrize(
+    "key,msg",
+    [
+        (5, "layer 5 requested, 4 available"),
+        (-5, "layer -5 requested"),
+        (999, "999 requested"),
+        ("moon", "layer named 'moon' not found"),
+    ],
+)
 def test_bad_keys_t4(stack: LayerStack, key: int | str, msg: str) -> None:
-    for fn in (lambda: select_layers(stack, [key]), lambda: delete_layers(stack, key),
-               lambda: move_layer(stack, key, 0), lambda: merge_down(stack, key),
-               lambda: duplicate_layer(stack, key), lambda: set_layer_props(stack, key, opacity=0.5)):
+    for fn in (
+        lambda: select_layers(stack, [key]),
+        lambda: delete_layers(stack, key),
+        lambda: move_layer(stack, key, 0),
+        lambda: merge_down(stack, key),
+        lambda: duplicate_layer(stack, key),
+        lambda: set_layer_props(stack, key, opacity=0.5),
+    ):
         with pytest.raises(LayerIndexError, match=msg):
             fn()
     with pytest.raises(IndexError):  # also an IndexError and a ValueError for generic callers
@@ -132,8 +148,13 @@ def test_set_layer_props(stack: LayerStack) -> None:
     g = out[3]
     assert (g.x, g.y, g.opacity, g.visible, g.name) == (-3, 2, 0.25, False, "lawn")
     assert stack[3].name == "grass"  # the input stack is unchanged
-    for bad, msg in (({"opacity": 2}, "opacity must be in 0..1"), ({"blend_mode": "glow"}, "unknown blend mode"),
-                     ({"x": 1.5}, "x must be an int"), ({"visible": "no"}, "visible must be True or False"),
-                     ({"pixels": None}, "unknown property pixels"), ({"name": 3}, "name must be a string")):
+    for bad, msg in (
+        ({"opacity": 2}, "opacity must be in 0..1"),
+        ({"blend_mode": "glow"}, "unknown blend mode"),
+        ({"x": 1.5}, "x must be an int"),
+        ({"visible": "no"}, "visible must be True or False"),
+        ({"pixels": None}, "unknown property pixels"),
+        ({"name": 3}, "name must be a string"),
+    ):
         with pytest.raises(InputError, match=msg):
             set_layer_props(stack, 0, **bad)

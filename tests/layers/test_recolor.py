@@ -29,11 +29,27 @@ def noisy() -> Layer:
 
 
 ALL_OPTIONS = [
-    {"hue_shift": 77}, {"saturation": -0.6}, {"saturation": 1}, {"lightness": 0.4}, {"lightness": -0.3},
-    {"brightness": 0.2}, {"contrast": 0.7}, {"contrast": -1}, {"tint": "#3366ff", "tint_strength": 0.5},
-    {"replace_color": "red", "replace_with": "blue", "tolerance": 0.5}, {"invert": True},
-    {"hue_shift": -30, "saturation": 0.2, "lightness": 0.1, "brightness": -0.1, "contrast": 0.3,
-     "tint": (1, 0.5, 0), "tint_strength": 1, "invert": True},
+    {"hue_shift": 77},
+    {"saturation": -0.6},
+    {"saturation": 1},
+    {"lightness": 0.4},
+    {"lightness": -0.3},
+    {"brightness": 0.2},
+    {"contrast": 0.7},
+    {"contrast": -1},
+    {"tint": "#3366ff", "tint_strength": 0.5},
+    {"replace_color": "red", "replace_with": "blue", "tolerance": 0.5},
+    {"invert": True},
+    {
+        "hue_shift": -30,
+        "saturation": 0.2,
+        "lightness": 0.1,
+        "brightness": -0.1,
+        "contrast": 0.3,
+        "tint": (1, 0.5, 0),
+        "tint_strength": 1,
+        "invert": True,
+    },
 ]
 
 
@@ -58,8 +74,7 @@ def test_all_zero_alpha_layer_t6() -> None:
 def test_hue_shift_moves_around_the_wheel() -> None:
     np.testing.assert_allclose(rgb_of(recolor_layer(pixel((1, 0, 0)), hue_shift=120)), [0, 1, 0], atol=1e-6)
     np.testing.assert_allclose(rgb_of(recolor_layer(pixel((1, 0, 0)), hue_shift=-120)), [0, 0, 1], atol=1e-6)
-    np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.5, 0.9)), hue_shift=360)), [0.2, 0.5, 0.9],
-                               atol=1e-6)
+    np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.5, 0.9)), hue_shift=360)), [0.2, 0.5, 0.9], atol=1e-6)
     # HSL hue of (1, .5, 0) is 30°; +30° gives 60° = (1, 1, 0) at the same lightness/saturation.
     np.testing.assert_allclose(rgb_of(recolor_layer(pixel((1, 0.5, 0)), hue_shift=30)), [1, 1, 0], atol=1e-6)
 
@@ -75,15 +90,17 @@ def test_saturation() -> None:
 def test_lightness_brightness_contrast() -> None:
     np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.4, 0.6)), lightness=1)), [1, 1, 1], atol=1e-6)
     np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.4, 0.6)), lightness=-1)), [0, 0, 0], atol=1e-6)
-    np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.4, 0.6)), lightness=0.5)), [0.6, 0.7, 0.8],
-                               atol=1e-6)
-    np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.4, 0.9)), brightness=0.25)), [0.45, 0.65, 1],
-                               atol=1e-6)
-    np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.4, 0.9)), contrast=-1)), [0.5, 0.5, 0.5],
-                               atol=1e-6)
+    np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.4, 0.6)), lightness=0.5)), [0.6, 0.7, 0.8], atol=1e-6)
+    np.testing.assert_allclose(
+        rgb_of(recolor_layer(pixel((0.2, 0.4, 0.9)), brightness=0.25)), [0.45, 0.65, 1], atol=1e-6
+    )
+    np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.4, 0.9)), contrast=-1)), [0.5, 0.5, 0.5], atol=1e-6)
     slope = math.tan(0.75 * math.pi / 2)  # contrast .5 -> tan(1.5·π/4) = 2.414
-    np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.6, 0.4, 0.5)), contrast=0.5)),
-                               [0.5 + 0.1 * slope, 0.5 - 0.1 * slope, 0.5], atol=1e-6)
+    np.testing.assert_allclose(
+        rgb_of(recolor_layer(pixel((0.6, 0.4, 0.5)), contrast=0.5)),
+        [0.5 + 0.1 * slope, 0.5 - 0.1 * slope, 0.5],
+        atol=1e-6,
+    )
     np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.6, 0.4, 0.5)), contrast=1)), [1, 0, 0.5], atol=1e-6)
 
 
@@ -93,8 +110,9 @@ def test_tint_keeps_luminosity() -> None:
     np.testing.assert_allclose(out, [1, 0.5 - 0.3 * 0.5 / 0.7, 0.5 - 0.3 * 0.5 / 0.7], atol=1e-6)
     half = rgb_of(recolor_layer(pixel((0.5, 0.5, 0.5)), tint="red", tint_strength=0.5))
     np.testing.assert_allclose(half, (np.float32([0.5] * 3) + out) / 2, atol=1e-6)
-    assert np.array_equal(rgb_of(recolor_layer(pixel((0.3, 0.2, 0.1)), tint="red", tint_strength=0)),
-                          np.float32([0.3, 0.2, 0.1]))
+    assert np.array_equal(
+        rgb_of(recolor_layer(pixel((0.3, 0.2, 0.1)), tint="red", tint_strength=0)), np.float32([0.3, 0.2, 0.1])
+    )
 
 
 def test_replace_color_with_tolerance_keeps_shading() -> None:
@@ -117,9 +135,19 @@ def test_invert() -> None:
     np.testing.assert_allclose(rgb_of(recolor_layer(pixel((0.2, 0.4, 1.0)), invert=True)), [0.8, 0.6, 0], atol=1e-6)
 
 
-@pytest.mark.parametrize("name,bad", [("hue_shift", float("nan")), ("saturation", float("nan")),
-                                      ("lightness", float("inf")), ("saturation", 1.5), ("contrast", -2),
-                                      ("tint_strength", 2), ("tolerance", -0.1), ("brightness", "x")])
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("hue_shift", float("nan")),
+        ("saturation", float("nan")),
+        ("lightness", float("inf")),
+        ("saturation", 1.5),
+        ("contrast", -2),
+        ("tint_strength", 2),
+        ("tolerance", -0.1),
+        ("brightness", "x"),
+    ],
+)
 def test_bad_numbers_t5(name: str, bad: object) -> None:
     with pytest.raises(InputError, match=name):
         recolor_layer(pixel((0.5, 0.5, 0.5)), **{name: bad})
@@ -137,8 +165,24 @@ def test_parse_color_accepts() -> None:
     assert parse_color((0.1, 0.2, 0.3, 0.5)) == pytest.approx((0.1, 0.2, 0.3))
 
 
-@pytest.mark.parametrize("bad", ["#zzz", "", "   ", "#ff00", "#12345", "reddish", "rgb(1, 2)", (1, 2),
-                                 (0.5, 0.5, 0.5, 1.5), (300, 0, 0), (-1, 0, 0), (float("nan"), 0, 0), 7])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "#zzz",
+        "",
+        "   ",
+        "#ff00",
+        "#12345",
+        "reddish",
+        "rgb(1, 2)",
+        (1, 2),
+        (0.5, 0.5, 0.5, 1.5),
+        (300, 0, 0),
+        (-1, 0, 0),
+        (float("nan"), 0, 0),
+        7,
+    ],
+)
 def test_parse_color_strict_t5(bad: object) -> None:
     with pytest.raises(InputError, match="colour"):
         parse_color(bad)  # type: ignore[arg-type]

@@ -23,9 +23,16 @@ def banded_layer() -> Layer:
 
 
 @pytest.mark.parametrize("interpolation", INTERPOLATIONS)
-@pytest.mark.parametrize("kwargs", [{"scale_x": 2.3, "scale_y": 1.7}, {"scale_x": 0.45, "scale_y": 0.6},
-                                    {"rotation": 33.0}, {"rotation": -71.0, "scale_x": 0.7, "scale_y": 1.9},
-                                    {"dx": 0.4, "dy": 0.3, "rotation": 0.01}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"scale_x": 2.3, "scale_y": 1.7},
+        {"scale_x": 0.45, "scale_y": 0.6},
+        {"rotation": 33.0},
+        {"rotation": -71.0, "scale_x": 0.7, "scale_y": 1.9},
+        {"dx": 0.4, "dy": 0.3, "rotation": 0.01},
+    ],
+)
 def test_no_colour_fringe_at_alpha_edges_t8(interpolation: str, kwargs: dict) -> None:
     out = transform_layer(banded_layer(), interpolation=interpolation, **kwargs)
     assert out.pixels.size

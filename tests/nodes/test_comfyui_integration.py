@@ -40,8 +40,11 @@ RUN_TIMEOUT = 180.0
 
 pytestmark = [
     pytest.mark.comfyui,
-    pytest.mark.skipif(not COMFYUI_DIR, reason="COMFYUI_DIR is not set: no ComfyUI checkout to run the real "
-                                               "server against (set it, and COMFYUI_PYTHON to its Python)"),
+    pytest.mark.skipif(
+        not COMFYUI_DIR,
+        reason="COMFYUI_DIR is not set: no ComfyUI checkout to run the real "
+        "server against (set it, and COMFYUI_PYTHON to its Python)",
+    ),
 ]
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only, never a proxy
 
@@ -74,12 +77,24 @@ class ComfyServer:
     def start(self) -> None:
         """Launch main.py and wait (bounded) until our nodes are listed in /object_info."""
         env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "PYTHONUNBUFFERED": "1"}
-        cmd = [COMFYUI_PYTHON, str(Path(COMFYUI_DIR) / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
-               str(self.port), "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch"]
+        cmd = [
+            COMFYUI_PYTHON,
+            str(Path(COMFYUI_DIR) / "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-auto-launch",
+        ]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=self.base, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd, cwd=self.base, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -129,8 +144,9 @@ class ComfyServer:
 
     def post(self, path: str, data: dict) -> int:
         """POST a JSON body (e.g. /interrupt, /free); returns the HTTP status."""
-        req = urllib.request.Request(self.url + path, data=json.dumps(data).encode(),
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=json.dumps(data).encode(), headers={"Content-Type": "application/json"}
+        )
         with _NO_PROXY.open(req, timeout=10) as r:
             return r.status
 
@@ -145,8 +161,11 @@ class ComfyServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             entry = self.get(f"/history/{prompt_id}").get(prompt_id)
-            if entry and entry.get("status", {}).get("completed") is not None and \
-                    entry["status"].get("status_str") in ("success", "error"):
+            if (
+                entry
+                and entry.get("status", {}).get("completed") is not None
+                and entry["status"].get("status_str") in ("success", "error")
+            ):
                 return entry
             if self.proc is not None and self.proc.poll() is not None:
                 pytest.fail(f"ComfyUI died while running the prompt:\n{self.log_tail()}")
@@ -157,8 +176,15 @@ class ComfyServer:
 @pytest.fixture(scope="module")
 def comfy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ComfyServer]:
     base = tmp_path_factory.mktemp("comfy_base")
-    for sub in ("input", "output", "temp", "models/diffusion_models", "models/vae", "models/text_encoders",
-                "models/diffusers"):
+    for sub in (
+        "input",
+        "output",
+        "temp",
+        "models/diffusion_models",
+        "models/vae",
+        "models/text_encoders",
+        "models/diffusers",
+    ):
         (base / sub).mkdir(parents=True)
     _copy_pack(base / "custom_nodes" / "qwen_layered")
     server = ComfyServer(base)
@@ -189,6 +215,31 @@ def test_nodes_register_in_the_real_host(comfy_server: ComfyServer) -> None:
     assert not [line for line in lines if pack_dir in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
 
 
+def test_qwen_image_edit_declarations_match_the_real_server(comfy_server: ComfyServer) -> None:
+    """The edit-a-layer workflow lays out the core Qwen-Image-Edit nodes from tests/qwen_edit_nodes.py: same
+    input names, order, kinds and widget choices as the real ComfyUI (0.3.64 or later)."""
+    from qwen_edit_nodes import QWEN_EDIT_NODES
+
+    info = comfy_server.get("/object_info")
+    for name, cls in QWEN_EDIT_NODES.items():
+        assert name in info, f"{name} is missing from this ComfyUI (the workflow needs 0.3.64 or later)"
+        real = info[name]
+        ours = cls.INPUT_TYPES()
+        assert list(real["output"]) == list(cls.RETURN_TYPES), name
+        for group in ("required", "optional"):
+            got = list(real["input"].get(group, {}))
+            want = list(ours.get(group, {}))
+            assert got[: len(want)] == want, (name, group, got, want)  # later versions may append inputs
+            for key, decl in ours.get(group, {}).items():
+                kind = real["input"][group][key][0]
+                if isinstance(decl[0], list):  # a combo: our choices are values the real one accepts
+                    choices = kind if isinstance(kind, list) else real["input"][group][key][1].get("options", [])
+                    if not key.endswith("_name"):  # model file lists depend on the install
+                        assert set(decl[0]) <= set(choices), (name, key)
+                else:
+                    assert kind == decl[0], (name, key, kind)
+
+
 def test_edit_graph_on_the_real_server_matches_the_harness(comfy_server: ComfyServer, tmp_path: Path) -> None:
     write_sample_inputs(comfy_server.base / "input")
     entry = comfy_server.run(EDIT_GRAPH)
@@ -198,8 +249,13 @@ def test_edit_graph_on_the_real_server_matches_the_harness(comfy_server: ComfySe
     assert outputs["10"]["images"] == [{"filename": "edit_00001_.png", "subfolder": "QwenLayered", "type": "output"}]
     assert len(outputs["14"]["images"]) == 2 and all(i["type"] == "temp" for i in outputs["14"]["images"])
     out = comfy_server.base / "output" / "QwenLayered"
-    assert sorted(p.name for p in out.iterdir()) == ["composite_00001_.png", "edit_00001_.png", "edit_00001_.psd",
-                                                     "reloaded_00001_.png", "reloaded_00002_.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "composite_00001_.png",
+        "edit_00001_.png",
+        "edit_00001_.psd",
+        "reloaded_00001_.png",
+        "reloaded_00002_.png",
+    ]
     psd = PSDImage.open(out / "edit_00001_.psd")
     assert [(layer.name, layer.left, layer.top) for layer in psd] == [("sky", 0, 0), ("ロゴ", 18, 12)]
     png = comfy_server.get_bytes("/view?filename=edit_00001_.png&subfolder=QwenLayered&type=output")
@@ -231,17 +287,24 @@ def test_load_psd_reads_masked_and_flat_psds_on_the_real_server(comfy_server: Co
     masked.channels.append((-2, raw_channel(np.full((8, 6), 255, np.uint8))))
     under = rgba_layer("under", 0, 0, np.full((16, 24, 4), (0, 0, 255, 255), np.uint8))
     (comfy_server.base / "input" / "masked.psd").write_bytes(psd_bytes(24, 16, [under, masked]))
-    (comfy_server.base / "input" / "flat.psd").write_bytes(psd_bytes(24, 16, [], merged=np.full((16, 24, 3), 90,
-                                                                                                   np.uint8)))
+    (comfy_server.base / "input" / "flat.psd").write_bytes(
+        psd_bytes(24, 16, [], merged=np.full((16, 24, 3), 90, np.uint8))
+    )
     graph = {
-        "1": {"class_type": "QILLoadPSD", "inputs": {"psd": "masked.psd", "path": "", "groups": "keep children",
-                                                    "use_merged": False}},
+        "1": {
+            "class_type": "QILLoadPSD",
+            "inputs": {"psd": "masked.psd", "path": "", "groups": "keep children", "use_merged": False},
+        },
         "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 1], "filename_prefix": "psd/masked"}},
-        "3": {"class_type": "QILLoadPSD", "inputs": {"psd": "flat.psd", "path": "", "groups": "flatten",
-                                                    "use_merged": False}},
+        "3": {
+            "class_type": "QILLoadPSD",
+            "inputs": {"psd": "flat.psd", "path": "", "groups": "flatten", "use_merged": False},
+        },
         "4": {"class_type": "SaveImage", "inputs": {"images": ["3", 1], "filename_prefix": "psd/flat"}},
-        "5": {"class_type": "QILSaveLayerPNGs", "inputs": {"layers": ["1", 0], "filename_prefix": "psd/layers",
-                                                          "full_canvas": True, "zip": False}},
+        "5": {
+            "class_type": "QILSaveLayerPNGs",
+            "inputs": {"layers": ["1", 0], "filename_prefix": "psd/layers", "full_canvas": True, "zip": False},
+        },
     }
     entry = comfy_server.run(graph)
     assert entry["status"]["status_str"] == "success", comfy_server.log_tail()
@@ -317,9 +380,13 @@ print(json.dumps({"patcher": type(patcher).__module__ + "." + type(patcher).__na
 def test_host_adapter_with_the_real_comfy_modules(tmp_path: Path) -> None:
     pack = tmp_path / "custom_nodes" / "qwen_layered"
     _copy_pack(pack)
-    proc = subprocess.run([COMFYUI_PYTHON, "-c", _HOST_PROBE, COMFYUI_DIR, str(pack), str(tmp_path)],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    proc = subprocess.run(
+        [COMFYUI_PYTHON, "-c", _HOST_PROBE, COMFYUI_DIR, str(pack), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["patcher"] == "comfy.model_patcher.ModelPatcher" and report["loaded"] is True
@@ -363,9 +430,10 @@ def test_every_workflow_runs_on_the_real_server(models_installed: ComfyServer, n
     assert len(psds) == 1
     assert pack_module("qil_core.layers.psd").lint_psd(psds[0]) == []
     names = [layer.name for layer in PSDImage.open(psds[0])]
-    expected = {"psd_edit": ["Background", "box", "title"],
-                "recursive_decomposition": ["Background", "Layer 1", "Layer 2", "Layer 3 / 1", "Layer 3 / 2",
-                                            "Layer 3 / 3"]}.get(name, ["Background", "Layer 1", "Layer 2", "Layer 3"])
+    expected = {
+        "psd_edit": ["Background", "box", "title"],
+        "recursive_decomposition": ["Background", "Layer 1", "Layer 2", "Layer 3 / 1", "Layer 3 / 2", "Layer 3 / 3"],
+    }.get(name, ["Background", "Layer 1", "Layer 2", "Layer 3"])
     assert names == expected
     saved = [i for ui in entry["outputs"].values() for key in ("psd", "images") for i in ui.get(key, [])]
     assert {"filename": psds[0].name, "subfolder": f"workflows/{name}", "type": "output"} in saved
@@ -377,6 +445,19 @@ def test_every_workflow_runs_on_the_real_server(models_installed: ComfyServer, n
     assert again["status"]["status_str"] == "success"
     assert set(_messages(again, "execution_cached")[0]["nodes"]) == set(_server_graph(name))
     assert sorted(out.glob("*.psd")) == psds
+
+
+def test_a_saved_loader_with_the_old_block_swap_spelling_runs_on_the_real_server(models_installed: ComfyServer) -> None:
+    # Before the memory modes were spelled once, the loader offered "block swap"; saved workflows keep that value.
+    graph = _server_graph("text_to_layers")
+    for node in graph.values():
+        if node["class_type"] == "QILLoadModel":
+            node["inputs"]["memory_mode"] = "block swap"
+        if isinstance(node["inputs"].get("filename_prefix"), str):
+            node["inputs"]["filename_prefix"] = "legacy/old_spelling"
+    entry = models_installed.run(graph)
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:3000] + models_installed.log_tail()
+    assert len(list((models_installed.base / "output" / "legacy").glob("*.psd"))) == 1
 
 
 def test_cancel_on_the_real_server_leaves_nothing(models_installed: ComfyServer) -> None:
@@ -411,8 +492,11 @@ def test_unload_models_really_frees_the_model(models_installed: ComfyServer) -> 
     graph = _server_graph("text_to_layers")
     assert server.run(graph)["status"]["status_str"] == "success"
     loads = server.log_tail(10**7).count("Qwen-Image-Layered: transformer ")
-    req = urllib.request.Request(server.url + "/free", data=json.dumps({"unload_models": True, "free_memory": True})
-                                 .encode(), headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        server.url + "/free",
+        data=json.dumps({"unload_models": True, "free_memory": True}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with _NO_PROXY.open(req, timeout=10) as r:  # the "Unload models" / "Free model and node cache" buttons
         assert r.status == 200
     time.sleep(2.0)  # the worker applies the flags when it wakes up
@@ -438,8 +522,10 @@ def _soak_graph(k: int) -> dict:
     graph["3"]["inputs"].update(seed=7000 + k, layers=2 + k % 3, max_side=(64, 96)[k % 2], steps=2)
     graph["4"]["inputs"]["filename_prefix"] = "soak/same"
     if k % 5 == 4:
-        graph["6"] = {"class_type": "QILSavePSD", "inputs": {**graph["4"]["inputs"], "depth": "16-bit",
-                                                             "also_composite_png": False}}
+        graph["6"] = {
+            "class_type": "QILSavePSD",
+            "inputs": {**graph["4"]["inputs"], "depth": "16-bit", "also_composite_png": False},
+        }
     if k == SOAK_LONG:
         graph["3"]["inputs"].update(steps=1000, max_side=128)
     return graph
@@ -505,8 +591,12 @@ def test_soak_the_queue(models_installed: ComfyServer) -> None:
 
     # On disk: exactly the files the UI lists (no leftovers, no staging or temp files anywhere), each complete.
     assert sorted(p.name for p in out.iterdir()) == sorted(expected)
-    stray = [p for sub in ("output", "temp", "input") for p in (server.base / sub).rglob("*")
-             if p.name.startswith(".") or p.name.endswith(".tmp")]
+    stray = [
+        p
+        for sub in ("output", "temp", "input")
+        for p in (server.base / sub).rglob("*")
+        if p.name.startswith(".") or p.name.endswith(".tmp")
+    ]
     assert stray == []
     counters = sorted(int(n.split("_")[1]) for n in expected if n.endswith(".psd"))
     assert counters == list(range(1, saves + 1))  # one counter per save, none reused or skipped
@@ -526,8 +616,10 @@ def test_soak_the_queue(models_installed: ComfyServer) -> None:
     assert len(eight_bit) == len(digests) == SOAK_PROMPTS - 1  # a distinct picture from every finished prompt
 
     growth = rss_end / rss_early - 1
-    print(f"\nsoak: {SOAK_PROMPTS} prompts in {elapsed:.1f} s, {len(expected)} files; server RSS after 5 prompts "
-          f"{rss_early / 2**20:.0f} MiB, after the run {rss_end / 2**20:.0f} MiB ({growth:+.1%})")
+    print(
+        f"\nsoak: {SOAK_PROMPTS} prompts in {elapsed:.1f} s, {len(expected)} files; server RSS after 5 prompts "
+        f"{rss_early / 2**20:.0f} MiB, after the run {rss_end / 2**20:.0f} MiB ({growth:+.1%})"
+    )
     assert abs(growth) <= 0.10
 
 

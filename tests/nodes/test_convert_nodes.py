@@ -22,8 +22,10 @@ def test_images_to_layers_crops_names_and_round_trips() -> None:
     (doc,) = convert.QILImagesToLayers().convert(_rgba_batch(), names="red\nblue")
     check_value("LAYERS", doc, "output")
     assert doc["canvas"] == (8, 6)
-    assert [(it["name"], it["x"], it["y"], it["w"], it["h"], it["z_index"]) for it in doc["layers"]] == \
-        [("red", 1, 2, 3, 2, -1), ("blue", 6, 0, 1, 6, 0)]  # z_index up to 0 at the top: AddLayer appends on top
+    assert [(it["name"], it["x"], it["y"], it["w"], it["h"], it["z_index"]) for it in doc["layers"]] == [
+        ("red", 1, 2, 3, 2, -1),
+        ("blue", 6, 0, 1, 6, 0),
+    ]  # z_index up to 0 at the top: AddLayer appends on top
     images, masks = convert.QILLayersToImages().convert(doc, full_canvas=True)
     check_value("IMAGE", images, "images")
     check_value("MASK", masks, "masks")
@@ -68,10 +70,14 @@ def test_core_addlayer_style_document_is_accepted() -> None:
     top[..., 0] = 1.0
     top_mask = torch.ones((1, 4, 6))
     top_mask[0, 1:3, 2:4] = 0.0  # only a 2x2 square is visible
-    doc = {"version": 1, "canvas": (6, 4), "layers": [
-        {"type": "raster", "image": top, "mask": top_mask, "name": "top", "z_index": 5},
-        {"type": "raster", "image": torch.full((1, 4, 6, 3), 0.2), "name": "base", "z_index": 0},
-    ]}
+    doc = {
+        "version": 1,
+        "canvas": (6, 4),
+        "layers": [
+            {"type": "raster", "image": top, "mask": top_mask, "name": "top", "z_index": 5},
+            {"type": "raster", "image": torch.full((1, 4, 6, 3), 0.2), "name": "base", "z_index": 0},
+        ],
+    }
     images, masks = convert.QILLayersToImages().convert(doc, full_canvas=True)
     assert images.shape == (2, 4, 6, 4)
     assert torch.all(images[0, ..., 3] == 1)  # "base" is the bottom frame

@@ -16,7 +16,10 @@ from comfy_harness import Harness, InterruptProcessingException, pack_module
 
 _errors = pack_module("qil_core.errors")  # the pack's own classes, as the nodes raise them
 ModelFileNotFoundError, OutputPathError, WeightsError = (
-    _errors.ModelFileNotFoundError, _errors.OutputPathError, _errors.WeightsError)
+    _errors.ModelFileNotFoundError,
+    _errors.OutputPathError,
+    _errors.WeightsError,
+)
 
 
 @pytest.fixture(scope="module")
@@ -90,8 +93,10 @@ def test_model_lookup_argument_env_and_comfyui(host, standalone, tmp_path, monke
 
     names = host.list_models("diffusion_models", arg_models)
     assert names == ["qwen_image_layered_fp8mixed.safetensors", "sub/qwen_image_layered_bf16.safetensors"]
-    assert host.find_model("diffusion_models", "sub/qwen_image_layered_bf16.safetensors", arg_models) == \
-        arg_models / "diffusion_models" / "sub" / "qwen_image_layered_bf16.safetensors"
+    assert (
+        host.find_model("diffusion_models", "sub/qwen_image_layered_bf16.safetensors", arg_models)
+        == arg_models / "diffusion_models" / "sub" / "qwen_image_layered_bf16.safetensors"
+    )
     assert host.list_models("diffusers") == ["Qwen-Image-Layered"]
     assert host.find_model("diffusers", "Qwen-Image-Layered").is_dir()
 
@@ -120,9 +125,27 @@ def test_find_model_errors_name_the_folders_and_the_fix(host, standalone, tmp_pa
 
 # ------------------------------------------------------------------ save paths (S3-S7)
 BAD_PREFIXES = [
-    "../x", "../../etc/passwd", "/abs/x", "a/../../x", "%year%/../../x", "", "   ", ".", "..", ".hidden",
-    "a/.hidden/x", "nul\x00byte", "line\nbreak", "x" * 300, "CON", "nul.psd", "a/COM1/x", "C:/Windows/x",
-    "~/x", "trailing. ", "what?",
+    "../x",
+    "../../etc/passwd",
+    "/abs/x",
+    "a/../../x",
+    "%year%/../../x",
+    "",
+    "   ",
+    ".",
+    "..",
+    ".hidden",
+    "a/.hidden/x",
+    "nul\x00byte",
+    "line\nbreak",
+    "x" * 300,
+    "CON",
+    "nul.psd",
+    "a/COM1/x",
+    "C:/Windows/x",
+    "~/x",
+    "trailing. ",
+    "what?",
 ]
 
 
@@ -157,8 +180,16 @@ def test_save_names_counters_and_subfolders(host, out_root):
     assert (out_root / "QwenLayered" / "layers_00001_.psd").read_bytes() == b"one"
     sized = host.save_files("%width%x%height%/名前", [(".psd", _write(b"u"))], 64, 32)
     assert sized[0].subfolder == "64x32" and sized[0].filename == "名前_00001_.psd"
-    assert _tree(out_root) == sorted(["QwenLayered", "QwenLayered/layers_00001_.psd", "QwenLayered/layers_00001_.png",
-                                      "QwenLayered/layers_00002_.psd", "64x32", "64x32/名前_00001_.psd"])
+    assert _tree(out_root) == sorted(
+        [
+            "QwenLayered",
+            "QwenLayered/layers_00001_.psd",
+            "QwenLayered/layers_00001_.png",
+            "QwenLayered/layers_00002_.psd",
+            "64x32",
+            "64x32/名前_00001_.psd",
+        ]
+    )
 
 
 def test_collision_with_another_writer_takes_the_next_counter_and_keeps_theirs(host, out_root):
@@ -177,8 +208,7 @@ def test_collision_with_another_writer_takes_the_next_counter_and_keeps_theirs(h
     assert (target / "x_00002_.png").read_bytes() == b"theirs-2"
     assert not (target / "x_00002_.psd").exists()  # our half-claimed group at counter 2 was taken back
     assert (target / "x_00003_.psd").read_bytes() == b"ours"
-    assert sorted(p.name for p in target.iterdir()) == ["x_00001_.psd", "x_00002_.png", "x_00003_.png",
-                                                        "x_00003_.psd"]
+    assert sorted(p.name for p in target.iterdir()) == ["x_00001_.psd", "x_00002_.png", "x_00003_.png", "x_00003_.psd"]
 
 
 def test_failing_writer_leaves_no_partial_file(host, out_root):

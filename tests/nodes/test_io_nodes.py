@@ -31,10 +31,17 @@ def _doc() -> dict:
     red[:] = (1, 0, 0, 1)
     green = np.zeros((4, 4, 4), np.float32)
     green[:] = (0, 1, 0, 0.5)
-    return common.to_document(core.LayerStack(24, 16, [
-        core.Layer(bg, name="background"), core.Layer(red, x=3, y=2, name="赤いブロック 😀"),
-        core.Layer(green, x=15, y=9, name="green", opacity=0.8),
-    ]))
+    return common.to_document(
+        core.LayerStack(
+            24,
+            16,
+            [
+                core.Layer(bg, name="background"),
+                core.Layer(red, x=3, y=2, name="赤いブロック 😀"),
+                core.Layer(green, x=15, y=9, name="green", opacity=0.8),
+            ],
+        )
+    )
 
 
 @pytest.fixture()
@@ -62,7 +69,10 @@ def test_save_psd_ui_dict_files_and_independent_reader(harness: Harness) -> None
     psd = PSDImage.open(psd_path)  # a reader nobody on the team wrote
     assert (psd.width, psd.height) == (24, 16)
     assert [(layer.name, layer.left, layer.top, layer.width, layer.height) for layer in psd] == [
-        ("background", 0, 0, 24, 16), ("赤いブロック 😀", 3, 2, 5, 3), ("green", 15, 9, 4, 4)]
+        ("background", 0, 0, 24, 16),
+        ("赤いブロック 😀", 3, 2, 5, 3),
+        ("green", 15, 9, 4, 4),
+    ]
     assert round(psd[2].opacity / 255, 2) == 0.8
     png = Image.open(harness.output_dir / "QwenLayered" / "layers_00001_.png")
     assert png.mode == "RGBA" and png.size == (24, 16)
@@ -123,7 +133,10 @@ def test_load_psd_lists_validates_hashes_and_loads(harness: Harness) -> None:
         with pytest.raises(errors.InputError, match="not a .psd"):
             node().load("notes.txt")
     assert [(it["name"], it["x"], it["y"], it["w"], it["h"]) for it in layers["layers"]] == [
-        ("background", 0, 0, 24, 16), ("赤いブロック 😀", 3, 2, 5, 3), ("green", 15, 9, 4, 4)]
+        ("background", 0, 0, 24, 16),
+        ("赤いブロック 😀", 3, 2, 5, 3),
+        ("green", 15, 9, 4, 4),
+    ]
     assert layers["layers"][2]["opacity"] == pytest.approx(0.8, abs=1 / 255)
     assert [it["name"] for it in from_output["layers"]] == [it["name"] for it in layers["layers"]]
     assert image.shape == (1, 16, 24, 4) and mask.shape == (1, 16, 24)
@@ -210,17 +223,52 @@ EDIT_GRAPH = {
     "3": {"class_type": "QILImagesToLayers", "inputs": {"image": ["1", 0], "mask": ["1", 1], "names": "sky"}},
     "4": {"class_type": "QILImagesToLayers", "inputs": {"image": ["2", 0], "mask": ["2", 1], "names": "ロゴ"}},
     "5": {"class_type": "QILCombineLayers", "inputs": {"bottom": ["3", 0], "top": ["4", 0], "canvas": "bottom"}},
-    "6": {"class_type": "QILLayerTransform", "inputs": {
-        "layers": ["5", 0], "layer": "ロゴ", "dx": 8.0, "dy": 4.0, "scale_x": 1.0, "scale_y": 1.0, "rotation": 0.0,
-        "flip_h": False, "flip_v": False, "opacity": 1.0, "pivot": "selection center", "interpolation": "lanczos"}},
-    "7": {"class_type": "QILLayerRecolor", "inputs": {
-        "layers": ["6", 0], "layer": "-1", "hue_shift": 120.0, "saturation": 0.0, "lightness": 0.0,
-        "brightness": 0.0, "contrast": 0.0, "tint": "", "tint_strength": 0.5, "replace_color": "",
-        "replace_with": "", "tolerance": 0.1, "invert": False}},
+    "6": {
+        "class_type": "QILLayerTransform",
+        "inputs": {
+            "layers": ["5", 0],
+            "layer": "ロゴ",
+            "dx": 8.0,
+            "dy": 4.0,
+            "scale_x": 1.0,
+            "scale_y": 1.0,
+            "rotation": 0.0,
+            "flip_h": False,
+            "flip_v": False,
+            "opacity": 1.0,
+            "pivot": "selection center",
+            "interpolation": "lanczos",
+        },
+    },
+    "7": {
+        "class_type": "QILLayerRecolor",
+        "inputs": {
+            "layers": ["6", 0],
+            "layer": "-1",
+            "hue_shift": 120.0,
+            "saturation": 0.0,
+            "lightness": 0.0,
+            "brightness": 0.0,
+            "contrast": 0.0,
+            "tint": "",
+            "tint_strength": 0.5,
+            "replace_color": "",
+            "replace_with": "",
+            "tolerance": 0.1,
+            "invert": False,
+        },
+    },
     "8": {"class_type": "QILCompositeLayers", "inputs": {"layers": ["7", 0]}},
     "9": {"class_type": "SaveImage", "inputs": {"images": ["8", 0], "filename_prefix": "QwenLayered/composite"}},
-    "10": {"class_type": "QILSavePSD", "inputs": {"layers": ["7", 0], "filename_prefix": "QwenLayered/edit",
-                                                  "also_composite_png": True, "depth": "8-bit"}},
+    "10": {
+        "class_type": "QILSavePSD",
+        "inputs": {
+            "layers": ["7", 0],
+            "filename_prefix": "QwenLayered/edit",
+            "also_composite_png": True,
+            "depth": "8-bit",
+        },
+    },
     "11": {"class_type": "QILLoadPSD", "inputs": {"psd": "", "path": ["10", 0]}},
     "12": {"class_type": "QILLayersToImages", "inputs": {"layers": ["11", 0], "full_canvas": True}},
     "13": {"class_type": "SaveImage", "inputs": {"images": ["12", 0], "filename_prefix": "QwenLayered/reloaded"}},
@@ -236,8 +284,13 @@ def test_edit_graph_runs_end_to_end_and_is_cached(harness: Harness) -> None:
     assert json.loads(png.info["workflow"]) == {"nodes": [], "links": []}  # drag the PNG back into ComfyUI
     assert json.loads(png.info["prompt"])["10"]["class_type"] == "QILSavePSD"
     out = harness.output_dir / "QwenLayered"
-    assert _files(out) == ["composite_00001_.png", "edit_00001_.png", "edit_00001_.psd", "reloaded_00001_.png",
-                           "reloaded_00002_.png"]
+    assert _files(out) == [
+        "composite_00001_.png",
+        "edit_00001_.png",
+        "edit_00001_.psd",
+        "reloaded_00001_.png",
+        "reloaded_00002_.png",
+    ]
     composite = np.asarray(Image.open(out / "composite_00001_.png"))
     assert composite.shape == (32, 48, 4)
     assert tuple(composite[0, 0]) == (40, 90, 200, 255)
@@ -258,15 +311,18 @@ def test_edit_graph_runs_end_to_end_and_is_cached(harness: Harness) -> None:
     assert "1" in changed.executed and "2" not in changed.executed and "10" in changed.executed
 
 
-@pytest.mark.parametrize("patch, message", [
-    ({"6": {"bogus": 1}}, "unknown input 'bogus'"),
-    ({"6": {"dx": 1e9}}, "bigger than max"),
-    ({"6": {"interpolation": "cubic"}}, "not in"),
-    ({"8": {"layers": ["1", 0]}}, "received type IMAGE from node 1, expected LAYERS"),
-    ({"10": {"layers": _doc()}}, "must be linked"),
-    ({"11": {"path": "/etc/x.psd"}}, "VALIDATE_INPUTS failed"),
-    ({"7": {"layers": ["6", 3]}}, "output 3 of node 6 does not exist"),
-])
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"6": {"bogus": 1}}, "unknown input 'bogus'"),
+        ({"6": {"dx": 1e9}}, "bigger than max"),
+        ({"6": {"interpolation": "cubic"}}, "not in"),
+        ({"8": {"layers": ["1", 0]}}, "received type IMAGE from node 1, expected LAYERS"),
+        ({"10": {"layers": _doc()}}, "must be linked"),
+        ({"11": {"path": "/etc/x.psd"}}, "VALIDATE_INPUTS failed"),
+        ({"7": {"layers": ["6", 3]}}, "output 3 of node 6 does not exist"),
+    ],
+)
 def test_graph_validation_refuses_bad_graphs(harness: Harness, patch: dict, message: str) -> None:
     _inputs(harness)
     graph = json.loads(json.dumps({k: v for k, v in EDIT_GRAPH.items()}))
@@ -332,8 +388,12 @@ print(json.dumps({"outcome": outcome, "files": files,
 @pytest.mark.slow
 def test_disk_full_leaves_nothing_behind_and_keeps_existing_files(tmp_path: Path) -> None:
     support = Path(__file__).parents[1] / "support"  # comfy_harness
-    proc = subprocess.run([sys.executable, "-c", _DISK_FULL_PROBE, str(support), str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DISK_FULL_PROBE, str(support), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["outcome"].startswith("OutputPathError") and "doc" in report["outcome"], report["outcome"]

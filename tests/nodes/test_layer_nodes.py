@@ -14,10 +14,31 @@ common = pack_module("nodes.common")
 layer_nodes = pack_module("nodes.layer_nodes")
 stack_nodes = pack_module("nodes.stack_nodes")
 
-IDENTITY = {"dx": 0.0, "dy": 0.0, "scale_x": 1.0, "scale_y": 1.0, "rotation": 0.0, "flip_h": False, "flip_v": False,
-            "opacity": 1.0, "pivot": "selection center", "interpolation": "lanczos"}
-NO_RECOLOR = {"hue_shift": 0.0, "saturation": 0.0, "lightness": 0.0, "brightness": 0.0, "contrast": 0.0, "tint": "",
-              "tint_strength": 0.5, "replace_color": "", "replace_with": "", "tolerance": 0.1, "invert": False}
+IDENTITY = {
+    "dx": 0.0,
+    "dy": 0.0,
+    "scale_x": 1.0,
+    "scale_y": 1.0,
+    "rotation": 0.0,
+    "flip_h": False,
+    "flip_v": False,
+    "opacity": 1.0,
+    "pivot": "selection center",
+    "interpolation": "lanczos",
+}
+NO_RECOLOR = {
+    "hue_shift": 0.0,
+    "saturation": 0.0,
+    "lightness": 0.0,
+    "brightness": 0.0,
+    "contrast": 0.0,
+    "tint": "",
+    "tint_strength": 0.5,
+    "replace_color": "",
+    "replace_with": "",
+    "tolerance": 0.1,
+    "invert": False,
+}
 
 
 def _solid(h: int, w: int, rgba: tuple[float, float, float, float]) -> np.ndarray:
@@ -26,11 +47,15 @@ def _solid(h: int, w: int, rgba: tuple[float, float, float, float]) -> np.ndarra
 
 def _doc() -> dict:
     """A 20x10 canvas: opaque blue background, a red 4x2 block at (2, 3), a green 2x2 block at (12, 5)."""
-    stack = core.LayerStack(20, 10, [
-        core.Layer(_solid(10, 20, (0, 0, 1, 1)), name="background"),
-        core.Layer(_solid(2, 4, (1, 0, 0, 1)), x=2, y=3, name="red"),
-        core.Layer(_solid(2, 2, (0, 1, 0, 1)), x=12, y=5, name="green"),
-    ])
+    stack = core.LayerStack(
+        20,
+        10,
+        [
+            core.Layer(_solid(10, 20, (0, 0, 1, 1)), name="background"),
+            core.Layer(_solid(2, 4, (1, 0, 0, 1)), x=2, y=3, name="red"),
+            core.Layer(_solid(2, 2, (0, 1, 0, 1)), x=12, y=5, name="green"),
+        ],
+    )
     return common.to_document(stack)
 
 
@@ -72,15 +97,18 @@ def test_transform_opacity_multiplies() -> None:
     assert [it["opacity"] for it in twice["layers"]] == [1.0, 1.0, 0.25]
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"dx": float("nan")}, "'dx' must be a finite number"),
-    ({"rotation": float("inf")}, "'rotation' must be a finite number"),
-    ({"scale_x": 0.0}, "scale_x"),
-    ({"scale_y": -2.0}, "'scale_y' must be in 0..100"),
-    ({"opacity": 1.5}, "'opacity' must be in 0..1"),
-    ({"interpolation": "cubic"}, "interpolation must be one of"),
-    ({"pivot": "middle"}, "'pivot' must be one of"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"dx": float("nan")}, "'dx' must be a finite number"),
+        ({"rotation": float("inf")}, "'rotation' must be a finite number"),
+        ({"scale_x": 0.0}, "scale_x"),
+        ({"scale_y": -2.0}, "'scale_y' must be in 0..100"),
+        ({"opacity": 1.5}, "'opacity' must be in 0..1"),
+        ({"interpolation": "cubic"}, "interpolation must be one of"),
+        ({"pivot": "middle"}, "'pivot' must be one of"),
+    ],
+)
 def test_transform_rejects_bad_linked_values(bad: dict, match: str) -> None:
     with pytest.raises(errors.InputError, match=match):
         _transform(_doc(), "all", **bad)
@@ -96,8 +124,17 @@ def test_unknown_layers_are_reported_with_what_exists() -> None:
 
 
 def test_recolor_changes_colour_never_alpha() -> None:
-    stack = core.LayerStack(6, 6, [core.Layer(np.dstack([np.full((6, 6), 1.0), np.zeros((6, 6)), np.zeros((6, 6)),
-                                                        np.linspace(0, 1, 36).reshape(6, 6)]).astype(np.float32))])
+    stack = core.LayerStack(
+        6,
+        6,
+        [
+            core.Layer(
+                np.dstack(
+                    [np.full((6, 6), 1.0), np.zeros((6, 6)), np.zeros((6, 6)), np.linspace(0, 1, 36).reshape(6, 6)]
+                ).astype(np.float32)
+            )
+        ],
+    )
     doc = common.to_document(stack)
     (out,) = layer_nodes.QILLayerRecolor().recolor(doc, "all", **{**NO_RECOLOR, "hue_shift": 120.0})
     before, after = doc["layers"][0]["image"], out["layers"][0]["image"]
@@ -108,12 +145,15 @@ def test_recolor_changes_colour_never_alpha() -> None:
     assert torch.equal(inv["layers"][0]["image"][..., 3], before[..., 3])
 
 
-@pytest.mark.parametrize("bad, match", [
-    ({"tint": "#zzz"}, "not understood"),
-    ({"replace_color": "red"}, "must be given together"),
-    ({"saturation": float("nan")}, "'saturation' must be a finite number"),
-    ({"contrast": 2.0}, "'contrast' must be in -1..1"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"tint": "#zzz"}, "not understood"),
+        ({"replace_color": "red"}, "must be given together"),
+        ({"saturation": float("nan")}, "'saturation' must be a finite number"),
+        ({"contrast": 2.0}, "'contrast' must be in -1..1"),
+    ],
+)
 def test_recolor_rejects_bad_values(bad: dict, match: str) -> None:
     with pytest.raises(errors.InputError, match=match):
         layer_nodes.QILLayerRecolor().recolor(_doc(), "all", **{**NO_RECOLOR, **bad})
@@ -175,12 +215,16 @@ def test_stack_edit_operations() -> None:
 
 
 def test_set_layer_properties_and_combine() -> None:
-    (doc,) = stack_nodes.QILSetLayerProperties().apply(_doc(), "1-2", name="レイヤー", opacity=0.25,
-                                                       blend_mode="multiply", visible="hide")
-    assert [(it["name"], it["opacity"], it["blend_mode"], it["visible"]) for it in doc["layers"][1:]] == \
-        [("レイヤー 1", 0.25, "multiply", False), ("レイヤー 2", 0.25, "multiply", False)]
-    (kept,) = stack_nodes.QILSetLayerProperties().apply(doc, "1", name="", opacity=-1.0, blend_mode="keep",
-                                                        visible="keep")
+    (doc,) = stack_nodes.QILSetLayerProperties().apply(
+        _doc(), "1-2", name="レイヤー", opacity=0.25, blend_mode="multiply", visible="hide"
+    )
+    assert [(it["name"], it["opacity"], it["blend_mode"], it["visible"]) for it in doc["layers"][1:]] == [
+        ("レイヤー 1", 0.25, "multiply", False),
+        ("レイヤー 2", 0.25, "multiply", False),
+    ]
+    (kept,) = stack_nodes.QILSetLayerProperties().apply(
+        doc, "1", name="", opacity=-1.0, blend_mode="keep", visible="keep"
+    )
     assert kept["layers"][1]["opacity"] == 0.25 and kept["layers"][1]["blend_mode"] == "multiply"
     with pytest.raises(errors.InputError, match="'opacity' must be a finite number"):
         stack_nodes.QILSetLayerProperties().apply(_doc(), "0", "", float("nan"), "keep", "keep")

@@ -19,11 +19,21 @@ import torch
 from comfy_harness import GraphError, InterruptProcessingException, pack_module
 from PIL import Image
 from psd_tools import PSDImage
-from qil_graphs import MODEL_FILES, ListHarness, fast, harness, items, load_workflow, sample_picture, write_inputs
+from qil_graphs import (
+    MODEL_FILES,
+    MODEL_NAMES,
+    ListHarness,
+    fast,
+    harness,
+    items,
+    load_workflow,
+    sample_picture,
+    write_inputs,
+)
+from tiny_runs import fast_node_settings, one_thread
 
-FILES = tuple(MODEL_FILES[k].name for k in ("transformer", "vae", "text_encoder"))
-SETTINGS = dict(prompt="a sunny sky with a red box", negative_prompt=" ", layers=2, steps=2, cfg=4.0,
-                cfg_normalize=True, seed=7, resolution="custom", max_side=64, output_size="processing")
+FILES = MODEL_NAMES
+SETTINGS = fast_node_settings(prompt="a sunny sky with a red box")
 errors = pack_module("qil_core.errors")
 model_nodes = pack_module("nodes.model_nodes")
 sample_nodes = pack_module("nodes.sample_nodes")
@@ -31,11 +41,8 @@ sample_nodes = pack_module("nodes.sample_nodes")
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and two threads on a loaded 2-core runner make convolutions 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -252,8 +259,9 @@ def _weights_in_allocated_memory(model: Any, copy: bool = True) -> Iterator[None
 
 
 @pytest.mark.parametrize("mode", ["offload", "block swap", "resident"])
-def test_memory_modes_give_the_resident_layers(env: tuple, mode: str, monkeypatch: pytest.MonkeyPatch,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_memory_modes_give_the_resident_layers(
+    env: tuple, mode: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
     h = env[0]
     # CFG runs sequentially in both runs whatever memory is free (the node's default, cfg_batch "auto", reads it).
     monkeypatch.setattr(pack_module("qil_core.model.pipeline.decompose"), "choose_cfg_batch", lambda *a, **k: False)
@@ -267,15 +275,20 @@ def test_memory_modes_give_the_resident_layers(env: tuple, mode: str, monkeypatc
             _, got, _ = sample_nodes.QILDecompose().decompose(handle, _picture(), **SETTINGS)["result"][:3]
     assert torch.equal(got, expected)
     assert env[1].memory_mode == "auto" and env[1].resolved_mode == "resident"
-    shown = {"offload": "; OffloadPlacement(device=cpu", "resident": "memory mode",
-             "block swap": "; BlockSwapPlacement(device=cpu, resident_blocks=0"}[mode]
+    shown = {
+        "offload": "; OffloadPlacement(device=cpu",
+        "resident": "memory mode",
+        "block swap": "; BlockSwapPlacement(device=cpu, resident_blocks=0",
+    }[mode]
     assert (shown in caplog.text) == (mode != "resident")  # resident: ComfyUI's memory management, no streaming
 
 
-@pytest.mark.parametrize(("planned", "resolved"), [("block_swap", "block swap"), ("offload", "resident"),
-                                                  ("resident", "resident")])
-def test_auto_memory_mode_makes_room_then_follows_the_plan(env: tuple, monkeypatch: pytest.MonkeyPatch,
-                                                          planned: str, resolved: str) -> None:
+@pytest.mark.parametrize(
+    ("planned", "resolved"), [("block_swap", "block_swap"), ("offload", "resident"), ("resident", "resident")]
+)
+def test_auto_memory_mode_makes_room_then_follows_the_plan(
+    env: tuple, monkeypatch: pytest.MonkeyPatch, planned: str, resolved: str
+) -> None:
     h, handle = env
     plan_module = pack_module("qil_core.model.runtime.memory_plan")
     runtime = pack_module("nodes.model_runtime")
@@ -298,7 +311,7 @@ def test_auto_memory_mode_makes_room_then_follows_the_plan(env: tuple, monkeypat
     assert asked[0] == {"width": 640, "height": 480, "layers": 4, "mode": "auto", "device": torch.device("cuda")}
     assert h.record.free_memory[0][1] == torch.device("cuda")  # ComfyUI was asked to unload other models first
     assert h.record.free_memory[0][0] >= sum(p.size for p in handle.patchers.values())
-    if resolved == "block swap":
+    if resolved == "block_swap":
         assert kind == "BlockSwapPlacement" and placement.resident_blocks == 3
         assert [a["mode"] for a in asked] == ["auto", "block_swap", "block_swap"]
     else:
@@ -326,21 +339,25 @@ def test_no_model_says_to_connect_the_loader(env: tuple, node: str) -> None:
         elif node == "text":
             sample_nodes.QILTextToLayers().generate(None, "x", " ", 64, 64, 2, 2, 4.0, True, 0)
         else:
-            sample_nodes.QILDecomposeLayer().decompose_layer({"not": "a model"}, {"version": 1, "layers": []}, "0",
-                                                             "x", " ", 2, 2, 4.0, True, 0, "640", 1024)
+            sample_nodes.QILDecomposeLayer().decompose_layer(
+                {"not": "a model"}, {"version": 1, "layers": []}, "0", "x", " ", 2, 2, 4.0, True, 0, "640", 1024
+            )
 
 
-@pytest.mark.parametrize(("change", "match"), [
-    ({"layers": float("nan")}, "layers must be an integer in 1..20, got nan"),
-    ({"layers": 0}, "layers must be in 1..20, got 0"),
-    ({"layers": 21}, "layers must be in 1..20"),
-    ({"steps": 0}, "steps must be in 1..1000"),
-    ({"cfg": float("nan")}, "cfg must be a finite number"),
-    ({"resolution": "777"}, "input 'resolution' must be one of 640, 1024, custom"),
-    ({"max_side": 10}, "max_side"),
-    ({"output_size": "huge"}, "output_size must be 'processing' or 'original'"),
-    ({"seed": "abc"}, "seed must be an integer"),
-])
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        ({"layers": float("nan")}, "layers must be an integer in 1..20, got nan"),
+        ({"layers": 0}, "layers must be in 1..20, got 0"),
+        ({"layers": 21}, "layers must be in 1..20"),
+        ({"steps": 0}, "steps must be in 1..1000"),
+        ({"cfg": float("nan")}, "cfg must be a finite number"),
+        ({"resolution": "777"}, "input 'resolution' must be one of 640, 1024, custom"),
+        ({"max_side": 10}, "max_side"),
+        ({"output_size": "huge"}, "output_size must be 'processing' or 'original'"),
+        ({"seed": "abc"}, "seed must be an integer"),
+    ],
+)
 def test_linked_bad_values_are_refused_before_any_work(env: tuple, change: dict, match: str) -> None:
     forwards = Forwards(env[1])
     try:
@@ -392,8 +409,9 @@ def test_a_batch_gives_one_document_per_image_in_order(env: tuple, tmp_path: Pat
     assert len(items(result.outputs["3"][0])) == 2 and result.outputs["3"][1].shape[0] == 8
     psds = sorted((h.output_dir / "QwenLayered").glob("*.psd"))
     assert [p.name for p in psds] == ["decomposed_00001_.psd", "decomposed_00002_.psd"]
-    assert [[layer.name for layer in PSDImage.open(p)] for p in psds] == [["Background", "Layer 1", "Layer 2",
-                                                                           "Layer 3"]] * 2
+    assert [[layer.name for layer in PSDImage.open(p)] for p in psds] == [
+        ["Background", "Layer 1", "Layer 2", "Layer 3"]
+    ] * 2
     assert len(result.ui["4"]["psd"]) == 2 and len(result.ui["5"]["images"]) == 8
 
 
@@ -413,5 +431,5 @@ def test_decompose_layer_splits_one_layer_in_place(env: tuple) -> None:
     parent_alpha = docs[0]["layers"][1]["image"][0, ..., 3].numpy()
     parent = np.zeros((64, 64), np.float32)
     item = docs[0]["layers"][1]
-    parent[item["y"]:item["y"] + parent_alpha.shape[0], item["x"]:item["x"] + parent_alpha.shape[1]] = parent_alpha
+    parent[item["y"] : item["y"] + parent_alpha.shape[0], item["x"] : item["x"] + parent_alpha.shape[1]] = parent_alpha
     assert (subs[..., 3].numpy() <= parent[None] + 1e-6).all()  # sub-layers never paint outside their parent

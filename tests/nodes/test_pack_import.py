@@ -15,6 +15,8 @@ from comfy_harness import ROOT, load_pack
 
 EXPECTED_NODES = {
     "QILLoadModel": "Load Qwen-Layered",
+    "QILLoadLoRA": "Load LoRA (Qwen-Layered)",
+    "QILSamplerSettings": "Sampler Settings (Qwen-Layered)",
     "QILDecompose": "Decompose Image",
     "QILCaptionImage": "Caption Image (Qwen2.5-VL)",
     "QILTextToLayers": "Text to Layers",
@@ -32,10 +34,21 @@ EXPECTED_NODES = {
     "QILLoadPSD": "Load PSD",
     "QILSaveLayerPNGs": "Save Layer PNGs",
     "QILPreviewLayers": "Preview Layers",
+    "QILReplaceLayerImage": "Replace Layer Pixels",
 }
 OUTPUT_NODES = {"QILSavePSD", "QILSaveLayerPNGs", "QILPreviewLayers"}
-HOST_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths", "nodes", "server",
-                "execution", "node_helpers", "latent_preview"}
+HOST_MODULES = {
+    "comfy",
+    "comfy_api",
+    "comfy_extras",
+    "comfy_execution",
+    "folder_paths",
+    "nodes",
+    "server",
+    "execution",
+    "node_helpers",
+    "latent_preview",
+}
 
 # Imports the pack in a fresh interpreter the way ComfyUI does (torch is already loaded there), with every
 # socket connection refused, and reports the import time, new files and what was registered.
@@ -74,8 +87,14 @@ print(json.dumps({
 def test_import_by_path_is_fast_quiet_and_registers_everything(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1", "HOME": str(tmp_path)}
     env.pop("COMFYUI_DIR", None)
-    proc = subprocess.run([sys.executable, "-c", _IMPORT_PROBE % (sorted(HOST_MODULES),), str(ROOT)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", _IMPORT_PROBE % (sorted(HOST_MODULES),), str(ROOT)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     # Fast without a timer: importing the pack loads only these packages (ComfyUI has torch loaded already);
@@ -143,10 +162,30 @@ def test_qil_core_and_nodes_never_import_comfyui() -> None:
 
 
 _BANNED_CALLS = {"print", "eval", "exec", "compile", "__import__", "breakpoint"}
-_BANNED_ATTR_CALLS = {("torch", "load"), ("os", "system"), ("os", "popen"), ("os", "spawnl"), ("os", "execv"),
-                      ("base64", "b64decode"), ("pickle", "load"), ("pickle", "loads")}
-_BANNED_MODULES = {"pickle", "dill", "marshal", "subprocess", "requests", "urllib", "http", "socket", "ftplib",
-                   "huggingface_hub", "shelve", "ctypes"}
+_BANNED_ATTR_CALLS = {
+    ("torch", "load"),
+    ("os", "system"),
+    ("os", "popen"),
+    ("os", "spawnl"),
+    ("os", "execv"),
+    ("base64", "b64decode"),
+    ("pickle", "load"),
+    ("pickle", "loads"),
+}
+_BANNED_MODULES = {
+    "pickle",
+    "dill",
+    "marshal",
+    "subprocess",
+    "requests",
+    "urllib",
+    "http",
+    "socket",
+    "ftplib",
+    "huggingface_hub",
+    "shelve",
+    "ctypes",
+}
 
 
 def test_no_risky_calls_in_shipped_code() -> None:
@@ -159,8 +198,11 @@ def test_no_risky_calls_in_shipped_code() -> None:
                 f = node.func
                 if isinstance(f, ast.Name) and f.id in _BANNED_CALLS:
                     problems.append(f"{rel}:{node.lineno} calls {f.id}()")
-                if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and \
-                        (f.value.id, f.attr) in _BANNED_ATTR_CALLS:
+                if (
+                    isinstance(f, ast.Attribute)
+                    and isinstance(f.value, ast.Name)
+                    and (f.value.id, f.attr) in _BANNED_ATTR_CALLS
+                ):
                     problems.append(f"{rel}:{node.lineno} calls {f.value.id}.{f.attr}()")
                 if isinstance(f, ast.Attribute) and f.attr in ("hf_hub_download", "snapshot_download"):
                     problems.append(f"{rel}:{node.lineno} downloads with {f.attr}()")

@@ -10,15 +10,22 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from comfy_harness import CORE_NODES, Harness, pack_module
 from PIL import Image
 from psd_tools import PSDImage
 from qil_graphs import API_DIR, MODEL_FILES, WORKFLOWS, harness, items, load_workflow, workflow_names
 from qil_graphs import fast as fast_graph
+from qwen_edit_nodes import QWEN_EDIT_NODES
+from tiny_runs import one_thread
 
-REQUIRED = {"decompose_to_psd", "decompose_edit_composite", "recursive_decomposition", "text_to_layers", "psd_edit",
-            "caption_edit_decompose"}
+REQUIRED = {
+    "decompose_to_psd",
+    "decompose_edit_composite",
+    "recursive_decomposition",
+    "text_to_layers",
+    "psd_edit",
+    "caption_edit_decompose",
+}
 VIRTUAL = {"Note", "MarkdownNote"}  # frontend-only nodes, never part of the API graph
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 # Stock core nodes a workflow may use: present in every ComfyUI since 0.3.
@@ -28,15 +35,28 @@ NAMES = workflow_names()
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread() -> Iterator[None]:
-    # Tiny models gain nothing from threads, and two threads on a loaded 2-core runner make convolutions 100x slower.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    with one_thread():
+        yield
 
 
 def _mappings() -> dict[str, type]:
-    return {**CORE_NODES, **pack_module("nodes").NODE_CLASS_MAPPINGS}
+    return {**CORE_NODES, **QWEN_EDIT_NODES, **pack_module("nodes").NODE_CLASS_MAPPINGS}
+
+
+def _through_bypassed(ui: dict[str, Any], src: int, slot: int) -> tuple[int, int] | None:
+    """The frontend's bypass rule: a bypassed node (mode 4) hands each output over from its first input of the
+    same type (the same slot first); None when it has none."""
+    nodes = {n["id"]: n for n in ui["nodes"]}
+    links = {ln[0]: ln for ln in ui["links"]}
+    while nodes[src]["mode"] == 4:
+        node = nodes[src]
+        want = node["outputs"][slot]["type"]
+        candidates = ([slot] if slot < len(node["inputs"]) else []) + list(range(len(node["inputs"])))
+        hit = next((k for k in candidates if node["inputs"][k]["type"] == want and node["inputs"][k]["link"]), None)
+        if hit is None:
+            return None
+        src, slot = links[node["inputs"][hit]["link"]][1:3]
+    return src, slot
 
 
 def _declared(cls: type) -> dict[str, tuple]:
@@ -55,7 +75,7 @@ def ui_to_api(ui: dict[str, Any], mappings: dict[str, type]) -> dict[str, dict]:
     links = {ln[0]: ln for ln in ui["links"]}
     api: dict[str, dict] = {}
     for node in ui["nodes"]:
-        if node["type"] in VIRTUAL:
+        if node["type"] in VIRTUAL or node["mode"] == 4:  # bypassed nodes never reach the API graph
             continue
         cls = mappings[node["type"]]
         decl = _declared(cls)
@@ -70,7 +90,9 @@ def ui_to_api(ui: dict[str, Any], mappings: dict[str, type]) -> dict[str, dict]:
             src_node = next(n for n in ui["nodes"] if n["id"] == src)
             assert socket["link"] in src_node["outputs"][src_slot]["links"]
             assert type_name == mappings[src_node["type"]].RETURN_TYPES[src_slot] == socket["type"]
-            inputs[socket["name"]] = [str(src), src_slot]
+            through = _through_bypassed(ui, src, src_slot)
+            if through is not None:
+                inputs[socket["name"]] = [str(through[0]), through[1]]
         values = list(node["widgets_values"])
         for name, d in decl.items():
             if not _is_widget(d):
@@ -106,22 +128,29 @@ def test_ui_and_api_files_describe_the_same_graph(name: str, tmp_path: Path) -> 
     assert ui["last_node_id"] == max(n["id"] for n in ui["nodes"])
     assert ui["last_link_id"] == max((ln[0] for ln in ui["links"]), default=0)
     for node in ui["nodes"]:
-        assert len(node["pos"]) == 2 and len(node["size"]) == 2 and node["mode"] == 0
+        assert len(node["pos"]) == 2 and len(node["size"]) == 2
+        # only the Qwen-Image-Edit nodes may be bypassed (mode 4), and they must be: they need weights we lack
+        assert node["mode"] == (4 if node["type"] in QWEN_EDIT_NODES else 0), (node["id"], node["type"])
+        if node["mode"] == 4:
+            (group,) = ui["groups"]
+            x, y, w, h = group["bounding"]
+            assert x <= node["pos"][0] < x + w and y <= node["pos"][1] < y + h, node["id"]
     try:
         converted = ui_to_api(ui, mappings)
     finally:
         host.__exit__(None, None, None)
     assert converted == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     types = {n["type"] for n in ui["nodes"]}
-    assert all(t.startswith("QIL") or t in CORE_SINCE_03 | {"Note"} for t in types), types
+    assert all(t.startswith("QIL") or t in CORE_SINCE_03 | {"Note"} | set(QWEN_EDIT_NODES) for t in types), types
     (note,) = [n for n in ui["nodes"] if n["type"] == "Note"]
     if "QILLoadModel" in types:  # the note says which files go where, with their sizes
         for rel in MODEL_FILES.values():
             assert rel.name in note["widgets_values"][0] and rel.parent.name in note["widgets_values"][0]
         assert "GB" in note["widgets_values"][0] and "MB" in note["widgets_values"][0]
         (loader,) = [n for n in api.values() if n["class_type"] == "QILLoadModel"]
-        assert {loader["inputs"][k] for k in ("transformer", "vae", "text_encoder")} == \
-            {p.name for p in MODEL_FILES.values()}
+        assert {loader["inputs"][k] for k in ("transformer", "vae", "text_encoder")} == {
+            p.name for p in MODEL_FILES.values()
+        }
         # properties.models lets the frontend offer the downloads when a file is missing
         (ui_loader,) = [n for n in ui["nodes"] if n["type"] == "QILLoadModel"]
         links = {(m["name"], m["directory"]) for m in ui_loader["properties"]["models"]}
@@ -178,9 +207,24 @@ def test_workflow_runs_end_to_end(name: str, tmp_path: Path) -> None:
     elif name == "text_to_layers":
         assert names == decomposed and psd.size == (64, 64)
         assert result.outputs["2"][1].shape == (4, 64, 64, 4)
+    elif name == "edit_layer_with_qwen_image_edit":
+        # the edit group is bypassed: Replace Layer Pixels gets the layer's own pixels back, and changes nothing
+        assert names == decomposed and psd.size == (96, 72)
+        to_stack = pack_module("nodes.common").to_stack
+        before, after = (to_stack(items(result.outputs[n][0])[0]) for n in ("3", "5"))
+        composite = pack_module("qil_core.layers").composite
+        np.testing.assert_array_equal(composite(after), composite(before))
+        assert "recompose" in before.metadata  # exact recomposition is on at output_size "original"
+        png = np.asarray(Image.open(out / "edited_layer_00001_.png"))
+        assert png.shape == (72, 96, 4)
     elif name == "psd_edit":
         assert names == ["Background", "box", "title"] and psd.size == (96, 72)
         assert (psd[2].left, psd[2].top) != (50, 6)  # the title moved
+    elif name == "lora_lightning":
+        assert names == decomposed and psd.size == (64, 64)
+        handle = result.outputs["4"][0]  # Load LoRA then Sampler Settings: the LoRA and the schedule ride along
+        assert [s for _, s in handle.loras] == [1.0] and handle.sampler.time_shift == "exponential"
+        assert not any("qil_lora" in n for n, _ in handle.model.transformer.named_modules())  # taken off again
     elif name == "caption_edit_decompose":
         assert names == decomposed and psd.size == (64, 64)
         caption = result.outputs["3"][0]

@@ -92,13 +92,19 @@ def _standin_folder_paths(base: Path) -> types.ModuleType:
     fp = types.ModuleType("folder_paths")
     dirs = {"output": base / "output", "input": base / "input", "temp": base / "temp"}
     models = base / "models"
-    folders = {"diffusion_models": [models / "unet", models / "diffusion_models"], "vae": [models / "vae"],
-               "text_encoders": [models / "text_encoders", models / "clip"], "diffusers": [models / "diffusers"]}
+    folders = {
+        "diffusion_models": [models / "unet", models / "diffusion_models"],
+        "vae": [models / "vae"],
+        "text_encoders": [models / "text_encoders", models / "clip"],
+        "diffusers": [models / "diffusers"],
+        "loras": [models / "loras"],
+    }
     fp.get_output_directory = lambda: str(dirs["output"])
     fp.get_input_directory = lambda: str(dirs["input"])
     fp.get_temp_directory = lambda: str(dirs["temp"])
-    fp.get_folder_paths = lambda kind: [str(p) for p in folders[{"unet": "diffusion_models", "clip": "text_encoders"}
-                                                                   .get(kind, kind)]]
+    fp.get_folder_paths = lambda kind: [
+        str(p) for p in folders[{"unet": "diffusion_models", "clip": "text_encoders"}.get(kind, kind)]
+    ]
 
     def get_annotated_filepath(name: str, default_dir: str | None = None) -> str:
         for tag, key in ((" [output]", "output"), (" [input]", "input"), (" [temp]", "temp")):
@@ -108,10 +114,16 @@ def _standin_folder_paths(base: Path) -> types.ModuleType:
 
     def get_save_image_path(prefix: str, output_dir: str, image_width: int = 0, image_height: int = 0):
         now = time.localtime()
-        for key, value in (("width", image_width), ("height", image_height), ("year", now.tm_year),
-                           ("month", f"{now.tm_mon:02}"), ("day", f"{now.tm_mday:02}"),
-                           ("hour", f"{now.tm_hour:02}"), ("minute", f"{now.tm_min:02}"),
-                           ("second", f"{now.tm_sec:02}")):
+        for key, value in (
+            ("width", image_width),
+            ("height", image_height),
+            ("year", now.tm_year),
+            ("month", f"{now.tm_mon:02}"),
+            ("day", f"{now.tm_mday:02}"),
+            ("hour", f"{now.tm_hour:02}"),
+            ("minute", f"{now.tm_min:02}"),
+            ("second", f"{now.tm_sec:02}"),
+        ):
             prefix = prefix.replace(f"%{key}%", str(value))
         subfolder = os.path.dirname(os.path.normpath(prefix))
         filename = os.path.basename(os.path.normpath(prefix))
@@ -161,8 +173,12 @@ def _real_folder_paths(comfy_dir: Path, base: Path) -> tuple[types.ModuleType, d
     fp.set_output_directory(str(base / "output"))
     fp.set_input_directory(str(base / "input"))
     fp.set_temp_directory(str(base / "temp"))
-    for kind, sub in (("diffusion_models", "diffusion_models"), ("vae", "vae"), ("text_encoders", "text_encoders"),
-                      ("diffusers", "diffusers")):
+    for kind, sub in (
+        ("diffusion_models", "diffusion_models"),
+        ("vae", "vae"),
+        ("text_encoders", "text_encoders"),
+        ("diffusers", "diffusers"),
+    ):
         fp.folder_names_and_paths[kind] = ([str(base / "models" / sub)], fp.folder_names_and_paths[kind][1])
     return fp, extra
 
@@ -219,8 +235,9 @@ def _standin_comfy(record: HostRecord) -> dict[str, types.ModuleType]:
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mm.get_torch_device = lambda: torch.device("cpu")
     mm.intermediate_device = lambda: torch.device("cpu")
-    mm.free_memory = lambda memory_required, device, keep_loaded=(): record.free_memory.append((memory_required,
-                                                                                                 device))
+    mm.free_memory = lambda memory_required, device, keep_loaded=(): record.free_memory.append(
+        (memory_required, device)
+    )
     mm.load_models_gpu = load_models_gpu
     mp.ModelPatcher = ModelPatcher
     return {"comfy.utils": utils, "comfy.model_management": mm, "comfy.model_patcher": mp}
@@ -279,17 +296,21 @@ class SaveImage:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        return {"required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
-                "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"}}
+        return {
+            "required": {"images": ("IMAGE",), "filename_prefix": ("STRING", {"default": "ComfyUI"})},
+            "hidden": {"prompt": "PROMPT", "extra_pnginfo": "EXTRA_PNGINFO"},
+        }
 
     def _folder(self) -> str:
         return sys.modules["folder_paths"].get_output_directory()
 
-    def save_images(self, images: torch.Tensor, filename_prefix: str = "ComfyUI", prompt: Any = None,
-                    extra_pnginfo: Any = None) -> dict:
+    def save_images(
+        self, images: torch.Tensor, filename_prefix: str = "ComfyUI", prompt: Any = None, extra_pnginfo: Any = None
+    ) -> dict:
         fp = sys.modules["folder_paths"]
-        folder, name, counter, subfolder, _ = fp.get_save_image_path(filename_prefix, self._folder(),
-                                                                     images[0].shape[1], images[0].shape[0])
+        folder, name, counter, subfolder, _ = fp.get_save_image_path(
+            filename_prefix, self._folder(), images[0].shape[1], images[0].shape[0]
+        )
         results = []
         for image in images:
             arr = np.clip(image.cpu().numpy() * 255.0, 0, 255).astype(np.uint8)
@@ -312,8 +333,9 @@ class PreviewImage(SaveImage):
     def _folder(self) -> str:
         return sys.modules["folder_paths"].get_temp_directory()
 
-    def save_images(self, images: torch.Tensor, filename_prefix: str = "ComfyUI", prompt: Any = None,
-                    extra_pnginfo: Any = None) -> dict:
+    def save_images(
+        self, images: torch.Tensor, filename_prefix: str = "ComfyUI", prompt: Any = None, extra_pnginfo: Any = None
+    ) -> dict:
         tag = "".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(5))
         return super().save_images(images, f"ComfyUI_temp_{tag}", prompt, extra_pnginfo)
 
@@ -333,8 +355,12 @@ def _types_match(received: str, expected: Any) -> bool:
 def check_value(type_name: str, value: Any, where: str) -> None:
     """Check a value passed between nodes against its declared ComfyUI type (IMAGE, MASK, LAYERS, ...)."""
     if type_name == "IMAGE":
-        ok = isinstance(value, torch.Tensor) and value.ndim == 4 and value.dtype == torch.float32 \
+        ok = (
+            isinstance(value, torch.Tensor)
+            and value.ndim == 4
+            and value.dtype == torch.float32
             and value.shape[-1] in (1, 3, 4)
+        )
     elif type_name == "MASK":
         ok = isinstance(value, torch.Tensor) and value.ndim in (2, 3) and value.dtype == torch.float32
     elif type_name == "LAYERS":
@@ -369,12 +395,25 @@ class RunResult:
 class Harness:
     """Executes API-format graphs against NODE_CLASS_MAPPINGS (plus core stand-ins) with folders under `base`."""
 
-    def __init__(self, mappings: Mapping[str, type], base: Path, *, comfyui_dir: str | os.PathLike | None = None,
-                 core_nodes: bool = True) -> None:
+    def __init__(
+        self,
+        mappings: Mapping[str, type],
+        base: Path,
+        *,
+        comfyui_dir: str | os.PathLike | None = None,
+        core_nodes: bool = True,
+    ) -> None:
         self.mappings = {**(CORE_NODES if core_nodes else {}), **mappings}
         self.base = Path(base)
-        for sub in ("output", "input", "temp", "models/diffusion_models", "models/vae", "models/text_encoders",
-                    "models/diffusers"):
+        for sub in (
+            "output",
+            "input",
+            "temp",
+            "models/diffusion_models",
+            "models/vae",
+            "models/text_encoders",
+            "models/diffusers",
+        ):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         comfy_dir = comfyui_dir if comfyui_dir is not None else os.environ.get("COMFYUI_DIR")
         self.comfyui_dir = Path(comfy_dir) if comfy_dir else None
@@ -468,8 +507,11 @@ class Harness:
                     errors.append(f"{where}: input {name!r} of type {in_type} must be linked, got a constant")
                     continue
                 try:
-                    value = {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(in_type, lambda v: v)(
-                        value) if not isinstance(in_type, list) else value
+                    value = (
+                        {"INT": int, "FLOAT": float, "STRING": str, "BOOLEAN": bool}.get(in_type, lambda v: v)(value)
+                        if not isinstance(in_type, list)
+                        else value
+                    )
                 except (TypeError, ValueError) as e:
                     errors.append(f"{where}: input {name!r}: cannot convert {value!r} to {in_type} ({e})")
                     continue
@@ -487,8 +529,11 @@ class Harness:
                 verdict = validator(**{k: consts.get(k) for k in inputs if k in v_args or v_kwargs})
                 if verdict is not True:
                     errors.append(f"{where}: VALIDATE_INPUTS failed: {verdict}")
-        if not any(getattr(self.mappings.get(n.get("class_type")), "OUTPUT_NODE", False) for n in graph.values()
-                   if isinstance(n, Mapping)):
+        if not any(
+            getattr(self.mappings.get(n.get("class_type")), "OUTPUT_NODE", False)
+            for n in graph.values()
+            if isinstance(n, Mapping)
+        ):
             errors.append("prompt has no outputs (no OUTPUT_NODE in the graph)")
         if errors:
             raise GraphError("graph refused:\n  " + "\n  ".join(errors))
@@ -555,10 +600,15 @@ class Harness:
                     if extra:
                         raise GraphError(f"node {n}: IS_CHANGED does not accept inputs {extra}")
                     is_changed[n] = cls.IS_CHANGED(**{k: constants[n].get(k) for k in node.get("inputs", {})})
-                ups = {k: signatures[str(v[0])] + (v[1],) for k, v in node.get("inputs", {}).items()
-                       if isinstance(v, list)}
-                signatures[n] = (node["class_type"], repr(sorted(constants[n].items())), repr(sorted(ups.items())),
-                                 repr(is_changed.get(n)))
+                ups = {
+                    k: signatures[str(v[0])] + (v[1],) for k, v in node.get("inputs", {}).items() if isinstance(v, list)
+                }
+                signatures[n] = (
+                    node["class_type"],
+                    repr(sorted(constants[n].items())),
+                    repr(sorted(ups.items())),
+                    repr(is_changed.get(n)),
+                )
                 cached = self._cache.get(n)
                 if cached is not None and cached[0] == signatures[n] and not _is_nan(is_changed.get(n)):
                     outputs[n] = cached[1]
@@ -572,8 +622,15 @@ class Harness:
                 self._cache[n] = (signatures[n], outputs[n], node_ui)
         return RunResult(outputs, ui, is_changed, executed, self.record)
 
-    def _execute(self, graph: Mapping[str, Any], n: str, cls: type, consts: dict[str, Any],
-                 outputs: dict[str, tuple], extra_pnginfo: dict | None) -> tuple[tuple, dict | None]:
+    def _execute(
+        self,
+        graph: Mapping[str, Any],
+        n: str,
+        cls: type,
+        consts: dict[str, Any],
+        outputs: dict[str, tuple],
+        extra_pnginfo: dict | None,
+    ) -> tuple[tuple, dict | None]:
         node = graph[n]
         where = f"node {n} ({node['class_type']})"
         kwargs = dict(consts)

@@ -14,8 +14,9 @@ TINY = TransformerConfig(
 )
 
 
-def random_transformer(config: TransformerConfig = TINY, seed: int = 0, dtype: torch.dtype = torch.float32,
-                       std: float = 0.1) -> QwenImageLayeredTransformer:
+def random_transformer(
+    config: TransformerConfig = TINY, seed: int = 0, dtype: torch.dtype = torch.float32, std: float = 0.1
+) -> QwenImageLayeredTransformer:
     """Our transformer with every parameter random (norm weights around 1), eval mode, on the CPU."""
     model = build_transformer(config, "cpu")
     gen = torch.Generator().manual_seed(seed)
@@ -26,8 +27,15 @@ def random_transformer(config: TransformerConfig = TINY, seed: int = 0, dtype: t
     return model.to(dtype).requires_grad_(False).eval()
 
 
-def transformer_inputs(config: TransformerConfig = TINY, layers: int = 2, hp: int = 4, wp: int = 6, n_txt: int = 7,
-                       seed: int = 1, dtype: torch.dtype = torch.float32) -> dict:
+def transformer_inputs(
+    config: TransformerConfig = TINY,
+    layers: int = 2,
+    hp: int = 4,
+    wp: int = 6,
+    n_txt: int = 7,
+    seed: int = 1,
+    dtype: torch.dtype = torch.float32,
+) -> dict:
     """Keyword inputs of one decomposition forward: N layers + composite + condition frames on an hp x wp grid."""
     gen = torch.Generator().manual_seed(seed)
     frames = layers + 2

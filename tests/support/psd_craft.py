@@ -205,6 +205,7 @@ def group_layers(
 
 def rect_vector_mask(left: float, top: float, right: float, bottom: float, *, disabled: bool = False) -> bytes:
     """A 'vmsk' block body: one closed rectangle path, corners as fractions of the canvas (0..1)."""
+
     def knot(y: float, x: float) -> bytes:
         point = struct.pack(">ii", int(round(y * (1 << 24))), int(round(x * (1 << 24))))
         return struct.pack(">H", 1) + point * 3  # linked knot: both control points on the anchor

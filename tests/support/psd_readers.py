@@ -19,8 +19,9 @@ from PIL import Image
 from qil_core.layers import LayerStack
 from qil_core.layers.psd import lint_psd, pascal_name
 
-_IM_CONVERT = next((c for c in ("/usr/bin/convert", shutil.which("magick"), shutil.which("convert")) if c and
-                    Path(c).exists()), None)
+_IM_CONVERT = next(
+    (c for c in ("/usr/bin/convert", shutil.which("magick"), shutil.which("convert")) if c and Path(c).exists()), None
+)
 _IM_IDENTIFY = next((c for c in ("/usr/bin/identify", shutil.which("identify")) if c and Path(c).exists()), None)
 HAVE_IMAGEMAGICK = _IM_CONVERT is not None and _IM_IDENTIFY is not None
 REQUIRE_SYSTEM_READERS = os.environ.get("QIL_REQUIRE_SYSTEM_READERS") == "1"
@@ -78,8 +79,9 @@ def expected_layers(stack: LayerStack, depth: int = 8) -> list[dict]:
             continue
         rows, cols = np.flatnonzero(a.any(1)), np.flatnonzero(a.any(0))
         t, b, l, r = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
-        out.append({"x": layer.x + int(l), "y": layer.y + int(t), "w": int(r - l), "h": int(b - t),
-                    "rgba": q[t:b, l:r]})
+        out.append(
+            {"x": layer.x + int(l), "y": layer.y + int(t), "w": int(r - l), "h": int(b - t), "rgba": q[t:b, l:r]}
+        )
     return out
 
 
@@ -93,20 +95,35 @@ def read_psd_tools(path: Path) -> dict:
     for layer in psd:
         arr = layer.numpy()
         rgba = np.zeros((0, 0, 4), np.int64) if arr is None else np.round(arr * scale).astype(np.int64)
-        layers.append({"name": layer.name, "x": layer.left, "y": layer.top, "w": layer.width, "h": layer.height,
-                       "opacity": layer.opacity, "visible": layer.visible,
-                       "blend": layer.blend_mode.value.decode("latin-1"), "rgba": rgba})
+        layers.append(
+            {
+                "name": layer.name,
+                "x": layer.left,
+                "y": layer.top,
+                "w": layer.width,
+                "h": layer.height,
+                "opacity": layer.opacity,
+                "visible": layer.visible,
+                "blend": layer.blend_mode.value.decode("latin-1"),
+                "rgba": rgba,
+            }
+        )
     merged = np.round(psd.numpy() * scale).astype(np.int64)
     count = psd._record.layer_and_mask_information.layer_info.layer_count
-    return {"size": (psd.width, psd.height), "depth": psd.depth, "layers": layers, "merged": merged,
-            "layer_count": count}
+    return {
+        "size": (psd.width, psd.height),
+        "depth": psd.depth,
+        "layers": layers,
+        "merged": merged,
+        "layer_count": count,
+    }
 
 
 def _pytoshop_unicode(data: bytes) -> str:
     """Decode a PSD Unicode string by its count (pytoshop's own strips every trailing NUL byte, which cuts
     names ending in a character such as U+1F600 or U+4E00 whose low byte is 0; a pytoshop bug)."""
     (n,) = struct.unpack(">I", data[:4])
-    return data[4:4 + 2 * n].decode("utf-16-be")
+    return data[4 : 4 + 2 * n].decode("utf-16-be")
 
 
 def read_pytoshop(path: Path) -> dict:
@@ -127,13 +144,28 @@ def read_pytoshop(path: Path) -> dict:
                 for i, cid in enumerate((0, 1, 2, -1)):
                     rgba[..., i] = rec.channels[cid].image
             name = rec.name.decode("mac_roman") if isinstance(rec.name, bytes) else rec.name
-            blend = rec.blend_mode.decode("latin-1") if isinstance(rec.blend_mode, bytes) else str(
-                getattr(rec.blend_mode, "value", rec.blend_mode))
+            blend = (
+                rec.blend_mode.decode("latin-1")
+                if isinstance(rec.blend_mode, bytes)
+                else str(getattr(rec.blend_mode, "value", rec.blend_mode))
+            )
             if isinstance(blend, bytes):
                 blend = blend.decode("latin-1")
-            layers.append({"pascal": name, "name": luni[0] if luni else name, "x": rec.left, "y": rec.top,
-                           "w": w, "h": h, "opacity": rec.opacity, "visible": rec.visible, "blend": blend,
-                           "rgba": rgba, "channel_ids": list(rec.channels.keys())})
+            layers.append(
+                {
+                    "pascal": name,
+                    "name": luni[0] if luni else name,
+                    "x": rec.left,
+                    "y": rec.top,
+                    "w": w,
+                    "h": h,
+                    "opacity": rec.opacity,
+                    "visible": rec.visible,
+                    "blend": blend,
+                    "rgba": rgba,
+                    "channel_ids": list(rec.channels.keys()),
+                }
+            )
         count = len(info.layer_records)
     return {"size": (doc.width, doc.height), "depth": doc.depth, "layers": layers, "count": count}
 
@@ -183,8 +215,16 @@ def imagemagick_result(out: dict) -> dict:
     return out["imagemagick"]
 
 
-def check_readers(path: Path, stack: LayerStack, *, depth: int = 8, names: list[str] | None = None,
-                  merged: np.ndarray | None = None, imagemagick: bool = True, pytoshop: bool = True) -> dict:
+def check_readers(
+    path: Path,
+    stack: LayerStack,
+    *,
+    depth: int = 8,
+    names: list[str] | None = None,
+    merged: np.ndarray | None = None,
+    imagemagick: bool = True,
+    pytoshop: bool = True,
+) -> dict:
     """Lint the file and compare names, offsets and pixels from psd-tools, pytoshop and ImageMagick.
 
     Without ImageMagick every other reader is still checked and the test goes on; once it has passed it is
@@ -234,8 +274,7 @@ def check_readers(path: Path, stack: LayerStack, *, depth: int = 8, names: list[
         want_m = matted(merged, depth)
         assert_close(rematte(pt["merged"], depth), want_m, tol, "psd-tools merged image")
         if imagemagick:
-            assert_close(rematte(out["imagemagick"]["merged"]["rgba"], depth), want_m, tol,
-                         "ImageMagick merged image")
+            assert_close(rematte(out["imagemagick"]["merged"]["rgba"], depth), want_m, tol, "ImageMagick merged image")
         if depth == 8:
             assert_close(read_pillow_merged(path), want_m, tol, "Pillow merged image")
     if imagemagick_missing:

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 from comfy_harness import ROOT, GraphError, Harness, check_value, pack_module
+from lora_support import LIGHTNING_NAME, write_tiny_lora
 from PIL import Image
 
 WORKFLOWS = ROOT / "workflows"
@@ -32,6 +33,8 @@ MODEL_FILES = {
     "vae": Path("models/vae/qwen_image_layered_vae.safetensors"),
     "text_encoder": Path("models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors"),
 }
+# Load Qwen-Layered's three file inputs, as the node lists them.
+MODEL_NAMES = tuple(MODEL_FILES[k].name for k in ("transformer", "vae", "text_encoder"))
 TOKENIZER = Path("comfy/text_encoders/qwen25_tokenizer")  # where a ComfyUI root keeps it, next to models/
 _CACHE: dict[str, Path] = {}
 
@@ -50,14 +53,23 @@ class ListHarness(Harness):
             return cls
         return super()._class(graph, node_id)
 
-    def _execute(self, graph: Mapping[str, Any], n: str, cls: type, consts: dict[str, Any],
-                 outputs: dict[str, tuple], extra_pnginfo: dict | None) -> tuple[tuple, dict | None]:
+    def _execute(
+        self,
+        graph: Mapping[str, Any],
+        n: str,
+        cls: type,
+        consts: dict[str, Any],
+        outputs: dict[str, tuple],
+        extra_pnginfo: dict | None,
+    ) -> tuple[tuple, dict | None]:
         node = graph[n]
         where = f"node {n} ({node['class_type']})"
         linked = {k: outputs[str(v[0])][v[1]] for k, v in node.get("inputs", {}).items() if isinstance(v, list)}
         count = max([len(v) for v in linked.values() if isinstance(v, NodeList)], default=1)
-        hidden = {name: {"PROMPT": graph, "UNIQUE_ID": n, "EXTRA_PNGINFO": extra_pnginfo}.get(kind)
-                  for name, kind in cls.INPUT_TYPES().get("hidden", {}).items()}
+        hidden = {
+            name: {"PROMPT": graph, "UNIQUE_ID": n, "EXTRA_PNGINFO": extra_pnginfo}.get(kind)
+            for name, kind in cls.INPUT_TYPES().get("hidden", {}).items()
+        }
         if n not in self._instances or type(self._instances[n]) is not cls:
             self._instances[n] = cls()
         results, uis = [], []
@@ -112,6 +124,8 @@ def _tiny_model() -> Path:
             shutil.move(paths[name], root / rel)
         shutil.move(paths["tokenizer"], root / "tokenizer")
         shutil.rmtree(root / "build")
+        dit = tiny.build_tiny_modules(0)[0]
+        write_tiny_lora(root / "loras" / LIGHTNING_NAME, dit)
         _CACHE["root"] = root
     return _CACHE["root"]
 
@@ -126,7 +140,13 @@ def install_models(base: Path) -> dict[str, Path]:
     if not (base / TOKENIZER).is_dir():
         shutil.copytree(src / "tokenizer", base / TOKENIZER)
     out["tokenizer"] = base / TOKENIZER
+    out["lora"] = Path(shutil.copy2(src / "loras" / LIGHTNING_NAME, _lora_dir(base)))  # the LoRA workflow's file
     return out
+
+
+def _lora_dir(base: Path) -> Path:
+    (base / "models" / "loras").mkdir(parents=True, exist_ok=True)
+    return base / "models" / "loras" / LIGHTNING_NAME
 
 
 def sample_picture(width: int = 96, height: int = 72) -> np.ndarray:
@@ -135,7 +155,7 @@ def sample_picture(width: int = 96, height: int = 72) -> np.ndarray:
     img = np.zeros((height, width, 3), np.float32)
     img[..., 0], img[..., 1], img[..., 2] = 60 + 80 * yy / height, 120 + 60 * xx / width, 220 - 40 * yy / height
     img[((xx - width * 0.7) ** 2 + (yy - height * 0.3) ** 2) < (height * 0.15) ** 2] = (250, 220, 60)
-    img[int(height * 0.55):int(height * 0.9), int(width * 0.15):int(width * 0.45)] = (200, 30, 40)
+    img[int(height * 0.55) : int(height * 0.9), int(width * 0.15) : int(width * 0.45)] = (200, 30, 40)
     return img.astype(np.uint8)
 
 
@@ -151,9 +171,15 @@ def write_inputs(folder: Path) -> None:
     box[...] = (0.9, 0.1, 0.1, 1.0)
     logo = np.zeros((12, 40, 4), np.float32)
     logo[2:10, 2:38] = (1.0, 1.0, 1.0, 1.0)
-    stack = layers.LayerStack(96, 72, [layers.Layer(sky, name="Background"),
-                                       layers.Layer(box, x=10, y=40, name="box"),
-                                       layers.Layer(logo, x=50, y=6, name="title")])
+    stack = layers.LayerStack(
+        96,
+        72,
+        [
+            layers.Layer(sky, name="Background"),
+            layers.Layer(box, x=10, y=40, name="box"),
+            layers.Layer(logo, x=50, y=6, name="title"),
+        ],
+    )
     if not (folder / "example.psd").exists():
         psd.write_psd(stack, folder / "example.psd")
 

@@ -2,7 +2,7 @@
 
 Other test files import from here: `tiny_transformer_config()`, `tiny_diffusers_transformer()`,
 `save_diffusers_transformer()`, `read_sharded_state_dict()`, `real_transformer_shapes()`,
-`layered_scheduler()`.
+`layered_scheduler()`, `tiny_diffusers_vae()`.
 """
 
 from __future__ import annotations
@@ -72,6 +72,25 @@ def tiny_diffusers_transformer(seed: int = 0, **overrides: object) -> torch.nn.M
             else:
                 p.copy_(torch.randn_like(p) * 0.1)
     return model
+
+
+def tiny_diffusers_vae(
+    seed: int = 0, base_dim: int = 8, num_res_blocks: int = 1, input_channels: int = 4
+) -> torch.nn.Module:
+    """diffusers' AutoencoderKLQwenImage (z_dim 16, dims x1/2/4/4), eval, with random norms (around 1) and biases."""
+    from diffusers import AutoencoderKLQwenImage
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=base_dim, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=num_res_blocks, input_channels=input_channels
+    ).eval()
+    with torch.no_grad():
+        for name, p in vae.named_parameters():
+            if name.endswith("gamma"):
+                p.copy_(1.0 + 0.3 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+    return vae
 
 
 def save_diffusers_transformer(model: torch.nn.Module, folder: Path, max_shard_size: str = "50KB") -> Path:

@@ -16,5 +16,15 @@ from .lint import lint_psd
 from .read import PSDRead, load_psd, read_psd, read_psd_merged
 from .write import MAX_LAYERS, MAX_NAME_CHARS, PASCAL_NAME_BYTES, pascal_name, write_psd
 
-__all__ = ["MAX_LAYERS", "MAX_NAME_CHARS", "PASCAL_NAME_BYTES", "PSDRead", "lint_psd", "load_psd", "pascal_name",
-           "read_psd", "read_psd_merged", "write_psd"]
+__all__ = [
+    "MAX_LAYERS",
+    "MAX_NAME_CHARS",
+    "PASCAL_NAME_BYTES",
+    "PSDRead",
+    "lint_psd",
+    "load_psd",
+    "pascal_name",
+    "read_psd",
+    "read_psd_merged",
+    "write_psd",
+]

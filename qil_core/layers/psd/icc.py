@@ -37,8 +37,15 @@ def _srgb_curve() -> np.ndarray:
 def srgb_profile() -> bytes:
     """Bytes of an ICC v2.1 RGB display profile for sRGB (matrix/TRC, D50 PCS, about 2.6 KB)."""
     text = b"sRGB IEC61966-2.1 (qil_core)"
-    desc = (b"desc\x00\x00\x00\x00" + struct.pack(">I", len(text) + 1) + text + b"\x00"
-            + struct.pack(">II", 0, 0) + struct.pack(">HB", 0, 0) + b"\x00" * 67)
+    desc = (
+        b"desc\x00\x00\x00\x00"
+        + struct.pack(">I", len(text) + 1)
+        + text
+        + b"\x00"
+        + struct.pack(">II", 0, 0)
+        + struct.pack(">HB", 0, 0)
+        + b"\x00" * 67
+    )
     tags: list[tuple[bytes, bytes]] = [
         (b"desc", desc),
         (b"cprt", b"text\x00\x00\x00\x00" + b"No copyright, use freely\x00"),
@@ -59,7 +66,18 @@ def srgb_profile() -> bytes:
         entries.append(struct.pack(">4sII", sig, offset, len(curve)))
     body += curve + b"\x00" * (-len(curve) % 4)
     size = table_end + len(body)
-    header = (struct.pack(">I", size) + b"\x00" * 4 + struct.pack(">I", 0x02100000) + b"mntrRGB XYZ "
-              + struct.pack(">6H", 2024, 1, 1, 0, 0, 0) + b"acsp" + b"\x00" * 24
-              + struct.pack(">I", 0) + _s15f16(_D50) + b"\x00" * 4 + b"\x00" * 16 + b"\x00" * 28)
+    header = (
+        struct.pack(">I", size)
+        + b"\x00" * 4
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + struct.pack(">6H", 2024, 1, 1, 0, 0, 0)
+        + b"acsp"
+        + b"\x00" * 24
+        + struct.pack(">I", 0)
+        + _s15f16(_D50)
+        + b"\x00" * 4
+        + b"\x00" * 16
+        + b"\x00" * 28
+    )
     return header + struct.pack(">I", len(entries)) + b"".join(entries) + body

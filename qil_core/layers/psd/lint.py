@@ -21,8 +21,24 @@ _COLOR_MODES = {0: 1, 1: 1, 2: 1, 3: 3, 4: 4, 7: 1, 8: 1, 9: 3}  # mode -> colou
 # Every key we write plus the Photoshop keys we read (dissolve, pass-through, darker/lighter colour...).
 _BLEND_KEYS = {k.encode("ascii") for k in (*PSD_BLEND_KEYS.values(), *PSD_KEY_FALLBACKS)}
 # Tagged blocks whose length field is 8 bytes in PSB files.
-_PSB_LONG_KEYS = {b"LMsk", b"Lr16", b"Lr32", b"Layr", b"Mt16", b"Mt32", b"Mtrn", b"Alph", b"FMsk", b"lnk2", b"FEid",
-                  b"FXid", b"PxSD", b"lnkE", b"pths", b"cinf"}
+_PSB_LONG_KEYS = {
+    b"LMsk",
+    b"Lr16",
+    b"Lr32",
+    b"Layr",
+    b"Mt16",
+    b"Mt32",
+    b"Mtrn",
+    b"Alph",
+    b"FMsk",
+    b"lnk2",
+    b"FEid",
+    b"FXid",
+    b"PxSD",
+    b"lnkE",
+    b"pths",
+    b"cinf",
+}
 _DECODE_LIMIT = 64 << 20  # decode every RLE row by default when the file is at most this big
 
 
@@ -40,12 +56,14 @@ class _Reader:
 
     def need(self, n: int, what: str) -> None:
         if n < 0 or self.pos + n > len(self.data):
-            raise _Stop(f"offset {self.pos}: {what} needs {n} bytes but the file ends at {len(self.data)} "
-                        f"(truncated or a wrong length before this point)")
+            raise _Stop(
+                f"offset {self.pos}: {what} needs {n} bytes but the file ends at {len(self.data)} "
+                f"(truncated or a wrong length before this point)"
+            )
 
     def take(self, n: int, what: str) -> bytes:
         self.need(n, what)
-        out = self.data[self.pos:self.pos + n]
+        out = self.data[self.pos : self.pos + n]
         self.pos += n
         return out
 
@@ -109,9 +127,12 @@ def _walk(r: _Reader, decode: bool) -> None:
     _check_image_data(r, version, channels, height, width, depth, decode)
     extra_channels = channels - _COLOR_MODES.get(mode, channels)
     if layer_count is not None and layer_count > 0 and extra_channels > 0:
-        r.problem(f"positive layer count ({layer_count}) with {extra_channels} extra merged channel(s): readers "
-                  f"take channel {_COLOR_MODES[mode] + 1} as a spare alpha channel, not transparency; "
-                  f"write a negative layer count (robustness.md rule 2)", 0)
+        r.problem(
+            f"positive layer count ({layer_count}) with {extra_channels} extra merged channel(s): readers "
+            f"take channel {_COLOR_MODES[mode] + 1} as a spare alpha channel, not transparency; "
+            f"write a negative layer count (robustness.md rule 2)",
+            0,
+        )
 
 
 def _check_resources(r: _Reader) -> None:
@@ -162,14 +183,14 @@ def _check_layers(r: _Reader, version: int, depth: int, decode: bool) -> int | N
         if pad > 3 or r.take(pad, "layer info padding").strip(b"\x00"):
             r.problem(f"layer info has {pad} unexplained bytes after the channel data (padding is 0-3 zero bytes)")
     r.pos = li_end
-    if r.pos + 4 <= lm_end and r.data[r.pos:r.pos + 4] not in (b"8BIM", b"8B64"):
+    if r.pos + 4 <= lm_end and r.data[r.pos : r.pos + 4] not in (b"8BIM", b"8B64"):
         (gm_len,) = r.fmt("I", "global layer mask length")
         if r.pos + gm_len > lm_end:
             raise _Stop(f"offset {r.pos}: global layer mask length {gm_len} runs past the layer and mask section")
         r.take(gm_len, "global layer mask")
     while r.pos + 12 <= lm_end:
         _check_tagged_block(r, version, lm_end, "global tagged block")
-    if lm_end - r.pos > 3 or r.data[r.pos:lm_end].strip(b"\x00"):
+    if lm_end - r.pos > 3 or r.data[r.pos : lm_end].strip(b"\x00"):
         r.problem(f"{lm_end - r.pos} unexplained bytes at the end of the layer and mask section")
     r.pos = lm_end
     return count
@@ -207,7 +228,7 @@ def _check_record(r: _Reader, index: int, version: int) -> tuple[tuple[int, int,
         raise _Stop(f"offset {start}: layer {index} fixed extra data runs past its extra length {extra_len}")
     while r.pos + 12 <= extra_end:
         _check_tagged_block(r, version, extra_end, f"layer {index} tagged block")
-    if extra_end - r.pos > 3 or r.data[r.pos:extra_end].strip(b"\x00"):
+    if extra_end - r.pos > 3 or r.data[r.pos : extra_end].strip(b"\x00"):
         r.problem(f"layer {index}: {extra_end - r.pos} unexplained bytes at the end of its extra data")
     r.pos = extra_end
     return (top, left, bottom, right), chans
@@ -223,14 +244,23 @@ def _check_tagged_block(r: _Reader, version: int, end: int, what: str) -> None:
     if r.pos + length > end:
         raise _Stop(f"offset {start}: {what} {key!r} length {length} runs past its container")
     if key == b"luni":
-        (units,) = struct.unpack(">I", r.data[r.pos:r.pos + 4])
+        (units,) = struct.unpack(">I", r.data[r.pos : r.pos + 4])
         if 4 + 2 * units > length:
             r.problem(f"{what} 'luni' counts {units} UTF-16 units but holds only {length - 4} bytes")
     r.pos += length
 
 
-def _check_channel(r: _Reader, index: int, cid: int, length: int, rect: tuple[int, int, int, int], version: int,
-                   depth: int, decode: bool, limit: int) -> None:
+def _check_channel(
+    r: _Reader,
+    index: int,
+    cid: int,
+    length: int,
+    rect: tuple[int, int, int, int],
+    version: int,
+    depth: int,
+    decode: bool,
+    limit: int,
+) -> None:
     """One channel's data: compression, then rows matching the rectangle; its length must be exact."""
     start = r.pos
     if start + length > limit:
@@ -258,8 +288,9 @@ def _check_channel(r: _Reader, index: int, cid: int, length: int, rect: tuple[in
     r.pos = start + length
 
 
-def _check_rle(r: _Reader, what: str, rows: int, row_bytes: int, body: int, version: int, decode: bool,
-               start: int) -> None:
+def _check_rle(
+    r: _Reader, what: str, rows: int, row_bytes: int, body: int, version: int, decode: bool, start: int
+) -> None:
     """An RLE body: a table of `rows` byte counts (2 bytes each in PSD, 4 in PSB) that sums to the data."""
     cw = 2 if version == 1 else 4
     if rows == 0 or row_bytes == 0:
@@ -267,26 +298,33 @@ def _check_rle(r: _Reader, what: str, rows: int, row_bytes: int, body: int, vers
             r.problem(f"{what}: empty rectangle but {body} bytes of RLE data", start)
         return
     if body < rows * cw:
-        r.problem(f"{what}: {body} bytes cannot hold a {rows}-row RLE table of {cw}-byte counts "
-                  f"(truncated, or a wrong length before it)", start)
+        r.problem(
+            f"{what}: {body} bytes cannot hold a {rows}-row RLE table of {cw}-byte counts "
+            f"(truncated, or a wrong length before it)",
+            start,
+        )
         return
     table = np.frombuffer(r.data, ">u2" if cw == 2 else ">u4", rows, r.pos).astype(np.int64)
     data_len = body - rows * cw
     if int(table.sum()) != data_len:
         short = " (truncated)" if int(table.sum()) > data_len else ""
-        r.problem(f"{what}: RLE row table sums to {int(table.sum())} bytes but {data_len} bytes follow "
-                  f"({cw}-byte counts; rule 5){short}", start)
+        r.problem(
+            f"{what}: RLE row table sums to {int(table.sum())} bytes but {data_len} bytes follow "
+            f"({cw}-byte counts; rule 5){short}",
+            start,
+        )
         return
     if decode:
         data_at = r.pos + rows * cw
         try:
-            decode_rows(r.data[data_at:data_at + data_len], table, row_bytes)
+            decode_rows(r.data[data_at : data_at + data_len], table, row_bytes)
         except PSDError as err:
             r.problem(f"{what}: {err}", start)
 
 
-def _check_image_data(r: _Reader, version: int, channels: int, height: int, width: int, depth: int,
-                      decode: bool) -> None:
+def _check_image_data(
+    r: _Reader, version: int, channels: int, height: int, width: int, depth: int, decode: bool
+) -> None:
     """The merged image: compression, then all channels; must end exactly at the end of the file."""
     if r.pos == len(r.data):
         raise _Stop(f"offset {r.pos}: no image data section (no-image-data): the merged image is missing")
@@ -297,8 +335,11 @@ def _check_image_data(r: _Reader, version: int, channels: int, height: int, widt
     if comp == 0:
         if body != channels * height * row_bytes:
             short = " (truncated)" if body < channels * height * row_bytes else ""
-            r.problem(f"merged image: raw data is {body} bytes, expected {channels}x{height}x{row_bytes} = "
-                      f"{channels * height * row_bytes}{short}", start)
+            r.problem(
+                f"merged image: raw data is {body} bytes, expected {channels}x{height}x{row_bytes} = "
+                f"{channels * height * row_bytes}{short}",
+                start,
+            )
     elif comp == 1:
         _check_rle(r, "merged image", channels * height, row_bytes, body, version, decode, start)
     elif comp not in (2, 3):

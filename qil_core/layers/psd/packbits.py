@@ -95,8 +95,10 @@ def _encode_runs(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         out[dst_idx] = flat[src_idx]
     else:  # many literals: two boolean masks over the input and the output
         src_lit = np.repeat(lit_seg, seg_len)
-        dst_lit = np.repeat(np.stack([np.zeros(npk, bool), ~rep], 1).reshape(-1),
-                            np.stack([np.ones(npk, np.int64), np.where(rep, 1, size)], 1).reshape(-1))
+        dst_lit = np.repeat(
+            np.stack([np.zeros(npk, bool), ~rep], 1).reshape(-1),
+            np.stack([np.ones(npk, np.int64), np.where(rep, 1, size)], 1).reshape(-1),
+        )
         out[dst_lit] = flat[src_lit]
     out[dst] = np.where(rep, 257 - size, size - 1).astype(np.uint8)
     out[dst[rep] + 1] = flat[src[rep]]
@@ -171,17 +173,21 @@ def decode_rows(data: bytes | np.ndarray, counts: np.ndarray, width: int) -> np.
             if hdr < 128:
                 n = hdr + 1
                 if pos + n > end or j + n > row_end:
-                    raise PSDError(f"PackBits row {row}: literal packet of {n} bytes overruns the row "
-                                   f"(row has {count} encoded bytes for {width} pixels)")
-                out[j:j + n] = buf[pos:pos + n]
+                    raise PSDError(
+                        f"PackBits row {row}: literal packet of {n} bytes overruns the row "
+                        f"(row has {count} encoded bytes for {width} pixels)"
+                    )
+                out[j : j + n] = buf[pos : pos + n]
                 pos += n
                 j += n
             elif hdr > 128:
                 n = 257 - hdr
                 if pos + 1 > end or j + n > row_end:
-                    raise PSDError(f"PackBits row {row}: repeat packet of {n} bytes overruns the row "
-                                   f"(row has {count} encoded bytes for {width} pixels)")
-                out[j:j + n] = buf[pos:pos + 1] * n
+                    raise PSDError(
+                        f"PackBits row {row}: repeat packet of {n} bytes overruns the row "
+                        f"(row has {count} encoded bytes for {width} pixels)"
+                    )
+                out[j : j + n] = buf[pos : pos + 1] * n
                 pos += 1
                 j += n
         if j != row_end:

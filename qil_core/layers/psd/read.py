@@ -70,8 +70,10 @@ def _merged_problem(psd) -> str | None:
         ok = len(data) >= rows * row_bytes
     elif comp == 1:
         cw = 2 if psd.version == 1 else 4
-        ok = len(data) >= rows * cw and int(np.frombuffer(data, ">u2" if cw == 2 else ">u4", rows).sum(
-            dtype=np.int64)) <= len(data) - rows * cw
+        ok = (
+            len(data) >= rows * cw
+            and int(np.frombuffer(data, ">u2" if cw == 2 else ">u4", rows).sum(dtype=np.int64)) <= len(data) - rows * cw
+        )
     else:
         ok = len(data) > 0
     return None if ok else f"its merged image ends early ({len(data)} bytes)"
@@ -128,7 +130,7 @@ def _solid_fill(item, size: tuple[int, int]) -> np.ndarray | None:
 def _blend_name(layer, warn) -> str:
     """The core blend-mode name of a psd-tools layer (nearest mode, with a warning, for unknown keys)."""
     raw = layer.blend_mode
-    key = (raw.value if hasattr(raw, "value") else raw)
+    key = raw.value if hasattr(raw, "value") else raw
     key = key.decode("latin-1") if isinstance(key, bytes) else str(key)
     if key == "pass":
         return "normal"
@@ -147,8 +149,9 @@ def _leaves(items) -> list:
     return out
 
 
-def read_psd(path: str | os.PathLike[str], *, workers: int | None = None, groups: str = "keep",
-             warnings: list[str] | None = None) -> LayerStack:
+def read_psd(
+    path: str | os.PathLike[str], *, workers: int | None = None, groups: str = "keep", warnings: list[str] | None = None
+) -> LayerStack:
     """Read a PSD's layers (bottom first) with names, offsets, opacity, blend mode and visibility.
 
     `groups` is "keep" (keep the children of pass-through groups) or "flatten" (every group one layer); the
@@ -179,8 +182,9 @@ def read_psd_merged(path: str | os.PathLike[str], *, warnings: list[str] | None 
             reader.close()
 
 
-def load_psd(path: str | os.PathLike[str], *, workers: int | None = None, groups: str = "keep",
-             merged: bool = False) -> PSDRead:
+def load_psd(
+    path: str | os.PathLike[str], *, workers: int | None = None, groups: str = "keep", merged: bool = False
+) -> PSDRead:
     """Read a PSD into a `PSDRead`: the layer stack, the warnings, and the stored merged image when `merged`."""
     if groups not in GROUP_MODES:
         raise InputError(f"groups must be one of {', '.join(GROUP_MODES)}, got {groups!r}")
@@ -214,8 +218,11 @@ def _load(psd, path: Path, workers: int | None, groups: str, want_merged: bool) 
     notes = _Notes(path)
     rgb = int(psd.color_mode) == 3
     if not rgb:
-        notes("colour mode", f"colour mode {getattr(psd.color_mode, 'name', psd.color_mode)} is not RGB; layers are "
-              f"converted to RGBA by psd-tools")
+        notes(
+            "colour mode",
+            f"colour mode {getattr(psd.color_mode, 'name', psd.color_mode)} is not RGB; layers are "
+            f"converted to RGBA by psd-tools",
+        )
     colors = ColorConverter(psd.depth, rgb, _icc(psd), notes)
     items = list(psd)
     leaves = _leaves(items)
@@ -250,8 +257,14 @@ def _load(psd, path: Path, workers: int | None, groups: str, want_merged: bool) 
             decoded = list(pool.map(pixels, leaves))
     else:
         decoded = [pixels(item) for item in leaves]
-    tree = TreeReader(psd.depth, psd.version, notes, lambda it: _blend_name(it, notes),
-                      {id(it): px for it, px in zip(leaves, decoded)}, groups)
+    tree = TreeReader(
+        psd.depth,
+        psd.version,
+        notes,
+        lambda it: _blend_name(it, notes),
+        {id(it): px for it, px in zip(leaves, decoded)},
+        groups,
+    )
     layers = tree.build(items)
     problem = _merged_problem(psd)
     merged = None
@@ -259,8 +272,11 @@ def _load(psd, path: Path, workers: int | None, groups: str, want_merged: bool) 
         notes("merged image", f"no layer has pixels and {problem}; the document is read as empty")
     elif not any(layer.pixels.size for layer in layers):
         if leaves:
-            notes("no raster layers", f"none of the {len(leaves)} layers has pixels the reader can draw; the stored "
-                  f"merged image is read as one 'Background' layer")
+            notes(
+                "no raster layers",
+                f"none of the {len(leaves)} layers has pixels the reader can draw; the stored "
+                f"merged image is read as one 'Background' layer",
+            )
         else:
             log.info("%s: no layer records (a flat file); the merged image is one 'Background' layer", path)
         merged = _merged_rgba(psd, path, colors, notes)

@@ -99,8 +99,9 @@ def _unicode_block(name: str) -> bytes:
     return b"8BIMluni" + struct.pack(">I", len(data)) + data
 
 
-def _layer_record(rect: tuple[int, int, int, int], lengths: list[int], layer: Layer, name: str, blend_key: str,
-                  layer_id: int) -> bytes:
+def _layer_record(
+    rect: tuple[int, int, int, int], lengths: list[int], layer: Layer, name: str, blend_key: str, layer_id: int
+) -> bytes:
     """One layer record: rectangle (top, left, bottom, right), channel table, blend, opacity, flags, extra data."""
     out = [struct.pack(">4iH", *rect, 4)]
     for cid, length in zip((-1, 0, 1, 2), lengths):
@@ -111,17 +112,29 @@ def _layer_record(rect: tuple[int, int, int, int], lengths: list[int], layer: La
     pas = pascal_name(name)
     pas_field = bytes([len(pas)]) + pas
     pas_field += b"\x00" * (-len(pas_field) % 4)
-    extra = (struct.pack(">I", 0)  # no layer mask
-             + struct.pack(">I", len(_BLENDING_RANGES)) + _BLENDING_RANGES
-             + pas_field + _unicode_block(name)
-             + b"8BIMlyid" + struct.pack(">II", 4, layer_id))
+    extra = (
+        struct.pack(">I", 0)  # no layer mask
+        + struct.pack(">I", len(_BLENDING_RANGES))
+        + _BLENDING_RANGES
+        + pas_field
+        + _unicode_block(name)
+        + b"8BIMlyid"
+        + struct.pack(">II", 4, layer_id)
+    )
     extra += b"\x00" * (len(extra) % 2)
     out.append(struct.pack(">I", len(extra)) + extra)
     return b"".join(out)
 
 
-def _quantize(px: np.ndarray, depth: int, what: str, warn: Callable[[str], None], *, matte: bool = False,
-              pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+def _quantize(
+    px: np.ndarray,
+    depth: int,
+    what: str,
+    warn: Callable[[str], None],
+    *,
+    matte: bool = False,
+    pool: ThreadPoolExecutor | None = None,
+) -> np.ndarray:
     """Float straight RGBA (h, w, 4) -> planar (4, h, w) uint8/uint16, rounded.
 
     Layers get RGB zeroed where alpha is 0. The merged image (`matte`) is stored the way Photoshop stores it
@@ -136,16 +149,18 @@ def _quantize(px: np.ndarray, depth: int, what: str, warn: Callable[[str], None]
         clamped = _quantize_rows(px, planes, 0, h, depth, what, matte)
     else:
         step = -(-h // 16)  # 16 row chunks: enough to keep any small pool busy
-        jobs = [pool.submit(_quantize_rows, px, planes, r, min(h, r + step), depth, what, matte)
-                for r in range(0, h, step)]
+        jobs = [
+            pool.submit(_quantize_rows, px, planes, r, min(h, r + step), depth, what, matte) for r in range(0, h, step)
+        ]
         clamped = any([j.result() for j in jobs])
     if clamped:
         warn(f"{what}: pixel values outside 0..1 were clamped")
     return planes
 
 
-def _quantize_rows(px: np.ndarray, planes: np.ndarray, start: int, stop: int, depth: int, what: str,
-                   matte: bool) -> bool:
+def _quantize_rows(
+    px: np.ndarray, planes: np.ndarray, start: int, stop: int, depth: int, what: str, matte: bool
+) -> bool:
     """Convert rows start..stop of `px` into `planes` in cache-sized bands; True when values were clamped."""
     w = px.shape[1]
     scale = np.float32(255 if depth == 8 else 65535)
@@ -158,8 +173,10 @@ def _quantize_rows(px: np.ndarray, planes: np.ndarray, start: int, stop: int, de
         np.multiply(px[r0:r1], scale, out=t)
         lo, hi = float(t.min()), float(t.max())
         if not (np.isfinite(lo) and np.isfinite(hi)):
-            raise InputError(f"{what}: pixels contain NaN or infinity (rows {r0}..{r1 - 1}); "
-                             "fix the upstream image, e.g. np.nan_to_num, before saving")
+            raise InputError(
+                f"{what}: pixels contain NaN or infinity (rows {r0}..{r1 - 1}); "
+                "fix the upstream image, e.g. np.nan_to_num, before saving"
+            )
         if lo < 0 or hi > scale:
             np.clip(t, 0, scale, out=t)
             clamped = True
@@ -199,7 +216,7 @@ def _encode_layer(layer: Layer, index: int, depth: int, compression: int, warn: 
     rows = np.flatnonzero(alpha.any(axis=1)) if alpha.size else np.zeros(0, np.int64)
     if rows.size == 0:  # fully transparent: a legal 0x0 layer (rule 7)
         return _Encoded(0, 0, 0, 0, _encode_planes(np.zeros((4, 0, 0), planes.dtype), depth, compression))
-    cols = np.flatnonzero(alpha[rows[0]:rows[-1] + 1].any(axis=0))
+    cols = np.flatnonzero(alpha[rows[0] : rows[-1] + 1].any(axis=0))
     t, b, l, r = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
     if (t, b, l, r) != (0, alpha.shape[0], 0, alpha.shape[1]):
         planes = planes[:, t:b, l:r]
@@ -220,13 +237,25 @@ def _image_resources(icc: bytes | None) -> bytes:
     """Resolution (72 dpi), version info (real merged data) and the ICC profile when given."""
 
     def block(rid: int, data: bytes) -> bytes:
-        return b"8BIM" + struct.pack(">H", rid) + b"\x00\x00" + struct.pack(">I", len(data)) + data + \
-            b"\x00" * (len(data) % 2)
+        return (
+            b"8BIM"
+            + struct.pack(">H", rid)
+            + b"\x00\x00"
+            + struct.pack(">I", len(data))
+            + data
+            + b"\x00" * (len(data) % 2)
+        )
 
     res = struct.pack(">IHHIHH", 72 << 16, 1, 1, 72 << 16, 1, 1)
     app = "qil_core".encode("utf-16-be")
-    version = (struct.pack(">IB", 1, 1) + struct.pack(">I", len(app) // 2) + app
-               + struct.pack(">I", len(app) // 2) + app + struct.pack(">I", 1))
+    version = (
+        struct.pack(">IB", 1, 1)
+        + struct.pack(">I", len(app) // 2)
+        + app
+        + struct.pack(">I", len(app) // 2)
+        + app
+        + struct.pack(">I", 1)
+    )
     out = block(0x03ED, res) + block(0x0421, version)
     if icc:
         out += block(0x040F, icc)
@@ -243,21 +272,28 @@ def _validate(stack: LayerStack, depth: int, compression: str, merged: np.ndarra
         raise PSDError(f"compression must be one of {sorted(COMPRESSIONS)}, got {compression!r}")
     w, h = stack.width, stack.height
     if w > MAX_CANVAS_SIDE or h > MAX_CANVAS_SIDE:
-        raise PSDError(f"canvas {w}x{h} px is over {MAX_CANVAS_SIDE} px per side, which needs the large-document "
-                       f"format (PSB) that Photoshop's PSD reader, GIMP 2.10 and ImageMagick refuse; "
-                       f"scale or crop the stack below {MAX_CANVAS_SIDE} px per side")
+        raise PSDError(
+            f"canvas {w}x{h} px is over {MAX_CANVAS_SIDE} px per side, which needs the large-document "
+            f"format (PSB) that Photoshop's PSD reader, GIMP 2.10 and ImageMagick refuse; "
+            f"scale or crop the stack below {MAX_CANVAS_SIDE} px per side"
+        )
     n = len(stack.layers)
     if n == 0:
-        raise PSDError("the stack has no layers, so there is nothing to put in a PSD; add a layer, "
-                       "or save the flat image as PNG")
+        raise PSDError(
+            "the stack has no layers, so there is nothing to put in a PSD; add a layer, or save the flat image as PNG"
+        )
     if n > MAX_LAYERS:
-        raise PSDError(f"the stack has {n} layers; a PSD holds at most {MAX_LAYERS} (Photoshop's limit); "
-                       f"merge or drop layers first")
+        raise PSDError(
+            f"the stack has {n} layers; a PSD holds at most {MAX_LAYERS} (Photoshop's limit); "
+            f"merge or drop layers first"
+        )
     for i, layer in enumerate(stack.layers):
         lh, lw = layer.pixels.shape[:2]
         if lw > MAX_CANVAS_SIDE or lh > MAX_CANVAS_SIDE:
-            raise PSDError(f"layer {i} ({layer.name!r}) is {lw}x{lh} px, over {MAX_CANVAS_SIDE} px per side; "
-                           f"crop it to the canvas first")
+            raise PSDError(
+                f"layer {i} ({layer.name!r}) is {lw}x{lh} px, over {MAX_CANVAS_SIDE} px per side; "
+                f"crop it to the canvas first"
+            )
         if not (-(2**31) <= layer.x and layer.x + lw < 2**31 and -(2**31) <= layer.y and layer.y + lh < 2**31):
             raise PSDError(f"layer {i} ({layer.name!r}) offset ({layer.x}, {layer.y}) does not fit in 32 bits")
         if layer.blend_mode not in PSD_BLEND_KEYS:
@@ -276,9 +312,11 @@ def _check_memory(stack: LayerStack, depth: int) -> None:
     need = px * (16 + 2 * 4 * depth // 8)  # float32 RGBA composite + planar integer copy + encoded data
     avail = _available_memory()
     if avail is not None and need > avail:
-        raise ResourceError(f"writing a {stack.width}x{stack.height} PSD ({px / 1e6:.0f} MP) needs about "
-                            f"{format_bytes(need)} of RAM, {format_bytes(avail)} is available; "
-                            f"use a smaller canvas or free memory")
+        raise ResourceError(
+            f"writing a {stack.width}x{stack.height} PSD ({px / 1e6:.0f} MP) needs about "
+            f"{format_bytes(need)} of RAM, {format_bytes(avail)} is available; "
+            f"use a smaller canvas or free memory"
+        )
 
 
 def _available_memory() -> int | None:
@@ -288,8 +326,14 @@ def _available_memory() -> int | None:
     return available_ram_bytes()
 
 
-def _encoded_in_order(stack: LayerStack, depth: int, compression: int, warn: Callable[[str], None],
-                      pool: ThreadPoolExecutor | None, ahead: int) -> Iterator[_Encoded]:
+def _encoded_in_order(
+    stack: LayerStack,
+    depth: int,
+    compression: int,
+    warn: Callable[[str], None],
+    pool: ThreadPoolExecutor | None,
+    ahead: int,
+) -> Iterator[_Encoded]:
     """Encode layers on the pool, yielding them in order with a bounded number in flight."""
     layers = stack.layers
     if pool is None:
@@ -308,8 +352,9 @@ def _encoded_in_order(stack: LayerStack, depth: int, compression: int, warn: Cal
             fut.cancel()
 
 
-def _merged_pieces(merged: np.ndarray, depth: int, compression: int, warn: Callable[[str], None],
-                   pool: ThreadPoolExecutor | None) -> list[bytes | np.ndarray]:
+def _merged_pieces(
+    merged: np.ndarray, depth: int, compression: int, warn: Callable[[str], None], pool: ThreadPoolExecutor | None
+) -> list[bytes | np.ndarray]:
     """The image-data section: compression, then (RLE) all channels' row tables, then all channels' data."""
     planes = _quantize(np.asarray(merged, np.float32), depth, "merged image", warn, matte=True, pool=pool)
     if compression == 0:
@@ -323,9 +368,18 @@ def _merged_pieces(merged: np.ndarray, depth: int, compression: int, warn: Calla
     return [struct.pack(">H", 1), *(c.astype(">u2") for c, _ in results), *(d for _, d in results)]
 
 
-def write_psd(stack: LayerStack, path: str | os.PathLike[str], *, depth: int = 8, compression: str = "rle",
-              overwrite: bool = False, merged: np.ndarray | None = None, icc_profile: bytes | None = None,
-              workers: int | None = None, verify: bool = False) -> Path:
+def write_psd(
+    stack: LayerStack,
+    path: str | os.PathLike[str],
+    *,
+    depth: int = 8,
+    compression: str = "rle",
+    overwrite: bool = False,
+    merged: np.ndarray | None = None,
+    icc_profile: bytes | None = None,
+    workers: int | None = None,
+    verify: bool = False,
+) -> Path:
     """Write `stack` as a layered RGBA PSD at `path` (atomic, never overwrites unless asked) and return the path.
 
     `merged` (H, W, 4) straight RGBA float is the composite to store; by default it is
@@ -395,7 +449,9 @@ def write_psd(stack: LayerStack, path: str | os.PathLike[str], *, depth: int = 8
 
         problems = lint_psd(tmp, decode=False)
         if problems:
-            raise PSDError(f"the PSD written for {os.fspath(path)!r} failed the structural check ({problems[0]}); "
-                           f"nothing was saved; please report this with the stack that caused it")
+            raise PSDError(
+                f"the PSD written for {os.fspath(path)!r} failed the structural check ({problems[0]}); "
+                f"nothing was saved; please report this with the stack that caused it"
+            )
 
     return atomic_write(path, write, overwrite=overwrite, check=check if verify else None)

@@ -50,8 +50,15 @@ class TransformerConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
-        for name in ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
-                     "num_attention_heads", "joint_attention_dim"):
+        for name in (
+            "patch_size",
+            "in_channels",
+            "out_channels",
+            "num_layers",
+            "attention_head_dim",
+            "num_attention_heads",
+            "joint_attention_dim",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise InputError(f"TransformerConfig.{name} must be a positive int, got {value!r}")
@@ -125,7 +132,7 @@ class TransformerConfig:
         """
         where = f" in {source}" if source else ""
         if shapes and all(k.startswith(COMFY_PREFIX) for k in shapes):
-            shapes = {k[len(COMFY_PREFIX):]: v for k, v in shapes.items()}
+            shapes = {k[len(COMFY_PREFIX) :]: v for k, v in shapes.items()}
         missing = [k for k in _CORE_KEYS if k not in shapes]
         if missing:
             raise ModelMismatchError(
@@ -183,4 +190,3 @@ class TransformerConfig:
         )
         cfg.check_layered(source)
         return cfg
-

@@ -51,8 +51,11 @@ def normalize_img_shapes(img_shapes: Sequence, batch: int | None = None) -> list
 
 def _is_frame(entry: object) -> bool:
     """True for a (frames, hp, wp) triple of ints."""
-    return (isinstance(entry, (tuple, list)) and len(entry) == 3
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in entry))
+    return (
+        isinstance(entry, (tuple, list))
+        and len(entry) == 3
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in entry)
+    )
 
 
 def _centred(n: int) -> torch.Tensor:
@@ -150,4 +153,3 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor | None = 
     else:
         out.copy_(torch.view_as_real(xc * f).flatten(-2))
     return out
-

@@ -50,8 +50,14 @@ class TextEncoderConfig:
     rope_theta: float = 1_000_000.0
 
     def __post_init__(self) -> None:
-        sizes = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                 "num_key_value_heads")
+        sizes = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+        )
         bad = [f"{n}={v}" for n in sizes if not (isinstance(v := getattr(self, n), int) and v > 0)]
         if bad:
             raise InputError(f"TextEncoderConfig needs positive integers, got {', '.join(bad)}")
@@ -125,8 +131,9 @@ class TextEncoderConfig:
         except KeyError as e:
             raise ModelMismatchError(f"config.json is not a Qwen2.5-VL text config (missing field {e})") from e
         except (TypeError, ValueError) as e:
-            raise ModelMismatchError("config.json is not a Qwen2.5-VL text config (a size or rate field is not a "
-                                     "number); re-download it") from e
+            raise ModelMismatchError(
+                "config.json is not a Qwen2.5-VL text config (a size or rate field is not a number); re-download it"
+            ) from e
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every parameter name of `Qwen25TextEncoder` with its shape."""
@@ -134,15 +141,22 @@ class TextEncoderConfig:
         out: dict[str, tuple[int, ...]] = {"embed_tokens.weight": (self.vocab_size, d), "norm.weight": (d,)}
         for n in range(self.num_hidden_layers):
             p = f"layers.{n}."
-            out.update({
-                p + "self_attn.q_proj.weight": (d, d), p + "self_attn.q_proj.bias": (d,),
-                p + "self_attn.k_proj.weight": (kv, d), p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.v_proj.bias": (kv,),
-                p + "self_attn.o_proj.weight": (d, d),
-                p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d),
-                p + "mlp.down_proj.weight": (d, i),
-                p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            })
+            out.update(
+                {
+                    p + "self_attn.q_proj.weight": (d, d),
+                    p + "self_attn.q_proj.bias": (d,),
+                    p + "self_attn.k_proj.weight": (kv, d),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.weight": (kv, d),
+                    p + "self_attn.v_proj.bias": (kv,),
+                    p + "self_attn.o_proj.weight": (d, d),
+                    p + "mlp.gate_proj.weight": (i, d),
+                    p + "mlp.up_proj.weight": (i, d),
+                    p + "mlp.down_proj.weight": (d, i),
+                    p + "input_layernorm.weight": (d,),
+                    p + "post_attention_layernorm.weight": (d,),
+                }
+            )
         return out
 
 
@@ -187,8 +201,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.kv_heads * hd, bias=True)
         self.o_proj = nn.Linear(self.heads * hd, d, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: list[Tensor] | None = None
-                ) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: list[Tensor] | None = None
+    ) -> Tensor:
         """(B, L, D) -> (B, L, D); `mask` is a boolean (B, 1, L, L) keep-mask, or None for plain causal.
 
         `cache` (captioning): a list holding this layer's past rotated keys and values ([] at first); the new ones
@@ -241,8 +256,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = TextEncoderRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = TextEncoderRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: list[Tensor] | None = None
-                ) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, cache: list[Tensor] | None = None
+    ) -> Tensor:
         """(B, L, D) -> (B, L, D); `cache` as in `Attention.forward`."""
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -275,8 +291,9 @@ class Qwen25TextEncoder(nn.Module):
         outputs at padded positions are defined but meaningless.
         """
         if input_ids.ndim != 2 or input_ids.dtype not in (torch.int32, torch.int64) or input_ids.shape[1] == 0:
-            raise InputError(f"input_ids must be a non-empty integer tensor (B, L), got {tuple(input_ids.shape)} "
-                             f"{input_ids.dtype}")
+            raise InputError(
+                f"input_ids must be a non-empty integer tensor (B, L), got {tuple(input_ids.shape)} {input_ids.dtype}"
+            )
         if int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size:
             raise InputError(
                 f"input_ids hold values in [{int(input_ids.min())}, {int(input_ids.max())}], outside the vocabulary "

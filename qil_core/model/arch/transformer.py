@@ -233,8 +233,13 @@ class QwenImageLayeredTransformer(nn.Module):
     ) -> torch.Tensor:
         """Predict the flow velocity [B, S_img, out] for packed image tokens; see `embed_inputs` for the inputs."""
         x = self.embed_inputs(
-            hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep, img_shapes,
-            additional_t_cond, condition,
+            hidden_states,
+            encoder_hidden_states,
+            encoder_hidden_states_mask,
+            timestep,
+            img_shapes,
+            additional_t_cond,
+            condition,
         )
         img, txt = x.img, x.txt
         for i in range(len(self.transformer_blocks)):
@@ -242,7 +247,12 @@ class QwenImageLayeredTransformer(nn.Module):
         return self.project_out(img, x.temb)
 
     def forward_block(
-        self, i: int, img: torch.Tensor, txt: torch.Tensor, temb: torch.Tensor, rope: Rope,
+        self,
+        i: int,
+        img: torch.Tensor,
+        txt: torch.Tensor,
+        temb: torch.Tensor,
+        rope: Rope,
         key_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Run block i on (img [B, S, D], txt [B, L, D]): the step `forward` repeats for every block.
@@ -279,8 +289,11 @@ class QwenImageLayeredTransformer(nn.Module):
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != cfg.in_channels:
             raise InputError(f"hidden_states must be [B, S_img, {cfg.in_channels}], got {tuple(hidden_states.shape)}")
         batch, n_img = hidden_states.shape[:2]
-        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[0] != batch or \
-                encoder_hidden_states.shape[-1] != cfg.joint_attention_dim:
+        if (
+            encoder_hidden_states.ndim != 3
+            or encoder_hidden_states.shape[0] != batch
+            or encoder_hidden_states.shape[-1] != cfg.joint_attention_dim
+        ):
             raise InputError(
                 f"encoder_hidden_states must be [{batch}, L, {cfg.joint_attention_dim}], "
                 f"got {tuple(encoder_hidden_states.shape)}"
@@ -330,9 +343,7 @@ def _drop_text_padding(
     if mask is None:
         return txt, None, None
     if mask.shape != txt.shape[:2]:
-        raise InputError(
-            f"encoder_hidden_states_mask must be [B, L] = {tuple(txt.shape[:2])}, got {tuple(mask.shape)}"
-        )
+        raise InputError(f"encoder_hidden_states_mask must be [B, L] = {tuple(txt.shape[:2])}, got {tuple(mask.shape)}")
     mask = mask.to(device=txt.device, dtype=torch.bool)
     if bool(mask.all()):
         return txt, None, None

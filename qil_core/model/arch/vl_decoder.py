@@ -97,8 +97,9 @@ class CaptionModel(nn.Module):
         where = input_ids.to(x.device) == image_token_id
         count = int(where.sum())
         if image_features.shape[0] != count:
-            raise InputError(f"the prompt holds {count} image placeholders but the image gave "
-                             f"{image_features.shape[0]} features")
+            raise InputError(
+                f"the prompt holds {count} image placeholders but the image gave {image_features.shape[0]} features"
+            )
         x = x.clone()
         x[where] = image_features.to(device=x.device, dtype=x.dtype)
         return x[None]

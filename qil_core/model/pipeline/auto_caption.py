@@ -131,10 +131,11 @@ def caption_inputs_at(
 ) -> list[str]:
     """Captions of images in any input form, each first resized to the processing size of `resolution` as decompose
     does, so a caption equals the one decompose would write for an empty prompt."""
-    from .imaging import bucket_size, check_resolution, prepare_images, resize_rgba
+    from .imaging import bucket_size, prepare_images, resize_rgba
+    from .options import check_size_mode
 
     _, language = check_caption_options(True, language)
-    mode = check_resolution(resolution, max_side)
+    mode, max_side = check_size_mode(resolution, max_side)
     images = [
         resize_rgba(im, bucket_size(im.shape[1], im.shape[0], mode, max_side)) for im in prepare_images(image, mask)
     ]

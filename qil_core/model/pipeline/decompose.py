@@ -10,9 +10,9 @@ Semantics, documented once:
   layers are kept as empty (0x0) layers so the count is always N.
 - Frame 0 (the model's re-prediction of the whole image) is dropped; `keep_composite=True` adds it on top as a
   hidden layer named "Composite (model)".
-- Prompts: one string for all images, or embeddings (B = 1, or one row per image) instead. No prompt (None,
-  "" or blank) encodes the empty/blank prompt with a warning: the reference would auto-caption, which needs
-  the vision tower this pack does not run.
+- Prompts: one string for all images, or embeddings (B = 1, or one row per image) instead. A prompt that is
+  None, "" or " " is replaced per image by the Qwen2.5-VL caption of the resized input (auto_caption, as the
+  reference; `metadata["caption"]`); with auto_caption off, or another blank, the blank is encoded with a warning.
 - True CFG runs only when cfg > 1 and a negative (string or embeddings) is given, as in the reference.
 - Seeds are taken modulo 2**64. A batch of images of one processing size draws its noise as one
   (B, N+1, 16, h, w) tensor like the reference, so image b gets the reference's noise slice b; images of
@@ -21,22 +21,28 @@ Semantics, documented once:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 import numpy as np
 import torch
 
 from ...errors import InputError
 from ...layers.composite import paste_layer
+from ...layers.fullres import upsample_stack
+from ...layers.recompose import recompose_exact, snap_alpha
 from ...layers.stack import Layer, LayerStack
-from ...layers.transform import resize_stack
+from ...options import Options, specs
+from ..arch.text_encoder import Qwen25TextEncoder
+from ..arch.transformer import QwenImageLayeredTransformer
+from ..arch.vae import RGBAVAE
 from ..loader import QwenLayeredModel
-from ..runtime import vae_tiling
 from ..runtime.placement import Placement, ResidentPlacement
 from . import checks as chk
-from .auto_caption import caption_images, check_caption_options, conditions_per_caption, wants_caption
+from .auto_caption import caption_images, conditions_per_caption, wants_caption
 from .denoise import (
     LATENT_CHANNELS,
     Guidance,
@@ -52,20 +58,29 @@ from .imaging import (
     bucket_size,
     check_image_size,
     check_output_size,
-    check_resolution,
     image_sizes,
     pack_latents,
     prepare_images,
     resize_rgba,
     unpack_latents,
 )
-from .prompt import DEFAULT_MAX_SEQUENCE_LENGTH, encode_prompts
-from .scheduler import calculate_mu, get_sigmas
+from .options import (
+    T2L_MULTIPLE,
+    DecomposeLayerOptions,
+    DecomposeOptions,
+    SamplingOptions,
+    TextToLayersOptions,
+    check_size_mode,
+)
+from .prompt import encode_prompts
+from .sampler_options import SamplerOptions, check_options, schedule_for
 
 logger = logging.getLogger(__name__)
 
 Callback = Callable[[int, int], None]
+O = TypeVar("O", bound=Options)
 COMPOSITE_NAME = "Composite (model)"
+EXTRACTED_NAME = "Extracted layer"  # decompose(extract=True): the one frame of a single-layer extraction fine-tune
 
 
 def layer_names(n: int) -> list[str]:
@@ -74,35 +89,52 @@ def layer_names(n: int) -> list[str]:
 
 
 def _conditions(
-    model: QwenLayeredModel, placement: Placement, count: int, prompt: Any, negative_prompt: Any, embeds: Any,
-    mask: Any, neg_embeds: Any, neg_mask: Any, cfg: float, max_len: int,
+    model: QwenLayeredModel, job: _Job, count: int, opts: SamplingOptions
 ) -> tuple[list[TextCond], list[TextCond] | None]:
     """Positive condition per image and, when true CFG is on, the negative per image (on placement.device)."""
     width = model.transformer.config.joint_attention_dim
-    prompt = chk.check_prompt("prompt", prompt)
-    negative_prompt = chk.check_prompt("negative_prompt", negative_prompt)
+    placement, cfg, given = job.placement, opts.cfg, job.inputs
+    prompt, negative_prompt, embeds, neg_embeds = (
+        opts.prompt,
+        opts.negative_prompt,
+        given.prompt_embeds,
+        given.negative_embeds,
+    )
     if prompt is not None and embeds is not None:
         raise InputError("pass either prompt or prompt_embeds, not both")
     has_negative = negative_prompt is not None or neg_embeds is not None
     guided = cfg > 1 and has_negative
     if cfg > 1 and not has_negative:
         logger.warning("cfg is %g but no negative prompt or embeddings were given: guidance is off", cfg)
-    strings = []
+    strings: list[str] = []
     if embeds is None and (prompt is None or not prompt.strip()):
-        logger.warning("no prompt given: encoding %r as the prompt. The model works best with a caption of the whole "
-                       "image (auto_caption writes one with the model's Qwen2.5-VL)", prompt or "")
+        logger.warning(
+            "no prompt given: encoding %r as the prompt. The model works best with a caption of the whole "
+            "image (auto_caption writes one with the model's Qwen2.5-VL)",
+            prompt or "",
+        )
         prompt = prompt or ""
     if embeds is None:
-        strings.append(prompt)
+        strings.append(prompt or "")
     if guided and neg_embeds is None:
-        strings.append(negative_prompt)
-    encoded = _encode_strings(model, placement, strings, max_len) if strings else {}
-    pos = _rows(encoded[prompt] if embeds is None else chk.check_embeds("prompt_embeds", embeds, mask, width, count),
-                count, placement.device)
+        strings.append(negative_prompt or "")  # not None here: a negative was given
+    encoded = _encode_strings(model, placement, strings, opts.max_sequence_length) if strings else {}
+    pos = _rows(
+        encoded[prompt]
+        if embeds is None
+        else chk.check_embeds("prompt_embeds", embeds, given.prompt_mask, width, count),
+        count,
+        placement.device,
+    )
     if not guided:
         return pos, None
-    neg = _rows(encoded[negative_prompt] if neg_embeds is None else
-                chk.check_embeds("negative_embeds", neg_embeds, neg_mask, width, count), count, placement.device)
+    neg = _rows(
+        encoded[negative_prompt]
+        if neg_embeds is None
+        else chk.check_embeds("negative_embeds", neg_embeds, given.negative_mask, width, count),
+        count,
+        placement.device,
+    )
     return pos, neg
 
 
@@ -113,11 +145,14 @@ def _encode_strings(model: QwenLayeredModel, placement: Placement, strings: list
             "this model has no text encoder, so prompt strings cannot be encoded: load the Qwen2.5-VL text encoder "
             "with the model, or pass prompt_embeds (and negative_embeds, or negative_prompt=None to turn CFG off)"
         )
+    text_encoder, tokenizer = model.text_encoder, model.tokenizer
+    if text_encoder is None or tokenizer is None:  # can_encode_prompts said both are there
+        raise InputError("this model has no text encoder or tokenizer; load them with the model")
     out = {}
-    with placement.use("text_encoder", model.text_encoder) as te:  # type: ignore[arg-type]
+    with placement.use("text_encoder", text_encoder) as te:
         for s in dict.fromkeys(strings):
-            out[s] = encode_prompts(te, model.tokenizer, s, max_sequence_length=max_len)  # type: ignore[arg-type]
-    placement.release("text_encoder", model.text_encoder)  # type: ignore[arg-type]
+            out[s] = encode_prompts(cast(Qwen25TextEncoder, te), tokenizer, s, max_sequence_length=max_len)
+    placement.release("text_encoder", text_encoder)
     return out
 
 
@@ -132,8 +167,9 @@ def _rows(pair: tuple[torch.Tensor, torch.Tensor | None], count: int, device: to
     return out
 
 
-def _noise(noise: Any, shapes: list[tuple[int, int, int]], seed: int, dtype: torch.dtype,
-           generator_device: torch.device) -> list[torch.Tensor]:
+def _noise(
+    noise: Any, shapes: list[tuple[int, int, int]], seed: int, dtype: torch.dtype, generator_device: torch.device
+) -> list[torch.Tensor]:
     """Initial noise per image: the given tensor(s) (B or per-image (1, F, 16, h, w)), or drawn from `seed`."""
     if noise is None:
         return draw_noise(shapes, seed, dtype, generator_device)
@@ -159,43 +195,52 @@ def _progress(callback: Callback | None, total: int) -> Callable[[], None]:
 
 
 def _run(
-    model: QwenLayeredModel, placement: Placement, inputs: list[np.ndarray | None], sizes: list[tuple[int, int]],
-    layers: int, steps: int, cfg: float, cfg_normalize: bool, seed: int, cfg_batch: bool | str,
-    callback: Callback | None, generator_device: torch.device, noise: Any, text: tuple, keep_composite: bool,
-    vae_tile: int | None = None,
+    model: QwenLayeredModel,
+    job: _Job,
+    opts: SamplingOptions,
+    inputs: list[np.ndarray | None],
+    sizes: list[tuple[int, int]],
+    text: tuple,
+    keep_composite: bool,
 ) -> list[list[np.ndarray]]:
     """Sample and decode every image; returns per image the RGBA float frames 1..N (+ frame 0 last if kept).
 
     `inputs[b]` is the processing-size RGBA uint8 condition image, or None for text-to-layers.
     """
     pos, neg = text
+    placement, layers, steps, vae_tile = job.placement, opts.layers, job_steps(job, opts), opts.vae_tile
+    if keep_composite and getattr(opts, "extract", False):
+        layers = 0  # extraction: frame 0 is the only frame
     device = placement.device
     dtype = pos[0].embeds.dtype  # the reference runs the state in the embeddings' dtype
     grids = [latent_grid(w, h) for w, h in sizes]
-    noises = _noise(noise, [(layers + 1, h, w) for h, w in grids], seed, dtype, generator_device)
-    step = _progress(callback, steps * len(sizes))
+    noises = _noise(job.inputs.noise, [(layers + 1, h, w) for h, w in grids], opts.seed, dtype, job.generator_device)
+    step = _progress(job.inputs.callback, steps * len(sizes))
     finals = []
     with torch.inference_mode():
         conds: list[torch.Tensor | None] = [None] * len(inputs)
         if any(im is not None for im in inputs):
-            with placement.use("vae", model.vae) as vae:
-                conds = [None if im is None else encode_condition(vae, im, dtype, device, vae_tile)
-                         for im in inputs]
-        with placement.use("transformer", model.transformer) as dit:
+            with placement.use("vae", model.vae) as used:
+                vae = cast(RGBAVAE, used)
+                conds = [None if im is None else encode_condition(vae, im, dtype, device, vae_tile) for im in inputs]
+        with placement.use("transformer", model.transformer) as used:
+            dit = cast(QwenImageLayeredTransformer, used)
             for b, (h, w) in enumerate(grids):
                 hp, wp = h // 2, w // 2
                 shapes = [(1, hp, wp)] * (layers + 1) + ([(1, hp, wp)] if conds[b] is not None else [])
-                sigmas = get_sigmas(steps, calculate_mu(hp * wp))
-                guidance = None if neg is None else Guidance(neg[b], cfg, cfg_normalize)
+                sigmas = schedule_for(job.inputs.sampler, steps, hp * wp)
+                guidance = None if neg is None else Guidance(neg[b], opts.cfg, opts.cfg_normalize)
                 tokens = sum(f * y * x for f, y, x in shapes) + pos[b].embeds.shape[1]
-                batched = guidance is not None and choose_cfg_batch(cfg_batch, dit, tokens, dtype, device)
+                batched = guidance is not None and choose_cfg_batch(opts.cfg_batch, dit, tokens, dtype, device)
                 x = pack_latents(noises[b].to(device))  # (1, (N+1)*hp*wp, 64)
-                finals.append(denoise(dit, x, conds[b], shapes, pos[b], guidance, sigmas, cfg_batch=batched,
-                                      on_step=step))
+                finals.append(
+                    denoise(dit, x, conds[b], shapes, pos[b], guidance, sigmas, cfg_batch=batched, on_step=step)
+                )
         placement.release("transformer", model.transformer)
         frames = list(range(1, layers + 1)) + ([0] if keep_composite else [])
         out = []
-        with placement.use("vae", model.vae) as vae:
+        with placement.use("vae", model.vae) as used:
+            vae = cast(RGBAVAE, used)
             for b, (h, w) in enumerate(grids):
                 z = unpack_latents(finals[b], layers + 1, h, w)[0]  # (N+1, 16, h, w)
                 out.append(decode_frames(vae, z, frames, vae_tile))
@@ -211,137 +256,171 @@ def _stack(frames: list[np.ndarray], size: tuple[int, int], layers: int, names: 
     return LayerStack(size[0], size[1], out)
 
 
-def _common(model: Any, layers: Any, steps: Any, cfg: Any, seed: Any, cfg_batch: Any, generator_device: Any,
-            placement: Placement | None) -> tuple:
-    """Validate the parameters every pipeline shares."""
-    model = chk.check_model(model)
-    return (model, chk.check_layers(layers), chk.check_steps(steps), chk.check_cfg(cfg), chk.check_seed(seed),
-            chk.check_cfg_batch(cfg_batch), chk.check_device(generator_device),
-            placement if placement is not None else ResidentPlacement(model.device, model.dtype))
+@dataclass(frozen=True)
+class JobInputs:
+    """What a job takes besides its options: prompt embeddings instead of strings, fixed noise, and the hooks.
+
+    `placement` decides where components live (default: all resident on model.device); `callback(step, total)`
+    is called after every denoising step; `noise` overrides the seeded noise; `generator_device` draws it.
+    """
+
+    prompt_embeds: torch.Tensor | None = None
+    prompt_mask: torch.Tensor | None = None
+    negative_embeds: torch.Tensor | None = None
+    negative_mask: torch.Tensor | None = None
+    noise: torch.Tensor | Sequence[torch.Tensor] | None = None
+    placement: Placement | None = None
+    callback: Callback | None = None
+    generator_device: torch.device | str = "cpu"
+    sampler: SamplerOptions | None = None  # the noise schedule for LoRAs/fine-tunes trained for another one
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The checked run state every pipeline shares."""
+
+    inputs: JobInputs
+    placement: Placement
+    generator_device: torch.device
+
+
+def _job(model: QwenLayeredModel, inputs: JobInputs) -> _Job:
+    check_options(inputs.sampler)
+    placement = inputs.placement if inputs.placement is not None else ResidentPlacement(model.device, model.dtype)
+    return _Job(inputs, placement, chk.check_device(inputs.generator_device))
+
+
+def job_steps(job: _Job, opts: SamplingOptions) -> int:
+    """The number of denoising steps: that of custom sigmas when the sampler options give them, else opts.steps."""
+    return job.inputs.sampler.resolve_steps(opts.steps) if job.inputs.sampler is not None else opts.steps
+
+
+def split_options(cls: type[O], options: O | None, kw: dict[str, Any]) -> tuple[O, JobInputs]:
+    """Keyword arguments -> (options of `cls`, JobInputs): option names go to the options (over `options` when
+    given), the rest to JobInputs (an unknown name is a TypeError, as for any Python call)."""
+    names = {f.name for f, _ in specs(cls)}
+    given = {k: kw.pop(k) for k in list(kw) if k in names}
+    if options is None:
+        opts = cls(**given)
+    elif not isinstance(options, cls):
+        raise InputError(f"options must be a {cls.__name__}, got {type(options).__name__}")
+    else:
+        opts = options.changed(**given) if given else options
+    return opts, JobInputs(**kw)
 
 
 def decompose(
-    model: QwenLayeredModel,
-    image: Any,
-    *,
-    mask: Any = None,
-    prompt: str | None = None,
-    negative_prompt: str | None = " ",
-    prompt_embeds: torch.Tensor | None = None,
-    prompt_mask: torch.Tensor | None = None,
-    negative_embeds: torch.Tensor | None = None,
-    negative_mask: torch.Tensor | None = None,
-    layers: int = 4,
-    steps: int = 50,
-    cfg: float = 4.0,
-    cfg_normalize: bool = True,
-    seed: int = 0,
-    resolution: int | str = 640,
-    max_side: int | None = None,
-    output_size: str = "processing",
-    cfg_batch: bool | str = "auto",
-    placement: Placement | None = None,
-    callback: Callback | None = None,
-    generator_device: torch.device | str = "cpu",
-    noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-    keep_composite: bool = False,
-    vae_tile: int | None = None,
-    auto_caption: bool = True,
-    caption_language: str = "en",
+    model: QwenLayeredModel, image: Any, *, mask: Any = None, options: DecomposeOptions | None = None, **kw: Any
 ) -> list[LayerStack]:
     """Decompose each image (IMAGE [B,H,W,C], array, PIL or a list) into N RGBA layers; one LayerStack per image.
 
-    Images are resized to the resolution bucket (640/1024 area, or "custom" with max_side) as the reference
-    does; `output_size="original"` maps the layers back to each input's size with premultiplied Lanczos.
-    `mask` (ComfyUI MASK, 1 = transparent) replaces the input alpha; `noise` overrides the seeded noise.
-    `vae_tile` (pixels, e.g. 512) encodes and decodes in overlapping tiles to bound VAE memory on large images.
-    `auto_caption` (default on, as the reference): a prompt that is None, "" or " " is replaced, per image, by
-    the Qwen2.5-VL caption of the resized input in `caption_language` ("en"/"zh"); it is logged and returned as
-    each LayerStack's `caption`.
+    Keywords: any `DecomposeOptions` field (layers, steps, cfg, seed, resolution, max_side, output_size, ...),
+    applied over `options` when both are given, and any `JobInputs` field (prompt_embeds, noise, placement,
+    callback, ...). Images are resized to the resolution bucket (640/1024 area, or "custom" with max_side) as the
+    reference does; `output_size="original"` maps the layers back to each input's size, alpha upsampled
+    edge-aware guided by the input (layers.fullres). `mask` (ComfyUI MASK, 1 = transparent) replaces the input
+    alpha. `recompose` "exact" folds the difference between the input and the layers' composite into the layers'
+    colours (alpha unchanged; layers.recompose), "model" keeps the model's colours; "auto" (default): exact for
+    output_size "original", model for "processing" (the model's own output, comparable with the reference). The
+    residual report goes to the log and to `stack.metadata["recompose"]`.
     """
-    model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
-        model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
-    vae_tile = vae_tiling.check_tile(vae_tile)
-    mode = check_resolution(resolution, max_side)
-    output_size = chk.check_output_mode(output_size)
+    model = chk.check_model(model)
+    opts, given = split_options(DecomposeOptions, options, kw)
+    return run_decompose(model, image, opts, given, mask=mask)
+
+
+def run_decompose(
+    model: QwenLayeredModel, image: Any, opts: DecomposeOptions, given: JobInputs, mask: Any = None
+) -> list[LayerStack]:
+    """`decompose` with its options object and inputs already split."""
+    model = chk.check_model(model)
+    job = _job(model, given)
+    layers, keep = opts.layers, opts.keep_composite
+    if opts.extract:
+        layers, keep = 0, True  # one frame, returned as the extracted layer
+    mode, max_side = check_size_mode(opts.resolution, opts.max_side)
+    recompose = "model" if opts.extract else opts.recompose_mode()  # one extracted layer is not the picture
     images = prepare_images(image, mask)
     originals = image_sizes(images)
     for i, (w, h) in enumerate(originals):
         check_image_size(w, h, f"image {i}" if len(images) > 1 else "image")
     sizes = [bucket_size(w, h, mode, max_side) for w, h in originals]
-    if output_size == "original":
+    if opts.output_size == "original":
         big = max(originals, key=lambda s: s[0] * s[1])
-        check_output_size(layers + keep_composite, big[0], big[1], len(images))
-    auto, language = check_caption_options(auto_caption, caption_language)
+        check_output_size(layers + keep, big[0], big[1], len(images))
     inputs: list[np.ndarray | None] = [resize_rgba(im, s) for im, s in zip(images, sizes, strict=True)]
-    del images  # the full-size inputs are no longer needed
-    captions = (caption_images(model, placement, [x for x in inputs if x is not None], language=language)
-                if wants_caption(prompt, prompt_embeds, auto) else None)
-    text = _conditions(model, placement, len(inputs), prompt, negative_prompt, prompt_embeds, prompt_mask,
-                       negative_embeds, negative_mask, cfg, max_sequence_length) if captions is None else (
-        conditions_per_caption(captions, lambda c: _conditions(
-            model, placement, 1, c, negative_prompt, None, None, negative_embeds, negative_mask, cfg,
-            max_sequence_length)))
-    logger.info("decomposing %d image(s) into %d layers at %s, %d steps, cfg %g%s, seed %d", len(inputs), layers,
-                ", ".join(f"{w}x{h}" for w, h in sizes), steps, cfg, " (normalized)" if cfg_normalize else "", seed)
-    frames = _run(model, placement, inputs, sizes, layers, steps, cfg, cfg_normalize, seed, cfg_batch, callback,
-                  gen_dev, noise, text, keep_composite, vae_tile)
+    captions = (
+        caption_images(model, job.placement, [x for x in inputs if x is not None], language=opts.caption_language)
+        if wants_caption(opts.prompt, given.prompt_embeds, opts.auto_caption)
+        else None
+    )
+    text = (
+        _conditions(model, job, len(images), opts)
+        if captions is None
+        else conditions_per_caption(captions, lambda c: _conditions(model, job, 1, dataclasses.replace(opts, prompt=c)))
+    )
+    if opts.output_size != "original":
+        del images  # the full-size inputs are no longer needed
+    logger.info(
+        "decomposing %d image(s) into %d layers at %s, %d steps, cfg %g%s, seed %d",
+        len(inputs),
+        layers,
+        ", ".join(f"{w}x{h}" for w, h in sizes),
+        opts.steps,
+        opts.cfg,
+        " (normalized)" if opts.cfg_normalize else "",
+        opts.seed,
+    )
+    frames = _run(model, job, opts, inputs, sizes, text, keep)
     stacks = []
-    for f, size, orig in zip(frames, sizes, originals, strict=True):
-        stack = _stack(f, size, layers, layer_names(layers))
-        if output_size == "original" and orig != size:
-            stack = resize_stack(stack, orig[0], orig[1], "lanczos")
-        stack.caption = captions[len(stacks)] if captions is not None else None
+    for b, (f, size, orig) in enumerate(zip(frames, sizes, originals, strict=True)):
+        stack = (
+            LayerStack(size[0], size[1], [Layer.from_canvas(f[0], name=EXTRACTED_NAME)])
+            if opts.extract
+            else _stack(f, size, layers, layer_names(layers))
+        )
+        target = images[b] if opts.output_size == "original" else inputs[b]
+        assert target is not None  # decompose always has an input image
+        if opts.output_size == "original" and orig != size:
+            stack = upsample_stack(stack, images[b])
+        if recompose == "exact":
+            stack, report = recompose_exact(stack, target, f"image {b}" if len(frames) > 1 else "the image")
+            stack.metadata["recompose"] = report.as_dict()
+        if captions is not None:
+            stack.metadata["caption"] = captions[b]
         stacks.append(stack)
     return stacks
 
 
 def text_to_layers(
-    model: QwenLayeredModel,
-    prompt: str | None = None,
-    *,
-    width: int = 640,
-    height: int = 640,
-    negative_prompt: str | None = " ",
-    prompt_embeds: torch.Tensor | None = None,
-    prompt_mask: torch.Tensor | None = None,
-    negative_embeds: torch.Tensor | None = None,
-    negative_mask: torch.Tensor | None = None,
-    layers: int = 4,
-    steps: int = 50,
-    cfg: float = 4.0,
-    cfg_normalize: bool = True,
-    seed: int = 0,
-    cfg_batch: bool | str = "auto",
-    placement: Placement | None = None,
-    callback: Callback | None = None,
-    generator_device: torch.device | str = "cpu",
-    noise: torch.Tensor | Sequence[torch.Tensor] | None = None,
-    max_sequence_length: int = DEFAULT_MAX_SEQUENCE_LENGTH,
-    keep_composite: bool = False,
-    vae_tile: int | None = None,
+    model: QwenLayeredModel, prompt: str | None = None, *, options: TextToLayersOptions | None = None, **kw: Any
 ) -> LayerStack:
     """Generate N RGBA layers (plus the composite frame, dropped unless kept) from a prompt, with no input image.
 
+    Keywords: any `TextToLayersOptions` field (width, height, layers, steps, ...) and any `JobInputs` field.
     The noisy frames 0..N are the only image tokens (no condition segment, as ComfyUI's text-to-layers graph
     without a ReferenceLatent); RoPE frame ids are 0..N and the text starts at max(hp/2, wp/2, N+1), the
     decomposition's rule with the condition left out (equal to ComfyUI's floor(max(hp, wp)/2) unless N+1 is
     larger). mu uses the tokens of one frame. Sides are rounded to multiples of 16 (64..4096 px).
     """
-    model, layers, steps, cfg, seed, cfg_batch, gen_dev, placement = _common(
-        model, layers, steps, cfg, seed, cfg_batch, generator_device, placement)
-    vae_tile = vae_tiling.check_tile(vae_tile)
-    w0 = chk.check_int("width", width, 64, 4096)
-    h0 = chk.check_int("height", height, 64, 4096)
-    size = (max(16, round(w0 / 16) * 16), max(16, round(h0 / 16) * 16))
+    model = chk.check_model(model)
+    if prompt is not None:
+        kw["prompt"] = prompt
+    opts, given = split_options(TextToLayersOptions, options, kw)
+    return run_text_to_layers(model, opts, given)
+
+
+def run_text_to_layers(model: QwenLayeredModel, opts: TextToLayersOptions, given: JobInputs) -> LayerStack:
+    """`text_to_layers` with its options object and inputs already split."""
+    model = chk.check_model(model)
+    job = _job(model, given)
+    w0, h0 = opts.width, opts.height
+    size = (max(16, round(w0 / T2L_MULTIPLE) * T2L_MULTIPLE), max(16, round(h0 / T2L_MULTIPLE) * T2L_MULTIPLE))
     if size != (w0, h0):
         logger.info("text_to_layers: size %dx%d rounded to %dx%d (multiples of 16)", w0, h0, *size)
-    text = _conditions(model, placement, 1, prompt, negative_prompt, prompt_embeds, prompt_mask, negative_embeds,
-                       negative_mask, cfg, max_sequence_length)
-    frames = _run(model, placement, [None], [size], layers, steps, cfg, cfg_normalize, seed, cfg_batch, callback,
-                  gen_dev, noise, text, keep_composite, vae_tile)
-    return _stack(frames[0], size, layers, layer_names(layers))
+    text = _conditions(model, job, 1, opts)
+    frames = _run(model, job, opts, [None], [size], text, opts.keep_composite)
+    return _stack(frames[0], size, opts.layers, layer_names(opts.layers))
 
 
 def decompose_layer(
@@ -349,41 +428,69 @@ def decompose_layer(
     stack: LayerStack,
     index: int | str,
     *,
-    layers: int = 2,
-    **options: Any,
+    options: DecomposeLayerOptions | None = None,
+    **kw: Any,
 ) -> LayerStack:
     """Decompose one layer of `stack` into `layers` sub-layers and splice them in its place (bottom first).
 
     The layer's pixels (with its alpha) are the input; the result is mapped back to the layer's own size and
     offset. Each sub-layer's alpha is clipped to the parent's alpha (min): no sub-layer paints where the parent
     is transparent or more opaque than it (multiplying instead would fade the parent's soft edges twice, since
-    the model already reproduces them). Sub-layers inherit opacity, blend mode and visibility and are named
-    "<parent> / 1" (bottom) .. "<parent> / N". Accepts decompose's keyword options except output_size.
+    the model already reproduces them). With recompose "exact" (the default) the sub-layers' colours are then
+    folded so that, composited normally among themselves, they show the parent's colour wherever they are
+    visible (report in `metadata["recompose_split"][parent name]`). Sub-layers inherit opacity, blend mode and
+    visibility and are named "<parent> / 1" (bottom) .. "<parent> / N". Keywords: any `DecomposeLayerOptions`
+    field (layers, default 2; steps, cfg, resolution, recompose, ...) and any `JobInputs` field, as for `decompose`.
     """
     if not isinstance(stack, LayerStack):
         raise InputError(f"stack must be a LayerStack, got {type(stack).__name__}")
-    if {"output_size", "image", "mask", "keep_composite"} & set(options):
-        raise InputError("decompose_layer takes the layer from the stack; do not pass image, mask, output_size or "
-                         "keep_composite")
-    chk.check_model(model)
+    if {"output_size", "image", "mask", "keep_composite"} & set(kw):
+        raise InputError(
+            "decompose_layer takes the layer from the stack; do not pass image, mask, output_size or keep_composite"
+        )
+    model = chk.check_model(model)
+    opts, given = split_options(DecomposeLayerOptions, options, kw)
+    return run_decompose_layer(model, stack, index, opts, given)
+
+
+def run_decompose_layer(
+    model: QwenLayeredModel, stack: LayerStack, index: int | str, opts: DecomposeLayerOptions, given: JobInputs
+) -> LayerStack:
+    """`decompose_layer` with its options object and inputs already split."""
     i = stack.index_of(index)
     parent = stack.layers[i]
     if parent.is_empty:
         raise InputError(f"layer {i} ({parent.name!r}) is fully transparent; there is nothing to decompose")
     parent = parent.cropped()
     block, (ox, oy) = _pad_block(parent.pixels)
-    sub = decompose(model, block, layers=layers, output_size="original", **options)[0]
+    whole = DecomposeOptions(
+        **{k: v for k, v in opts.values().items() if k != "recompose"}, output_size="original", recompose="model"
+    )
+    sub = run_decompose(model, block, whole, given)[0]
+    if opts.recompose == "exact":
+        sub = snap_alpha(sub)  # before the clip below, so that no sub-layer ends up more opaque than the parent
     limit = np.zeros(block.shape[:2], np.float32)  # the parent's alpha on the padded block
     limit[oy : oy + parent.height, ox : ox + parent.width] = parent.alpha
-    new_layers = []
+    cuts = []
     for n, layer in enumerate(sub.layers, 1):
         px = paste_layer(np.zeros_like(block), layer)  # (H, W, 4) on the block
         px[..., 3] = np.minimum(px[..., 3], limit)
-        cut = Layer.from_canvas(px, name=f"{parent.name} / {n}", visible=parent.visible)
-        new_layers.append(cut.replace(x=cut.x + parent.x - ox, y=cut.y + parent.y - oy, opacity=parent.opacity,
-                                      blend_mode=parent.blend_mode))
-    out = stack.replace(caption=sub.caption)
-    out.layers[i : i + 1] = new_layers
+        cuts.append(Layer.from_canvas(px, name=f"{parent.name} / {n}", visible=parent.visible))
+    out = stack.replace()
+    if "caption" in sub.metadata:
+        out.metadata["caption"] = sub.metadata["caption"]
+    if opts.recompose == "exact":  # folded as a plain normal-mode group on the block, before the parent's properties
+        group, report = recompose_exact(
+            LayerStack(block.shape[1], block.shape[0], cuts), block, f"layer {i} ({parent.name!r})", snap=False
+        )
+        cuts = group.layers
+        out.metadata["recompose_split"] = {**out.metadata.get("recompose_split", {}), parent.name: report.as_dict()}
+    out.layers[i : i + 1] = [
+        cut.replace(
+            x=cut.x + parent.x - ox, y=cut.y + parent.y - oy, opacity=parent.opacity, blend_mode=parent.blend_mode
+        )
+        for cut in cuts
+    ]
     return out
 
 

@@ -88,9 +88,7 @@ def encode_condition(
     return pack_latents(z[:, None]).to(dtype)  # (1, 1, 16, h, w) -> (1, hp*wp, 64)
 
 
-def decode_frames(
-    vae: RGBAVAE, latents: Tensor, frames: Sequence[int], tile: int | None = None
-) -> list[np.ndarray]:
+def decode_frames(vae: RGBAVAE, latents: Tensor, frames: Sequence[int], tile: int | None = None) -> list[np.ndarray]:
     """Normalised latents (F, 16, h, w) -> straight RGBA float32 (H, W, 4) for each frame in `frames`, one at a time.
 
     `tile` (pixels) decodes each frame in overlapping tiles (vae_tiling) to bound memory on large outputs.
@@ -126,22 +124,31 @@ def batch_text(a: TextCond, b: TextCond) -> TextCond:
         n = c.embeds.shape[1]
         pad = c.embeds.new_zeros((1, length - n, c.embeds.shape[2]))
         rows.append(torch.cat([c.embeds, pad], dim=1))
-        valid = c.mask.to(torch.long) if c.mask is not None else torch.ones((1, n), dtype=torch.long,
-                                                                              device=c.embeds.device)
+        valid = (
+            c.mask.to(torch.long)
+            if c.mask is not None
+            else torch.ones((1, n), dtype=torch.long, device=c.embeds.device)
+        )
         masks.append(torch.cat([valid, valid.new_zeros((1, length - n))], dim=1))
     mask = torch.cat(masks, dim=0)  # (2, L)
     return TextCond(torch.cat(rows, dim=0), None if bool(mask.all()) else mask)
 
 
-def choose_cfg_batch(cfg_batch: bool | str, dit: QwenImageLayeredTransformer, tokens: int, dtype: torch.dtype,
-                     device: torch.device) -> bool:
+def choose_cfg_batch(
+    cfg_batch: bool | str, dit: QwenImageLayeredTransformer, tokens: int, dtype: torch.dtype, device: torch.device
+) -> bool:
     """Resolve cfg_batch: True/False as given; "auto" batches when the device has room for a second sample."""
     if cfg_batch != "auto":
         return bool(cfg_batch)
     free = available_device_memory(device)
     # Quantised layers (any format) are dequantised one at a time: the largest one's temporaries come on top.
-    use = cfg_batch_fits(tokens, free_device_bytes=free, width=dit.config.inner_dim, dtype=dtype,
-                         transient_bytes=dequant_transient_bytes(dit, dtype))
+    use = cfg_batch_fits(
+        tokens,
+        free_device_bytes=free,
+        width=dit.config.inner_dim,
+        dtype=dtype,
+        transient_bytes=dequant_transient_bytes(dit, dtype),
+    )
     logger.debug("cfg_batch auto: %s (free %s, %d tokens)", use, free, tokens)
     return use
 

@@ -27,15 +27,12 @@ from ...layers.document import mask_to_alpha
 from ...layers.image_file import pil_array
 from ...layers.stack import MAX_CANVAS_SIDE
 from ..runtime.memory import available_ram, format_bytes
+from .options import CUSTOM, SIDE_MULTIPLE, check_size_mode
 
 logger = logging.getLogger(__name__)
 
-RESOLUTIONS = (640, 1024)  # the reference's area buckets (640x640 and 1024x1024 pixels of area)
-CUSTOM = "custom"  # longest side given by the caller, both sides multiples of 32
 MIN_INPUT_SIDE = 32  # below this an image carries too little to decompose (robustness D4)
 MAX_ASPECT = 8.0  # beyond 8:1 the buckets give slivers; at ~1600:1 the reference rounds a side to 0 (D5)
-MIN_CUSTOM_SIDE, MAX_CUSTOM_SIDE = 64, 4096
-SIDE_MULTIPLE = 32  # bucket sides are multiples of 32 (8x VAE x 2x2 patches x the reference's rounding)
 _CHUNK_PIXELS = 1 << 22  # rows converted per chunk: bounds temporaries of huge inputs to ~64 MB
 _CONSTANT_SPREAD = 3 / 255  # D9: a 1..99 percentile spread below this is "almost constant"
 
@@ -180,33 +177,14 @@ def warn_if_constant(rgba: np.ndarray, what: str = "image") -> bool:
         logger.warning(
             "%s is almost constant (RGBA about %s); check that it loaded correctly - 16-bit PNGs through "
             "ComfyUI's LoadImage arrive clipped to white. The decomposition of a flat image is not meaningful.",
-            what, tuple(round(float(v), 3) for v in (lo + hi) / 2),
+            what,
+            tuple(round(float(v), 3) for v in (lo + hi) / 2),
         )
         return True
     return False
 
 
 # --- sizes -------------------------------------------------------------------------------------------------
-
-
-def check_resolution(resolution: int | str, max_side: int | None) -> int | str:
-    """Validate the resolution mode: 640, 1024 or "custom" (then `max_side` in 64..4096 is required)."""
-    if isinstance(resolution, str) and resolution.strip().isdigit():
-        resolution = int(resolution)
-    if isinstance(resolution, str) and resolution.strip().lower() == CUSTOM:
-        if isinstance(max_side, bool) or not isinstance(max_side, (int, np.integer)) or \
-                not MIN_CUSTOM_SIDE <= max_side <= MAX_CUSTOM_SIDE:
-            raise InputError(
-                f"resolution 'custom' needs max_side, an int in {MIN_CUSTOM_SIDE}..{MAX_CUSTOM_SIDE} (the longest "
-                f"side in pixels, rounded to a multiple of {SIDE_MULTIPLE}), got {max_side!r}"
-            )
-        return CUSTOM
-    if isinstance(resolution, bool) or resolution not in RESOLUTIONS:
-        raise InputError(
-            f"resolution must be 640, 1024 or 'custom' (with max_side), got {resolution!r}; 640 is what the model "
-            "was tuned for, 1024 gives more detail"
-        )
-    return int(resolution)
 
 
 def check_image_size(width: int, height: int, what: str = "image") -> None:
@@ -231,14 +209,15 @@ def bucket_size(width: int, height: int, resolution: int | str = 640, max_side: 
     r = width / height (Python round: halves to even). "custom": the longest side is max_side rounded to a
     multiple of 32, the other side keeps the aspect, rounded the same way, at least 32.
     """
-    mode = check_resolution(resolution, max_side)
+    mode, max_side = check_size_mode(resolution, max_side)
     ratio = width / height
     if mode == CUSTOM:
         long_side = max(SIDE_MULTIPLE, round(int(max_side) / SIDE_MULTIPLE) * SIDE_MULTIPLE)  # type: ignore[arg-type]
         short = long_side * min(width, height) / max(width, height)
         short_side = max(SIDE_MULTIPLE, round(short / SIDE_MULTIPLE) * SIDE_MULTIPLE)
         return (long_side, short_side) if width >= height else (short_side, long_side)
-    w = math.sqrt(mode * mode * ratio)
+    area_side = int(mode)  # past the custom branch: an area bucket side (640 or 1024)
+    w = math.sqrt(area_side * area_side * ratio)
     h = w / ratio
     w32, h32 = round(w / SIDE_MULTIPLE) * SIDE_MULTIPLE, round(h / SIDE_MULTIPLE) * SIDE_MULTIPLE
     # the reference then floors to multiples of 16 (vae scale x patch), a no-op on multiples of 32
@@ -273,7 +252,7 @@ def check_output_size(layers: int, width: int, height: int, images: int = 1, *, 
 def resize_rgba(rgba: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """RGBA uint8 (H, W, 4) -> (height, width, 4) for size = (width, height), Pillow Lanczos (premultiplied)."""
     im = Image.fromarray(np.ascontiguousarray(rgba), "RGBA")
-    return np.asarray(im.resize(tuple(size), Image.Resampling.LANCZOS))
+    return np.asarray(im.resize((int(size[0]), int(size[1])), Image.Resampling.LANCZOS))
 
 
 def to_model_pixels(rgba: np.ndarray, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

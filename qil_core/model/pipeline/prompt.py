@@ -27,6 +27,7 @@ from torch import Tensor
 from ...errors import InputError
 from ..arch.text_encoder import Qwen25TextEncoder
 from ..weights.tokenizer import QwenTokenizer
+from .options import DEFAULT_MAX_SEQUENCE_LENGTH, MAX_SEQUENCE_LENGTH_LIMIT
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,6 @@ PROMPT_TEMPLATE = (
     "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
 )
 DEFAULT_NEGATIVE_PROMPT = " "
-DEFAULT_MAX_SEQUENCE_LENGTH = 512
-MAX_SEQUENCE_LENGTH_LIMIT = 1024  # diffusers refuses larger values in check_inputs
 
 
 def template_prefix_length(tokenizer: QwenTokenizer) -> int:
@@ -65,7 +64,10 @@ def tokenize_prompts(
         if kept > max_sequence_length:
             log.warning(
                 "prompt %d is %d tokens long (with the 5 closing template tokens); only the first %d are used "
-                "(max_sequence_length). Shorten the prompt to keep its end.", i, kept, max_sequence_length
+                "(max_sequence_length). Shorten the prompt to keep its end.",
+                i,
+                kept,
+                max_sequence_length,
             )
             ids = ids[: drop + max_sequence_length]
         out.append(ids)
@@ -112,7 +114,7 @@ def _check_prompts(prompts: str | Sequence[str]) -> list[str]:
     if isinstance(prompts, (bytes, bytearray)) or not isinstance(prompts, Sequence):
         raise InputError(f"prompts must be a str or a sequence of str, got {type(prompts).__name__}")
     if len(prompts) == 0:
-        raise InputError("prompts is empty; pass at least one prompt (use \" \" for an unconditional negative)")
+        raise InputError('prompts is empty; pass at least one prompt (use " " for an unconditional negative)')
     bad = [(i, type(p).__name__) for i, p in enumerate(prompts) if not isinstance(p, str)]
     if bad:
         raise InputError(

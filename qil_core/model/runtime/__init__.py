@@ -7,3 +7,6 @@
 - `memory_plan.py`: the cost model and the choice of placement from the free memory.
 - `vae_tiling.py`: tiled VAE decode/encode for outputs too large for one piece.
 """
+
+# The memory modes, spelled once (torch-free, so the CLI and node front ends can list them cheaply).
+MEMORY_MODES = ("auto", "resident", "offload", "block_swap")

@@ -46,9 +46,14 @@ def check_ram(bytes_needed: int, what: str, *, available: int | None = None) -> 
     if free is None:
         logger.debug("free RAM unknown; not checking %s (%s)", what, format_bytes(bytes_needed))
         return
-    check_allocation(bytes_needed, what, available=free, reserve=RAM_RESERVE_BYTES,
-                     hint="close other programs or unload other models, use a smaller file (the fp8 checkpoint "
-                          "halves the transformer), or load straight to the GPU")
+    check_allocation(
+        bytes_needed,
+        what,
+        available=free,
+        reserve=RAM_RESERVE_BYTES,
+        hint="close other programs or unload other models, use a smaller file (the fp8 checkpoint "
+        "halves the transformer), or load straight to the GPU",
+    )
 
 
 def check_device_memory(

@@ -16,18 +16,20 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ...errors import InputError, ResourceError
+from . import MEMORY_MODES
 from .memory import available_device_memory, available_ram, format_bytes
 from .offload import BlockSwapPlacement, OffloadPlacement
 from .placement import Placement, ResidentPlacement
 
 logger = logging.getLogger(__name__)
 
-MODES = ("auto", "resident", "offload", "block_swap")
+MODES = MEMORY_MODES
 # Peak activation values per token, in units of the model width, inside one block (performance.md: 86 KB per
 # token at width 3072 in bf16 = 14 x 3072 x 2 bytes).
 ACTIVATION_WIDTHS_PER_TOKEN = 14
@@ -139,13 +141,31 @@ class MemoryPlan:
         if self.mode == "resident":
             return ResidentPlacement(self.device, dtype)
         if self.mode == "offload":
-            return OffloadPlacement(self.device, dtype, keep=self.keep, pin_memory=self.pin_memory,
-                                    budget_bytes=self.budget_bytes, work_bytes=self.work_bytes)
+            return OffloadPlacement(
+                self.device,
+                dtype,
+                keep=self.keep,
+                pin_memory=self.pin_memory,
+                budget_bytes=self.budget_bytes,
+                work_bytes=self.work_bytes,
+            )
         budget = None if self.budget_bytes is None else self.budget_bytes - self.transformer_kept_bytes
-        others = OffloadPlacement(self.device, dtype, keep=tuple(k for k in self.keep if k != "transformer"),
-                                  pin_memory=self.pin_memory, budget_bytes=budget, work_bytes=self.work_bytes)
-        return BlockSwapPlacement(self.device, self.resident_blocks or 0, dtype, others=others,
-                                  pin_memory=self.pin_memory, keep_resident=self.keep_resident)
+        others = OffloadPlacement(
+            self.device,
+            dtype,
+            keep=tuple(k for k in self.keep if k != "transformer"),
+            pin_memory=self.pin_memory,
+            budget_bytes=budget,
+            work_bytes=self.work_bytes,
+        )
+        return BlockSwapPlacement(
+            self.device,
+            self.resident_blocks or 0,
+            dtype,
+            others=others,
+            pin_memory=self.pin_memory,
+            keep_resident=self.keep_resident,
+        )
 
     def describe(self) -> str:
         """One line for logs."""
@@ -200,13 +220,20 @@ def plan_memory(
 
     def resident() -> MemoryPlan:
         total = sum(comp.values())
-        return MemoryPlan("resident", dev, present, pin_memory=pin, work_bytes=work,
-                          phase_bytes={p: total + work[p] for p in present})
+        return MemoryPlan(
+            "resident", dev, present, pin_memory=pin, work_bytes=work, phase_bytes={p: total + work[p] for p in present}
+        )
 
     def offload() -> MemoryPlan:
         # kept components fill what the phase leaves free and are evicted on demand: each phase alone must fit
-        return MemoryPlan("offload", dev, present, pin_memory=pin, work_bytes=work,
-                          phase_bytes={p: comp[p] + work[p] for p in present})
+        return MemoryPlan(
+            "offload",
+            dev,
+            present,
+            pin_memory=pin,
+            work_bytes=work,
+            phase_bytes={p: comp[p] + work[p] for p in present},
+        )
 
     def block_swap(k: int, keep_resident: bool) -> MemoryPlan:
         k = min(k, n)
@@ -214,8 +241,17 @@ def plan_memory(
         phase = {p: kept + comp[p] + work[p] for p in present}
         # denoising: the resident part, the running and the prefetched block, and the (kept) VAE
         phase["transformer"] = rest + (k + (0 if k == n else 2)) * block + work["transformer"] + comp["vae"]
-        return MemoryPlan("block_swap", dev, ("vae",), resident_blocks=k, keep_resident=keep_resident,
-                          pin_memory=pin, work_bytes=work, phase_bytes=phase, transformer_kept_bytes=kept)
+        return MemoryPlan(
+            "block_swap",
+            dev,
+            ("vae",),
+            resident_blocks=k,
+            keep_resident=keep_resident,
+            pin_memory=pin,
+            work_bytes=work,
+            phase_bytes=phase,
+            transformer_kept_bytes=kept,
+        )
 
     if free_device_bytes is None or dev.type == "cpu":
         # Nothing to fit: on the CPU the loader memory-maps the weights and the OS pages them in and out.
@@ -226,8 +262,12 @@ def plan_memory(
     budget = free_device_bytes - _reserve(free_device_bytes)
     ks = [resident_blocks] if resident_blocks is not None else list(range(n, -1, -1))
     swaps = [block_swap(k, keep) for k in ks for keep in (True, False)]  # most resident blocks first
-    candidates = {"auto": [resident(), offload()], "resident": [resident(), offload()], "offload": [offload()],
-                  "block_swap": []}[mode] + swaps
+    candidates = {
+        "auto": [resident(), offload()],
+        "resident": [resident(), offload()],
+        "offload": [offload()],
+        "block_swap": [],
+    }[mode] + swaps
     for plan in candidates:
         plan.budget_bytes = budget
         if plan.peak_bytes <= budget:
@@ -251,7 +291,7 @@ def transformer_block_bytes(transformer: nn.Module, blocks_attr: str = "transfor
 
 
 def plan_for_model(
-    model: object,
+    model: Any,  # a QwenLayeredModel (the loader sits above this room, so it is not imported here)
     *,
     width: int,
     height: int,
@@ -267,9 +307,9 @@ def plan_for_model(
 
     Free memory is measured (memory.available_device_memory / available_ram) unless given.
     """
-    dit = model.transformer  # type: ignore[attr-defined]
-    dev = torch.device(device) if device is not None else model.device  # type: ignore[attr-defined]
-    comp = {"transformer": module_bytes(dit), "vae": module_bytes(model.vae)}  # type: ignore[attr-defined]
+    dit = model.transformer
+    dev = torch.device(device) if device is not None else model.device
+    comp = {"transformer": module_bytes(dit), "vae": module_bytes(model.vae)}
     te = getattr(model, "text_encoder", None)
     if te is not None:
         comp["text_encoder"] = module_bytes(te)
@@ -278,12 +318,19 @@ def plan_for_model(
     # Quantised weights (any format) are dequantised one layer at a time: that layer's temporaries come on top.
     act = estimate_activation_bytes(tokens, width=cfg.inner_dim, dtype=dit.dtype, batch=2 if cfg_batch else 1)
     act += dequant_transient_bytes(dit, dit.dtype)
-    vae_work = estimate_vae_decode_bytes(width, height, dtype=model.vae.dtype)  # type: ignore[attr-defined]
+    vae_work = estimate_vae_decode_bytes(width, height, dtype=model.vae.dtype)
     free_dev = free_device_bytes if free_device_bytes is not None else available_device_memory(dev)
     free_ram = free_ram_bytes if free_ram_bytes is not None else available_ram()
-    plan = plan_memory(free_device_bytes=free_dev, free_ram_bytes=free_ram, component_bytes=comp,
-                       activation_bytes=act, mode=mode, device=dev, block_bytes=transformer_block_bytes(dit),
-                       vae_work_bytes=vae_work)
+    plan = plan_memory(
+        free_device_bytes=free_dev,
+        free_ram_bytes=free_ram,
+        component_bytes=comp,
+        activation_bytes=act,
+        mode=mode,
+        device=dev,
+        block_bytes=transformer_block_bytes(dit),
+        vae_work_bytes=vae_work,
+    )
     logger.info("%s", plan.describe())
     return plan
 

@@ -86,8 +86,13 @@ class OffloadPlacement:
             self._stores[key].detach()
             self.evictions += 1
         if self.device_bytes() + need > self.budget_bytes:
-            logger.warning("offload: %s needs %.2f GB but only %.2f GB of the %.2f GB budget are free", name,
-                           need / 1e9, (self.budget_bytes - self.device_bytes()) / 1e9, self.budget_bytes / 1e9)
+            logger.warning(
+                "offload: %s needs %.2f GB but only %.2f GB of the %.2f GB budget are free",
+                name,
+                need / 1e9,
+                (self.budget_bytes - self.device_bytes()) / 1e9,
+                self.budget_bytes / 1e9,
+            )
 
     @contextlib.contextmanager
     def _use(self, name: str, module: nn.Module) -> Iterator[nn.Module]:
@@ -176,8 +181,10 @@ class BlockSwapPlacement:
         self.prefetch = self.device.type == "cuda" if prefetch is None else prefetch
         self.pin_memory = default_pin(self.device) if pin_memory is None else pin_memory
         self.keep_resident = keep_resident
-        self.others: Placement = others if others is not None else OffloadPlacement(
-            self.device, dtype, keep=("vae",), pin_memory=self.pin_memory
+        self.others: Placement = (
+            others
+            if others is not None
+            else OffloadPlacement(self.device, dtype, keep=("vae",), pin_memory=self.pin_memory)
         )
         self.stats = SwapStats()
         self._rest: dict[int, ModuleStore] = {}
@@ -204,8 +211,12 @@ class BlockSwapPlacement:
             k = min(self.resident_blocks, len(blocks))
             rest = self._rest[key] = ModuleStore(module, name, skip=(self.blocks_attr,), reuse_on=self.device)
             self._blocks[key] = [
-                ModuleStore(b, f"{name}.{self.blocks_attr}.{i}", pin=self.pin_memory and i >= k,
-                            reuse_on=self.device if i < k else None)
+                ModuleStore(
+                    b,
+                    f"{name}.{self.blocks_attr}.{i}",
+                    pin=self.pin_memory and i >= k,
+                    reuse_on=self.device if i < k else None,
+                )
                 for i, b in enumerate(blocks)
             ]
         return rest, self._blocks[key]

@@ -55,7 +55,12 @@ def _check(tile: int, overlap: int, multiple: int, what: str) -> None:
 
 
 def _tiled(
-    fn: Callable[[Tensor], Tensor], x: Tensor, tile: int, overlap: int, scale: float, out_channels: int,
+    fn: Callable[[Tensor], Tensor],
+    x: Tensor,
+    tile: int,
+    overlap: int,
+    scale: float,
+    out_channels: int,
     out_dtype: torch.dtype,
 ) -> Tensor:
     """Apply a spatial map `fn` ((B, C, th, tw) -> (B, C', th*scale, tw*scale)) tile by tile and blend the results.

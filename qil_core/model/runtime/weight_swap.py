@@ -16,6 +16,8 @@ from torch import Tensor, nn
 from ...errors import InputError
 
 HOST = torch.device("cpu")
+
+
 def normalize_device(device: torch.device | str | None) -> torch.device:
     """The device, with an index-less "cuda" pinned to the current CUDA device (so stream calls agree)."""
     dev = torch.device(device) if device is not None else HOST
@@ -34,7 +36,12 @@ class ModuleStore:
     """
 
     def __init__(
-        self, module: nn.Module, name: str, *, pin: bool = False, skip: Collection[str] = (),
+        self,
+        module: nn.Module,
+        name: str,
+        *,
+        pin: bool = False,
+        skip: Collection[str] = (),
         reuse_on: torch.device | None = None,
     ) -> None:
         self.module = module
@@ -58,8 +65,11 @@ class ModuleStore:
         self.nbytes = sum(t.numel() * t.element_size() for t in originals)
         self.attached: list[Tensor] | None = None  # device copies while on the device
         self._host: list[Tensor] | None = None
-        if reuse_on is not None and reuse_on.type != "cpu" and originals and all(
-            _same(t.device, reuse_on) for t in originals
+        if (
+            reuse_on is not None
+            and reuse_on.type != "cpu"
+            and originals
+            and all(_same(t.device, reuse_on) for t in originals)
         ):
             self.attached = originals  # loaded straight onto the device: keep using those tensors, copy nothing
         else:

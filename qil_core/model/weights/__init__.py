@@ -13,4 +13,6 @@
 - `quant_kernels.py`: comfy-kitchen's quantised matmuls on CUDA, with the portable path as the fallback.
 - `tokenizer.py`: the Qwen2 BPE tokenizer from vocab.json + merges.txt.
 - `tiny.py`: tiny RANDOM weights in the real file layouts (demo, tests).
+- `lora.py`: LoRA files (PEFT, kohya, ComfyUI, bare, full deltas) read and checked against the transformer.
+- `lora_apply.py`: applying, stacking and removing LoRAs (`load_lora`, `remove_loras`), on the fly or merged.
 """

@@ -257,7 +257,7 @@ def _resolve_index(index: Path) -> tuple[list[Path], dict[str, str]]:
         raise CorruptFileError(f"{index}: the shard index is not valid JSON ({e}); re-download it") from None
     weight_map = data.get("weight_map") if isinstance(data, dict) else None
     if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-        raise CorruptFileError(f"{index}: the shard index has no usable \"weight_map\" (key -> file); re-download it")
+        raise CorruptFileError(f'{index}: the shard index has no usable "weight_map" (key -> file); re-download it')
     names = sorted(set(weight_map.values()))
     missing = [(i, n) for i, n in enumerate(names, 1) if not (index.parent / n).is_file()]
     if missing:
@@ -300,8 +300,10 @@ def resolve_files(
     looked = [path]
     if path.is_dir():
         own_weights = any(p.suffix.lower() in SAFETENSORS_SUFFIXES for p in path.iterdir())
-        if subfolder is None and default_subfolder and (
-            (path / "model_index.json").is_file() or ((path / default_subfolder).is_dir() and not own_weights)
+        if (
+            subfolder is None
+            and default_subfolder
+            and ((path / "model_index.json").is_file() or ((path / default_subfolder).is_dir() and not own_weights))
         ):
             subfolder = default_subfolder
         if subfolder:

@@ -69,8 +69,11 @@ class LoadPlan:
 def check_dtype(dtype: torch.dtype) -> None:
     """Accept fp32, bf16 and fp16 as load dtypes; raise InputError otherwise."""
     if dtype not in ALLOWED_DTYPES:
-        hint = " fp8 files stay fp8 by themselves; to quantise a bf16 model use quant.quantize_module_fp8." if (
-            is_fp8(dtype)) else ""
+        hint = (
+            " fp8 files stay fp8 by themselves; to quantise a bf16 model use quant.quantize_module_fp8."
+            if (is_fp8(dtype))
+            else ""
+        )
         raise InputError(f"dtype must be torch.float32, torch.bfloat16 or torch.float16, got {dtype}.{hint}")
 
 
@@ -197,15 +200,22 @@ def load_into(
     if dev.type == "cpu":
         # Tensors stored in their target dtype stay memory-mapped views of the file: page cache the kernel can
         # reclaim, not allocated RAM. Only converted tensors are new memory, so only they must fit.
-        mapped = sum(torch.Size(expected[k]).numel() * target[k].itemsize for k in expected
-                     if ckpt.info(plan.names[k]).dtype == target[k])
+        mapped = sum(
+            torch.Size(expected[k]).numel() * target[k].itemsize
+            for k in expected
+            if ckpt.info(plan.names[k]).dtype == target[k]
+        )
         if total > mapped:
             check_ram(total - mapped, f"the {what} ({ckpt.source}; {format_bytes(mapped)} more stays memory-mapped)")
         free = available_ram()
         if free is not None and mapped > free:
-            logger.warning("%s: %s of weights stay memory-mapped but only %s of RAM is free; running on the CPU "
-                           "will read them from disk again and again (slow). Stream them to a GPU instead.",
-                           ckpt.source, format_bytes(mapped), format_bytes(free))
+            logger.warning(
+                "%s: %s of weights stay memory-mapped but only %s of RAM is free; running on the CPU "
+                "will read them from disk again and again (slow). Stream them to a GPU instead.",
+                ckpt.source,
+                format_bytes(mapped),
+                format_bytes(free),
+            )
     else:
         check_device_memory(total, dev, f"the {what} ({ckpt.source})")
     if dev.type != "cpu":
@@ -214,7 +224,11 @@ def load_into(
         largest = max(torch.Size(expected[n + ".weight"]).numel() for n in keep_fp8) * dtype.itemsize
         logger.info(
             "%s: %d fp8 Linear layers stay fp8 in memory (%s resident in all); each is dequantised to %s when "
-            "it runs (largest layer %s extra)", ckpt.source, len(keep_fp8), format_bytes(total), dtype,
+            "it runs (largest layer %s extra)",
+            ckpt.source,
+            len(keep_fp8),
+            format_bytes(total),
+            dtype,
             format_bytes(largest),
         )
     scale_shapes = {n: _scale_shape(ckpt, k, expected[n + ".weight"]) for n, k in plan.scales.items()
@@ -238,9 +252,11 @@ def load_into(
             else:
                 src = ckpt.info(fkey).dtype
                 if not src.is_floating_point and key in floating:
-                    raise WeightsError(f"{ckpt.source}: tensor {fkey!r} is stored as {src}, but the model needs "
-                                       "floating-point weights there; the file is damaged or not a checkpoint of "
-                                       f"the {what}; re-download it")
+                    raise WeightsError(
+                        f"{ckpt.source}: tensor {fkey!r} is stored as {src}, but the model needs "
+                        "floating-point weights there; the file is damaged or not a checkpoint of "
+                        f"the {what}; re-download it"
+                    )
                 state[key] = ckpt.read(fkey, dtype if src.is_floating_point else src, dev)
         for layer in keep_fp8:
             qlayer = cast(Fp8Linear, model.get_submodule(layer))
@@ -365,16 +381,22 @@ def load_transformer(
         rename = _strip_prefix(keys, (COMFY_PREFIX,))
         plan = plan_keys(ckpt, rename)
         if plan.ignored:
-            logger.info("%s: ignoring %d tensors of other components (e.g. %s)", ckpt.source, len(plan.ignored),
-                        plan.ignored[0])
+            logger.info(
+                "%s: ignoring %d tensors of other components (e.g. %s)", ckpt.source, len(plan.ignored), plan.ignored[0]
+            )
         if config is None:
             json_cfg = read_config(ckpt.folder)
-            config = (TransformerConfig.from_json(json_cfg, ckpt.source) if json_cfg is not None
-                      else TransformerConfig.from_shapes(plan.shapes, ckpt.source))
+            config = (
+                TransformerConfig.from_json(json_cfg, ckpt.source)
+                if json_cfg is not None
+                else TransformerConfig.from_shapes(plan.shapes, ckpt.source)
+            )
         with torch.device("meta"):
             model = QwenImageLayeredTransformer(config)
-        fix = ("Choose the Qwen-Image-Layered transformer (diffusers transformer/ folder, or ComfyUI's "
-               "qwen_image_layered_*.safetensors in models/diffusion_models), or re-download it if it is damaged.")
+        fix = (
+            "Choose the Qwen-Image-Layered transformer (diffusers transformer/ folder, or ComfyUI's "
+            "qwen_image_layered_*.safetensors in models/diffusion_models), or re-download it if it is damaged."
+        )
         what = "Qwen-Image-Layered transformer"
         if quantize is None:
             return load_into(model, ckpt, plan, dtype=dtype, device=device, what=what, fix=fix)  # type: ignore[return-value]
@@ -434,6 +456,8 @@ def load_vae(
             config = VAEConfig(**{**config.__dict__, **stats})
         with torch.device("meta"):
             model = RGBAVAE(config)
-        fix = ("Choose the Qwen-Image-Layered RGBA VAE (qwen_image_layered_vae.safetensors or the diffusers vae/ "
-               "folder), or re-download it if it is damaged.")
+        fix = (
+            "Choose the Qwen-Image-Layered RGBA VAE (qwen_image_layered_vae.safetensors or the diffusers vae/ "
+            "folder), or re-download it if it is damaged."
+        )
         return load_into(model, ckpt, plan, dtype=dtype, device=device, what="Qwen-Image-Layered RGBA VAE", fix=fix)  # type: ignore[return-value]

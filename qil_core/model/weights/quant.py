@@ -371,8 +371,11 @@ def transformer_bytes(fmt: str = "bf16", shapes: Mapping[str, tuple[int, ...]] |
     total = 0
     for key, shape in shapes.items():
         layer = key[: -len(".weight")]
-        if fmt not in ("bf16", "fp16", "fp32") and key.endswith(".weight") and len(shape) == 2 and not any(
-            fnmatch.fnmatchcase(layer, p) for p in TRANSFORMER_FP8_SKIP
+        if (
+            fmt not in ("bf16", "fp16", "fp32")
+            and key.endswith(".weight")
+            and len(shape) == 2
+            and not any(fnmatch.fnmatchcase(layer, p) for p in TRANSFORMER_FP8_SKIP)
         ):
             total += qf.weight_bytes(fmt, shape[0], shape[1])
         else:

@@ -59,7 +59,7 @@ class TextKeyMap:
         """File key -> canonical name; None for the vision tower, the LM head and quantisation markers."""
         if key == SCALED_FP8_MARKER or key.startswith(tuple(SKIP_PREFIXES)):
             return None
-        return key[len(self.prefix):] if key.startswith(self.prefix) else None
+        return key[len(self.prefix) :] if key.startswith(self.prefix) else None
 
 
 def detect_prefix(keys: Iterable[str], *, source: str) -> str:
@@ -91,4 +91,3 @@ def map_text_keys(keys: Iterable[str], *, source: str) -> TextKeyMap:
             "file (qwen_2.5_vl_7b*.safetensors) or the diffusers text_encoder/ folder."
         )
     return TextKeyMap(prefix, skipped)
-

@@ -63,16 +63,27 @@ class _TextSizes(TypedDict):
 
 # Widths: text 128 (one 128-wide head, so a single file's config is inferred exactly), DiT 2 x 32 heads,
 # VAE base 8 with one residual block per stage. Seconds on a CPU at 640x640.
-TINY_TEXT = _TextSizes(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=1,
-                       num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1_000_000.0)
+TINY_TEXT = _TextSizes(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=1,
+    num_key_value_heads=1,
+    rms_norm_eps=1e-6,
+    rope_theta=1_000_000.0,
+)
 TINY_TRANSFORMER = TransformerConfig(
-    num_layers=2, attention_head_dim=32, num_attention_heads=2, joint_attention_dim=128, axes_dims_rope=(4, 14, 14),
+    num_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=2,
+    joint_attention_dim=128,
+    axes_dims_rope=(4, 14, 14),
 )
 TINY_VAE = VAEConfig(base_dim=8, num_res_blocks=1)
 METADATA = {
     RANDOM_WEIGHTS_KEY: "true",
     "description": "RANDOM tiny Qwen-Image-Layered test weights written by qil_core.model.weights.tiny; not a real "
-                   "model, its output is noise",
+    "model, its output is noise",
 }
 
 
@@ -99,12 +110,24 @@ def write_tiny_tokenizer(folder: str | os.PathLike[str]) -> tuple[Path, int]:
         vocab.setdefault(a + b, len(vocab))
     added: dict[str, dict[str, str | bool]] = {}
     for tok in SPECIAL_TOKENS:
-        added[str(len(vocab) + len(added))] = {"content": tok, "lstrip": False, "normalized": False, "rstrip": False,
-                                               "single_word": False, "special": True}
+        added[str(len(vocab) + len(added))] = {
+            "content": tok,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
     (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in _MERGES), encoding="utf-8")
-    cfg = {"added_tokens_decoder": added, "model_max_length": 32768, "tokenizer_class": "Qwen2Tokenizer",
-           "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>", "qil_note": METADATA["description"]}
+    cfg = {
+        "added_tokens_decoder": added,
+        "model_max_length": 32768,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "pad_token": "<|endoftext|>",
+        "eos_token": "<|im_end|>",
+        "qil_note": METADATA["description"],
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
     return out, len(vocab) + len(added)
 
@@ -125,12 +148,16 @@ def _randomize(module: _M, seed: int) -> _M:
     return module.train(False)
 
 
-def build_tiny_modules(seed: int = 0, text_vocab: int = 272) -> tuple[QwenImageLayeredTransformer, RGBAVAE,
-                                                                      Qwen25TextEncoder]:
+def build_tiny_modules(
+    seed: int = 0, text_vocab: int = 272
+) -> tuple[QwenImageLayeredTransformer, RGBAVAE, Qwen25TextEncoder]:
     """The tiny transformer, RGBA-VAE and text encoder with random weights (fp32, CPU)."""
     te = Qwen25TextEncoder(TextEncoderConfig(vocab_size=text_vocab, **TINY_TEXT))
-    return (_randomize(QwenImageLayeredTransformer(TINY_TRANSFORMER), seed),
-            _randomize(RGBAVAE(TINY_VAE), seed + 1), _randomize(te, seed + 2))
+    return (
+        _randomize(QwenImageLayeredTransformer(TINY_TRANSFORMER), seed),
+        _randomize(RGBAVAE(TINY_VAE), seed + 1),
+        _randomize(te, seed + 2),
+    )
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> Path:
@@ -141,17 +168,33 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, dtype: torch.dtype) -> P
 
 def _vae_json() -> dict:
     c = TINY_VAE
-    return {"_class_name": "AutoencoderKLQwenImage", "base_dim": c.base_dim, "z_dim": c.z_dim,
-            "dim_mult": list(c.dim_mult), "num_res_blocks": c.num_res_blocks, "attn_scales": list(c.attn_scales),
-            "temperal_downsample": list(c.temperal_downsample), "dropout": c.dropout,
-            "input_channels": c.input_channels, "latents_mean": list(LATENTS_MEAN), "latents_std": list(LATENTS_STD)}
+    return {
+        "_class_name": "AutoencoderKLQwenImage",
+        "base_dim": c.base_dim,
+        "z_dim": c.z_dim,
+        "dim_mult": list(c.dim_mult),
+        "num_res_blocks": c.num_res_blocks,
+        "attn_scales": list(c.attn_scales),
+        "temperal_downsample": list(c.temperal_downsample),
+        "dropout": c.dropout,
+        "input_channels": c.input_channels,
+        "latents_mean": list(LATENTS_MEAN),
+        "latents_std": list(LATENTS_STD),
+    }
 
 
 def _text_json(vocab: int) -> dict:
-    text = {**TINY_TEXT, "vocab_size": vocab, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                                                    "mrope_section": [16, 24, 24]}}
-    return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "text_config": text,
-            "vision_config": vision_json(TINY_TEXT["hidden_size"])}
+    text = {
+        **TINY_TEXT,
+        "vocab_size": vocab,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+    }
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "text_config": text,
+        "vision_config": vision_json(TINY_TEXT["hidden_size"]),
+    }
 
 
 def _token_id(tok_folder: Path, token: str) -> int:
@@ -199,8 +242,12 @@ def write_tiny_model(
     else:
         cfg = dict(TINY_TRANSFORMER.__dict__, axes_dims_rope=list(TINY_TRANSFORMER.axes_dims_rope))
         for sub, sd, name, conf in (
-            ("transformer", dit.state_dict(), "diffusion_pytorch_model.safetensors",
-             {"_class_name": "QwenImageTransformer2DModel", **cfg}),
+            (
+                "transformer",
+                dit.state_dict(),
+                "diffusion_pytorch_model.safetensors",
+                {"_class_name": "QwenImageTransformer2DModel", **cfg},
+            ),
             ("vae", vae.state_dict(), "diffusion_pytorch_model.safetensors", _vae_json()),
             ("text_encoder", text_sd, "model.safetensors", _text_json(vocab)),
         ):
@@ -209,15 +256,33 @@ def write_tiny_model(
             paths[sub] = root / sub
         write_caption_configs(root, [_token_id(tok_folder, "<|im_end|>"), _token_id(tok_folder, "<|endoftext|>")])
         (root / "scheduler").mkdir(exist_ok=True)
-        (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({
-            "_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000, "shift": 1.0,
-            "use_dynamic_shifting": True, "time_shift_type": "linear"}, indent=1))
-        (root / "model_index.json").write_text(json.dumps({
-            "_class_name": "QwenImageLayeredPipeline", "qil_note": METADATA["description"],
-            "transformer": ["diffusers", "QwenImageTransformer2DModel"], "vae": ["diffusers", "AutoencoderKLQwenImage"],
-            "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
-            "tokenizer": ["transformers", "Qwen2Tokenizer"], "processor": ["transformers", "Qwen2VLProcessor"],
-            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"]}, indent=1))
+        (root / "scheduler" / "scheduler_config.json").write_text(
+            json.dumps(
+                {
+                    "_class_name": "FlowMatchEulerDiscreteScheduler",
+                    "num_train_timesteps": 1000,
+                    "shift": 1.0,
+                    "use_dynamic_shifting": True,
+                    "time_shift_type": "linear",
+                },
+                indent=1,
+            )
+        )
+        (root / "model_index.json").write_text(
+            json.dumps(
+                {
+                    "_class_name": "QwenImageLayeredPipeline",
+                    "qil_note": METADATA["description"],
+                    "transformer": ["diffusers", "QwenImageTransformer2DModel"],
+                    "vae": ["diffusers", "AutoencoderKLQwenImage"],
+                    "text_encoder": ["transformers", "Qwen2_5_VLForConditionalGeneration"],
+                    "tokenizer": ["transformers", "Qwen2Tokenizer"],
+                    "processor": ["transformers", "Qwen2VLProcessor"],
+                    "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+                },
+                indent=1,
+            )
+        )
         paths["model_dir"] = root
     logger.info("wrote a tiny RANDOM Qwen-Image-Layered model (%s layout) to %s", layout, root)
     return paths

@@ -223,9 +223,14 @@ def test_pass_through_group_keeps_its_children(tmp_path) -> None:
     assert [layer.name for layer in read_psd(path, groups="flatten")] == ["bg", "grp"]
 
 
-@pytest.mark.parametrize(("blend", "opacity", "b_blend"), [
-    (BlendMode.SCREEN, 255, BlendMode.MULTIPLY), (BlendMode.NORMAL, 128, BlendMode.MULTIPLY),
-    (BlendMode.PASS_THROUGH, 128, BlendMode.NORMAL)])
+@pytest.mark.parametrize(
+    ("blend", "opacity", "b_blend"),
+    [
+        (BlendMode.SCREEN, 255, BlendMode.MULTIPLY),
+        (BlendMode.NORMAL, 128, BlendMode.MULTIPLY),
+        (BlendMode.PASS_THROUGH, 128, BlendMode.NORMAL),
+    ],
+)
 def test_isolated_group_is_one_layer(tmp_path, blend, opacity, b_blend) -> None:
     """Reference: psd-tools (an isolated group: children composited alone, then blended; a pass-through group
     at some opacity whose layers are all normal composes the same way)."""
@@ -434,8 +439,9 @@ def test_cli_reads_flat_files_and_prints_warnings(capsys, tmp_path) -> None:
     assert code == 0 and "warning:" in err and "'ko'" in err and "knockout" in err
     code, _, _ = _cli(capsys, "compose", path, "--use-merged", "--out", tmp_path / "merged.png")
     assert code == 0
-    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "merged.png").convert("RGBA"))[1, 1],
-                                  [180, 0, 0, 255])
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(tmp_path / "merged.png").convert("RGBA"))[1, 1], [180, 0, 0, 255]
+    )
 
 
 def test_cli_groups_option(capsys, tmp_path) -> None:

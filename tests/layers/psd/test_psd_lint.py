@@ -18,17 +18,24 @@ from qil_core.layers.psd import lint_psd, write_psd
 def good(tmp_path_factory) -> bytes:
     rng = np.random.default_rng(0)
     px = rng.random((9, 11, 4), dtype=np.float32)
-    stack = LayerStack(24, 16, [Layer(px, x=-2, y=3, name="a 😀"), Layer(np.zeros((0, 0, 4), np.float32), name="e"),
-                                Layer(px[:4, :5], x=20, y=12, name="b")])
+    stack = LayerStack(
+        24,
+        16,
+        [
+            Layer(px, x=-2, y=3, name="a 😀"),
+            Layer(np.zeros((0, 0, 4), np.float32), name="e"),
+            Layer(px[:4, :5], x=20, y=12, name="b"),
+        ],
+    )
     return write_psd(stack, tmp_path_factory.mktemp("lint") / "good.psd").read_bytes()
 
 
 def _layout(data: bytes) -> dict:
     """Offsets of the sections of a PSD written by our writer (one image resource walk, then fixed fields)."""
     pos = 26
-    (cm,) = struct.unpack(">I", data[pos:pos + 4])
+    (cm,) = struct.unpack(">I", data[pos : pos + 4])
     pos += 4 + cm
-    (res,) = struct.unpack(">I", data[pos:pos + 4])
+    (res,) = struct.unpack(">I", data[pos : pos + 4])
     pos += 4 + res
     lm = pos
     li = pos + 4
@@ -44,8 +51,8 @@ def test_wrong_channel_length(good) -> None:
     lay = _layout(good)
     ch0 = lay["record"] + 18 + 2  # after the rectangle and channel count, past the first channel id
     data = bytearray(good)
-    (length,) = struct.unpack(">I", data[ch0:ch0 + 4])
-    data[ch0:ch0 + 4] = struct.pack(">I", length + 2)
+    (length,) = struct.unpack(">I", data[ch0 : ch0 + 4])
+    data[ch0 : ch0 + 4] = struct.pack(">I", length + 2)
     problems = lint_psd(bytes(data))
     assert problems and any("channel" in p for p in problems), problems
 
@@ -53,9 +60,9 @@ def test_wrong_channel_length(good) -> None:
 def test_rle_row_table_mismatch(good) -> None:
     data = bytearray(good)
     start = _first_channel_data(good)
-    assert struct.unpack(">H", data[start:start + 2])[0] == 1  # RLE
-    (row0,) = struct.unpack(">H", data[start + 2:start + 4])
-    data[start + 2:start + 4] = struct.pack(">H", row0 + 1)
+    assert struct.unpack(">H", data[start : start + 2])[0] == 1  # RLE
+    (row0,) = struct.unpack(">H", data[start + 2 : start + 4])
+    data[start + 2 : start + 4] = struct.pack(">H", row0 + 1)
     problems = lint_psd(bytes(data))
     assert any("row table sums" in p for p in problems), problems
 
@@ -63,12 +70,12 @@ def test_rle_row_table_mismatch(good) -> None:
 def _first_channel_data(data: bytes) -> int:
     """Offset of the first layer's first channel data: walk the layer records by their own lengths."""
     lay = _layout(data)
-    (count,) = struct.unpack(">h", data[lay["li"] + 4:lay["li"] + 6])
+    (count,) = struct.unpack(">h", data[lay["li"] + 4 : lay["li"] + 6])
     pos = lay["record"]
     for _ in range(abs(count)):
-        (nch,) = struct.unpack(">H", data[pos + 16:pos + 18])
+        (nch,) = struct.unpack(">H", data[pos + 16 : pos + 18])
         pos += 18 + 6 * nch + 12
-        (extra,) = struct.unpack(">I", data[pos:pos + 4])
+        (extra,) = struct.unpack(">I", data[pos : pos + 4])
         pos += 4 + extra
     return pos
 
@@ -88,7 +95,7 @@ def test_truncated_and_not_psd(good) -> None:
     assert any("not a PSD" in p for p in lint_psd(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40))
     assert any("truncated" in p for p in lint_psd(good[: len(good) // 2]))
     lay = _layout(good)
-    (lm_len,) = struct.unpack(">I", good[lay["lm"]:lay["lm"] + 4])
+    (lm_len,) = struct.unpack(">I", good[lay["lm"] : lay["lm"] + 4])
     no_image = good[: lay["lm"] + 4 + lm_len]
     assert any("no-image-data" in p for p in lint_psd(no_image))
 
@@ -96,8 +103,8 @@ def test_truncated_and_not_psd(good) -> None:
 def test_odd_layer_info_length(good) -> None:
     lay = _layout(good)
     data = bytearray(good)
-    (li_len,) = struct.unpack(">I", data[lay["li"]:lay["li"] + 4])
-    data[lay["li"]:lay["li"] + 4] = struct.pack(">I", li_len - 1)
+    (li_len,) = struct.unpack(">I", data[lay["li"] : lay["li"] + 4])
+    data[lay["li"] : lay["li"] + 4] = struct.pack(">I", li_len - 1)
     problems = lint_psd(bytes(data))
     assert any("odd" in p for p in problems), problems
 

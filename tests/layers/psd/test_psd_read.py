@@ -43,8 +43,11 @@ def test_reads_a_psd_tools_file(tmp_path) -> None:
     stack = read_psd(_psd_tools_file(tmp_path))
     assert stack.size == (40, 30)
     assert [layer.name for layer in stack] == ["rouge", "緑 😀", "hidden"]
-    assert [(layer.x, layer.y, layer.width, layer.height) for layer in stack] == [(3, 4, 10, 8), (-2, 20, 6, 5),
-                                                                                   (30, 1, 4, 4)]
+    assert [(layer.x, layer.y, layer.width, layer.height) for layer in stack] == [
+        (3, 4, 10, 8),
+        (-2, 20, 6, 5),
+        (30, 1, 4, 4),
+    ]
     np.testing.assert_allclose(stack[0].pixels[0, 0], [1, 0, 0, 1])
     np.testing.assert_allclose(stack[1].pixels[0, 0], [0, 1, 0, 128 / 255], atol=1e-6)
     assert stack[1].opacity == pytest.approx(128 / 255) and stack[1].blend_mode == "multiply"
@@ -73,8 +76,14 @@ def test_round_trip_keeps_everything(tmp_path) -> None:
     px[:, 0, 3] = 1
     px[-1, :, 3] = 1
     px[:, -1, 3] = 1
-    stack = LayerStack(20, 12, [Layer(px, x=-3, y=6, name="a 😀", opacity=0.4, blend_mode="screen", visible=False),
-                                Layer(np.zeros((0, 0, 4), np.float32), name="empty")])
+    stack = LayerStack(
+        20,
+        12,
+        [
+            Layer(px, x=-3, y=6, name="a 😀", opacity=0.4, blend_mode="screen", visible=False),
+            Layer(np.zeros((0, 0, 4), np.float32), name="empty"),
+        ],
+    )
     for depth, tol in ((8, 0.5 / 255), (16, 0.5 / 65535)):
         path = write_psd(stack, tmp_path / f"rt{depth}.psd", depth=depth)
         assert lint_psd(path) == []

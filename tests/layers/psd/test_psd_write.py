@@ -42,6 +42,7 @@ def blob(h: int, w: int, color: tuple[float, float, float]) -> np.ndarray:
 
 # ---------------------------------------------------------------- PackBits
 
+
 def _packets(data: np.ndarray, counts: np.ndarray) -> list[tuple[str, int]]:
     """Walk the packets of encoded rows: ('lit'|'rep', length)."""
     out, pos, buf = [], 0, bytes(data)
@@ -68,7 +69,7 @@ def _check_encoding(a: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]
     assert (counts <= w + (w + 127) // 128).all(), "worst case: raw + one header per 128 bytes"
     pos, raw = 0, bytes(data)
     for row, c in enumerate(counts.tolist()):
-        dec = rle_impl.decode(raw[pos:pos + c], w)
+        dec = rle_impl.decode(raw[pos : pos + c], w)
         assert dec == a[row].tobytes(), f"{method}: row {row} differs after psd-tools' decoder"
         pos += c
     assert np.array_equal(decode_rows(data, counts, w), a)
@@ -79,10 +80,14 @@ def _check_encoding(a: np.ndarray, method: str) -> tuple[np.ndarray, np.ndarray]
 def test_packbits_cross_checked_with_psd_tools(method: str) -> None:
     cases = []
     for w in (1, 2, 3, 127, 128, 129, 130, 255, 256, 257, 258, 385):
-        cases += [np.zeros((2, w), np.uint8), RNG.integers(0, 256, (2, w), dtype=np.uint8),
-                  RNG.integers(0, 2, (3, w), dtype=np.uint8), np.tile(np.arange(w, dtype=np.uint8), (2, 1))]
+        cases += [
+            np.zeros((2, w), np.uint8),
+            RNG.integers(0, 256, (2, w), dtype=np.uint8),
+            RNG.integers(0, 2, (3, w), dtype=np.uint8),
+            np.tile(np.arange(w, dtype=np.uint8), (2, 1)),
+        ]
         x = np.zeros((2, w), np.uint8)
-        x[:, w // 2:] = 7
+        x[:, w // 2 :] = 7
         cases.append(x)
     for _ in range(60):
         h, w = int(RNG.integers(1, 5)), int(RNG.integers(1, 600))
@@ -119,6 +124,7 @@ def test_packbits_compresses_flat_rows() -> None:
 
 # ---------------------------------------------------------------- round trips through independent readers
 
+
 def write_and_check(tmp_path, stack: LayerStack, name: str = "out.psd", **kw) -> dict:
     """Write with the default composite and check every reader plus the merged image."""
     names = kw.pop("_names", None)
@@ -128,10 +134,15 @@ def write_and_check(tmp_path, stack: LayerStack, name: str = "out.psd", **kw) ->
 
 
 def test_s1_unicode_names_luni_and_pascal_fallback(tmp_path) -> None:
-    names = ["レイヤー 😀", "שכבה עליונה", "e\u0301te\u0301 cafe\u0301", "x" * 40 + " long name over 31 bytes",
-             "一", "Ünïcödé façade"]
-    layers = [Layer(blob(12 + i, 15, (i / 6, 0.5, 1 - i / 6)), x=3 * i, y=2 * i, name=n)
-              for i, n in enumerate(names)]
+    names = [
+        "レイヤー 😀",
+        "שכבה עליונה",
+        "e\u0301te\u0301 cafe\u0301",
+        "x" * 40 + " long name over 31 bytes",
+        "一",
+        "Ünïcödé façade",
+    ]
+    layers = [Layer(blob(12 + i, 15, (i / 6, 0.5, 1 - i / 6)), x=3 * i, y=2 * i, name=n) for i, n in enumerate(names)]
     stack = LayerStack(40, 30, layers)
     out = write_and_check(tmp_path, stack)
     im_names = [f["name"] for f in imagemagick_result(out)["layers"]]
@@ -156,8 +167,18 @@ def test_s2_names_sanitised_with_warnings(tmp_path, caplog) -> None:
 
 
 def test_opacity_visibility_and_every_blend_key(tmp_path) -> None:
-    layers = [Layer(blob(8, 8, (0.2, 0.4, 0.6)), x=i % 6 * 5, y=i // 6 * 5, name=mode, blend_mode=mode,
-                    opacity=(i + 1) / 27, visible=i % 3 != 0) for i, mode in enumerate(BLEND_MODES)]
+    layers = [
+        Layer(
+            blob(8, 8, (0.2, 0.4, 0.6)),
+            x=i % 6 * 5,
+            y=i // 6 * 5,
+            name=mode,
+            blend_mode=mode,
+            opacity=(i + 1) / 27,
+            visible=i % 3 != 0,
+        )
+        for i, mode in enumerate(BLEND_MODES)
+    ]
     stack = LayerStack(32, 32, layers)
     path = write_psd(stack, tmp_path / "modes.psd", merged=np.zeros((32, 32, 4), np.float32))
     assert lint_psd(path) == []
@@ -208,9 +229,14 @@ def test_transparent_pixels_have_zero_rgb_and_merged_alpha_is_real(tmp_path) -> 
 
 
 def test_merged_defaults_to_our_composite(tmp_path) -> None:
-    stack = LayerStack(24, 20, [Layer(blob(20, 24, (0, 0, 1)), name="base"),
-                                Layer(blob(10, 10, (1, 0, 0)), x=5, y=4, name="mul", blend_mode="multiply",
-                                      opacity=0.7)])
+    stack = LayerStack(
+        24,
+        20,
+        [
+            Layer(blob(20, 24, (0, 0, 1)), name="base"),
+            Layer(blob(10, 10, (1, 0, 0)), x=5, y=4, name="mul", blend_mode="multiply", opacity=0.7),
+        ],
+    )
     path = write_psd(stack, tmp_path / "auto.psd")
     check_readers(path, stack, merged=composite(stack))
 
@@ -220,8 +246,11 @@ def test_s12_sixteen_bit_with_icc(tmp_path) -> None:
 
     from PIL import ImageCms
 
-    stack = LayerStack(20, 16, [Layer(rgba(8, 10, seed=7), x=2, y=3, name="16-bit 😀"),
-                                Layer(blob(16, 20, (0.3, 0.6, 0.9)), name="base")])
+    stack = LayerStack(
+        20,
+        16,
+        [Layer(rgba(8, 10, seed=7), x=2, y=3, name="16-bit 😀"), Layer(blob(16, 20, (0.3, 0.6, 0.9)), name="base")],
+    )
     out = write_and_check(tmp_path, stack, name="deep.psd", depth=16)
     assert imagemagick_result(out)["merged"]["depth"] == 16
     from psd_tools import PSDImage
@@ -230,8 +259,7 @@ def test_s12_sixteen_bit_with_icc(tmp_path) -> None:
     profile = ImageCms.ImageCmsProfile(BytesIO(icc))
     assert "sRGB" in ImageCms.getProfileDescription(profile)
     back = read_psd(tmp_path / "deep.psd")
-    np.testing.assert_allclose(back[0].pixels[..., 3], np.round(stack[0].pixels[..., 3] * 65535) / 65535,
-                               atol=1e-6)
+    np.testing.assert_allclose(back[0].pixels[..., 3], np.round(stack[0].pixels[..., 3] * 65535) / 65535, atol=1e-6)
 
 
 def test_raw_compression_is_also_valid(tmp_path) -> None:
@@ -240,6 +268,7 @@ def test_raw_compression_is_also_valid(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- validation and refusals (S8, S9, S11, S13)
+
 
 def test_s13_nan_pixels_raise_and_leave_no_file(tmp_path) -> None:
     px = rgba(6, 6)
@@ -291,6 +320,7 @@ def test_merged_shape_checked(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- atomicity (S6, S7, S14)
+
 
 def _stack() -> LayerStack:
     return LayerStack(16, 16, [Layer(rgba(8, 8, seed=i), x=i, y=i, name=f"l{i}") for i in range(4)])
@@ -362,7 +392,7 @@ def test_structure_details(tmp_path) -> None:
     data = path.read_bytes()
     assert data[:4] == b"8BPS" and struct.unpack(">H", data[12:14])[0] == 4
     i = data.index(b"luni")
-    (length,) = struct.unpack(">I", data[i + 4:i + 8])
+    (length,) = struct.unpack(">I", data[i + 4 : i + 8])
     assert length % 4 == 0
     ps = read_pytoshop(path)
     assert all(layer["channel_ids"] == [-1, 0, 1, 2] for layer in ps["layers"])

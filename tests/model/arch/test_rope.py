@@ -25,7 +25,7 @@ def test_spec_check_3_positions_640_n4() -> None:
     cols = img[:per_frame, 2].reshape(hp, wp)
     assert rows[:, 0].tolist() == list(range(-20, 20)) and bool((rows == rows[:, :1]).all())
     assert cols[0].tolist() == list(range(-20, 20)) and bool((cols == cols[:1]).all())
-    assert torch.equal(img[5 * per_frame:, 1:], img[:per_frame, 1:])  # the condition has its own centred grid
+    assert torch.equal(img[5 * per_frame :, 1:], img[:per_frame, 1:])  # the condition has its own centred grid
     assert txt[:, 0].tolist() == list(range(20, 32)) and bool((txt == txt[:, :1]).all())
 
 
@@ -65,11 +65,18 @@ def test_odd_grid_is_centred_like_diffusers() -> None:
 
 @pytest.mark.parametrize(
     ("axes", "layers", "hp", "wp", "txt_len"),
-    [((16, 56, 56), 4, 40, 40, 7), ((16, 56, 56), 3, 34, 46, 30), ((8, 12, 12), 20, 4, 4, 5),
-     ((8, 12, 12), 2, 3, 5, 1), ((8, 12, 12), 1, 6, 2, 9), ((8, 12, 12), 0, 4, 4, 0)],
+    [
+        ((16, 56, 56), 4, 40, 40, 7),
+        ((16, 56, 56), 3, 34, 46, 30),
+        ((8, 12, 12), 20, 4, 4, 5),
+        ((8, 12, 12), 2, 3, 5, 1),
+        ((8, 12, 12), 1, 6, 2, 9),
+        ((8, 12, 12), 0, 4, 4, 0),
+    ],
 )
-def test_tables_bit_identical_to_diffusers(axes: tuple[int, int, int], layers: int, hp: int, wp: int,
-                                           txt_len: int) -> None:
+def test_tables_bit_identical_to_diffusers(
+    axes: tuple[int, int, int], layers: int, hp: int, wp: int, txt_len: int
+) -> None:
     cfg = TransformerConfig(attention_head_dim=sum(axes), axes_dims_rope=axes)
     shapes = layered_img_shapes(layers, hp, wp)
     ref_img, ref_txt = QwenEmbedLayer3DRope(theta=10000, axes_dim=list(axes), scale_rope=True)(

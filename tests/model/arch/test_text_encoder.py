@@ -86,14 +86,21 @@ def test_bf16_runs_close_to_fp32(models) -> None:
 def test_parameter_names_and_shapes_match_transformers_7b_config() -> None:
     """The real Qwen2.5-VL-7B language model, built on meta: our names and shapes equal its stripped ones."""
     cfg = transformers.Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                         num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
-                         rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+        text_config=dict(
+            vocab_size=152064,
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-6,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]},
+        ),
         vision_config=dict(depth=1),
     )
     with torch.device("meta"):
         ref = transformers.Qwen2_5_VLForConditionalGeneration(cfg)
-    theirs = {k[len(LM_PREFIX):]: tuple(v.shape) for k, v in ref.state_dict().items() if k.startswith(LM_PREFIX)}
+    theirs = {k[len(LM_PREFIX) :]: tuple(v.shape) for k, v in ref.state_dict().items() if k.startswith(LM_PREFIX)}
     ours = TextEncoderConfig()
     assert ours.parameter_shapes() == theirs
     with torch.device("meta"):
@@ -105,9 +112,18 @@ def test_parameter_names_and_shapes_match_transformers_7b_config() -> None:
 
 
 def test_config_from_transformers_json() -> None:
-    v5 = {"text_config": {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944,
-                          "num_hidden_layers": 28, "num_attention_heads": 28, "num_key_value_heads": 4,
-                          "rms_norm_eps": 1e-6, "rope_parameters": {"rope_theta": 1e6}}}
+    v5 = {
+        "text_config": {
+            "vocab_size": 152064,
+            "hidden_size": 3584,
+            "intermediate_size": 18944,
+            "num_hidden_layers": 28,
+            "num_attention_heads": 28,
+            "num_key_value_heads": 4,
+            "rms_norm_eps": 1e-6,
+            "rope_parameters": {"rope_theta": 1e6},
+        }
+    }
     v4 = {**v5["text_config"], "rope_theta": 1e6, "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
     del v4["rope_parameters"]
     assert TextEncoderConfig.from_transformers_config(v5) == TextEncoderConfig()

@@ -42,8 +42,15 @@ def ours(saved: Path) -> QwenImageLayeredTransformer:
 
 def run_reference(model: torch.nn.Module, x, txt, mask, sigma, shapes, t_cond) -> torch.Tensor:
     with torch.no_grad():
-        return model(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=mask, timestep=sigma,
-                     img_shapes=shapes, additional_t_cond=t_cond, return_dict=False)[0]
+        return model(
+            hidden_states=x,
+            encoder_hidden_states=txt,
+            encoder_hidden_states_mask=mask,
+            timestep=sigma,
+            img_shapes=shapes,
+            additional_t_cond=t_cond,
+            return_dict=False,
+        )[0]
 
 
 def inputs(layers: int, hp: int, wp: int, txt_len: int, batch: int = 1, seed: int = 1):
@@ -148,8 +155,10 @@ def test_batch_with_different_text_lengths(reference, ours) -> None:
     ref = run_reference(reference, x, txt, mask, sigma, shapes, cond)
     with torch.inference_mode():
         out = ours(x, txt, mask, sigma, shapes, cond)
-        singles = [ours(x[i:i + 1], txt[i:i + 1, : int(mask[i].sum())], None, sigma[i:i + 1], shapes[0], cond[i:i + 1])
-                   for i in range(2)]
+        singles = [
+            ours(x[i : i + 1], txt[i : i + 1, : int(mask[i].sum())], None, sigma[i : i + 1], shapes[0], cond[i : i + 1])
+            for i in range(2)
+        ]
     torch.testing.assert_close(out, ref, rtol=0, atol=ATOL)
     torch.testing.assert_close(out, torch.cat(singles), rtol=0, atol=ATOL)
 
@@ -233,8 +242,10 @@ def test_from_shapes_and_from_json(reference) -> None:
 
 
 def test_foreign_checkpoints_raise_model_mismatch() -> None:
-    unet = {"model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
-            "model.diffusion_model.out.2.weight": (4, 320, 3, 3)}
+    unet = {
+        "model.diffusion_model.input_blocks.0.0.weight": (320, 4, 3, 3),
+        "model.diffusion_model.out.2.weight": (4, 320, 3, 3),
+    }
     with pytest.raises(ModelMismatchError, match=r"sd15\.safetensors.*UNet.*missing keys img_in\.weight"):
         TransformerConfig.from_shapes(unet, "sd15.safetensors")
     vae = {"encoder.conv_in.weight": (96, 3, 3, 3, 3), "decoder.conv_out.weight": (3, 96, 3, 3, 3)}
@@ -253,8 +264,10 @@ def test_foreign_checkpoints_raise_model_mismatch() -> None:
 
 def test_non_layered_configs_are_refused() -> None:
     with pytest.raises(ModelMismatchError, match="text-to-image or edit"):
-        TransformerConfig.from_json({"_class_name": "QwenImageTransformer2DModel", "use_additional_t_cond": False,
-                                     "use_layer3d_rope": False}, "transformer/config.json")
+        TransformerConfig.from_json(
+            {"_class_name": "QwenImageTransformer2DModel", "use_additional_t_cond": False, "use_layer3d_rope": False},
+            "transformer/config.json",
+        )
     with pytest.raises(ModelMismatchError, match="Edit-2511"):
         QwenImageLayeredTransformer(tiny_transformer_config(zero_cond_t=True))
     with pytest.raises(ModelMismatchError, match="expected 'QwenImageTransformer2DModel'"):

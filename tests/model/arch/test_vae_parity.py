@@ -8,6 +8,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKLQwenImage
 from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
+from reference_models import tiny_diffusers_vae
 from safetensors.torch import save_file
 
 from qil_core.model.arch.vae import LATENTS_MEAN, LATENTS_STD, RGBAVAE, VAEConfig
@@ -18,18 +19,8 @@ TOL = 1e-5
 
 
 def tiny_reference_vae(seed: int = 0, num_res_blocks: int = 2, input_channels: int = 4) -> AutoencoderKLQwenImage:
-    """A small random AutoencoderKLQwenImage (base_dim 16, z_dim 16, dims 16/32/64/64), every parameter randomised."""
-    torch.manual_seed(seed)
-    vae = AutoencoderKLQwenImage(
-        base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=num_res_blocks, input_channels=input_channels
-    ).eval()
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return vae
+    """A small random AutoencoderKLQwenImage (base_dim 16, z_dim 16, dims 16/32/64/64), norms and biases random."""
+    return tiny_diffusers_vae(seed, base_dim=16, num_res_blocks=num_res_blocks, input_channels=input_channels)
 
 
 def wan_state_dict(vae: AutoencoderKLQwenImage, num_res_blocks: int) -> dict[str, torch.Tensor]:
@@ -79,6 +70,7 @@ def test_encode_decode_match_diffusers_from_folder(saved, hw: tuple[int, int]) -
     assert float(out.abs().max()) <= 1.0 and float(expected.abs().amax()) > 0.05  # clamped, and not all zero
 
 
+@pytest.mark.slow
 def test_wan_single_file_loads_and_agrees(saved) -> None:
     ref, folder, wan_file = saved
     a, b = load_vae(folder), load_vae(wan_file)
@@ -140,6 +132,7 @@ def test_config_from_shapes_round_trips(kwargs: dict) -> None:
     assert shapes == {k: tuple(v.shape) for k, v in ours.state_dict().items()}
 
 
+@pytest.mark.slow
 def test_time_conv_weights_do_not_matter(saved) -> None:
     _, folder, _ = saved
     vae = load_vae(folder)
@@ -152,6 +145,7 @@ def test_time_conv_weights_do_not_matter(saved) -> None:
         assert torch.equal(vae.decode(z), before)
 
 
+@pytest.mark.slow
 def test_decode_one_layer_at_a_time_equals_batch(saved) -> None:
     _, folder, _ = saved
     vae = load_vae(folder)

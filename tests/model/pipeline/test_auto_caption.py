@@ -62,13 +62,13 @@ def test_empty_prompt_is_captioned_logged_and_returned(models, layout, caplog: p
     images = [_img(0), _img(1)]
     with caplog.at_level(logging.INFO):
         out = decompose(model, np.stack(images), prompt="", caption_language="zh", **FAST)
-    captions = [s.caption for s in out]
+    captions = [s.metadata.get("caption") for s in out]
     assert len(captions) == 2 and all(isinstance(c, str) and c for c in captions)
     assert "auto-caption of image 0" in caplog.text and captions[0] in caplog.text
     # the same caption typed as the prompt gives the same layers (the caption was the conditioning)
     typed = decompose(model, images[0][None], prompt=captions[0], **FAST)
     again = decompose(model, images[0][None], prompt=None, caption_language="zh", **FAST)
-    assert again[0].caption == captions[0] and typed[0].caption is None
+    assert again[0].metadata.get("caption") == captions[0] and typed[0].metadata.get("caption") is None
     for a, b in zip(typed[0].layers, again[0].layers, strict=True):
         assert np.array_equal(a.pixels, b.pixels)
     # direct captioning of the resized input equals what decompose used
@@ -78,7 +78,7 @@ def test_empty_prompt_is_captioned_logged_and_returned(models, layout, caplog: p
 
 def test_auto_caption_off_and_bad_options(models) -> None:
     out = decompose(models["comfyui"], _img()[None], prompt="", auto_caption=False, **FAST)
-    assert out[0].caption is None
+    assert out[0].metadata.get("caption") is None
     with pytest.raises(InputError, match="caption_language"):
         decompose(models["comfyui"], _img()[None], prompt="", caption_language="fr", **FAST)
     with pytest.raises(InputError, match="auto_caption"):
@@ -90,5 +90,5 @@ def test_decompose_layer_captions_the_layer(models) -> None:
     px[8:56, 10:90] = (0.8, 0.3, 0.2, 1.0)
     stack = LayerStack(96, 64, [Layer(pixels=px, name="art")])
     out = decompose_layer(models["comfyui"], stack, 0, prompt=" ", **{k: v for k, v in FAST.items() if k != "layers"})
-    assert isinstance(out.caption, str) and out.caption
+    assert isinstance(out.metadata.get("caption"), str) and out.metadata.get("caption")
     assert len(out) == 2

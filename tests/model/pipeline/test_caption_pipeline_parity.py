@@ -21,8 +21,8 @@ import torch
 from caption_tiny import reference_processor
 from PIL import Image
 from qwen_tiny import build_reference
-from reference_models import tiny_diffusers_transformer
-from test_pipeline_parity import STEPS, _assert_layers_match, _image, _tiny_vae, model, pipe  # noqa: F401
+from reference_models import tiny_diffusers_transformer, tiny_diffusers_vae
+from test_pipeline_parity import STEPS, _assert_layers_match, _image, model, pipe  # noqa: F401
 
 from qil_core.layers.composite import paste_layer
 from qil_core.model.pipeline.decompose import decompose
@@ -36,7 +36,7 @@ def saved(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path
     """The parity test's diffusers folder, with a text encoder whose captions end early."""
     root = tmp_path_factory.mktemp("layered_caption")
     tiny_diffusers_transformer(seed=0, joint_attention_dim=64).save_pretrained(root / "transformer")
-    _tiny_vae(seed=1).save_pretrained(root / "vae")
+    tiny_diffusers_vae(seed=1).save_pretrained(root / "vae")
     te = build_reference(seed=2)
     with torch.no_grad():
         te.lm_head.weight[IM_END] *= -3.5
@@ -68,7 +68,7 @@ def test_empty_prompt_matches_the_reference(pipe, model, tokenizer_dir, prompt, 
     w, h = ours[0].size
     prompt_image = pipe.image_processor.resize(Image.fromarray(img, "RGBA"), h, w)
     caption = pipe.get_image_caption(prompt_image, use_en_prompt=language == "en", device="cpu")
-    assert ours[0].caption == caption
+    assert ours[0].metadata.get("caption") == caption
     assert 5 < len(pipe.tokenizer(caption)["input_ids"]) < 200
     if language == "en":
         _assert_layers_match(ref, ours[0])

@@ -19,8 +19,13 @@ OPTS = dict(prompt="a round badge", steps=2, resolution="custom", max_side=96, s
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
     paths = write_tiny_model(tmp_path_factory.mktemp("tiny"), layout="comfyui", seed=7)
-    return load_model(transformer=paths["transformer"], vae=paths["vae"], text_encoder=paths["text_encoder"],
-                      dtype=torch.float32, device="cpu")
+    return load_model(
+        transformer=paths["transformer"],
+        vae=paths["vae"],
+        text_encoder=paths["text_encoder"],
+        dtype=torch.float32,
+        device="cpu",
+    )
 
 
 def _disc(w: int, h: int, soft: bool = True) -> np.ndarray:
@@ -62,11 +67,14 @@ def test_splices_sub_layers_in_place(model, stack: LayerStack) -> None:
 
 @pytest.mark.slow
 def test_equals_decompose_of_the_layer_pixels_clipped_to_its_alpha(model, stack: LayerStack) -> None:
-    """The sub-layers are decompose() of the parent's pixels at their size, alpha = min(sub, parent), moved."""
-    out = decompose_layer(model, stack, "Badge", layers=2, **OPTS)
+    """The sub-layers are decompose() of the parent's pixels at their size, alpha = min(sub, parent), moved.
+
+    (recompose="model": the model's own colours; test_recompose.py covers the exact default.)
+    """
+    out = decompose_layer(model, stack, "Badge", layers=2, recompose="model", **OPTS)
     parent = stack.layers[1].cropped()  # the input is the layer cropped to its content
     assert parent.width < 60 and parent.height < 40
-    direct = decompose(model, parent.pixels, layers=2, output_size="original", **OPTS)[0]
+    direct = decompose(model, parent.pixels, layers=2, output_size="original", recompose="model", **OPTS)[0]
     for n, sub in enumerate(direct.layers):
         px = paste_layer(np.zeros((parent.height, parent.width, 4), np.float32), sub)
         px[..., 3] = np.minimum(px[..., 3], parent.alpha)

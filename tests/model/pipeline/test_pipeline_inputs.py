@@ -36,8 +36,13 @@ FAST = dict(steps=2, resolution="custom", max_side=96, layers=2)  # 96x64 px: 6x
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
     paths = write_tiny_model(tmp_path_factory.mktemp("tiny"), layout="comfyui", seed=3)
-    return load_model(transformer=paths["transformer"], vae=paths["vae"], text_encoder=paths["text_encoder"],
-                      dtype=torch.float32, device="cpu")
+    return load_model(
+        transformer=paths["transformer"],
+        vae=paths["vae"],
+        text_encoder=paths["text_encoder"],
+        dtype=torch.float32,
+        device="cpu",
+    )
 
 
 def _img(h: int = 64, w: int = 96, c: int = 3, seed: int = 0) -> np.ndarray:
@@ -57,6 +62,7 @@ def _same(a, b) -> None:
 # --- input conversion (D1, D2, D7, D8, D9) --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_d1_rgb_float_batch_gives_n_layers_of_the_bucket_size(model) -> None:
     out = decompose(model, torch.from_numpy(_img())[None], prompt="a scene", **FAST)
     assert len(out) == 1 and out[0].size == (96, 64) and len(out[0]) == 2
@@ -87,6 +93,7 @@ def test_d2_channels_batch_axis_and_mask() -> None:
         prepare_images(rgb, mask=np.zeros((64, 32), np.float32))
 
 
+@pytest.mark.slow
 def test_d2_gray_input_decomposes(model) -> None:
     out = decompose(model, _img(c=1)[None], prompt="gray", **FAST)
     assert len(out[0]) == 2
@@ -115,7 +122,7 @@ def test_d8_dtypes_and_layouts_convert_identically() -> None:
     wide[:, ::2] = f32
     assert not wide[:, ::2].is_contiguous()
     assert np.array_equal(prepare_images(wide[:, ::2])[0], ref)
-    u16 = (u8.astype(np.uint16) * 257)
+    u16 = u8.astype(np.uint16) * 257
     assert np.array_equal(prepare_images(u16)[0], ref)
     with pytest.raises(InputError, match="dtype int32"):
         prepare_images(u8.astype(np.int32))
@@ -142,11 +149,19 @@ def test_d9_almost_constant_input_warns(caplog: pytest.LogCaptureFixture) -> Non
 # --- sizes (D4, D5, D6) ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "res", "want"), [
-    ((640, 640), 640, (640, 640)), ((1024, 768), 640, (736, 544)), ((1536, 1024), 640, (768, 512)),
-    ((1920, 1080), 640, (864, 480)), ((1024, 1024), 1024, (1024, 1024)), ((1920, 1080), 1024, (1376, 768)),
-    ((999, 577), 640, (832, 480)), ((577, 999), 640, (480, 832)),
-])
+@pytest.mark.parametrize(
+    ("size", "res", "want"),
+    [
+        ((640, 640), 640, (640, 640)),
+        ((1024, 768), 640, (736, 544)),
+        ((1536, 1024), 640, (768, 512)),
+        ((1920, 1080), 640, (864, 480)),
+        ((1024, 1024), 1024, (1024, 1024)),
+        ((1920, 1080), 1024, (1376, 768)),
+        ((999, 577), 640, (832, 480)),
+        ((577, 999), 640, (480, 832)),
+    ],
+)
 def test_bucket_sizes_match_the_reference(size: tuple[int, int], res: int, want: tuple[int, int]) -> None:
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import calculate_dimensions
 
@@ -185,6 +200,7 @@ def test_d5_extreme_aspect_ratios_are_refused(model) -> None:
             decompose(model, np.zeros((h, w, 3), np.uint8), prompt="x", **FAST)
 
 
+@pytest.mark.slow
 def test_d6_output_mapping_is_estimated_before_sampling(model, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(InputError, match="needs up to 25.60 GB"):
         check_output_size(4, 20_000, 20_000, available=24 * 2**30)
@@ -202,18 +218,29 @@ def test_d6_output_mapping_is_estimated_before_sampling(model, monkeypatch: pyte
 # --- parameters (D10, D12, D14) -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("name", "value", "match"), [
-    ("layers", 0, "layers must be in 1..20"), ("layers", 21, "layers must be in 1..20"),
-    ("layers", -3, "layers must be in 1..20"), ("layers", math.nan, "layers must be an integer in 1..20"),
-    ("layers", 2.5, "layers must be an integer"), ("layers", True, "layers must be an integer"),
-    ("steps", 0, r"steps must be in 1..1000"), ("steps", 1001, r"steps must be in 1..1000"),
-    ("cfg", math.nan, "cfg must be a finite number in 1..100"), ("cfg", 0.5, "cfg must be a finite number"),
-    ("cfg", math.inf, "cfg must be a finite"), ("cfg", "4", "cfg must be a number"),
-    ("seed", math.nan, "seed must be an integer"), ("seed", 1.5, "seed must be an integer"),
-    ("seed", "7", "seed must be an integer"), ("resolution", 512, "resolution must be 640, 1024 or 'custom'"),
-    ("output_size", "full", "output_size must be 'processing' or 'original'"),
-    ("cfg_batch", "yes", "cfg_batch must be True, False or 'auto'"),
-])
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        ("layers", 0, "layers must be in 1..20"),
+        ("layers", 21, "layers must be in 1..20"),
+        ("layers", -3, "layers must be in 1..20"),
+        ("layers", math.nan, "layers must be an integer in 1..20"),
+        ("layers", 2.5, "layers must be an integer"),
+        ("layers", True, "layers must be an integer"),
+        ("steps", 0, r"steps must be in 1..1000"),
+        ("steps", 1001, r"steps must be in 1..1000"),
+        ("cfg", math.nan, "cfg must be a finite number in 1..100"),
+        ("cfg", 0.5, "cfg must be a finite number"),
+        ("cfg", math.inf, "cfg must be a finite"),
+        ("cfg", "4", "cfg must be a number"),
+        ("seed", math.nan, "seed must be an integer"),
+        ("seed", 1.5, "seed must be an integer"),
+        ("seed", "7", "seed must be an integer"),
+        ("resolution", 512, "resolution must be 640, 1024 or 'custom'"),
+        ("output_size", "full", "output_size must be 'processing' or 'original'"),
+        ("cfg_batch", "yes", "cfg_batch must be True, False or 'auto'"),
+    ],
+)
 def test_d10_parameters_are_validated_with_their_range(model, name: str, value: object, match: str) -> None:
     kwargs = {**FAST, name: value}
     with pytest.raises(InputError, match=match):
@@ -231,8 +258,10 @@ def test_d14_missing_model() -> None:
 def test_d12_seeds_are_deterministic_and_taken_modulo_2_64(model) -> None:
     a = decompose(model, _img(), prompt="x", seed=-1, **FAST)[0]
     _same(a, decompose(model, _img(), prompt="x", seed=2**64 - 1, **FAST)[0])
-    _same(decompose(model, _img(), prompt="x", seed=2**64 + 5, **FAST)[0],
-          decompose(model, _img(), prompt="x", seed=5.0, **FAST)[0])
+    _same(
+        decompose(model, _img(), prompt="x", seed=2**64 + 5, **FAST)[0],
+        decompose(model, _img(), prompt="x", seed=5.0, **FAST)[0],
+    )
     other = decompose(model, _img(), prompt="x", seed=6, **FAST)[0]
     assert not np.array_equal(a.layers[0].pixels, other.layers[0].pixels)
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 from qwen_tiny import build_reference
-from reference_models import layered_scheduler, tiny_diffusers_transformer
+from reference_models import layered_scheduler, tiny_diffusers_transformer, tiny_diffusers_vae
 
 from qil_core.layers.composite import paste_layer
 from qil_core.layers.stack import LayerStack
@@ -31,27 +31,14 @@ PROMPT = "a red fox sitting in front of a small blue house"
 STEPS = 2
 
 
-def _tiny_vae(seed: int):
-    """A small random AutoencoderKLQwenImage: base width 8, one residual block per stage, norms and biases random."""
-    torch.manual_seed(seed)
-    vae = diffusers.AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1,
-                                           input_channels=4).eval()
-    with torch.no_grad():
-        for name, p in vae.named_parameters():
-            if name.endswith("gamma"):
-                p.copy_(1.0 + 0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.copy_(0.05 * torch.randn_like(p))
-    return vae
-
-
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """A diffusers pipeline folder written by diffusers/transformers themselves (sharded transformer)."""
     root = tmp_path_factory.mktemp("layered")
-    tiny_diffusers_transformer(seed=0, joint_attention_dim=64).save_pretrained(root / "transformer",
-                                                                               max_shard_size="40KB")
-    _tiny_vae(seed=1).save_pretrained(root / "vae")
+    tiny_diffusers_transformer(seed=0, joint_attention_dim=64).save_pretrained(
+        root / "transformer", max_shard_size="40KB"
+    )
+    tiny_diffusers_vae(seed=1).save_pretrained(root / "vae")
     build_reference(seed=2).save_pretrained(root / "text_encoder")
     shutil.copytree(tokenizer_dir, root / "tokenizer")
     (root / "model_index.json").write_text(json.dumps({"_class_name": "QwenImageLayeredPipeline"}))
@@ -111,12 +98,30 @@ def _assert_layers_match(ref_images: list, stack: LayerStack) -> None:
 @pytest.mark.slow
 def test_decompose_matches_reference_with_cfg_normalize(pipe, model) -> None:
     img = _image(0)
-    ref = pipe(image=Image.fromarray(img, "RGBA"), prompt=PROMPT, negative_prompt=" ", true_cfg_scale=4.0, layers=2,
-               num_inference_steps=STEPS, generator=torch.Generator().manual_seed(42), resolution=640,
-               cfg_normalize=True).images[0]
+    ref = pipe(
+        image=Image.fromarray(img, "RGBA"),
+        prompt=PROMPT,
+        negative_prompt=" ",
+        true_cfg_scale=4.0,
+        layers=2,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(42),
+        resolution=640,
+        cfg_normalize=True,
+    ).images[0]
     calls = []
-    ours = decompose(model, img, prompt=PROMPT, layers=2, steps=STEPS, cfg=4.0, cfg_normalize=True, seed=42,
-                     resolution=640, callback=lambda s, t: calls.append((s, t)))
+    ours = decompose(
+        model,
+        img,
+        prompt=PROMPT,
+        layers=2,
+        steps=STEPS,
+        cfg=4.0,
+        cfg_normalize=True,
+        seed=42,
+        resolution=640,
+        callback=lambda s, t: calls.append((s, t)),
+    )
     assert len(ours) == 1 and ours[0].size == (736, 544)
     assert [layer.name for layer in ours[0]] == ["Background", "Layer 1"]
     assert calls == [(1, STEPS), (2, STEPS)]
@@ -129,13 +134,36 @@ def test_decompose_matches_reference_with_embeddings_no_normalize(pipe, model) -
     img = _image(1)
     pos, pos_mask = pipe.encode_prompt(PROMPT, device=torch.device("cpu"))
     neg, neg_mask = pipe.encode_prompt(" ", device=torch.device("cpu"))
-    ref = pipe(image=Image.fromarray(img, "RGBA"), prompt="(ignored: embeddings are given)", prompt_embeds=pos,
-               prompt_embeds_mask=pos_mask, negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask,
-               true_cfg_scale=3.0, layers=3, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(5),
-               resolution=640, cfg_normalize=False).images[0]
-    ours = decompose(model, torch.from_numpy(img.astype(np.float32) / 255)[None], prompt_embeds=pos,
-                     prompt_mask=pos_mask, negative_prompt=None, negative_embeds=neg, negative_mask=neg_mask,
-                     layers=3, steps=STEPS, cfg=3.0, cfg_normalize=False, seed=5, resolution=640, cfg_batch=False)
+    ref = pipe(
+        image=Image.fromarray(img, "RGBA"),
+        prompt="(ignored: embeddings are given)",
+        prompt_embeds=pos,
+        prompt_embeds_mask=pos_mask,
+        negative_prompt_embeds=neg,
+        negative_prompt_embeds_mask=neg_mask,
+        true_cfg_scale=3.0,
+        layers=3,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(5),
+        resolution=640,
+        cfg_normalize=False,
+    ).images[0]
+    ours = decompose(
+        model,
+        torch.from_numpy(img.astype(np.float32) / 255)[None],
+        prompt_embeds=pos,
+        prompt_mask=pos_mask,
+        negative_prompt=None,
+        negative_embeds=neg,
+        negative_mask=neg_mask,
+        layers=3,
+        steps=STEPS,
+        cfg=3.0,
+        cfg_normalize=False,
+        seed=5,
+        resolution=640,
+        cfg_batch=False,
+    )
     assert [layer.name for layer in ours[0]] == ["Background", "Layer 1", "Layer 2"]
     _assert_layers_match(ref, ours[0])
 
@@ -148,9 +176,17 @@ def test_batch_is_grouped_correctly_unlike_the_reference(pipe, model) -> None:
     reference's layers b*N..(b+1)*N-1 (test_pipeline_inputs checks them against single-image runs).
     """
     imgs = [_image(2), _image(3)]
-    ref = pipe(image=[Image.fromarray(i, "RGBA") for i in imgs], prompt=[PROMPT, PROMPT], negative_prompt=[" ", " "],
-               true_cfg_scale=4.0, layers=1, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(9),
-               resolution=640, cfg_normalize=True).images
+    ref = pipe(
+        image=[Image.fromarray(i, "RGBA") for i in imgs],
+        prompt=[PROMPT, PROMPT],
+        negative_prompt=[" ", " "],
+        true_cfg_scale=4.0,
+        layers=1,
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(9),
+        resolution=640,
+        cfg_normalize=True,
+    ).images
     assert [len(g) for g in ref] == [2, 0]  # the reference bug: image 0 gets both images' layers, image 1 none
     ours = decompose(model, np.stack(imgs), prompt=PROMPT, layers=1, steps=STEPS, seed=9, resolution=640)
     assert len(ours) == 2 and [len(s) for s in ours] == [1, 1]

@@ -41,8 +41,12 @@ def pipe(models, tokenizer_dir: Path):
     from transformers import AutoTokenizer
 
     return diffusers.QwenImageLayeredPipeline(
-        scheduler=None, vae=None, text_encoder=models[0], tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)),
-        processor=None, transformer=None,
+        scheduler=None,
+        vae=None,
+        text_encoder=models[0],
+        tokenizer=AutoTokenizer.from_pretrained(str(tokenizer_dir)),
+        processor=None,
+        transformer=None,
     )
 
 

@@ -68,8 +68,17 @@ class RecordingPlacement(ResidentPlacement):
 def test_no_condition_segment_and_the_schedule_of_one_frame(model) -> None:
     placement = RecordingPlacement()
     assert isinstance(placement, Placement)
-    stack = text_to_layers(model, "a red kite over the sea", width=96, height=64, layers=3, steps=3, cfg=4.0,
-                           cfg_batch=False, placement=placement)
+    stack = text_to_layers(
+        model,
+        "a red kite over the sea",
+        width=96,
+        height=64,
+        layers=3,
+        steps=3,
+        cfg=4.0,
+        cfg_batch=False,
+        placement=placement,
+    )
     assert stack.size == (96, 64) and [layer.name for layer in stack] == ["Background", "Layer 1", "Layer 2"]
     calls = placement.recorder.calls
     assert len(calls) == 6  # 3 steps x (positive, negative)
@@ -92,6 +101,7 @@ def test_rope_text_start_without_condition() -> None:
     assert sorted(set(img[:, 0].tolist())) == [0, 1, 2, 3, 4, 5] and txt[0].tolist() == [6, 6, 6]
 
 
+@pytest.mark.slow
 def test_deterministic_seeded_and_composite_kept(model) -> None:
     kw = dict(width=64, height=64, layers=2, steps=2)
     a = text_to_layers(model, "x", seed=3, **kw)
@@ -123,6 +133,7 @@ def test_callback_and_embeddings(model) -> None:
     text_to_layers(model, "x", width=64, height=64, layers=1, steps=3, callback=lambda s, t: calls.append((s, t)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
     emb = torch.randn(1, 4, 128)
-    out = text_to_layers(model, prompt_embeds=emb, negative_embeds=torch.zeros(1, 2, 128), width=64, height=64,
-                         layers=2, steps=1)
+    out = text_to_layers(
+        model, prompt_embeds=emb, negative_embeds=torch.zeros(1, 2, 128), width=64, height=64, layers=2, steps=1
+    )
     assert len(out) == 2

@@ -67,8 +67,9 @@ def test_bf16_on_48gb_offloads_with_eviction() -> None:
 
 def test_offload_eviction_makes_room_in_lru_order() -> None:
     te, dit, vae = (torch.nn.Linear(n, 100, bias=False) for n in (300, 500, 10))  # 120, 200, 4 KB of fp32
-    placement = OffloadPlacement("cpu", keep=("text_encoder", "transformer", "vae"), budget_bytes=320_000,
-                                 work_bytes={"transformer": 5_000})
+    placement = OffloadPlacement(
+        "cpu", keep=("text_encoder", "transformer", "vae"), budget_bytes=320_000, work_bytes={"transformer": 5_000}
+    )
     for name, module in (("text_encoder", te), ("vae", vae)):
         with placement.use(name, module):
             pass
@@ -119,8 +120,14 @@ def test_never_oversubscribes() -> None:
         free = rng.randint(1, 100) * GB
         mode = rng.choice(mp.MODES)
         try:
-            plan = mp.plan_memory(free_device_bytes=free, free_ram_bytes=None, component_bytes=comp, mode=mode,
-                                  activation_bytes=rng.randint(0, 5) * GB, block_bytes=[comp["transformer"] // n] * n)
+            plan = mp.plan_memory(
+                free_device_bytes=free,
+                free_ram_bytes=None,
+                component_bytes=comp,
+                mode=mode,
+                activation_bytes=rng.randint(0, 5) * GB,
+                block_bytes=[comp["transformer"] // n] * n,
+            )
         except ResourceError as e:
             assert "not enough device memory" in str(e)
             continue
@@ -138,8 +145,9 @@ def test_cpu_and_unknown_memory_stay_resident() -> None:
     assert plan.mode == "resident" and isinstance(plan.placement(), ResidentPlacement)
     plan = _real(BF16, BLOCK_BF16, 640, 640, 4, free_device_bytes=None)
     assert plan.mode == "resident" and "unknown" in plan.notes[0]
-    plan = _real(BF16, BLOCK_BF16, 640, 640, 4, free_device_bytes=None, device="cpu", mode="block_swap",
-                 resident_blocks=3)
+    plan = _real(
+        BF16, BLOCK_BF16, 640, 640, 4, free_device_bytes=None, device="cpu", mode="block_swap", resident_blocks=3
+    )
     assert plan.mode == "block_swap" and plan.placement().resident_blocks == 3
 
 
@@ -157,8 +165,13 @@ def test_cfg_batch_fits() -> None:
 
 
 def _model() -> SimpleNamespace:
-    return SimpleNamespace(transformer=random_transformer(), vae=tiny_vae(), text_encoder=None,
-                           device=torch.device("cpu"), dtype=torch.float32)
+    return SimpleNamespace(
+        transformer=random_transformer(),
+        vae=tiny_vae(),
+        text_encoder=None,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+    )
 
 
 def test_plan_for_model_measures_the_modules() -> None:
@@ -166,19 +179,31 @@ def test_plan_for_model_measures_the_modules() -> None:
     dit, vae = model.transformer, model.vae
     blocks = mp.transformer_block_bytes(dit)
     assert len(blocks) == 3 and 0 < sum(blocks) < mp.module_bytes(dit)
-    act = mp.estimate_activation_bytes(mp.image_tokens(64, 64, 2) + 200, width=dit.config.inner_dim,
-                                       dtype=torch.float32)
-    plan = mp.plan_for_model(model, width=64, height=64, layers=2, device="cuda", free_device_bytes=10 * GB,
-                             free_ram_bytes=10 * GB)
+    act = mp.estimate_activation_bytes(
+        mp.image_tokens(64, 64, 2) + 200, width=dit.config.inner_dim, dtype=torch.float32
+    )
+    plan = mp.plan_for_model(
+        model, width=64, height=64, layers=2, device="cuda", free_device_bytes=10 * GB, free_ram_bytes=10 * GB
+    )
     weights = mp.module_bytes(dit) + mp.module_bytes(vae)
     assert plan.mode == "resident" and plan.phase_bytes == {
-        "transformer": weights + act, "vae": weights + mp.estimate_vae_decode_bytes(64, 64, dtype=torch.float32)}
-    batched = mp.plan_for_model(model, width=64, height=64, layers=2, device="cuda", free_device_bytes=10 * GB,
-                                cfg_batch=True)
+        "transformer": weights + act,
+        "vae": weights + mp.estimate_vae_decode_bytes(64, 64, dtype=torch.float32),
+    }
+    batched = mp.plan_for_model(
+        model, width=64, height=64, layers=2, device="cuda", free_device_bytes=10 * GB, cfg_batch=True
+    )
     assert batched.work_bytes["transformer"] == 2 * act
     # a device a little short of holding everything at once: components take turns
-    tight = mp.plan_for_model(model, width=64, height=64, layers=2, device="cuda", free_ram_bytes=10 * GB,
-                              free_device_bytes=int((plan.phase_bytes["vae"] - 1 + mp.RESERVE_BYTES) / 0.95))
+    tight = mp.plan_for_model(
+        model,
+        width=64,
+        height=64,
+        layers=2,
+        device="cuda",
+        free_ram_bytes=10 * GB,
+        free_device_bytes=int((plan.phase_bytes["vae"] - 1 + mp.RESERVE_BYTES) / 0.95),
+    )
     assert tight.mode == "offload" and tight.peak_bytes <= tight.budget_bytes < plan.peak_bytes
 
 
@@ -186,8 +211,9 @@ def test_plan_for_model_measures_the_modules() -> None:
 def bundle():
     from qil_core.model.loader import QwenLayeredModel
 
-    return QwenLayeredModel(random_transformer(seed=5), tiny_vae(seed=6), dtype=torch.float32,
-                            device=torch.device("cpu"))
+    return QwenLayeredModel(
+        random_transformer(seed=5), tiny_vae(seed=6), dtype=torch.float32, device=torch.device("cpu")
+    )
 
 
 def _decompose(bundle, placement, cfg_batch: bool) -> list[tuple[int, int, np.ndarray]]:
@@ -196,11 +222,23 @@ def _decompose(bundle, placement, cfg_batch: bool) -> list[tuple[int, int, np.nd
     gen = torch.Generator().manual_seed(2)
     img = (np.random.default_rng(0).random((64, 64, 4)) * 255).astype(np.uint8)
     pos, neg = torch.randn(1, 5, 48, generator=gen), torch.randn(1, 3, 48, generator=gen)
-    stack = decompose(bundle, img, prompt_embeds=pos, negative_embeds=neg, layers=2, steps=2, resolution="custom",
-                      max_side=64, placement=placement, cfg_batch=cfg_batch, seed=7)[0]
+    stack = decompose(
+        bundle,
+        img,
+        prompt_embeds=pos,
+        negative_embeds=neg,
+        layers=2,
+        steps=2,
+        resolution="custom",
+        max_side=64,
+        placement=placement,
+        cfg_batch=cfg_batch,
+        seed=7,
+    )[0]
     return [(layer.x, layer.y, layer.pixels) for layer in stack.layers]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg_batch", [False, True], ids=["sequential-cfg", "batched-cfg"])
 def test_decompositions_identical_across_modes(bundle, cfg_batch: bool) -> None:
     plans = {
@@ -227,6 +265,8 @@ def test_pipeline_auto_cfg_batch_uses_cfg_batch_fits(monkeypatch: pytest.MonkeyP
     for free, expected in ((need // 2, False), (10 * need + 2 * mp.RESERVE_BYTES, True)):
         monkeypatch.setenv("QIL_ASSUME_FREE_RAM", str(free))
         assert choose_cfg_batch("auto", dit, tokens, torch.float32, torch.device("cpu")) is expected
-        assert mp.cfg_batch_fits(tokens, free_device_bytes=free, width=dit.config.inner_dim,
-                                 dtype=torch.float32) is expected
+        assert (
+            mp.cfg_batch_fits(tokens, free_device_bytes=free, width=dit.config.inner_dim, dtype=torch.float32)
+            is expected
+        )
     assert choose_cfg_batch(True, dit, tokens, torch.float32, torch.device("cpu")) is True

@@ -43,8 +43,11 @@ def reference(model: torch.nn.Module, inputs: dict) -> torch.Tensor:
 PLACEMENTS = {
     "offload": lambda: OffloadPlacement("cpu"),
     "offload-keep": lambda: OffloadPlacement("cpu", keep=("transformer",)),
-    **{f"swap-k{k}-prefetch{int(p)}": (lambda k=k, p=p: BlockSwapPlacement("cpu", k, prefetch=p))
-       for k in (0, 1, 3, 7) for p in (False, True)},
+    **{
+        f"swap-k{k}-prefetch{int(p)}": (lambda k=k, p=p: BlockSwapPlacement("cpu", k, prefetch=p))
+        for k in (0, 1, 3, 7)
+        for p in (False, True)
+    },
 }
 
 
@@ -118,7 +121,8 @@ def test_fp8_blocks_stream_as_fp8() -> None:
     placement = BlockSwapPlacement("cpu", resident_blocks=0, prefetch=True)
     with torch.inference_mode(), placement.use("transformer", model) as dit:
         h = model.transformer_blocks[1].register_forward_pre_hook(
-            lambda m, a: dtypes.append((m.attn.to_q.weight.dtype, m.attn.to_q.weight_scale.dtype)))
+            lambda m, a: dtypes.append((m.attn.to_q.weight.dtype, m.attn.to_q.weight_scale.dtype))
+        )
         out = dit(**inputs)
         h.remove()
     assert dtypes == [(torch.float8_e4m3fn, torch.float32)]
@@ -175,8 +179,9 @@ def test_block_swap_forwards_other_components(model) -> None:
 def test_errors() -> None:
     with pytest.raises(InputError, match="resident_blocks"):
         BlockSwapPlacement("cpu", -1)
-    with pytest.raises(InputError, match="transformer_blocks"), BlockSwapPlacement("cpu", 1).use(
-        "transformer", torch.nn.Linear(2, 2)
+    with (
+        pytest.raises(InputError, match="transformer_blocks"),
+        BlockSwapPlacement("cpu", 1).use("transformer", torch.nn.Linear(2, 2)),
     ):
         pass
     with torch.device("meta"):

@@ -126,14 +126,17 @@ def test_tiled_encode_close_to_untiled(local_vae, coded, content: str) -> None:
         tiled = vt.tiled_encode(local_vae, img, tile=64, overlap=32)
     err = (tiled - ref).abs()
     assert float(err.mean()) < 0.1 * float(ref.std()) and float(torch.quantile(err.flatten(), 0.99)) < 0.5 * float(
-        ref.std())
+        ref.std()
+    )
 
 
 def test_error_shrinks_with_overlap_and_vanishes_for_one_tile(local_vae, coded) -> None:
     img, z, ref = coded["sharp"]
     with torch.no_grad():
-        errs = [float((vt.tiled_decode(local_vae, z, tile=t, overlap=o) - ref).abs().mean())
-                for t, o in ((64, 0), (64, 16), (96, 32))]
+        errs = [
+            float((vt.tiled_decode(local_vae, z, tile=t, overlap=o) - ref).abs().mean())
+            for t, o in ((64, 0), (64, 16), (96, 32))
+        ]
         assert errs[0] > errs[1] > errs[2]
         assert torch.equal(vt.tiled_decode(local_vae, z, tile=128, overlap=32), ref)
         assert torch.equal(vt.decode(local_vae, z), ref) and torch.equal(vt.encode(local_vae, img), z)

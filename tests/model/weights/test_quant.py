@@ -68,8 +68,11 @@ def test_plain_fp8_matmul_fails_on_cpu_but_fp8linear_works() -> None:
 def test_fp8linear_equals_linear_on_dequantised_weight(dtype: torch.dtype, scale_shape: tuple[int, ...]) -> None:
     layer, _ = _fp8_layer(scale_shape=scale_shape)
     x = torch.randn(2, 7, 48).to(dtype)
-    w = (layer.weight.float() * layer.weight_scale.float().reshape(-1, 1) if scale_shape
-         else layer.weight.float() * layer.weight_scale).to(dtype)
+    w = (
+        layer.weight.float() * layer.weight_scale.float().reshape(-1, 1)
+        if scale_shape
+        else layer.weight.float() * layer.weight_scale
+    ).to(dtype)
     assert torch.equal(layer.dequantized_weight(dtype), w)
     assert torch.equal(layer(x), F.linear(x, w, layer.bias.to(dtype)))
 
@@ -97,8 +100,9 @@ def test_scaled_mm_path_is_close_and_optional() -> None:
     fast = layer(x)
     assert fast.shape == exact.shape and fast.dtype == torch.bfloat16
     assert float((fast.float() - exact.float()).norm() / exact.float().norm()) < 0.08
-    assert torch.equal(layer(x.float()), F.linear(x.float(), layer.dequantized_weight(torch.float32),
-                                                  layer.bias.float()))  # fp32 input falls back to dequantising
+    assert torch.equal(
+        layer(x.float()), F.linear(x.float(), layer.dequantized_weight(torch.float32), layer.bias.float())
+    )  # fp32 input falls back to dequantising
 
 
 def test_swap_fp8_linears_on_meta_then_assign() -> None:
@@ -115,8 +119,9 @@ def test_swap_fp8_linears_on_meta_then_assign() -> None:
     }  # fmt: skip
     model.load_state_dict(state, strict=True, assign=True)
     x = torch.randn(3, 8)
-    expected = F.linear(F.gelu(F.linear(x, state["0.weight"].float() * 0.5, state["0.bias"])),
-                        state["2.weight"].float() * 2.0)
+    expected = F.linear(
+        F.gelu(F.linear(x, state["0.weight"].float() * 0.5, state["0.bias"])), state["2.weight"].float() * 2.0
+    )
     assert torch.equal(model(x), expected)
     with pytest.raises(ValueError, match="not a Linear"):
         swap_fp8_linears(model, {"1"})
@@ -138,6 +143,8 @@ def test_quantize_module_fp8_in_place_with_skip() -> None:
     with torch.no_grad():
         after = model(x)
     assert float((after - before).norm() / before.norm()) < 0.05
-    assert torch.equal(model.mid.dequantized_weight(torch.float32),
-                       dequantize_fp8(model.mid.weight, model.mid.weight_scale, torch.float32))
+    assert torch.equal(
+        model.mid.dequantized_weight(torch.float32),
+        dequantize_fp8(model.mid.weight, model.mid.weight_scale, torch.float32),
+    )
     assert quantize_module_fp8(model) == ["proj_in", "proj_out"]  # Fp8Linear layers are not re-quantised

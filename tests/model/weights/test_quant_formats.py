@@ -314,3 +314,11 @@ def test_quantised_on_load_saves_as_comfyui_file(tiny_sd, tmp_path: Path) -> Non
               for k, v in transformer_inputs(CONFIG).items()}  # fmt: skip
     with torch.no_grad():
         assert torch.equal(again(**inputs), model(**inputs))
+
+
+def test_the_loading_policy_offers_every_quantise_on_load_format() -> None:
+    from qil_core.model.policy import QUANT_FORMATS, QUANT_KERNELS
+    from qil_core.model.weights.quant import QUANT_CHOICES
+    from qil_core.model.weights.quant_kernels import BACKENDS
+
+    assert QUANT_FORMATS == tuple(QUANT_CHOICES) and QUANT_KERNELS == BACKENDS

@@ -18,6 +18,7 @@ from comfy_kitchen.tensor import QuantizedTensor
 from PIL import Image
 from qwen_tiny import TINY
 from safetensors.torch import load_file, save_file
+from tiny_runs import fast_cli_args, fast_node_settings
 
 from qil_core.cli import main
 from qil_core.layers.composite import paste_layer
@@ -101,59 +102,15 @@ def test_int8_convrot_decomposition_matches_comfy_kitchen_dequantised(files) -> 
 def test_cli_reads_int8_convrot_and_quantises_on_load(files, tmp_path: Path, capsys) -> None:
     img = tmp_path / "in.png"
     Image.fromarray(_image()[..., :3], "RGB").save(img)
-    common = [
-        "--vae",
-        files["vae"],
-        "--text-encoder",
-        files["text_encoder"],
-        "--layers",
-        "2",
-        "--steps",
-        "2",
-        "--dtype",
-        "fp32",
-        "--device",
-        "cpu",
-        "--prompt",
-        "x",
-        "--resolution",
-        "custom",
-        "--max-side",
-        "96",
-    ]
-    code = main(
-        [
-            str(a)
-            for a in [
-                "decompose",
-                img,
-                "--out",
-                tmp_path / "a.psd",
-                "--transformer",
-                files["int8"],
-                "--quant-kernels",
-                "portable",
-                *common,
-            ]
-        ]
-    )
+    common = ["--vae", files["vae"], "--text-encoder", files["text_encoder"], *fast_cli_args(max_side=96)]
+
+    def run(out: str, transformer: Path, *flags: str) -> int:
+        args = ["decompose", img, "--out", tmp_path / out, "--transformer", transformer, *flags, *common]
+        return main([str(a) for a in args])
+
+    code = run("a.psd", files["int8"], "--quant-kernels", "portable")
     assert code == 0, capsys.readouterr().err
-    code = main(
-        [
-            str(a)
-            for a in [
-                "decompose",
-                img,
-                "--out",
-                tmp_path / "b.psd",
-                "--transformer",
-                files["transformer"],
-                "--quant",
-                "int8-convrot",
-                *common,
-            ]
-        ]
-    )
+    code = run("b.psd", files["transformer"], "--quant", "int8-convrot")
     err = capsys.readouterr().err
     assert code == 0, err
     assert "quantised" in err and "int8_tensorwise" in err
@@ -197,31 +154,18 @@ def test_text_encoder_reads_int8_convrot_and_int8_embeddings(tmp_path: Path) -> 
 
 def test_loader_node_weight_dtype_int8_convrot(tmp_path: Path) -> None:
     from comfy_harness import pack_module
-    from qil_graphs import MODEL_FILES, harness, sample_picture
+    from qil_graphs import MODEL_NAMES, harness, sample_picture
 
     model_nodes, sample_nodes = pack_module("nodes.model_nodes"), pack_module("nodes.sample_nodes")
     quant = pack_module("qil_core.model.weights.quant")
     assert "int8_convrot" in model_nodes.QILLoadModel.INPUT_TYPES()["required"]["weight_dtype"][0]
     h = harness(tmp_path)
-    names = tuple(MODEL_FILES[k].name for k in ("transformer", "vae", "text_encoder"))
     with h.host():
-        (handle,) = model_nodes.QILLoadModel().load(*names, weight_dtype="int8_convrot")
+        (handle,) = model_nodes.QILLoadModel().load(*MODEL_NAMES, weight_dtype="int8_convrot")
         dit = handle.model.transformer
         mlp = dit.transformer_blocks[0].img_mlp.net[2]  # 256 inputs: a whole ConvRot group
         assert isinstance(mlp, quant.QuantLinear) and mlp.weight.dtype == torch.int8 and mlp.fmt.convrot
         assert mlp.kernel == "portable"  # CPU: no comfy-kitchen kernels
         image = torch.from_numpy(sample_picture()).float()[None] / 255.0
-        settings = dict(
-            prompt="a red box",
-            negative_prompt=" ",
-            layers=2,
-            steps=2,
-            cfg=4.0,
-            cfg_normalize=True,
-            seed=7,
-            resolution="custom",
-            max_side=64,
-            output_size="processing",
-        )
-        _, images, _ = sample_nodes.QILDecompose().decompose(handle, image, **settings)["result"][:3]
+        _, images, _ = sample_nodes.QILDecompose().decompose(handle, image, **fast_node_settings())["result"][:3]
     assert torch.isfinite(images).all() and images.shape[0] == 2

@@ -55,9 +55,9 @@ def _comfy_names(ref) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in ref.state_dict().items():
         if k.startswith(LM_PREFIX):
-            out["model." + k[len(LM_PREFIX):]] = v.contiguous()
+            out["model." + k[len(LM_PREFIX) :]] = v.contiguous()
         elif k.startswith("model.visual."):
-            out["visual." + k[len("model.visual."):]] = v.contiguous()
+            out["visual." + k[len("model.visual.") :]] = v.contiguous()
     return out
 
 

@@ -29,8 +29,13 @@ def written(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Pat
 
 
 def _load_comfy(paths: dict[str, Path], **kw) -> QwenLayeredModel:
-    return load_model(transformer=paths["transformer"], vae=paths["vae"], text_encoder=paths["text_encoder"],
-                      device="cpu", **{"dtype": torch.float32, **kw})
+    return load_model(
+        transformer=paths["transformer"],
+        vae=paths["vae"],
+        text_encoder=paths["text_encoder"],
+        device="cpu",
+        **{"dtype": torch.float32, **kw},
+    )
 
 
 def test_files_are_labelled_random_and_the_load_says_so(written, caplog: pytest.LogCaptureFixture) -> None:
@@ -60,6 +65,7 @@ def test_comfyui_key_layouts(written) -> None:
     assert "lm_head.weight" in keys and "visual.merger.mlp.2.weight" in keys  # the captioning parts
 
 
+@pytest.mark.slow
 def test_both_layouts_hold_the_same_model(written) -> None:
     a = _load_comfy(written["comfyui"])
     b = load_model(model_dir=written["diffusers"]["model_dir"], dtype=torch.float32, device="cpu")
@@ -84,14 +90,21 @@ def test_diffusers_reads_the_diffusers_layout(written) -> None:
     x, txt = torch.randn(1, 3 * 8, 64, generator=g), torch.randn(1, 5, 128, generator=g)
     shapes = [(1, 2, 4)] * 3
     with torch.no_grad():
-        want = dit(hidden_states=x, encoder_hidden_states=txt, encoder_hidden_states_mask=None,
-                   timestep=torch.tensor([0.5]), img_shapes=[shapes],
-                   additional_t_cond=torch.zeros(1, dtype=torch.long), return_dict=False)[0]
+        want = dit(
+            hidden_states=x,
+            encoder_hidden_states=txt,
+            encoder_hidden_states_mask=None,
+            timestep=torch.tensor([0.5]),
+            img_shapes=[shapes],
+            additional_t_cond=torch.zeros(1, dtype=torch.long),
+            return_dict=False,
+        )[0]
         got = ours.transformer(x, txt, None, torch.tensor([0.5]), shapes)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         pix = torch.rand(1, 4, 32, 48, generator=g) * 2 - 1
-        torch.testing.assert_close(ours.vae.encode(pix), vae.encode(pix[:, :, None]).latent_dist.mode()[:, :, 0],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            ours.vae.encode(pix), vae.encode(pix[:, :, None]).latent_dist.mode()[:, :, 0], atol=1e-5, rtol=1e-5
+        )
 
 
 def test_tiny_tokenizer(written) -> None:
@@ -104,10 +117,16 @@ def test_tiny_tokenizer(written) -> None:
     assert 20 < template_prefix_length(tok) < 200  # computed from this vocabulary, not the real 34
 
 
+@pytest.mark.slow
 def test_real_tokenizer_copy(tmp_path: Path, tokenizer_dir: Path) -> None:
     paths = write_tiny_model(tmp_path, layout="comfyui", tokenizer_dir=tokenizer_dir, dtype=torch.bfloat16)
-    model = load_model(transformer=paths["transformer"], vae=paths["vae"], text_encoder=paths["text_encoder"],
-                       dtype=torch.bfloat16, device="cpu")
+    model = load_model(
+        transformer=paths["transformer"],
+        vae=paths["vae"],
+        text_encoder=paths["text_encoder"],
+        dtype=torch.bfloat16,
+        device="cpu",
+    )
     assert model.text_encoder.config.vocab_size == 152064 and model.tokenizer.vocab_size > 151_000
     assert template_prefix_length(model.tokenizer) == 34
     out = decompose(model, np.zeros((48, 64, 3), np.uint8) + 100, **FAST)  # bf16 end to end, no dtype errors
@@ -125,7 +144,15 @@ def test_load_model_errors(written, tokenizer_dir: Path, tmp_path: Path) -> None
     with pytest.raises(ModelFileNotFoundError, match="model folder not found"):
         load_model(model_dir=tmp_path / "nowhere")
     model = _load_comfy(comfy)
-    narrow = Qwen25TextEncoder(TextEncoderConfig(vocab_size=300, hidden_size=64, intermediate_size=64,
-                                                 num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1))
+    narrow = Qwen25TextEncoder(
+        TextEncoderConfig(
+            vocab_size=300,
+            hidden_size=64,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            num_key_value_heads=1,
+        )
+    )
     with pytest.raises(ModelMismatchError, match="hidden size 64, but the transformer expects 128"):
         replace(model, text_encoder=narrow)

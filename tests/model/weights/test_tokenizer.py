@@ -62,9 +62,7 @@ def test_long_text_equals_transformers(tok: QwenTokenizer, ref) -> None:
 
 def test_constructor_reference_agrees(tokenizer_dir: Path, tok: QwenTokenizer) -> None:
     transformers = pytest.importorskip("transformers")
-    ref = transformers.Qwen2Tokenizer(
-        vocab=str(tokenizer_dir / "vocab.json"), merges=str(tokenizer_dir / "merges.txt")
-    )
+    ref = transformers.Qwen2Tokenizer(vocab=str(tokenizer_dir / "vocab.json"), merges=str(tokenizer_dir / "merges.txt"))
     text = "Qwen2Tokenizer built from vocab and merges: 猫 🦊 مرحبا"
     assert tok.encode(text) == ref(text).input_ids
 
@@ -130,8 +128,9 @@ def test_found_in_comfyui_install(tokenizer_dir: Path, tmp_path: Path, monkeypat
     assert load_tokenizer().folder == expected
 
 
-def test_found_in_the_comfyui_install_holding_a_symlinked_pack(tokenizer_dir: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_found_in_the_comfyui_install_holding_a_symlinked_pack(
+    tokenizer_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Regression: the pack symlinked into custom_nodes resolved to its real folder and lost the ComfyUI root.
     import qil_core.model.weights.tokenizer as tokenizer_module
 
@@ -141,8 +140,11 @@ def test_found_in_the_comfyui_install_holding_a_symlinked_pack(tokenizer_dir: Pa
     repo = Path(tokenizer_module.__file__).resolve().parents[3]
     (comfy / "custom_nodes" / "qwen_layered").symlink_to(repo, target_is_directory=True)
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
-    monkeypatch.setattr(tokenizer_module, "__file__", str(comfy / "custom_nodes" / "qwen_layered" / "qil_core" / "model"
-                                                          / "weights" / "tokenizer.py"))
+    monkeypatch.setattr(
+        tokenizer_module,
+        "__file__",
+        str(comfy / "custom_nodes" / "qwen_layered" / "qil_core" / "model" / "weights" / "tokenizer.py"),
+    )
     assert load_tokenizer().folder == comfy / "comfy" / "text_encoders" / "qwen25_tokenizer"
 
 
@@ -285,15 +287,37 @@ def test_decompose_model_dir_with_a_tokenizer_json_folder(tmp_path: Path, capsys
     image = tmp_path / "in.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 56, 3), dtype=np.uint8), "RGB").save(image)
     out = tmp_path / "out.psd"
-    code = main(["decompose", str(image), "--out", str(out), "--model-dir", str(model_dir), "--layers", "2",
-                 "--steps", "1", "--dtype", "fp32", "--device", "cpu", "--prompt", "猫 🦊 test",
-                 "--resolution", "custom", "--max-side", "64"])
+    code = main(
+        [
+            "decompose",
+            str(image),
+            "--out",
+            str(out),
+            "--model-dir",
+            str(model_dir),
+            "--layers",
+            "2",
+            "--steps",
+            "1",
+            "--dtype",
+            "fp32",
+            "--device",
+            "cpu",
+            "--prompt",
+            "猫 🦊 test",
+            "--resolution",
+            "custom",
+            "--max-side",
+            "64",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert [layer.name for layer in read_psd(out)] == ["Background", "Layer 1"]
 
 
-def test_bundled_copy_when_nothing_else_has_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                               tok: QwenTokenizer) -> None:
+def test_bundled_copy_when_nothing_else_has_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, tok: QwenTokenizer
+) -> None:
     monkeypatch.delenv("COMFYUI_DIR", raising=False)
     empty = tmp_path / "weights_without_tokenizer"
     empty.mkdir()

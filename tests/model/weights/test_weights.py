@@ -123,8 +123,9 @@ def dequantised_reference(path: Path, prefix: str = "") -> dict[str, torch.Tenso
             continue
         if key == "scaled_fp8" or key.startswith(("vae.", "text_encoders.")):
             continue
-        scale = raw.get(prefix + key[: -len("weight")] + "weight_scale", raw.get(prefix + key[: -len("weight")] +
-                                                                                 "scale_weight"))
+        scale = raw.get(
+            prefix + key[: -len("weight")] + "weight_scale", raw.get(prefix + key[: -len("weight")] + "scale_weight")
+        )
         out[key] = value.float() * scale if scale is not None else value.float()
     return out
 
@@ -154,8 +155,11 @@ def test_sharded_folder_loads_and_matches_diffusers(ref, sharded: Path) -> None:
     shards = sorted((sharded / "transformer").glob("diffusion_pytorch_model-*-of-*.safetensors"))
     assert len(shards) >= 3
     expected = run_reference(ref)
-    for source in (sharded / "transformer", sharded, sharded / "transformer" /
-                   "diffusion_pytorch_model.safetensors.index.json"):
+    for source in (
+        sharded / "transformer",
+        sharded,
+        sharded / "transformer" / "diffusion_pytorch_model.safetensors.index.json",
+    ):
         model = load_transformer(source, dtype=torch.float32)
         assert model.config == tiny_transformer_config()  # read from config.json (RoPE axes included)
         assert torch.allclose(run_ours(model), expected, atol=TOL, rtol=0), source
@@ -179,8 +183,9 @@ def test_same_dtype_tensors_stay_memory_mapped(sharded: Path) -> None:
 @pytest.mark.parametrize("prefix", ["", "model.diffusion_model."])
 def test_comfy_single_file_loads_and_matches(ref_c, tmp_path: Path, prefix: str) -> None:
     extra = {"vae.encoder.conv1.weight": torch.zeros(4, 4)} if prefix else None  # an all-in-one file
-    path = write_comfy_file(ref_c.state_dict(), tmp_path / "qwen_image_layered_bf16.safetensors", prefix=prefix,
-                            extra=extra)
+    path = write_comfy_file(
+        ref_c.state_dict(), tmp_path / "qwen_image_layered_bf16.safetensors", prefix=prefix, extra=extra
+    )
     model = load_transformer(path, dtype=torch.float32)
     assert model.config.axes_dims_rope == INFERABLE_AXES and model.config.num_layers == 2
     assert torch.allclose(run_ours(model), run_reference(ref_c), atol=TOL, rtol=0)
@@ -205,14 +210,16 @@ def _reference_from(sd: dict[str, torch.Tensor], dtype: torch.dtype, axes: tuple
 def test_fp8_files_stay_fp8_and_match_their_dequantised_weights(ref_c, tmp_path: Path, style: str, prefix: str) -> None:
     sd = ref_c.state_dict()
     layers = quantised_layers(sd)
-    path = write_comfy_file(sd, tmp_path / "fp8mixed.safetensors", prefix=prefix, style=style, layers=layers,
-                            input_scaled=(layers[0],))
+    path = write_comfy_file(
+        sd, tmp_path / "fp8mixed.safetensors", prefix=prefix, style=style, layers=layers, input_scaled=(layers[0],)
+    )
     model = load_transformer(path, dtype=torch.float32)
     fp8 = {n for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
     assert fp8 == set(layers)
     assert all(model.get_submodule(n).weight.dtype == torch.float8_e4m3fn for n in fp8)
-    assert model.img_in.weight.dtype == torch.float32 and not isinstance(model.transformer_blocks[0].img_mod[1],
-                                                                             Fp8Linear)
+    assert model.img_in.weight.dtype == torch.float32 and not isinstance(
+        model.transformer_blocks[0].img_mod[1], Fp8Linear
+    )
     if style in ("metadata", "comfy_quant", "scaled_fp8"):
         assert float(model.get_submodule(layers[0]).input_scale) == 0.03125
     out = run_ours(model)
@@ -231,8 +238,9 @@ def test_fp8_in_bf16_equals_the_bf16_model_of_the_dequantised_weights(ref_c, tmp
     path = write_comfy_file(sd, tmp_path / "fp8.safetensors", style="metadata", layers=quantised_layers(sd))
     model = load_transformer(path)  # default dtype bf16
     assert model.dtype == torch.bfloat16
-    assert torch.equal(run_ours(model), run_ours(_reference_from(dequantised_reference(path), torch.bfloat16,
-                                                                 INFERABLE_AXES)))
+    assert torch.equal(
+        run_ours(model), run_ours(_reference_from(dequantised_reference(path), torch.bfloat16, INFERABLE_AXES))
+    )
 
 
 def test_fp8_model_survives_to_dtype(ref_c, tmp_path: Path) -> None:
@@ -250,8 +258,9 @@ def test_unsupported_quantisation_format_is_refused(ref_c, tmp_path: Path) -> No
     sd = ref_c.state_dict()
     layers = quantised_layers(sd)[:1]
     path = tmp_path / "awq.safetensors"
-    meta = {"_quantization_metadata": json.dumps({"format_version": "1.0",
-                                                  "layers": {layers[0]: {"format": "awq_w4a16"}}})}
+    meta = {
+        "_quantization_metadata": json.dumps({"format_version": "1.0", "layers": {layers[0]: {"format": "awq_w4a16"}}})
+    }
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path), metadata=meta)
     with pytest.raises(WeightsError, match=f"layer {layers[0]} .*'awq_w4a16'.*bf16, fp8mixed or int8 ConvRot version"):
         load_transformer(path)
@@ -276,8 +285,7 @@ def test_checkpoint_view(sharded: Path, tmp_path: Path) -> None:
         owned = ckpt.read(key, copy=True)  # the streamed path in the same dtype
         assert torch.equal(owned, mapped) and owned.data_ptr() != mapped.data_ptr()
         assert ckpt.read("proj_out.bias", torch.float16).dtype == torch.float16
-    path = write_comfy_file({"a.weight": torch.randn(3, 3)}, tmp_path / "m.safetensors", style="metadata",
-                            layers=["a"])
+    path = write_comfy_file({"a.weight": torch.randn(3, 3)}, tmp_path / "m.safetensors", style="metadata", layers=["a"])
     with open_checkpoint(path) as ckpt:
         assert json.loads(ckpt.metadata["_quantization_metadata"])["layers"] == {"a": {"format": "float8_e4m3fn"}}
         assert ckpt.info("a.weight").dtype == torch.float8_e4m3fn
@@ -287,8 +295,10 @@ def test_text_encoder_style_index_name_is_found(ref, tmp_path: Path) -> None:
     # transformers names its shards model-0000k-of-0000n.safetensors with model.safetensors.index.json
     sd = {k: v.contiguous() for k, v in ref.state_dict().items()}
     keys = sorted(sd)
-    halves = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
-              "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+    halves = {
+        "model-00001-of-00002.safetensors": keys[: len(keys) // 2],
+        "model-00002-of-00002.safetensors": keys[len(keys) // 2 :],
+    }
     for name, ks in halves.items():
         save_file({k: sd[k] for k in ks}, str(tmp_path / name))
     weight_map = {k: name for name, ks in halves.items() for k in ks}

@@ -131,8 +131,10 @@ def test_l2_vae_given_as_transformer_and_back(tmp_path: Path, vae_sd, transforme
 
 
 def test_l2_other_architectures(tmp_path: Path, transformer_sd) -> None:
-    unet = {"model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
-            "model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3)}
+    unet = {
+        "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(8, 4, 3, 3),
+        "model.diffusion_model.out.2.weight": torch.zeros(4, 8, 3, 3),
+    }
     with pytest.raises(ModelMismatchError, match="UNet"):
         load_transformer(save(unet, tmp_path / "sd15.safetensors"))
     te = {"model.embed_tokens.weight": torch.zeros(10, 8), "model.layers.0.mlp.gate_proj.weight": torch.zeros(4, 8)}
@@ -192,8 +194,10 @@ def never_unpickle(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pickle, "loads", refuse)
 
 
-@pytest.mark.parametrize("case", ["truncated", "empty", "stub20", "png", "pickle", "zip", "offsets_past_eof",
-                                  "duplicate_keys", "dtype_mismatch"])
+@pytest.mark.parametrize(
+    "case",
+    ["truncated", "empty", "stub20", "png", "pickle", "zip", "offsets_past_eof", "duplicate_keys", "dtype_mismatch"],
+)
 def test_l3_l4_l6_corrupt_files(tmp_path: Path, vae_sd, case: str, never_unpickle: None) -> None:
     raw = _bytes_of(vae_sd, tmp_path)
     first = next(iter(json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])))
@@ -203,8 +207,13 @@ def test_l3_l4_l6_corrupt_files(tmp_path: Path, vae_sd, case: str, never_unpickl
         "stub20": b"\x00" * 20,
         "png": b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4,
         "pickle": pickle.dumps({"state_dict": {"w": [0.0] * 64}}, protocol=4),  # written here, never read
-        "offsets_past_eof": _with_header(raw, lambda h: {**h, first: {**h[first], "data_offsets": [
-            h[first]["data_offsets"][0], h[first]["data_offsets"][1] + 4096]}}),
+        "offsets_past_eof": _with_header(
+            raw,
+            lambda h: {
+                **h,
+                first: {**h[first], "data_offsets": [h[first]["data_offsets"][0], h[first]["data_offsets"][1] + 4096]},
+            },
+        ),
         "duplicate_keys": _with_header(raw, lambda h: f'{json.dumps(h)[:-1]}, "{first}": {json.dumps(h[first])}}}'),
         "dtype_mismatch": _with_header(raw, lambda h: {**h, first: {**h[first], "dtype": "F16"}}),
     }
@@ -219,8 +228,13 @@ def test_l3_l4_l6_corrupt_files(tmp_path: Path, vae_sd, case: str, never_unpickl
     msg = str(e.value)
     assert "corrupt or incomplete file, re-download" in msg and str(path) in msg
     assert f"size {path.stat().st_size:,} bytes" in msg
-    expected_words = {"png": "PNG image", "pickle": "pickle", "zip": "zip archive", "truncated": "expected",
-                      "duplicate_keys": "duplicate"}
+    expected_words = {
+        "png": "PNG image",
+        "pickle": "pickle",
+        "zip": "zip archive",
+        "truncated": "expected",
+        "duplicate_keys": "duplicate",
+    }
     if case in expected_words:
         assert expected_words[case] in msg
 
@@ -240,8 +254,15 @@ def test_l5_pickle_formats_are_refused(tmp_path: Path, suffix: str, never_unpick
 
 
 # L7 -------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("key", ["proj_out.weight", "norm_out.linear.bias", "transformer_blocks.1.img_mlp.net.2.weight",
-                                 "transformer_blocks.0.attn.norm_q.weight"])
+@pytest.mark.parametrize(
+    "key",
+    [
+        "proj_out.weight",
+        "norm_out.linear.bias",
+        "transformer_blocks.1.img_mlp.net.2.weight",
+        "transformer_blocks.0.attn.norm_q.weight",
+    ],
+)
 def test_l7_nan_weights_are_detected_and_nothing_stays_loaded(tmp_path: Path, transformer_sd, key: str) -> None:
     bad = dict(transformer_sd)
     bad[key] = bad[key].clone()
@@ -269,19 +290,29 @@ def test_l7_nan_in_vae_and_in_fp8_scale(tmp_path: Path, vae_sd, transformer_sd) 
 # L8 -------------------------------------------------------------------------------------------------------------
 def test_l8_fp8_file_runs_on_cpu_and_logs_its_memory(tmp_path: Path, transformer_sd, caplog) -> None:
     sd = dict(transformer_sd)
-    layers = [k[:-7] for k, v in sd.items() if k.startswith("transformer_blocks.") and k.endswith(".weight")
-              and v.ndim == 2]
+    layers = [
+        k[:-7] for k, v in sd.items() if k.startswith("transformer_blocks.") and k.endswith(".weight") and v.ndim == 2
+    ]
     for layer in layers:
         sd[layer + ".weight"], sd[layer + ".weight_scale"] = quantize_tensor_fp8(sd[layer + ".weight"])
-    meta = {"_quantization_metadata": json.dumps(
-        {"format_version": "1.0", "layers": {n: {"format": "float8_e4m3fn"} for n in layers}})}
+    meta = {
+        "_quantization_metadata": json.dumps(
+            {"format_version": "1.0", "layers": {n: {"format": "float8_e4m3fn"} for n in layers}}
+        )
+    }
     with caplog.at_level(logging.INFO, logger="qil_core.model.weights.loading"):
         model = load_transformer(save(sd, tmp_path / "fp8.safetensors", meta), device="cpu")
     assert "stay fp8 in memory" in caplog.text and "dequantised to torch.bfloat16" in caplog.text
     x = torch.randn(1, 4 * 4, 64, dtype=torch.bfloat16)
     with torch.no_grad():
-        out = model(x, torch.randn(1, 3, 48, dtype=torch.bfloat16), None, torch.tensor([0.5]),
-                    [(1, 2, 2)] * 3 + [(1, 2, 2)], torch.zeros(1, dtype=torch.long))
+        out = model(
+            x,
+            torch.randn(1, 3, 48, dtype=torch.bfloat16),
+            None,
+            torch.tensor([0.5]),
+            [(1, 2, 2)] * 3 + [(1, 2, 2)],
+            torch.zeros(1, dtype=torch.long),
+        )
     assert out.shape == (1, 16, 64) and bool(torch.isfinite(out).all())
 
 
@@ -378,8 +409,9 @@ def test_l11_import_needs_no_files_and_no_network(tmp_path: Path, repo_root: Pat
         "print('imported')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(repo_root), "HOME": str(tmp_path), "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr
     assert "imported" in done.stdout and list(tmp_path.iterdir()) == []
 
