@@ -38,3 +38,11 @@ def test_python_api_example_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert len(psd.layers) == 4 and psd.size == (64, 64)
     flat = np.asarray(Image.open(tmp_path / "photo_flat.png"))
     assert flat.shape == (64, 64, 4)
+
+
+def test_one_version_everywhere() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    found = re.search(r'^\[project\][^\[]*?^version = "([^"]+)"', pyproject, flags=re.M | re.S)
+    assert found is not None, "pyproject.toml has no [project] version"
+    assert qil_core.__version__ == found.group(1)
+    assert f"## {found.group(1)} (" in (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")

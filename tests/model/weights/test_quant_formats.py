@@ -185,7 +185,10 @@ def test_quantise_on_load_equals_comfy_kitchen_quantiser(tiny_sd, tmp_path: Path
             assert mine.shape == value.shape and torch.equal(bits(mine), bits(value)), (name, key)
 
 
-def test_kernel_dispatch_uses_comfy_kitchen_and_falls_back(caplog: pytest.LogCaptureFixture) -> None:
+def test_kernel_dispatch_uses_comfy_kitchen_and_falls_back(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(quant_kernels, "_WARNED", set())  # the fallback warns once per process: start afresh
     torch.manual_seed(0)
     lin = nn.Linear(256, 96).to(torch.bfloat16).requires_grad_(False)
     x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
