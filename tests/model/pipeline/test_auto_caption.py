@@ -92,3 +92,13 @@ def test_decompose_layer_captions_the_layer(models) -> None:
     out = decompose_layer(models["comfyui"], stack, 0, prompt=" ", **{k: v for k, v in FAST.items() if k != "layers"})
     assert isinstance(out.metadata.get("caption"), str) and out.metadata.get("caption")
     assert len(out) == 2
+
+
+@pytest.mark.parametrize("kind", ["offload", "block_swap"])
+def test_caption_is_the_same_in_every_memory_mode(models, kind: str) -> None:
+    from qil_core.model.runtime.offload import BlockSwapPlacement, OffloadPlacement
+
+    model = models["comfyui"]
+    resident = caption_images(model, ResidentPlacement("cpu", torch.float32), [_img(3)], max_new_tokens=12)
+    placement = OffloadPlacement("cpu") if kind == "offload" else BlockSwapPlacement("cpu", 0, prefetch=True)
+    assert caption_images(model, placement, [_img(3)], max_new_tokens=12) == resident
