@@ -111,6 +111,5 @@ def load_caption_model(
             ckpt.source,
         )
     section = tuple(mrope_section) if mrope_section is not None else _mrope_section(cfg_json)
-    return CaptionModel(decoder, parts.lm_head, parts.vision, section).train(
-        False
-    )  # inference mode, as elsewhere in the package
+    model = CaptionModel(decoder, parts.lm_head, parts.vision, section)
+    return model.train(False)  # inference mode, as elsewhere in the package
