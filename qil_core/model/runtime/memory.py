@@ -28,16 +28,9 @@ logger = logging.getLogger(__name__)
 RAM_RESERVE_BYTES = 512 * 2**20
 
 
-def available_ram() -> int | None:
-    """Bytes of RAM the OS can give us now (override: QIL_ASSUME_FREE_RAM); None when it cannot be told."""
-    return available_ram_bytes()
-
-
-def available_device_memory(device: torch.device | str) -> int | None:
-    """Free bytes on an accelerator (override: QIL_ASSUME_FREE_VRAM); RAM for "cpu"; None when unknown."""
-    if torch.device(device).type == "cpu":
-        return available_ram()
-    return available_device_bytes(device)
+# The model code's names for the probes in qil_core.resources (one implementation: the RAM for "cpu").
+available_ram = available_ram_bytes
+available_device_memory = available_device_bytes
 
 
 def check_ram(bytes_needed: int, what: str, *, available: int | None = None) -> None:
