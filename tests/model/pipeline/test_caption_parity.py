@@ -137,6 +137,48 @@ def test_generated_ids_equal_generate(reference, ours, processor, tok, penalty):
     assert len(set(got)) > 1
 
 
+@pytest.fixture(scope="module")
+def flat():
+    """A reference whose next-token distributions are flat enough (top token < 0.5) that sampling has choices."""
+    ref = build_reference(seed=4)
+    with torch.no_grad():
+        ref.lm_head.weight.mul_(0.15)
+    return ref, our_model(ref)
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0},
+        {"temperature": 0.7, "top_k": 20, "top_p": 0.9, "repetition_penalty": 1.1},
+        {"temperature": 1.3, "top_k": 50, "top_p": 0.5, "repetition_penalty": 1.05},
+    ],
+)
+def test_sampled_ids_equal_generate_with_the_same_seed(flat, processor, tok, knobs):
+    """transformers samples from the global generator; ours from one seeded the same: the same ids, token for token."""
+    reference, ours = flat
+    inputs = processor(
+        text="<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>Describe.<|im_end|>\n",
+        images=_image(100, 150, "RGB", seed=5),
+        return_tensors="pt",
+    )
+    eos = tok.token_to_id("<|im_end|>")
+    torch.manual_seed(11)
+    with torch.no_grad():
+        first = reference(**inputs).logits[0, -1].softmax(-1)
+        ref = reference.generate(**inputs, max_new_tokens=24, do_sample=True, eos_token_id=[eos], **knobs)
+    assert first.max() < 0.5  # a real choice at every step, not a disguised argmax
+    expect = ref[0, inputs["input_ids"].shape[1] :].tolist()
+    args = (inputs["input_ids"][0].tolist(), inputs["pixel_values"], tuple(int(g) for g in inputs["image_grid_thw"][0]))
+    pad = tok.token_to_id("<|image_pad|>")
+    settings = GenerationSettings(do_sample=True, eos_token_ids=(eos,), **knobs)
+    got = generate_ids(ours, *args, pad, settings, 24, torch.Generator().manual_seed(11))
+    assert got == expect
+    greedy = generate_ids(ours, *args, pad, GenerationSettings(eos_token_ids=(eos,)), 24)
+    assert got != greedy
+    assert got != generate_ids(ours, *args, pad, settings, 24, torch.Generator().manual_seed(12))
+
+
 @pytest.mark.parametrize("language", ["en", "zh"])
 def test_caption_text_equals_diffusers_get_image_caption(reference, ours, processor, tok, language):
     from diffusers.pipelines.qwenimage.pipeline_qwenimage_layered import QwenImageLayeredPipeline
