@@ -32,8 +32,21 @@ DECOMPOSE_LAYER_WIDGETS = [*PROMPTS, *SAMPLING, *SIZE]
 DECOMPOSE_LAYER_RENAME = {"layers": "sub_layers"}  # the node's own LAYERS input is called "layers"
 # Optional widgets added later (saved workflows without them keep their defaults).
 DECOMPOSE_OPTIONAL = ["recompose", "auto_caption", "caption_language"]
-DECOMPOSE_LAYER_OPTIONAL = ["recompose"]
+DECOMPOSE_LAYER_OPTIONAL = ["recompose", "auto_caption", "caption_language"]
 HIDDEN = {"unique_id": "UNIQUE_ID"}
+PROMPT_TEXT = (
+    "STRING",
+    {
+        "forceInput": True,
+        "tooltip": "A prompt from another node (e.g. Caption Image); when connected it replaces the prompt widget.",
+    },
+)
+CAPTION_TOOLTIP = "The prompt used: the auto-caption(s) when the prompt was empty (blank-line separated)."
+
+
+def prompt_used(stacks: list, prompt: str) -> str:
+    """The prompt a run used: its auto-caption(s), blank-line separated, or the prompt as given."""
+    return "\n\n".join(s.metadata["caption"] for s in stacks if "caption" in s.metadata) or prompt
 
 
 def processing_size(width: int, height: int, opts: Any) -> tuple[int, int]:

@@ -16,18 +16,21 @@ from ..qil_core.model.pipeline.options import DecomposeLayerOptions, DecomposeOp
 from .common import CATEGORY, SELECT_TIP, image_batch, layers_input, selected, to_document
 from .model_runtime import MODEL_TYPE, check_model, run_placement
 from .sample_inputs import (
+    CAPTION_TOOLTIP,
     DECOMPOSE_LAYER_OPTIONAL,
     DECOMPOSE_LAYER_RENAME,
     DECOMPOSE_LAYER_WIDGETS,
     DECOMPOSE_OPTIONAL,
     DECOMPOSE_WIDGETS,
     HIDDEN,
+    PROMPT_TEXT,
     SEMANTICS,
     TEXT_TO_LAYERS_WIDGETS,
     input_mask,
     job_inputs,
     layer_images,
     processing_size,
+    prompt_used,
 )
 from .widgets import options_from_widgets, widgets
 
@@ -53,7 +56,7 @@ class QILDecompose:
         "One layer document per input image, bottom layer first.",
         "All layers as RGBA images on the full canvas (B x N), bottom first per image.",
         "Their masks, 1 - alpha (B x N).",
-        "The prompt used: the auto-caption(s) when the prompt was empty (blank-line separated).",
+        CAPTION_TOOLTIP,
     )
     FUNCTION = "decompose"
 
@@ -74,14 +77,7 @@ class QILDecompose:
                     },
                 ),
                 **widgets(DecomposeOptions, DECOMPOSE_OPTIONAL),
-                "prompt_text": (
-                    "STRING",
-                    {
-                        "forceInput": True,
-                        "tooltip": "A prompt from another node (e.g. Caption Image); when connected it replaces "
-                        "the prompt widget.",
-                    },
-                ),
+                "prompt_text": PROMPT_TEXT,
             },
             "hidden": HIDDEN,
         }
@@ -131,7 +127,7 @@ class QILDecompose:
         with run_placement(handle, *processing_size(img.shape[2], img.shape[1], opts), opts.layers) as pl:
             run = job_inputs(pl, opts.steps, unique_id, "Decompose Image", handle.sampler, runs=img.shape[0])
             stacks = run_decompose(handle.model, img, opts, run, mask=input_mask(mask, img))
-        used = "\n\n".join(s.metadata["caption"] for s in stacks if "caption" in s.metadata) or prompt
+        used = prompt_used(stacks, prompt)
         return {"ui": {"text": [used]}, "result": ([to_document(s) for s in stacks], *layer_images(stacks), used)}
 
 
@@ -209,12 +205,13 @@ class QILDecomposeLayer:
         "document and the sub-layers as RGBA images on the full canvas with their masks (1 - alpha). " + SEMANTICS
     )
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("LAYERS", "IMAGE", "MASK")
-    RETURN_NAMES = ("layers", "sub_layers", "sub_masks")
+    RETURN_TYPES = ("LAYERS", "IMAGE", "MASK", "STRING")
+    RETURN_NAMES = ("layers", "sub_layers", "sub_masks", "caption")
     OUTPUT_TOOLTIPS = (
         "The document with the layer replaced by its sub-layers.",
         "The new sub-layers as RGBA images on the full canvas, bottom first.",
         "Their masks, 1 - alpha.",
+        "The prompt used: the auto-caption of the layer when the prompt was empty.",
     )
     FUNCTION = "decompose_layer"
 
@@ -235,6 +232,7 @@ class QILDecomposeLayer:
             },
             "optional": {
                 **widgets(DecomposeLayerOptions, DECOMPOSE_LAYER_OPTIONAL),
+                "prompt_text": PROMPT_TEXT,
             },
             "hidden": HIDDEN,
         }
@@ -254,11 +252,15 @@ class QILDecomposeLayer:
         resolution: str,
         max_side: int,
         recompose: str = "exact",
+        auto_caption: bool = True,
+        caption_language: str = "en",
+        prompt_text: str | None = None,
         unique_id: str | None = None,
-    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    ) -> dict[str, Any]:
         from ..qil_core.model.pipeline.decompose import run_decompose_layer
 
         handle = check_model(model)
+        prompt = prompt if prompt_text is None else prompt_text
         values = dict(
             prompt=prompt,
             negative_prompt=negative_prompt,
@@ -270,6 +272,8 @@ class QILDecomposeLayer:
             resolution=resolution,
             max_side=max_side,
             recompose=recompose,
+            auto_caption=auto_caption,
+            caption_language=caption_language,
         )
         opts = options_from_widgets(DecomposeLayerOptions, values, DECOMPOSE_LAYER_RENAME)
         stack, chosen = selected(layers, layer)
@@ -280,7 +284,8 @@ class QILDecomposeLayer:
             run = job_inputs(pl, opts.steps, unique_id, "Decompose Layer", handle.sampler)
             out = run_decompose_layer(handle.model, stack, chosen[0], opts, run)
         new = out.replace(layers=out.layers[chosen[0] : chosen[0] + len(out.layers) - len(stack.layers) + 1])
-        return (to_document(out), *layer_images([new]))
+        used = prompt_used([out], prompt)
+        return {"ui": {"text": [used]}, "result": (to_document(out), *layer_images([new]), used)}
 
 
 NODE_CLASS_MAPPINGS = {

@@ -67,3 +67,24 @@ def test_prompt_text_socket_wins_and_bad_inputs(env) -> None:
             caption_nodes.QILCaptionImage().caption(handle, _picture(), "fr", 16, "640", 1024)
         with pytest.raises(errors.InputError, match="max_new_tokens"):
             caption_nodes.QILCaptionImage().caption(handle, _picture(), "en", 0, "640", 1024)
+
+
+def test_decompose_layer_node_captions_the_layer_and_takes_the_switches(env) -> None:
+    h, handle = env
+    layer_args = dict(negative_prompt=" ", sub_layers=2, steps=1, cfg=4.0, cfg_normalize=True, seed=3)
+    size = dict(resolution="custom", max_side=64)
+    with h.host():
+        docs = sample_nodes.QILDecompose().decompose(handle, _picture(), prompt="a box", **SETTINGS)["result"][0]
+        node = sample_nodes.QILDecomposeLayer()
+        auto = node.decompose_layer(handle, docs[0], "-1", prompt=" ", **layer_args, **size)
+        zh = node.decompose_layer(handle, docs[0], "-1", prompt="", caption_language="zh", **layer_args, **size)
+        off = node.decompose_layer(handle, docs[0], "-1", prompt="", auto_caption=False, **layer_args, **size)
+        wired = node.decompose_layer(handle, docs[0], "-1", prompt="", prompt_text="the lid", **layer_args, **size)
+        with pytest.raises(errors.InputError, match="caption_language"):
+            node.decompose_layer(handle, docs[0], "-1", prompt="", caption_language="fr", **layer_args, **size)
+    caption = auto["result"][3]
+    assert caption.strip() and auto["ui"]["text"] == [caption]
+    assert zh["result"][3].strip() and zh["result"][3] != caption  # the Chinese instruction gives another caption
+    assert off["result"][3] == "" and wired["result"][3] == "the lid"
+    names = [item["name"] for item in auto["result"][0]["layers"]]
+    assert names[-2:] == ["Layer 1 / 1", "Layer 1 / 2"]

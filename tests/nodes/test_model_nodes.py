@@ -420,13 +420,15 @@ def test_decompose_layer_splits_one_layer_in_place(env: tuple) -> None:
         docs, _, _ = _decompose(env, _picture(), layers=3)
         node = sample_nodes.QILDecomposeLayer()
         args = ("a red box", " ", 2, 2, 4.0, True, 3, "custom", 64)
-        doc, subs, sub_masks = node.decompose_layer(env[1], docs[0], "Layer 1", *args)
+        ran = node.decompose_layer(env[1], docs[0], "Layer 1", *args)
+        doc, subs, sub_masks, used = ran["result"]
         with pytest.raises(errors.InputError, match="selects 3 layers; choose exactly one"):
             node.decompose_layer(env[1], docs[0], "all", *args)
         with pytest.raises(errors.InputError, match="sub_layers must be in 1..20"):
             node.decompose_layer(env[1], docs[0], "0", "x", " ", 0, 2, 4.0, True, 3, "custom", 64)
     assert [item["name"] for item in doc["layers"]] == ["Background", "Layer 1 / 1", "Layer 1 / 2", "Layer 2"]
     assert subs.shape == (2, 64, 64, 4) and sub_masks.shape == (2, 64, 64)
+    assert used == "a red box" and ran["ui"]["text"] == [used]  # a typed prompt is not captioned
     assert torch.equal(doc["layers"][3]["image"], docs[0]["layers"][2]["image"])  # the others are untouched
     parent_alpha = docs[0]["layers"][1]["image"][0, ..., 3].numpy()
     parent = np.zeros((64, 64), np.float32)
