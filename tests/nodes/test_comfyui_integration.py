@@ -215,13 +215,14 @@ def test_nodes_register_in_the_real_host(comfy_server: ComfyServer) -> None:
     assert not [line for line in lines if pack_dir in line and ("IMPORT FAILED" in line or "Cannot import" in line)]
 
 
-def test_qwen_image_edit_declarations_match_the_real_server(comfy_server: ComfyServer) -> None:
-    """The edit-a-layer workflow lays out the core Qwen-Image-Edit nodes from tests/qwen_edit_nodes.py: same
-    input names, order, kinds and widget choices as the real ComfyUI (0.3.64 or later)."""
+def test_core_node_declarations_match_the_real_server(comfy_server: ComfyServer) -> None:
+    """The workflows lay out core nodes from tests/support (Qwen-Image-Edit in qwen_edit_nodes.py, the text nodes
+    in string_nodes.py): same input names, order, kinds and widget choices as the real ComfyUI (0.3.64 or later)."""
     from qwen_edit_nodes import QWEN_EDIT_NODES
+    from string_nodes import STRING_NODES
 
     info = comfy_server.get("/object_info")
-    for name, cls in QWEN_EDIT_NODES.items():
+    for name, cls in {**QWEN_EDIT_NODES, **STRING_NODES}.items():
         assert name in info, f"{name} is missing from this ComfyUI (the workflow needs 0.3.64 or later)"
         real = info[name]
         ours = cls.INPUT_TYPES()
@@ -445,6 +446,25 @@ def test_every_workflow_runs_on_the_real_server(models_installed: ComfyServer, n
     assert again["status"]["status_str"] == "success"
     assert set(_messages(again, "execution_cached")[0]["nodes"]) == set(_server_graph(name))
     assert sorted(out.glob("*.psd")) == psds
+
+
+def test_caption_edits_through_the_real_core_text_nodes(models_installed: ComfyServer) -> None:
+    """caption_edit_decompose on the real Replace and Concatenate nodes: left empty they pass the caption through;
+    filled in, Decompose Image uses the edited caption, and the caption itself comes from the cache."""
+    name = "caption_edit_decompose"
+    graph = _server_graph(name)
+    graph["5"]["inputs"]["filename_prefix"] = "caption_edits/captioned"  # the workflow test counts its own PSDs
+    first = models_installed.run(graph)
+    assert first["status"]["status_str"] == "success", json.dumps(first["status"])[:3000]
+    (caption,) = first["outputs"]["3"]["text"]
+    assert caption and first["outputs"]["4"]["text"] == [caption]
+    word = caption.split()[0]
+    graph["6"]["inputs"].update(find=word, replace="a fox")
+    graph["7"]["inputs"].update(string_b="on white.", delimiter=" ")
+    edited = models_installed.run(graph)
+    assert edited["status"]["status_str"] == "success", json.dumps(edited["status"])[:3000]
+    assert edited["outputs"]["4"]["text"] == [caption.replace(word, "a fox") + " on white."]
+    assert {"1", "2", "3"} <= set(_messages(edited, "execution_cached")[0]["nodes"])
 
 
 def test_a_saved_loader_with_the_old_block_swap_spelling_runs_on_the_real_server(models_installed: ComfyServer) -> None:

@@ -16,6 +16,7 @@ from psd_tools import PSDImage
 from qil_graphs import API_DIR, MODEL_FILES, WORKFLOWS, harness, items, load_workflow, workflow_names
 from qil_graphs import fast as fast_graph
 from qwen_edit_nodes import QWEN_EDIT_NODES
+from string_nodes import STRING_NODES
 from tiny_runs import one_thread
 
 REQUIRED = {
@@ -81,7 +82,13 @@ def ui_to_api(ui: dict[str, Any], mappings: dict[str, type]) -> dict[str, dict]:
         decl = _declared(cls)
         inputs: dict[str, Any] = {}
         sockets = [name for name, d in decl.items() if not _is_widget(d)]
-        assert [i["name"] for i in node["inputs"]] == sockets, f"node {node['id']}: sockets differ from INPUT_TYPES"
+        fed = [i["name"] for i in node["inputs"][len(sockets) :]]  # widgets fed by a link, after the sockets
+        assert [i["name"] for i in node["inputs"]] == sockets + fed, (
+            f"node {node['id']}: sockets differ from INPUT_TYPES"
+        )
+        for socket in node["inputs"][len(sockets) :]:
+            assert socket["widget"] == {"name": socket["name"]} and _is_widget(decl[socket["name"]]), socket
+            assert socket["link"] is not None, f"node {node['id']}: an unlinked widget input {socket['name']!r}"
         for slot, socket in enumerate(node["inputs"]):
             if socket["link"] is None:
                 continue
@@ -98,7 +105,8 @@ def ui_to_api(ui: dict[str, Any], mappings: dict[str, type]) -> dict[str, dict]:
             if not _is_widget(d):
                 continue
             assert values, f"node {node['id']} ({node['type']}): no widget value left for {name!r}"
-            inputs[name] = values.pop(0)
+            value = values.pop(0)
+            inputs.setdefault(name, value)  # a widget fed by a link keeps a value, and the link wins
             opts = d[1] if len(d) > 1 else {}
             if opts.get("control_after_generate"):
                 assert values.pop(0) in CONTROL_VALUES
@@ -141,7 +149,8 @@ def test_ui_and_api_files_describe_the_same_graph(name: str, tmp_path: Path) -> 
         host.__exit__(None, None, None)
     assert converted == {k: {"class_type": v["class_type"], "inputs": v["inputs"]} for k, v in api.items()}
     types = {n["type"] for n in ui["nodes"]}
-    assert all(t.startswith("QIL") or t in CORE_SINCE_03 | {"Note"} | set(QWEN_EDIT_NODES) for t in types), types
+    allowed = CORE_SINCE_03 | {"Note"} | set(QWEN_EDIT_NODES) | set(STRING_NODES)
+    assert all(t.startswith("QIL") or t in allowed for t in types), types
     (note,) = [n for n in ui["nodes"] if n["type"] == "Note"]
     if "QILLoadModel" in types:  # the note says which files go where, with their sizes
         for rel in MODEL_FILES.values():
@@ -229,6 +238,15 @@ def test_workflow_runs_end_to_end(name: str, tmp_path: Path) -> None:
         assert names == decomposed and psd.size == (64, 64)
         caption = result.outputs["3"][0]
         assert isinstance(caption, str) and caption and result.ui["3"]["text"] == [caption]
-        assert result.outputs["4"][3] == caption and result.ui["4"]["text"] == [caption]  # the prompt it used
+        # the edit nodes left empty pass the caption through: the prompt used is the caption itself
+        assert result.outputs["4"][3] == caption and result.ui["4"]["text"] == [caption]
+        word = caption.split()[0]
+        graph["6"]["inputs"].update(find=word, replace="a fox")
+        graph["7"]["inputs"].update(string_b="on a plain white background.", delimiter=" ")
+        edited = h.run(graph)
+        assert edited.executed == ["6", "7", "4", "5"]  # the cached caption is not written again
+        want = caption.replace(word, "a fox") + " on a plain white background."
+        assert edited.outputs["4"][3] == want and edited.ui["4"]["text"] == [want]
+        assert len(_psds(out)) == 2
     else:
         pytest.fail(f"no checks written for workflow {name!r}")

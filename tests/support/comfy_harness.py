@@ -41,6 +41,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image, ImageOps, ImageSequence
+from string_nodes import STRING_NODES
 
 ROOT = Path(__file__).resolve().parents[2]
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN"}
@@ -340,7 +341,12 @@ class PreviewImage(SaveImage):
         return super().save_images(images, f"ComfyUI_temp_{tag}", prompt, extra_pnginfo)
 
 
-CORE_NODES: dict[str, type] = {"LoadImage": LoadImage, "SaveImage": SaveImage, "PreviewImage": PreviewImage}
+CORE_NODES: dict[str, type] = {
+    "LoadImage": LoadImage,
+    "SaveImage": SaveImage,
+    "PreviewImage": PreviewImage,
+    **STRING_NODES,
+}
 
 
 # ------------------------------------------------------------------ the executor

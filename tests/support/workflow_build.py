@@ -100,16 +100,21 @@ SPECS: dict[str, dict[str, Any]] = {
     },
     "caption_edit_decompose": {
         "note": "CAPTION, EDIT, DECOMPOSE\nCaption Image writes the caption the reference would use for an empty "
-        "prompt (shown on the node). It feeds Decompose Image's prompt_text. To edit it: copy the text from "
-        "Caption Image, change it, paste it into Decompose Image's prompt and remove the prompt_text link "
-        "(a connected prompt_text wins over the prompt widget). Decompose Image's caption output is the "
-        "prompt it used. Needs the text encoder's vision tower and lm_head (the diffusers text_encoder/ "
-        "folder has both).\n\n" + MODEL_NOTE,
+        "prompt (shown on the node). Two core text nodes edit it on its way to Decompose Image's prompt_text:"
+        " Replace changes words (find -> replace; every occurrence) and Concatenate adds your own text "
+        "(string_b; start it with a space, or set the delimiter). Left empty, both pass the caption through "
+        "unchanged, which gives the reference's result. Run once to read the caption, type the edits, run "
+        "again: the caption is cached, so only the decomposition runs. To rewrite it entirely, paste your "
+        "text into Decompose Image's prompt and remove the prompt_text link (a connected prompt_text wins "
+        "over the prompt widget). Decompose Image's caption output is the prompt it used. Needs the text "
+        "encoder's vision tower and lm_head (the diffusers text_encoder/ folder has both).\n\n" + MODEL_NOTE,
         "nodes": [
             (1, "LoadImage", {"image": "example.png"}, (40, 420)),
             (2, "QILLoadModel", dict(MODEL), (40, 120)),
             (3, "QILCaptionImage", {"model": [2, 0], "image": [1, 0]}, (440, 420)),
-            (4, "QILDecompose", {"model": [2, 0], "image": [1, 0], "mask": [1, 1], "prompt_text": [3, 0]}, (860, 120)),
+            (6, "StringReplace", {"string": [3, 0]}, (440, 700)),
+            (7, "StringConcatenate", {"string_a": [6, 0]}, (440, 980)),
+            (4, "QILDecompose", {"model": [2, 0], "image": [1, 0], "mask": [1, 1], "prompt_text": [7, 0]}, (860, 120)),
             (5, "QILSavePSD", {"layers": [4, 0], "filename_prefix": "QwenLayered/captioned"}, (1280, 120)),
         ],
     },
@@ -329,6 +334,12 @@ def build(name: str, spec: dict[str, Any], nodes_map: dict[str, type]) -> tuple[
         for k in sockets:
             link = next((ln[0] for ln in links if ln[3] == node_id and ln[4] == k), None)
             inputs.append({"name": k, "type": decl[k][0], "link": link})
+        # A widget fed by a link is an input after the sockets that names its widget (it keeps a widget value).
+        for k, d in decl.items():
+            link = next((ln[0] for ln in links if ln[3] == node_id and ln[4] == k), None)
+            if is_widget(d) and link is not None:
+                inputs.append({"name": k, "type": d[0], "widget": {"name": k}, "link": link})
+                sockets.append(k)
         for ln in links:
             if ln[3] == node_id:
                 ln[4] = sockets.index(ln[4])  # the UI format links to the target's socket index
@@ -349,7 +360,8 @@ def build(name: str, spec: dict[str, Any], nodes_map: dict[str, type]) -> tuple[
         for k, d in decl.items():
             if not is_widget(d):
                 continue
-            values.append(api[str(node_id)]["inputs"][k])
+            value = api[str(node_id)]["inputs"][k]
+            values.append(widget_default(d) if isinstance(value, list) else value)  # a linked widget: its default
             opts = d[1] if len(d) > 1 else {}
             if opts.get("control_after_generate"):
                 values.append("fixed")
