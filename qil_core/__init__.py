@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from .model.pipeline.options import DecomposeLayerOptions, DecomposeOptions, TextToLayersOptions
     from .model.policy import LoadPolicy
 
-__version__ = "0.2.0"  # the same as pyproject.toml [project] version (tests/test_readme.py checks)
+__version__ = "0.2.1"  # the same as pyproject.toml [project] version (tests/test_readme.py checks)
 
 # Model names, imported on first use so that `import qil_core` does not load torch.
 # Relative module names: inside ComfyUI this package is `<pack>.qil_core`, not `qil_core`.

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..layers.image_file import open_image
 from ..model.policy import LoadPolicy
 from .common import existing_input
-from .model import _device
+from .model import check_device
 from .options import add_options, from_args
 
 
@@ -57,7 +57,7 @@ def run_caption(args: argparse.Namespace) -> int:
     from ..model.pipeline.caption_job import caption_from_files
 
     policy = from_args(LoadPolicy, args, ["dtype", "device"])
-    device = _device(policy)
+    device = check_device(policy)
     image = open_image(existing_input(Path(args.image), "image"), f"image {args.image!r}", upright=True)
     text = caption_from_files(
         image,

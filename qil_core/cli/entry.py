@@ -28,6 +28,7 @@ from . import demo as cli_demo
 from . import edit as cli_edit
 from . import layers as cli_layers
 from . import model as cli_model
+from . import split as cli_split
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _prog() -> str:
 
 
 # Sub-command modules, in the order their commands appear in --help; each has `register(subparsers)`.
-COMMAND_MODULES: tuple[ModuleType, ...] = (cli_layers, cli_edit, cli_demo, cli_model, cli_caption)
+COMMAND_MODULES: tuple[ModuleType, ...] = (cli_layers, cli_edit, cli_demo, cli_model, cli_split, cli_caption)
 
 # OSErrors that mean "the path the user gave is wrong" rather than "the machine failed".
 _PATH_ERRORS = (FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

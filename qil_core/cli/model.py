@@ -32,7 +32,7 @@ from ..model.policy import LoadPolicy
 from ..options import spec_of
 from .common import check_suffix, check_writable, existing_input, log_written
 from .lora import add_lora_options, add_sampler_options, apply_loras, sampler_options
-from .options import add_options, from_args
+from .options import O, add_options, from_args
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ CANVAS_FLAGS = ["width", "height"]
 DEMO_SETTINGS: dict[str, Any] = dict(layers=4, steps=4, resolution="custom", max_side=256, seed=0)  # seconds on a CPU
 
 
-def _add_model_options(p: argparse.ArgumentParser) -> None:
+def add_model_options(p: argparse.ArgumentParser) -> None:
     """Weights, dtype, device and memory options shared by the model commands (generated from LoadPolicy)."""
     g = p.add_argument_group("model files (a diffusers folder, or single files in ComfyUI's or diffusers' layout)")
     g.add_argument("--model-dir", type=Path, metavar="DIR", help="diffusers Qwen-Image-Layered folder")
@@ -63,11 +63,11 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     add_lora_options(p)
 
 
-def _add_sampling_options(p: argparse.ArgumentParser, cls: type) -> None:
-    """Sampling options shared by decompose and text-to-layers (generated from the job's options class), plus
-    the prompt files. --negative-prompt defaults to None here so that giving it and its file is refused."""
+def add_sampling_options(p: argparse.ArgumentParser, cls: type, flags: list[str] = SAMPLING_FLAGS) -> None:
+    """Sampling options shared by the model commands (generated from the job's options class), plus the prompt
+    files. --negative-prompt defaults to None here so that giving it and its file is refused."""
     g = p.add_argument_group("sampling")
-    add_options(g, cls, SAMPLING_FLAGS, defaults={"negative_prompt": None})
+    add_options(g, cls, flags, defaults={"negative_prompt": None})
     g.add_argument(
         "--prompt-file",
         type=Path,
@@ -78,7 +78,7 @@ def _add_sampling_options(p: argparse.ArgumentParser, cls: type) -> None:
     add_sampler_options(p)
 
 
-def _add_output_options(p: argparse.ArgumentParser) -> None:
+def add_output_options(p: argparse.ArgumentParser) -> None:
     """Where results go."""
     p.add_argument("--out", required=True, type=Path, metavar="OUT.psd", help="layered PSD to write")
     p.add_argument("--png-dir", type=Path, metavar="DIR", help="also write the layers as PNGs into DIR")
@@ -95,9 +95,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "reference pipeline does; --output-size original maps the layers back to the input's size.",
     )
     p.add_argument("image", metavar="IMAGE", help="input image (PNG, JPEG, WebP, TIFF; alpha is kept)")
-    _add_output_options(p)
-    _add_model_options(p)
-    _add_sampling_options(p, DecomposeOptions)
+    add_output_options(p)
+    add_model_options(p)
+    add_sampling_options(p, DecomposeOptions)
     # --resolution has no default here: --max-side alone means custom, neither means the option's default (640)
     add_options(p.add_argument_group("size"), DecomposeOptions, SIZE_FLAGS, defaults={"resolution": None})
     add_options(p.add_argument_group("auto-caption (when no prompt is given)"), DecomposeOptions, CAPTION_FLAGS)
@@ -110,26 +110,26 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "tuned for decomposition, so quality is limited.",
     )
     p.add_argument("text", metavar="PROMPT", nargs="?", help="description of the whole picture (or give --prompt-file)")
-    _add_output_options(p)
-    _add_model_options(p)
-    _add_sampling_options(p, TextToLayersOptions)
+    add_output_options(p)
+    add_model_options(p)
+    add_sampling_options(p, TextToLayersOptions)
     add_options(p.add_argument_group("size"), TextToLayersOptions, CANVAS_FLAGS)
     p.set_defaults(handler=run_text_to_layers)
 
 
-def _policy(args: argparse.Namespace) -> LoadPolicy:
+def policy_from_args(args: argparse.Namespace) -> LoadPolicy:
     """The loading policy of the command line (checked before any work, errors naming the flags)."""
     if args.model_dir is None and (args.transformer is None or args.vae is None):
         raise InputError("give --model-dir DIR, or --transformer F and --vae F (plus --text-encoder F for prompts)")
     return from_args(LoadPolicy, args, POLICY_FLAGS)
 
 
-def _load(args: argparse.Namespace) -> Any:
+def load_from_args(args: argparse.Namespace) -> Any:
     """Load the model named by the command line options."""
     from ..model.loader import load_model
 
-    policy = _policy(args)
-    device = _device(policy)
+    policy = policy_from_args(args)
+    device = check_device(policy)
     # Weights load memory-mapped on the CPU; the memory plan then decides what goes to the device and when.
     model = load_model(
         model_dir=args.model_dir,
@@ -146,7 +146,7 @@ def _load(args: argparse.Namespace) -> Any:
     return model
 
 
-def _placement(args: argparse.Namespace, model: Any, width: int, height: int, layers: int) -> Any:
+def plan_placement(args: argparse.Namespace, model: Any, width: int, height: int, layers: int) -> Any:
     """The memory plan's placement for this run (resident on CPU; planned from free memory on a GPU)."""
     from ..model.runtime.memory_plan import plan_for_model
 
@@ -155,7 +155,7 @@ def _placement(args: argparse.Namespace, model: Any, width: int, height: int, la
     return plan.placement(model.dtype)
 
 
-def _progress(label: str) -> Any:
+def progress_logger(label: str) -> Any:
     """A pipeline callback logging about ten progress lines with the time per step."""
     t0 = time.perf_counter()
 
@@ -168,16 +168,20 @@ def _progress(label: str) -> Any:
     return callback
 
 
-def _planned_names(layers: int, keep_composite: bool, prefix: str) -> list[str]:
-    """The PNG names export_pngs will use for a result of `layers` layers (names are known before sampling)."""
+def result_names(layers: int, keep_composite: bool) -> list[str]:
+    """The layer names of a decomposition into `layers` layers (known before sampling)."""
     from ..model.pipeline.decompose import COMPOSITE_NAME, layer_names
 
-    names = layer_names(layers) + ([COMPOSITE_NAME] if keep_composite else [])
+    return layer_names(layers) + ([COMPOSITE_NAME] if keep_composite else [])
+
+
+def _planned_names(names: list[str], prefix: str) -> list[str]:
+    """The PNG names export_pngs will use for a result whose layers are called `names`."""
     stub = LayerStack(1, 1, [Layer(np.zeros((0, 0, 4), np.float32), name=n) for n in names])
     return layer_file_names(stub, prefix)
 
 
-def _device(policy: LoadPolicy) -> Any:
+def check_device(policy: LoadPolicy) -> Any:
     """The torch device of --device (the policy's best one when not given), checked before any loading: it must
     be present on this machine."""
     import torch
@@ -220,7 +224,7 @@ def _read_text(path: Path, option: str) -> str:
         raise InputError(f"{option} {str(path)!r} cannot be read: {err.strerror or err}") from None
 
 
-def _prompts(args: argparse.Namespace, prompt: str | None) -> tuple[str | None, Any]:
+def read_prompts(args: argparse.Namespace, prompt: str | None) -> tuple[str | None, Any]:
     """(prompt, negative prompt) from the options or their files; giving both forms of one is refused."""
     if args.prompt_file is not None:
         if prompt is not None:
@@ -236,11 +240,12 @@ def _prompts(args: argparse.Namespace, prompt: str | None) -> tuple[str | None, 
     return prompt, spec_of(SamplingOptions, "negative_prompt")[0].default if negative is None else negative
 
 
-def _targets(args: argparse.Namespace, layers: int, keep_composite: bool) -> None:
+def check_targets(args: argparse.Namespace, names: list[str]) -> None:
     """Check every argument and every file the command will write before any work (device, suffix, safe names, no
-    collisions, an existing writable folder for --out): loading and sampling take minutes. The options (numbers,
-    sizes, tile) are checked already, by their dataclasses."""
-    _device(_policy(args))
+    collisions, an existing writable folder for --out): loading and sampling take minutes. `names` are the result's
+    layer names (for the PNGs of --png-dir). The options (numbers, sizes, tile) are checked already, by their
+    dataclasses."""
+    check_device(policy_from_args(args))
     check_suffix(args.out, (".psd",), "output")
     folder = args.out.parent
     if not folder.is_dir():
@@ -254,11 +259,11 @@ def _targets(args: argparse.Namespace, layers: int, keep_composite: bool) -> Non
         if args.png_dir.exists() and not args.png_dir.is_dir():
             raise OutputPathError(f"--png-dir {str(args.png_dir)!r} is a file; give a folder (created if missing)")
         check_writable(args.png_dir)
-        paths += [args.png_dir / n for n in _planned_names(layers, keep_composite, args.out.stem)]
+        paths += [args.png_dir / n for n in _planned_names(names, args.out.stem)]
     check_free(paths, overwrite=args.overwrite)
 
 
-def _write(stack: LayerStack, args: argparse.Namespace) -> list[Path]:
+def write_outputs(stack: LayerStack, args: argparse.Namespace) -> list[Path]:
     """Write the PSD (with its composite) and, when asked, the layer PNGs as one group (all or none); returns the
     written paths."""
     return write_result(stack, args.out, args.png_dir, prefix=args.out.stem, overwrite=args.overwrite)
@@ -295,41 +300,46 @@ def _read_image(path: Path) -> Image.Image:
     return open_image(existing_input(path, "image"), f"image {str(path)!r}", upright=True)
 
 
+def sized_options(cls: type[O], args: argparse.Namespace, flags: list[str]) -> O:
+    """The job's options from the command line, prompts left out (they come with their files, after the other
+    checks): --max-side alone means --resolution custom; neither flag leaves the option's default (640)."""
+    resolution = args.resolution or (CUSTOM if args.max_side is not None else None)
+    names = [n for n in flags if n not in PROMPT_FLAGS + ["resolution"]]
+    opts: Any = from_args(cls, args, names, extra={"resolution": resolution} if resolution else None)
+    if args.max_side is not None and opts.resolution != CUSTOM:
+        raise InputError(
+            f"--max-side applies only to --resolution custom, not --resolution {opts.resolution}; drop one of them"
+        )
+    return opts
+
+
 def run_decompose(args: argparse.Namespace) -> int:
     """Handler of `decompose`."""
     from ..model.pipeline.decompose import decompose
     from ..model.pipeline.imaging import bucket_size, check_image_size
 
-    # --max-side alone means --resolution custom; neither flag leaves the option's default (640)
-    resolution = args.resolution or (CUSTOM if args.max_side is not None else None)
-    flags = SAMPLING_FLAGS + SIZE_FLAGS + CAPTION_FLAGS + ["vae_tile"]
-    names = [n for n in flags if n not in PROMPT_FLAGS + ["resolution"]]
-    opts = from_args(DecomposeOptions, args, names, extra={"resolution": resolution} if resolution else None)
-    _targets(args, opts.layers, opts.keep_composite)
-    prompt, negative = _prompts(args, args.prompt)
+    opts = sized_options(DecomposeOptions, args, SAMPLING_FLAGS + SIZE_FLAGS + CAPTION_FLAGS + ["vae_tile"])
+    check_targets(args, result_names(opts.layers, opts.keep_composite))
+    prompt, negative = read_prompts(args, args.prompt)
     opts = opts.changed(prompt=prompt, negative_prompt=negative)
-    if args.max_side is not None and opts.resolution != CUSTOM:
-        raise InputError(
-            f"--max-side applies only to --resolution custom, not --resolution {opts.resolution}; drop one of them"
-        )
     image = _read_image(Path(args.image))
     check_image_size(image.width, image.height, f"image {args.image!r}")
     mode, max_side = check_size_mode(opts.resolution, opts.max_side)
     work_w, work_h = bucket_size(image.width, image.height, mode, max_side)
-    model = _load(args)
+    model = load_from_args(args)
     t0 = time.perf_counter()
     stack = decompose(
         model,
         image,
         options=opts,
-        placement=_placement(args, model, work_w, work_h, opts.layers),
-        callback=_progress("decompose"),
+        placement=plan_placement(args, model, work_w, work_h, opts.layers),
+        callback=progress_logger("decompose"),
         sampler=sampler_options(args),
     )[0]
     logger.info(
         "decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height, time.perf_counter() - t0
     )
-    log_written(_write(stack, args))
+    log_written(write_outputs(stack, args))
     return 0
 
 
@@ -339,33 +349,33 @@ def run_text_to_layers(args: argparse.Namespace) -> int:
 
     names = [n for n in SAMPLING_FLAGS if n not in PROMPT_FLAGS] + CANVAS_FLAGS + ["vae_tile"]
     opts = from_args(TextToLayersOptions, args, names)
-    _targets(args, opts.layers, opts.keep_composite)
+    check_targets(args, result_names(opts.layers, opts.keep_composite))
     if args.text is not None and args.prompt is not None:
         raise InputError("give the prompt once: as PROMPT or with --prompt, not both")
-    prompt, negative = _prompts(args, args.text if args.text is not None else args.prompt)
+    prompt, negative = read_prompts(args, args.text if args.text is not None else args.prompt)
     if not prompt:
         raise InputError("text-to-layers needs a prompt: give PROMPT or --prompt-file F")
     opts = opts.changed(prompt=prompt, negative_prompt=negative)
-    model = _load(args)
+    model = load_from_args(args)
     t0 = time.perf_counter()
     stack = text_to_layers(
         model,
         options=opts,
-        placement=_placement(args, model, opts.width, opts.height, opts.layers),
-        callback=_progress("text-to-layers"),
+        placement=plan_placement(args, model, opts.width, opts.height, opts.layers),
+        callback=progress_logger("text-to-layers"),
         sampler=sampler_options(args),
     )
     logger.info(
         "text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height, time.perf_counter() - t0
     )
-    log_written(_write(stack, args))
+    log_written(write_outputs(stack, args))
     return 0
 
 
 def demo_targets(out_dir: Path, overwrite: bool) -> tuple[Path, Path]:
     """The demo's model outputs (PSD, PNG folder), checked for safe names and collisions before any work."""
     psd, layer_dir = out_dir / "decomposed.psd", out_dir / "decomposed_layers"
-    pngs = _planned_names(int(DEMO_SETTINGS["layers"]), False, "decomposed")
+    pngs = _planned_names(result_names(int(DEMO_SETTINGS["layers"]), False), "decomposed")
     check_free([psd, *(layer_dir / n for n in pngs)], overwrite=overwrite)
     return psd, layer_dir
 
@@ -405,7 +415,7 @@ def decompose_demo(
             picture,
             prompt="a layered scene with sky, sun, hills, a house and a logo",
             output_size="original",
-            callback=_progress("demo decompose"),
+            callback=progress_logger("demo decompose"),
             **DEMO_SETTINGS,
         )[0]
     items = result_items(stack, psd, layer_dir, prefix="decomposed", check=lambda staged: check_psd(staged, stack))

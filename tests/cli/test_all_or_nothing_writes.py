@@ -154,8 +154,8 @@ def test_decompose_whose_pngs_fail_leaves_no_psd_behind(tmp_path: Path, monkeypa
     from qil_core.layers import export
 
     stack = sample_stack(SIZE)
-    monkeypatch.setattr(cli_model, "_load", lambda args: None)
-    monkeypatch.setattr(cli_model, "_placement", lambda *a: None)
+    monkeypatch.setattr(cli_model, "load_from_args", lambda args: None)
+    monkeypatch.setattr(cli_model, "plan_placement", lambda *a: None)
     monkeypatch.setattr("qil_core.model.pipeline.decompose.decompose", lambda *a, **k: [stack])
     image = tmp_path / "in.png"
     from qil_core.layers.composite import composite

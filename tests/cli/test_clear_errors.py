@@ -133,7 +133,7 @@ def test_damaged_zip_manifests_are_one_line_errors(
 def test_bogus_device_is_refused_before_loading(
     capsys, comfy, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(cli_model, "load_from_args", lambda args: pytest.fail("the model must not be loaded"))
     code, err = _run(
         capsys, "decompose", image, "--out", tmp_path / "a.psd", *_files(comfy), *FAST[:-2], "--device", "bogus"
     )
@@ -147,7 +147,7 @@ def test_cuda_device_without_cuda_fails_clearly_before_loading(
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(cli_model, "load_from_args", lambda args: pytest.fail("the model must not be loaded"))
     code, err = _run(
         capsys, "decompose", image, "--out", tmp_path / "a.psd", *_files(comfy), *FAST[:-2], "--device", "cuda"
     )
@@ -180,7 +180,7 @@ def test_read_only_output_folder_is_found_before_loading(
     ro.mkdir()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda p, mode, **k: False if Path(p) == ro else real_access(p, mode, **k))
-    monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(cli_model, "load_from_args", lambda args: pytest.fail("the model must not be loaded"))
     for extra in (["--out", ro / "a.psd"], ["--out", tmp_path / "a.psd", "--png-dir", ro / "sub"]):
         code, err = _run(capsys, "decompose", image, *extra, *_files(comfy), *FAST)
         _one_line(code, err)
@@ -201,7 +201,7 @@ def test_read_only_output_folder_is_found_before_loading(
 def test_arguments_are_checked_before_loading(
     capsys, comfy, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, argv: list[str], message: str
 ) -> None:
-    monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(cli_model, "load_from_args", lambda args: pytest.fail("the model must not be loaded"))
     argv = [str(image) if a == "IMAGE" else a for a in argv]
     code, err = _run(capsys, *argv, "--out", tmp_path / "a.psd", *_files(comfy), *FAST)
     _one_line(code, err)

@@ -165,7 +165,7 @@ def test_outputs_are_checked_before_loading(
 ) -> None:
     out = tmp_path / "taken.psd"
     out.write_bytes(b"keep me")
-    monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(cli_model, "load_from_args", lambda args: pytest.fail("the model must not be loaded"))
     code, err = _run(capsys, "decompose", image, "--out", out, *_files(comfy), *FAST)
     assert code == 2 and "--overwrite" in err and out.read_bytes() == b"keep me"
     code, err = _run(capsys, "decompose", image, "--out", tmp_path / "x.png", *_files(comfy), *FAST)
@@ -177,7 +177,7 @@ def test_numbers_image_size_and_out_folder_are_checked_before_loading(
 ) -> None:
     # Regression: --layers 0, --steps 0, a 1x1 image and a missing --out folder used to fail only after the
     # model had loaded (the folder only after the whole decomposition had run).
-    monkeypatch.setattr(cli_model, "_load", lambda args: pytest.fail("the model must not be loaded"))
+    monkeypatch.setattr(cli_model, "load_from_args", lambda args: pytest.fail("the model must not be loaded"))
     tiny = tmp_path / "tiny.png"
     Image.new("RGB", (1, 1)).save(tiny)
     out = tmp_path / "a.psd"
@@ -269,7 +269,7 @@ def test_interrupt_leaves_nothing(capsys, comfy, image: Path, tmp_path: Path, mo
 
         return callback
 
-    monkeypatch.setattr(cli_model, "_progress", stop)
+    monkeypatch.setattr(cli_model, "progress_logger", stop)
     out, pngs = tmp_path / "never.psd", tmp_path / "pngs"
     code, err = _run(
         capsys,
