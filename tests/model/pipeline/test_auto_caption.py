@@ -102,3 +102,29 @@ def test_caption_is_the_same_in_every_memory_mode(models, kind: str) -> None:
     resident = caption_images(model, ResidentPlacement("cpu", torch.float32), [_img(3)], max_new_tokens=12)
     placement = OffloadPlacement("cpu") if kind == "offload" else BlockSwapPlacement("cpu", 0, prefetch=True)
     assert caption_images(model, placement, [_img(3)], max_new_tokens=12) == resident
+
+
+def test_the_vision_tower_loads_only_for_a_caption_and_is_freed_after(models, monkeypatch) -> None:
+    import gc
+    import weakref
+
+    from qil_core.model.pipeline import auto_caption
+
+    loaded: list[weakref.ref] = []
+    real = auto_caption.load_caption_model
+
+    def spy(*args, **kwargs):
+        captioner = real(*args, **kwargs)
+        loaded.append(weakref.ref(captioner.vision))
+        return captioner
+
+    monkeypatch.setattr(auto_caption, "load_caption_model", spy)
+    model = models["comfyui"]
+    decompose(model, _img()[None], prompt="a typed prompt", **FAST)
+    decompose(model, _img()[None], prompt="", auto_caption=False, **FAST)
+    assert loaded == []  # a prompt, or auto-caption off: nothing of the vision tower is read
+    out = decompose(model, _img()[None], prompt="", **FAST)
+    assert out[0].metadata.get("caption") and len(loaded) == 1
+    gc.collect()
+    assert loaded[0]() is None  # released once the caption is written
+    assert not any(n.startswith(("visual", "vision")) for n, _ in model.text_encoder.named_parameters())
