@@ -257,7 +257,7 @@ class QILDecomposeLayer:
         prompt_text: str | None = None,
         unique_id: str | None = None,
     ) -> dict[str, Any]:
-        from ..qil_core.model.pipeline.decompose import run_decompose_layer
+        from ..qil_core.model.pipeline.layer_split import run_decompose_layer
 
         handle = check_model(model)
         prompt = prompt if prompt_text is None else prompt_text

@@ -62,7 +62,8 @@ from .layers.psd import lint_psd, read_psd, write_psd
 
 if TYPE_CHECKING:
     from .model.loader import QwenLayeredModel, load_model
-    from .model.pipeline.decompose import decompose, decompose_layer, text_to_layers
+    from .model.pipeline.decompose import decompose, text_to_layers
+    from .model.pipeline.layer_split import decompose_layer
     from .model.pipeline.options import DecomposeLayerOptions, DecomposeOptions, TextToLayersOptions
     from .model.policy import LoadPolicy
 
@@ -75,7 +76,7 @@ _LAZY = {
     "QwenLayeredModel": ".model.loader",
     "decompose": ".model.pipeline.decompose",
     "text_to_layers": ".model.pipeline.decompose",
-    "decompose_layer": ".model.pipeline.decompose",
+    "decompose_layer": ".model.pipeline.layer_split",
     "DecomposeOptions": ".model.pipeline.options",
     "TextToLayersOptions": ".model.pipeline.options",
     "DecomposeLayerOptions": ".model.pipeline.options",

@@ -145,7 +145,8 @@ def test_import_qil_core_stays_light() -> None:
 def test_lazy_model_names_are_the_library_functions() -> None:
     import qil_core
     from qil_core.model.loader import QwenLayeredModel, load_model
-    from qil_core.model.pipeline.decompose import decompose, decompose_layer, text_to_layers
+    from qil_core.model.pipeline.decompose import decompose, text_to_layers
+    from qil_core.model.pipeline.layer_split import decompose_layer
 
     assert qil_core.load_model is load_model and qil_core.QwenLayeredModel is QwenLayeredModel
     assert (qil_core.decompose, qil_core.text_to_layers, qil_core.decompose_layer) == (

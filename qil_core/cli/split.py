@@ -80,8 +80,8 @@ def split_names(stack: LayerStack, index: int, count: int) -> list[str]:
 
 def run_decompose_layer(args: argparse.Namespace) -> int:
     """Handler of `decompose-layer`: read, check every target, load, split, write."""
-    from ..model.pipeline.decompose import decompose_layer
     from ..model.pipeline.imaging import bucket_size
+    from ..model.pipeline.layer_split import decompose_layer
     from ..model.pipeline.options import check_size_mode
 
     opts = sized_options(DecomposeLayerOptions, args, FLAGS + SIZE_FLAGS + CAPTION_FLAGS + ["vae_tile"])

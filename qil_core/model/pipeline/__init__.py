@@ -1,6 +1,6 @@
 """The jobs of the model, as pure functions over a loaded model and a placement.
 
-- `decompose.py`: `decompose`, `text_to_layers`, `decompose_layer` (the entry points).
+- `decompose.py`: `decompose`, `text_to_layers` (the entry points); `layer_split.py`: `decompose_layer`.
 - `options.py`: `DecomposeOptions`, `TextToLayersOptions`, `DecomposeLayerOptions`: every job option, once.
 - `checks.py`: validation of the job inputs that are not options (model, device, embeddings).
 - `imaging.py`: sizes, buckets and pixel <-> latent conversions of inputs and outputs.

@@ -13,7 +13,8 @@ from qil_core.layers.stack import Layer, LayerStack
 from qil_core.model.loader import load_model
 from qil_core.model.pipeline.auto_caption import caption_images, config_folders, wants_caption
 from qil_core.model.pipeline.caption import GenerationSettings
-from qil_core.model.pipeline.decompose import decompose, decompose_layer
+from qil_core.model.pipeline.decompose import decompose
+from qil_core.model.pipeline.layer_split import decompose_layer
 from qil_core.model.runtime.placement import ResidentPlacement
 from qil_core.model.weights.tiny import write_tiny_model
 

@@ -10,7 +10,8 @@ from qil_core.errors import InputError, LayerIndexError
 from qil_core.layers.composite import paste_layer
 from qil_core.layers.stack import Layer, LayerStack
 from qil_core.model.loader import load_model
-from qil_core.model.pipeline.decompose import decompose, decompose_layer
+from qil_core.model.pipeline.decompose import decompose
+from qil_core.model.pipeline.layer_split import decompose_layer
 from qil_core.model.weights.tiny import write_tiny_model
 
 OPTS = dict(prompt="a round badge", steps=2, resolution="custom", max_side=96, seed=1)

@@ -15,7 +15,8 @@ from qil_core.layers.psd import read_psd, write_psd
 from qil_core.layers.recompose import RecomposeReport, fold_residual, snap_alpha
 from qil_core.layers.stack import Layer, LayerStack
 from qil_core.model.loader import load_model
-from qil_core.model.pipeline.decompose import decompose, decompose_layer
+from qil_core.model.pipeline.decompose import decompose
+from qil_core.model.pipeline.layer_split import decompose_layer
 from qil_core.model.weights.tiny import write_tiny_model
 
 OPTS = dict(prompt="a poster", steps=2, resolution="custom", max_side=64, seed=3)
