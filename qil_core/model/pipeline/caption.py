@@ -5,7 +5,9 @@ max_new_tokens=512)` with the text encoder's generation config, decodes the new 
 strips the text. `GenerationSettings` reads `generation_config.json` (greedy or sampling, temperature, top-k,
 top-p, repetition penalty, eos ids); without one it is what transformers uses then: greedy, no penalty, eos
 `<|im_end|>`. The logits go through transformers' order: repetition penalty, then (sampling only) temperature,
-top-k, top-p.
+top-k, top-p. The number of new tokens is not the config's: the reference passes max_new_tokens=512 to
+`generate`, which overrides any `max_new_tokens`/`max_length` there, so it is 512 unless the caller gives another
+(`caption_image(max_new_tokens=...)`, CLI `caption --max-new-tokens`, the Caption node's widget).
 """
 
 from __future__ import annotations
@@ -40,7 +42,6 @@ class GenerationSettings:
     top_p: float = 1.0
     repetition_penalty: float = 1.0
     eos_token_ids: tuple[int, ...] = ()
-    max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS
 
     @classmethod
     def from_folder(cls, folder: Path | None) -> GenerationSettings:

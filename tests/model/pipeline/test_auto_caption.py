@@ -57,6 +57,38 @@ def test_config_folders_of_both_layouts(models) -> None:
     assert config_folders(models["comfyui"].sources["text_encoder"])[1] is None  # single file: processor defaults
 
 
+def test_generation_config_fields(tmp_path) -> None:
+    """What transformers' generate takes from generation_config.json; its length limits never apply (the reference
+    passes max_new_tokens=512), and an unreadable file is named in the error."""
+    import json
+
+    from qil_core.errors import ModelMismatchError
+
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps(
+            {
+                "do_sample": True,
+                "temperature": 0.7,
+                "top_k": 20,
+                "top_p": 0.8,
+                "repetition_penalty": 1.05,
+                "eos_token_id": [151645, 151643],
+                "max_new_tokens": 5,
+                "max_length": 9,
+            }
+        )
+    )
+    got = GenerationSettings.from_folder(tmp_path)
+    assert got == GenerationSettings(True, 0.7, 20, 0.8, 1.05, (151645, 151643))
+    assert not hasattr(got, "max_new_tokens")
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 151645, "temperature": null}')
+    assert GenerationSettings.from_folder(tmp_path) == GenerationSettings(eos_token_ids=(151645,))
+    assert GenerationSettings.from_folder(tmp_path / "missing") == GenerationSettings()
+    (tmp_path / "generation_config.json").write_text("{not json")
+    with pytest.raises(ModelMismatchError, match="generation_config.json is not a readable generation config"):
+        GenerationSettings.from_folder(tmp_path)
+
+
 @pytest.mark.parametrize("layout", ["comfyui", "diffusers"])
 def test_empty_prompt_is_captioned_logged_and_returned(models, layout, caplog: pytest.LogCaptureFixture) -> None:
     model = models[layout]
