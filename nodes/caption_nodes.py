@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..qil_core.model.pipeline.options import DecomposeOptions
+from . import host
 from .common import CATEGORY, image_batch, integer
 from .model_runtime import MODEL_TYPE, check_model, run_placement
 from .sample_inputs import SIZE
@@ -73,6 +74,7 @@ class QILCaptionImage:
                 max_side=side,
                 language=language,
                 max_new_tokens=tokens,
+                on_token=host.make_callback(tokens * img.shape[0], node_id=unique_id, label="Caption Image"),
             )
         text = "\n\n".join(captions)
         return {"ui": {"text": [text]}, "result": (text,)}

@@ -18,7 +18,7 @@ SEMANTICS = (
     "(ComfyUI's convention: 1 = transparent). 50 steps with true CFG 4.0 is the reference setting; 20-30 steps "
     "are faster. VRAM: the transformer is 40.9 GB in bf16 (20.5 GB as fp8mixed) and the text encoder 9.4 GB "
     "(fp8); the loader's memory mode keeps what fits on the GPU and streams the rest. Cancel stops after the "
-    "current step."
+    "current step (or caption token)."
 )
 
 
@@ -61,12 +61,16 @@ def job_inputs(
     placement: Any, steps: int, unique_id: str | None, label: str, sampler: Any = None, runs: int = 1
 ) -> Any:
     """The pipeline's JobInputs of a node run: the placement, the progress/cancel callback over `runs` x the steps
-    (those of custom sigmas when the handle's Sampler Settings give them) and those sampler options."""
+    (those of custom sigmas when the handle's Sampler Settings give them), the same for auto-caption tokens, and
+    those sampler options."""
     from ..qil_core.model.pipeline.decompose import JobInputs
 
     total = (sampler.resolve_steps(steps) if sampler is not None else steps) * runs
     return JobInputs(
-        placement=placement, callback=host.make_callback(total, node_id=unique_id, label=label), sampler=sampler
+        placement=placement,
+        callback=host.make_callback(total, node_id=unique_id, label=label),
+        caption_callback=host.make_callback(1, node_id=unique_id, label=f"{label}: captioning"),
+        sampler=sampler,
     )
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..layers.image_file import open_image
 from ..model.policy import LoadPolicy
 from .common import existing_input
-from .model import check_device
+from .model import check_device, progress_logger
 from .options import add_options, from_args
 
 
@@ -68,6 +68,7 @@ def run_caption(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         dtype=policy.torch_dtype(device),
         device=device,
+        on_token=progress_logger("caption", "token"),
     )
     sys.stdout.write(text + "\n")
     return 0

@@ -155,15 +155,16 @@ def plan_placement(args: argparse.Namespace, model: Any, width: int, height: int
     return plan.placement(model.dtype)
 
 
-def progress_logger(label: str) -> Any:
-    """A pipeline callback logging about ten progress lines with the time per step."""
+def progress_logger(label: str, unit: str = "step") -> Any:
+    """A pipeline callback `(done, total)` logging about ten progress lines with the time per `unit` (denoising
+    steps, or caption tokens: a caption that ends early stops logging before its total)."""
     t0 = time.perf_counter()
 
     def callback(step: int, total: int) -> None:
         every = max(1, total // 10)
         if step % every == 0 or step == total:
             rate = (time.perf_counter() - t0) / step
-            logger.info("%s: step %d/%d (%.2f s/step)", label, step, total, rate)
+            logger.info("%s: %s %d/%d (%.2f s/%s)", label, unit, step, total, rate, unit)
 
     return callback
 
@@ -334,6 +335,7 @@ def run_decompose(args: argparse.Namespace) -> int:
         options=opts,
         placement=plan_placement(args, model, work_w, work_h, opts.layers),
         callback=progress_logger("decompose"),
+        caption_callback=progress_logger("auto-caption", "token"),
         sampler=sampler_options(args),
     )[0]
     logger.info(

@@ -107,6 +107,7 @@ def run_decompose_layer(args: argparse.Namespace) -> int:
         options=opts,
         placement=plan_placement(args, model, work_w, work_h, opts.layers),
         callback=progress_logger("decompose-layer"),
+        caption_callback=progress_logger("auto-caption", "token"),
         sampler=sampler_options(args),
     )
     logger.info(

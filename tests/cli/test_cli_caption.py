@@ -60,6 +60,7 @@ def test_caption_prints_only_the_caption(capsys, tiny, image: Path) -> None:
     )
     assert out == expect + "\n" and expect
     assert "caption (zh" in err  # logs go to stderr
+    assert "caption: token 1/12 (" in err and "s/token)" in err  # progress while it writes (every token of 12)
 
 
 def test_caption_from_a_single_file(capsys, tiny, image: Path) -> None:

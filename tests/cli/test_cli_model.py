@@ -263,7 +263,7 @@ def test_bad_options_give_one_line_errors(capsys, comfy, image: Path, tmp_path: 
 
 @pytest.mark.slow
 def test_interrupt_leaves_nothing(capsys, comfy, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    def stop(label: str):
+    def stop(label: str, unit: str = "step"):
         def callback(step: int, total: int) -> None:
             raise KeyboardInterrupt
 

@@ -88,3 +88,28 @@ def test_decompose_layer_node_captions_the_layer_and_takes_the_switches(env) -> 
     assert off["result"][3] == "" and wired["result"][3] == "the lid"
     names = [item["name"] for item in auto["result"][0]["layers"]]
     assert names[-2:] == ["Layer 1 / 1", "Layer 1 / 2"]
+
+
+def test_captioning_reports_progress_per_token_and_cancel_stops_it(env) -> None:
+    from comfy_harness import InterruptProcessingException
+
+    h, handle = env
+    h.record.progress.clear()
+    with h.host():
+        caption_nodes.QILCaptionImage().caption(handle, _picture(), "en", 8, "custom", 64, unique_id="7")
+    ticks = [p for p in h.record.progress if p[0] == "7"]
+    assert ticks and ticks[0] == ("7", 1, 8) and [t[1] for t in ticks] == list(range(1, len(ticks) + 1))
+    for press_at in (3, 1):  # Cancel in the middle of a caption, and before the first token
+        h.record.interrupt_after = h.record.interrupt_checks + press_at
+        h.record.progress.clear()
+        try:
+            with h.host(), pytest.raises(InterruptProcessingException):
+                sample_nodes.QILDecompose().decompose(handle, _picture(), prompt="", unique_id="9", **SETTINGS)
+        finally:
+            h.record.interrupt_after = None
+        # it stopped while captioning: only caption tokens (of 512) were reported, no denoising step
+        assert [p[1:] for p in h.record.progress] == [(n, 512) for n in range(1, press_at)], h.record.progress
+        assert not any(n.startswith("visual") for n, _ in handle.model.text_encoder.named_parameters())
+    with h.host():  # and the next run captions from scratch, as before
+        again = sample_nodes.QILDecompose().decompose(handle, _picture(), prompt="", **SETTINGS)
+    assert again["result"][3]

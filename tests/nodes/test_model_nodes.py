@@ -99,7 +99,9 @@ def test_cancel_during_sampling_stops_within_one_step_and_leaves_nothing(tmp_pat
     with pytest.raises(InterruptProcessingException):
         h.run(graph)
     cancelled = len(calls)
-    assert [p for p in h.record.progress if p[0] == "3"] == [("3", 1, 4)]  # step 2 ran out, then it stopped
+    # the empty prompt was captioned first (its own bar, one tick per token of 512), then step 2 ran out and it stopped
+    assert [p for p in h.record.progress if p[0] == "3" and p[2] != 512] == [("3", 1, 4)]
+    assert [p[1] for p in h.record.progress if p[0] == "3" and p[2] == 512][:3] == [1, 2, 3]
     assert _files(h.output_dir) == []  # no PSD, no PNG, no staging folder
     assert _files(h.temp_dir) == []
 

@@ -20,7 +20,7 @@ from ...errors import InputError
 from ..loader import QwenLayeredModel
 from ..runtime.placement import Placement
 from ..weights.caption_loading import load_caption_model
-from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, caption_image
+from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, TokenCallback, caption_image
 from .caption_inputs import LANGUAGES, ImageProcessorConfig
 
 logger = logging.getLogger(__name__)
@@ -65,8 +65,13 @@ def caption_images(
     *,
     language: str = "en",
     max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
+    on_token: TokenCallback | None = None,
 ) -> list[str]:
-    """One caption per RGBA uint8 image, written by the model's own Qwen2.5-VL (loaded parts released after)."""
+    """One caption per RGBA uint8 image, written by the model's own Qwen2.5-VL (loaded parts released after).
+
+    `on_token(done, total)` runs after every new token, counted over all images (image i's tokens start at
+    i * max_new_tokens; total = images x max_new_tokens); it may raise to cancel (nothing stays loaded).
+    """
     if not model.can_encode_prompts or "text_encoder" not in model.sources:
         raise InputError(
             "auto-captioning needs the Qwen2.5-VL text encoder loaded from its file: load the model with its text "
@@ -94,8 +99,9 @@ def caption_images(
                     max_new_tokens=max_new_tokens,
                     settings=settings,
                     processor=processor,
+                    on_token=_offset(on_token, i * max_new_tokens, len(images) * max_new_tokens),
                 )
-                for im in images
+                for i, im in enumerate(images)
             ]
         finally:
             del captioner  # the vision tower and LM head are freed here
@@ -103,6 +109,14 @@ def caption_images(
     for i, c in enumerate(captions):
         logger.info("auto-caption%s: %s", f" of image {i}" if len(captions) > 1 else "", c)
     return captions
+
+
+def _offset(on_token: TokenCallback | None, start: int, total: int) -> TokenCallback | None:
+    """One image's token callback reported on the whole job's count."""
+    if on_token is None:
+        return None
+    report = on_token
+    return lambda n, _most: report(start + n, total)
 
 
 def conditions_per_caption(
@@ -128,6 +142,7 @@ def caption_inputs_at(
     mask: Any = None,
     language: str = "en",
     max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
+    on_token: TokenCallback | None = None,
 ) -> list[str]:
     """Captions of images in any input form, each first resized to the processing size of `resolution` as decompose
     does, so a caption equals the one decompose would write for an empty prompt."""
@@ -139,4 +154,4 @@ def caption_inputs_at(
     images = [
         resize_rgba(im, bucket_size(im.shape[1], im.shape[0], mode, max_side)) for im in prepare_images(image, mask)
     ]
-    return caption_images(model, placement, images, language=language, max_new_tokens=max_new_tokens)
+    return caption_images(model, placement, images, language=language, max_new_tokens=max_new_tokens, on_token=on_token)

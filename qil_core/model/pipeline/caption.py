@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from .caption_inputs import IMAGE_PAD, ImageProcessorConfig, image_patches, prom
 log = logging.getLogger(__name__)
 
 REFERENCE_MAX_NEW_TOKENS = 512
+# Called after every new token with (tokens written, most tokens); may raise (e.g. the host's Cancel) to stop.
+TokenCallback = Callable[[int, int], None]
 
 
 @dataclass(frozen=True)
@@ -96,8 +99,13 @@ def generate_ids(
     settings: GenerationSettings,
     max_new_tokens: int,
     generator: torch.Generator | None = None,
+    on_token: TokenCallback | None = None,
 ) -> list[int]:
-    """New token ids (eos included when reached) for the prompt `input_ids` holding the image placeholders."""
+    """New token ids (eos included when reached) for the prompt `input_ids` holding the image placeholders.
+
+    `on_token(n, max_new_tokens)` runs after the n-th new token; an exception it raises stops the generation
+    (the key/value cache is cleared either way).
+    """
     if max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     merge = model.vision.config.spatial_merge_size
@@ -113,6 +121,8 @@ def generate_ids(
         for _ in range(max_new_tokens):
             token = choose_token(logits, seen, settings, generator)
             out.append(token)
+            if on_token is not None:
+                on_token(len(out), max_new_tokens)
             if token in settings.eos_token_ids or len(out) == max_new_tokens:
                 break
             tok = torch.tensor([token], dtype=torch.long)
@@ -134,8 +144,10 @@ def caption_image(
     settings: GenerationSettings | None = None,
     processor: ImageProcessorConfig | None = None,
     seed: int = 0,
+    on_token: TokenCallback | None = None,
 ) -> str:
-    """The caption of `image` (PIL, or uint8 HxWx3/4 array) as the reference writes it for an empty prompt."""
+    """The caption of `image` (PIL, or uint8 HxWx3/4 array) as the reference writes it for an empty prompt;
+    `on_token` as in `generate_ids`."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
             raise InputError(f"the image to caption must be uint8 HxWx3 or HxWx4, got {image.dtype} {image.shape}")
@@ -153,7 +165,8 @@ def caption_image(
     image_token = tokenizer.token_to_id(IMAGE_PAD)
     ids = prompt_ids(tokenizer, language, grid, processor.merge_size)
     generator = torch.Generator().manual_seed(seed) if settings.do_sample else None
-    new = generate_ids(model, ids, torch.from_numpy(patches), grid, image_token, settings, max_new_tokens, generator)
+    patches_t = torch.from_numpy(patches)
+    new = generate_ids(model, ids, patches_t, grid, image_token, settings, max_new_tokens, generator, on_token)
     text = tokenizer.decode([i for i in new if i < tokenizer.vocab_size], skip_special_tokens=True).strip()
     log.info("caption (%s, %d tokens): %s", language, len(new), text)
     return text

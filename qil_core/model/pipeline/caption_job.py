@@ -15,7 +15,7 @@ from ..weights.caption_loading import load_caption_model
 from ..weights.text_loading import load_text_encoder
 from ..weights.tokenizer import load_tokenizer
 from .auto_caption import config_folders
-from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, caption_image
+from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, TokenCallback, caption_image
 from .caption_inputs import ImageProcessorConfig
 
 logger = logging.getLogger(__name__)
@@ -50,8 +50,10 @@ def caption_from_files(
     max_new_tokens: int = REFERENCE_MAX_NEW_TOKENS,
     dtype: torch.dtype = torch.bfloat16,
     device: torch.device | str = "cpu",
+    on_token: TokenCallback | None = None,
 ) -> str:
-    """The reference's caption of `image`, loading only the text encoder, vision tower, LM head and tokenizer."""
+    """The reference's caption of `image`, loading only the text encoder, vision tower, LM head and tokenizer;
+    `on_token(n, max_new_tokens)` runs after every new token."""
     te_path = text_encoder_source(model_dir, text_encoder)
     search = [Path(model_dir)] if model_dir is not None else []
     tok = load_tokenizer(
@@ -68,4 +70,5 @@ def caption_from_files(
         max_new_tokens=max_new_tokens,
         settings=GenerationSettings.from_folder(gen_folder),
         processor=ImageProcessorConfig.from_folder(proc_folder),
+        on_token=on_token,
     )

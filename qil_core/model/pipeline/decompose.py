@@ -260,7 +260,8 @@ class JobInputs:
     """What a job takes besides its options: prompt embeddings instead of strings, fixed noise, and the hooks.
 
     `placement` decides where components live (default: all resident on model.device); `callback(step, total)`
-    is called after every denoising step; `noise` overrides the seeded noise; `generator_device` draws it.
+    is called after every denoising step; `caption_callback(token, total)` after every auto-caption token (both
+    may raise to cancel); `noise` overrides the seeded noise; `generator_device` draws it.
     """
 
     prompt_embeds: torch.Tensor | None = None
@@ -272,6 +273,7 @@ class JobInputs:
     callback: Callback | None = None
     generator_device: torch.device | str = "cpu"
     sampler: SamplerOptions | None = None  # the noise schedule for LoRAs/fine-tunes trained for another one
+    caption_callback: Callback | None = None
 
 
 @dataclass(frozen=True)
@@ -349,7 +351,13 @@ def run_decompose(
         check_output_size(layers + keep, big[0], big[1], len(images))
     inputs: list[np.ndarray | None] = [resize_rgba(im, s) for im, s in zip(images, sizes, strict=True)]
     captions = (
-        caption_images(model, job.placement, [x for x in inputs if x is not None], language=opts.caption_language)
+        caption_images(
+            model,
+            job.placement,
+            [x for x in inputs if x is not None],
+            language=opts.caption_language,
+            on_token=given.caption_callback,
+        )
         if wants_caption(opts.prompt, given.prompt_embeds, opts.auto_caption)
         else None
     )

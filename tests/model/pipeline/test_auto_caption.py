@@ -161,3 +161,43 @@ def test_the_vision_tower_loads_only_for_a_caption_and_is_freed_after(models, mo
     gc.collect()
     assert loaded[0]() is None  # released once the caption is written
     assert not any(n.startswith(("visual", "vision")) for n, _ in model.text_encoder.named_parameters())
+
+
+def test_caption_callback_counts_tokens_over_the_batch_and_can_cancel(models) -> None:
+    model = models["comfyui"]
+    ticks: list[tuple[int, int]] = []
+    steps: list[tuple[int, int]] = []
+    out = decompose(
+        model,
+        np.stack([_img(0), _img(1)]),
+        prompt="",
+        caption_callback=lambda n, total: ticks.append((n, total)),
+        callback=lambda s, total: steps.append((s, total)),
+        **FAST,
+    )
+    assert {t for _, t in ticks} == {1024}  # 2 images x 512 most tokens
+    first = [n for n, _ in ticks if n <= 512]
+    second = [n - 512 for n, _ in ticks if n > 512]
+    assert first == list(range(1, len(first) + 1)) and second == list(range(1, len(second) + 1))
+    assert all(len(s.metadata["caption"]) > 0 for s in out) and len(steps) == 2 * FAST["steps"]
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_three(n: int, _total: int) -> None:
+        if n == 3:
+            raise Stop
+
+    steps.clear()
+    with pytest.raises(Stop):
+        decompose(
+            model,
+            _img(0)[None],
+            prompt="",
+            caption_callback=stop_at_three,
+            callback=lambda s, t: steps.append((s, t)),
+            **FAST,
+        )
+    assert steps == []  # cancelled while captioning: no denoising ran
+    again = decompose(model, np.stack([_img(0), _img(1)]), prompt="", **FAST)
+    assert [s.metadata["caption"] for s in again] == [s.metadata["caption"] for s in out]
