@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=_prog(),
         description=(
-            "Qwen-Image-Layered layer tools: flatten, convert, edit and inspect layered documents (PSD or "
-            "layer PNGs). Layers are always counted bottom first: index 0 is the bottom layer, -1 the top."
+            "Qwen-Image-Layered: decompose an image (or one layer of a document) into RGBA layers, caption it, "
+            "and flatten, convert, edit and inspect layered documents (PSD or layer PNGs). Layers are always "
+            "counted bottom first: index 0 is the bottom layer, -1 the top."
         ),
         epilog=f"Run '{_prog()} COMMAND --help' for the options of one command. Exit status: 0 success; 2 bad "
         "input or output path (a one-line message, -v adds the traceback); 1 other I/O failure or out "
