@@ -11,7 +11,6 @@ import argparse
 import logging
 import time
 
-from ..errors import InputError
 from ..layers.stack import LayerStack
 from ..model.pipeline.options import DecomposeLayerOptions
 from .common import add_psd_options, log_written, read_stack
@@ -81,18 +80,13 @@ def split_names(stack: LayerStack, index: int, count: int) -> list[str]:
 def run_decompose_layer(args: argparse.Namespace) -> int:
     """Handler of `decompose-layer`: read, check every target, load, split, write."""
     from ..model.pipeline.imaging import bucket_size
-    from ..model.pipeline.layer_split import decompose_layer
+    from ..model.pipeline.layer_split import decompose_layer, split_target
     from ..model.pipeline.options import check_size_mode
 
     opts = sized_options(DecomposeLayerOptions, args, FLAGS + SIZE_FLAGS + CAPTION_FLAGS + ["vae_tile"])
     stack = read_stack(args.inputs, groups=args.groups)
-    index = stack.index_of(args.layer)
+    index = split_target(stack, args.layer)  # checked before the model loads
     parent = stack.layers[index]
-    if parent.is_empty:
-        raise InputError(
-            f"--layer {args.layer}: layer {index} ({parent.name!r}) is fully transparent; there is nothing to "
-            "decompose; choose another layer (see `info`)"
-        )
     check_targets(args, split_names(stack, index, opts.layers))
     prompt, negative = read_prompts(args, args.prompt)
     opts = opts.changed(prompt=prompt, negative_prompt=negative)

@@ -51,15 +51,20 @@ def decompose_layer(
     return run_decompose_layer(model, stack, index, opts, given)
 
 
+def split_target(stack: LayerStack, index: int | str) -> int:
+    """The index of the layer `index` names (an index or an exact name); InputError when it is fully transparent."""
+    i = stack.index_of(index)
+    if stack.layers[i].is_empty:
+        raise InputError(f"layer {i} ({stack.layers[i].name!r}) is fully transparent; there is nothing to decompose")
+    return i
+
+
 def run_decompose_layer(
     model: QwenLayeredModel, stack: LayerStack, index: int | str, opts: DecomposeLayerOptions, given: JobInputs
 ) -> LayerStack:
     """`decompose_layer` with its options object and inputs already split."""
-    i = stack.index_of(index)
-    parent = stack.layers[i]
-    if parent.is_empty:
-        raise InputError(f"layer {i} ({parent.name!r}) is fully transparent; there is nothing to decompose")
-    parent = parent.cropped()
+    i = split_target(stack, index)
+    parent = stack.layers[i].cropped()
     block, (ox, oy) = _pad_block(parent.pixels)
     whole = DecomposeOptions(
         **{k: v for k, v in opts.values().items() if k != "recompose"}, output_size="original", recompose="model"
