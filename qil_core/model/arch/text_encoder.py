@@ -214,19 +214,22 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, KV, L, hd)
         v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        causal = True
         if cache is not None:
             if cache:
                 k, v = torch.cat([cache[0], k], dim=2), torch.cat([cache[1], v], dim=2)
             cache[:] = [k, v]
             past = k.shape[2] - n
-            if past:  # queries at past..past+n-1 see keys 0..their own position
+            if past and n == 1:  # one new token (every generation step) sees every key: no mask to build
+                causal = False
+            elif past:  # queries at past..past+n-1 see keys 0..their own position
                 keys, queries = torch.arange(k.shape[2], device=x.device), torch.arange(n, device=x.device)
                 keep = keys[None, :] <= past + queries[:, None]
                 mask = keep[None, None].expand(b, 1, n, k.shape[2])
         groups = self.heads // self.kv_heads  # query head h reads key/value head h // groups
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, L, hd)
         if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))

@@ -69,8 +69,9 @@ class GenerationSettings:
 
 def choose_token(logits: Tensor, seen: Tensor, s: GenerationSettings, generator: torch.Generator | None) -> int:
     """Next token id from fp32 logits (vocab,) given every id of the sequence so far."""
-    scores = logits.clone()
+    scores = logits  # the steps below make new tensors; only the penalty writes in place, on a copy
     if s.repetition_penalty != 1.0:
+        scores = logits.clone()
         prev = scores.gather(0, seen)
         scores.scatter_(0, seen, torch.where(prev < 0, prev * s.repetition_penalty, prev / s.repetition_penalty))
     if not s.do_sample:
@@ -126,7 +127,8 @@ def generate_ids(
             if token in settings.eos_token_ids or len(out) == max_new_tokens:
                 break
             tok = torch.tensor([token], dtype=torch.long)
-            seen = torch.cat([seen, tok.to(seen.device)])
+            if settings.repetition_penalty != 1.0:  # the only reader of the ids so far
+                seen = torch.cat([seen, tok.to(seen.device)])
             logits = model.step(model.embed(tok, image_token_id, None), torch.full((3, 1), next_pos))
             next_pos += 1
         return out

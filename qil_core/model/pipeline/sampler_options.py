@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
 from ...errors import InputError
@@ -60,14 +59,8 @@ class SamplerOptions:
         if self.sigmas is not None:
             return torch.tensor([*self.sigmas, 0.0], dtype=torch.float32)
         mu = calculate_mu(cond_tokens) if self.shift is None else float(self.shift)
-        if self.time_shift == "linear":
-            return get_sigmas(steps, mu)
-        if steps < 1:
-            raise InputError(f"steps must be >= 1, got {steps}")
-        s = np.linspace(1.0, 0.0, steps + 1)[:-1].astype(np.float32)
-        e = math.exp(mu)  # as diffusers: a Python float against the float32 grid, result float32
-        sigmas = (e / (e + (1 / s - 1))).astype(np.float32)
-        return torch.cat([torch.from_numpy(sigmas), torch.zeros(1)])
+        # exponential: sigma = e^mu / (e^mu + (1/s - 1)), which is the linear shift's formula with mu := e^mu
+        return get_sigmas(steps, mu if self.time_shift == "linear" else math.exp(mu))
 
     def describe(self) -> str:
         """One line for logs."""

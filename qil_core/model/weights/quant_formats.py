@@ -219,6 +219,13 @@ def dequantize_mxfp8(q: Tensor, block_scales: Tensor, dtype: torch.dtype, shape:
     return w[: shape[0], : shape[1]]
 
 
+@functools.lru_cache(maxsize=16)
+def _e2m1_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The 16 E2M1 code values (sign bit high) in `dtype` on `device`: made once, not per layer and step (on CUDA a
+    tensor built from a Python list is a host copy and a sync)."""
+    return torch.tensor([*E2M1_VALUES, *(-v for v in E2M1_VALUES)], dtype=dtype, device=device)
+
+
 def dequantize_nvfp4(
     q: Tensor, block_scales: Tensor, tensor_scale: Tensor, dtype: torch.dtype, shape: tuple[int, int]
 ) -> Tensor:
@@ -226,8 +233,7 @@ def dequantize_nvfp4(
     rows, cols = q.shape[0], q.shape[1] * 2
     nb = cols // NVFP4_BLOCK
     codes = torch.stack([q >> 4, q & 0x0F], dim=-1).reshape(rows, cols).int()
-    table = torch.tensor([*E2M1_VALUES, *(-v for v in E2M1_VALUES)], dtype=dtype, device=q.device)
-    values = table[codes].reshape(rows, nb, NVFP4_BLOCK)
+    values = _e2m1_table(dtype, q.device)[codes].reshape(rows, nb, NVFP4_BLOCK)
     del codes
     scales = unswizzle(block_scales.view(torch.float8_e4m3fn), rows, nb)
     total = tensor_scale.to(dtype) * scales.to(dtype)
