@@ -140,11 +140,6 @@ def edit_group(stack: LayerStack, indices: Sequence[int], opts: dict[str, Any]) 
     return stack.replace(layers=layers)
 
 
-def edit_layer(layer: Layer, opts: dict[str, Any], canvas: tuple[int, int]) -> Layer:
-    """Apply one group's options to one layer alone (its own box is the group's, so pivots match `edit_group`)."""
-    return edit_group(LayerStack(canvas[0], canvas[1], [layer]), [0], opts).layers[0]
-
-
 def apply_edits(stack: LayerStack, steps: Sequence[Step]) -> LayerStack:
     """Run edit steps left to right and return the new stack; layers no step addresses are left as they were."""
     for step in steps:

@@ -94,13 +94,6 @@ class RecomposeReport:
         return text
 
 
-def check_recompose(value: object) -> str:
-    """`value` as a recompose mode ('exact' or 'model'), else InputError naming the choices."""
-    if value not in RECOMPOSE_MODES:
-        raise InputError(f"recompose must be one of {', '.join(RECOMPOSE_MODES)}, got {value!r}")
-    return str(value)
-
-
 def snap_alpha(stack: LayerStack) -> LayerStack:
     """A copy with every layer's alpha rounded to the 8-bit grid (k / 255), as an 8-bit PSD or PNG stores it."""
     out = []

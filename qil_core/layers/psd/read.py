@@ -87,12 +87,12 @@ def _merged_rgba(psd, path: Path, colors: ColorConverter, warn) -> np.ndarray:
     check_layers_fit(path, [], extra=psd.width * psd.height * RGBA_BYTES * 3)
     mode = int(psd.color_mode)
     if mode in (1, 3) and psd.depth in (8, 16, 32):  # grayscale / RGB at full precision
-        from psd_tools.api.numpy_io import has_transparency
+        from psd_tools.api.numpy_io import get_transparency_index, has_transparency
 
-        color = np.asarray(psd.numpy("color"), np.float32)
+        planes = np.asarray(psd.numpy(), np.float32)  # decoded once: colour and transparency are its channels
         out = np.empty((psd.height, psd.width, 4), np.float32)
-        out[..., :3] = color[..., :1] if mode == 1 else color[..., :3]
-        out[..., 3] = np.asarray(psd.numpy("shape"), np.float32)[..., 0] if has_transparency(psd) else 1.0
+        out[..., :3] = planes[..., :1] if mode == 1 else planes[..., :3]
+        out[..., 3] = planes[..., get_transparency_index(psd)] if has_transparency(psd) else 1.0
         if psd.depth == 32:
             make_finite(out, "merged image", warn)
         if mode == 3 or psd.depth == 32:
