@@ -25,7 +25,7 @@ import numpy as np
 
 from ..composite import composite_layers, union_bbox
 from ..stack import Layer
-from .masks import mask_coverage
+from .masks import mask_coverage, paste_plane
 
 Warn = Callable[[str, str], None]
 GROUP_MODES = ("keep", "flatten")
@@ -219,14 +219,8 @@ class TreeReader:
         visible = layer.visible and base.visible
         if layer.pixels.size == 0:
             return layer.replace(visible=visible)
-        l, t, r, b = layer.bbox()
-        cov = np.zeros((b - t, r - l), np.float32)
-        bl, bt, br, bb = base.bbox()
-        x0, y0, x1, y1 = max(l, bl), max(t, bt), min(r, br), min(b, bb)
-        if x0 < x1 and y0 < y1:
-            cov[y0 - t : y1 - t, x0 - l : x1 - l] = base.pixels[y0 - bt : y1 - bt, x0 - bl : x1 - bl, 3]
         px = layer.pixels.copy()
-        px[..., 3] *= cov
+        px[..., 3] *= paste_plane(layer.bbox(), base.pixels[..., 3], base.bbox(), 0.0)  # 0 outside the base
         return layer.replace(pixels=px, visible=visible)
 
     def _note_features(self, item) -> None:

@@ -11,6 +11,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from .color import srgb_decode
+
 # IEC 61966-2-1 primaries adapted to the ICC D50 connection space (Bradford), as in the ICC's own sRGB profiles.
 _D50 = (0.9642, 1.0, 0.8249)
 _PRIMARIES = {
@@ -28,9 +30,7 @@ def _s15f16(values: tuple[float, ...]) -> bytes:
 
 def _srgb_curve() -> np.ndarray:
     """The sRGB decoding curve (electro-optical transfer) sampled at 1024 points as uint16."""
-    x = np.linspace(0.0, 1.0, _CURVE_POINTS)
-    y = np.where(x <= 0.04045, x / 12.92, ((x + 0.055) / 1.055) ** 2.4)
-    return np.round(y * 65535).astype(">u2")
+    return np.round(srgb_decode(np.linspace(0.0, 1.0, _CURVE_POINTS)) * 65535).astype(">u2")
 
 
 @lru_cache(maxsize=1)

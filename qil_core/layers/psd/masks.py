@@ -54,7 +54,7 @@ def gaussian_blur(a: np.ndarray, sigma: float) -> np.ndarray:
     return out
 
 
-def _paste(rect: Rect, src: np.ndarray | None, src_rect: Rect, fill: float) -> np.ndarray:
+def paste_plane(rect: Rect, src: np.ndarray | None, src_rect: Rect, fill: float) -> np.ndarray:
     """A (h, w) float32 plane over `rect`, `fill` everywhere except where `src` (placed at `src_rect`) overlaps."""
     l, t, r, b = rect
     out = np.full((b - t, r - l), fill, np.float32)
@@ -100,7 +100,7 @@ def _pixel_mask(item, rect: Rect, depth: int, version: int, name: str, warn: War
     fill = float(mask.background_color) / 255.0
 
     def plane_at(r: Rect) -> np.ndarray:
-        return _paste(r, src, mrect, fill)
+        return paste_plane(r, src, mrect, fill)
 
     params = mask.parameters
     if real or params is None:
