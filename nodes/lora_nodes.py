@@ -14,15 +14,15 @@ import weakref
 from typing import Any
 
 from ..qil_core.errors import InputError, ModelFileNotFoundError, WeightsError
+from ..qil_core.model.pipeline.sampler_options import TIME_SHIFTS
 from . import host
-from .common import CATEGORY
+from .common import CATEGORY, number
 from .model_nodes import fingerprint
 from .model_runtime import MODEL_TYPE, QILModel, check_model
 
 log = logging.getLogger(__name__)
 
 _READ: weakref.WeakValueDictionary[tuple, Any] = weakref.WeakValueDictionary()
-TIME_SHIFTS = ("linear", "exponential")
 
 
 class QILLoadLoRA:
@@ -72,8 +72,7 @@ class QILLoadLoRA:
         from ..qil_core.model.weights.lora import read_lora
 
         handle = check_model(model)
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)):
-            raise InputError(f"input 'strength' must be a number, got {strength!r}")
+        strength = number("strength", strength)  # finite; the range is the library's to check
         path = host.find_model("loras", str(lora_name))
         key = (fingerprint(path), handle.key, id(handle.model.transformer))  # checked against this model
         lora = _READ.get(key)
@@ -148,8 +147,7 @@ class QILSamplerSettings:
         handle = check_model(model)
         if time_shift not in TIME_SHIFTS:
             raise InputError(f"input 'time_shift' must be one of {', '.join(TIME_SHIFTS)}, got {time_shift!r}")
-        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or shift < 0:
-            raise InputError(f"input 'shift' must be a number >= 0 (0 = automatic), got {shift!r}")
+        shift = number("shift", shift, 0.0)  # 0 = automatic; NaN is refused, not taken for automatic
         chosen = check_sigmas(custom_sigmas) if custom_sigmas is not None else parse_sigmas(str(sigmas or ""))
         options = SamplerOptions(shift=float(shift) if shift > 0 else None, time_shift=time_shift, sigmas=chosen)
         log.info("Sampler Settings: %s", options.describe())

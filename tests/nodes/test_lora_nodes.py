@@ -105,3 +105,5 @@ def test_sampler_settings_set_the_schedule(env) -> None:
         settings.apply(base, "linear", 0.0, "0.5, 0.9")
     with pytest.raises(errors.InputError, match="shift"):
         settings.apply(base, "linear", -1.0, "")
+    with pytest.raises(errors.InputError, match="shift"):  # NaN is an error, not "automatic"
+        settings.apply(base, "exponential", float("nan"), "")
