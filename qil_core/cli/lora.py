@@ -78,11 +78,16 @@ def apply_loras(model: Any, args: argparse.Namespace) -> None:
     """Apply every --lora to the loaded model, in order."""
     from ..model.weights.lora_apply import load_lora
 
-    for path, strength in getattr(args, "lora", []) or []:
-        if not path.is_file():
-            raise InputError(f"--lora {path}: file not found")
+    for path, strength in getattr(args, "lora", []) or []:  # the files were checked by check_lora_files
         handle = load_lora(model, path, strength, mode=args.lora_mode)
         logger.info("applied LoRA %s at strength %g (%s)", path.name, strength, handle.entry.mode)
+
+
+def check_lora_files(args: argparse.Namespace) -> None:
+    """Every --lora names an existing file (checked before the model loads)."""
+    for path, _ in getattr(args, "lora", []) or []:
+        if not path.is_file():
+            raise InputError(f"--lora {path}: file not found")
 
 
 def sampler_options(args: argparse.Namespace) -> Any:

@@ -31,7 +31,7 @@ from ..model.pipeline.options import CUSTOM, DecomposeOptions, SamplingOptions, 
 from ..model.policy import LoadPolicy
 from ..options import spec_of
 from .common import check_suffix, check_writable, existing_input, log_written
-from .lora import add_lora_options, add_sampler_options, apply_loras, sampler_options
+from .lora import add_lora_options, add_sampler_options, apply_loras, check_lora_files, sampler_options
 from .options import O, add_options, from_args
 
 logger = logging.getLogger(__name__)
@@ -247,6 +247,7 @@ def check_targets(args: argparse.Namespace, names: list[str]) -> None:
     layer names (for the PNGs of --png-dir). The options (numbers, sizes, tile) are checked already, by their
     dataclasses."""
     check_device(policy_from_args(args))
+    check_lora_files(args)
     check_suffix(args.out, (".psd",), "output")
     folder = args.out.parent
     if not folder.is_dir():
@@ -321,6 +322,7 @@ def run_decompose(args: argparse.Namespace) -> int:
 
     opts = sized_options(DecomposeOptions, args, SAMPLING_FLAGS + SIZE_FLAGS + CAPTION_FLAGS + ["vae_tile"])
     check_targets(args, result_names(opts.layers, opts.keep_composite))
+    sampler = sampler_options(args)  # checked before the model loads
     prompt, negative = read_prompts(args, args.prompt)
     opts = opts.changed(prompt=prompt, negative_prompt=negative)
     image = _read_image(Path(args.image))
@@ -336,7 +338,7 @@ def run_decompose(args: argparse.Namespace) -> int:
         placement=plan_placement(args, model, work_w, work_h, opts.layers),
         callback=progress_logger("decompose"),
         caption_callback=progress_logger("auto-caption", "token"),
-        sampler=sampler_options(args),
+        sampler=sampler,
     )[0]
     logger.info(
         "decompose: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height, time.perf_counter() - t0
@@ -352,6 +354,7 @@ def run_text_to_layers(args: argparse.Namespace) -> int:
     names = [n for n in SAMPLING_FLAGS if n not in PROMPT_FLAGS] + CANVAS_FLAGS + ["vae_tile"]
     opts = from_args(TextToLayersOptions, args, names)
     check_targets(args, result_names(opts.layers, opts.keep_composite))
+    sampler = sampler_options(args)  # checked before the model loads
     if args.text is not None and args.prompt is not None:
         raise InputError("give the prompt once: as PROMPT or with --prompt, not both")
     prompt, negative = read_prompts(args, args.text if args.text is not None else args.prompt)
@@ -365,7 +368,7 @@ def run_text_to_layers(args: argparse.Namespace) -> int:
         options=opts,
         placement=plan_placement(args, model, opts.width, opts.height, opts.layers),
         callback=progress_logger("text-to-layers"),
-        sampler=sampler_options(args),
+        sampler=sampler,
     )
     logger.info(
         "text-to-layers: %d layers on %dx%d in %.1f s", len(stack), stack.width, stack.height, time.perf_counter() - t0

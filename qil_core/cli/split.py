@@ -88,6 +88,7 @@ def run_decompose_layer(args: argparse.Namespace) -> int:
     index = split_target(stack, args.layer)  # checked before the model loads
     parent = stack.layers[index]
     check_targets(args, split_names(stack, index, opts.layers))
+    sampler = sampler_options(args)  # checked before the model loads
     prompt, negative = read_prompts(args, args.prompt)
     opts = opts.changed(prompt=prompt, negative_prompt=negative)
     box = parent.cropped()
@@ -102,7 +103,7 @@ def run_decompose_layer(args: argparse.Namespace) -> int:
         placement=plan_placement(args, model, work_w, work_h, opts.layers),
         callback=progress_logger("decompose-layer"),
         caption_callback=progress_logger("auto-caption", "token"),
-        sampler=sampler_options(args),
+        sampler=sampler,
     )
     logger.info(
         "decompose-layer: %r split into %d sub-layers (%d -> %d layers) in %.1f s",

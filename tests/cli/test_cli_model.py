@@ -188,6 +188,8 @@ def test_numbers_image_size_and_out_folder_are_checked_before_loading(
         ([tiny, "--out", out], "is 1x1 px; the shorter side must be at least 32 px"),
         ([image, "--out", tmp_path / "no" / "a.psd"], "does not exist; create it first"),
         ([image, "--out", image / "a.psd"], "is a file, not a folder"),
+        ([image, "--out", out, "--sigmas", "0.5,0.9"], "decreasing"),
+        ([image, "--out", out, "--lora", tmp_path / "gone.safetensors"], "file not found"),
     ]
     for argv, message in cases:
         code, err = _run(capsys, "decompose", *_files(comfy), *FAST, *argv)  # argv last: its options win

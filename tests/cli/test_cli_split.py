@@ -120,6 +120,8 @@ def test_everything_is_checked_before_loading(
         ([psd, "--layer", "0", "--out", out, "--resolution", "640", "--max-side", "96"], "--max-side applies only"),
         ([psd, "--layer", "0", "--out", out, "--caption-language", "fr"], "invalid choice: 'fr'"),
         ([tmp_path / "none.psd", "--layer", "0", "--out", out], "none.psd"),
+        ([psd, "--layer", "0", "--out", out, "--sigmas", "0.5,0.9"], "decreasing"),
+        ([psd, "--layer", "0", "--out", out, "--lora", tmp_path / "gone.safetensors"], "file not found"),
     ]
     for argv, message in cases:
         code, err = _run(capsys, "decompose-layer", *files, *FAST, *argv)
