@@ -8,8 +8,8 @@ from typing import Any
 from ..qil_core.model.pipeline.options import DecomposeOptions
 from . import host
 from .common import CATEGORY, image_batch, integer
-from .model_runtime import MODEL_TYPE, check_model, run_placement
-from .sample_inputs import SIZE
+from .model_runtime import MODEL_TYPE, caption_placement, check_model
+from .sample_inputs import SIZE, processing_size
 from .widgets import options_from_widgets, widgets
 
 
@@ -64,14 +64,14 @@ class QILCaptionImage:
         img = image_batch(image)
         tokens = integer("max_new_tokens", max_new_tokens, 1, 4096)
         size = options_from_widgets(DecomposeOptions, {"resolution": resolution, "max_side": max_side})
-        side = size.max_side if size.resolution == "custom" else None
-        with run_placement(handle, int(img.shape[2]), int(img.shape[1]), 1) as pl:
+        # planned at the size it captions (the processing size), like the sampling nodes
+        with caption_placement(handle, *processing_size(int(img.shape[2]), int(img.shape[1]), size)) as pl:
             captions = caption_inputs_at(
                 handle.model,
                 pl,
                 img,
                 resolution=size.resolution,
-                max_side=side,
+                max_side=size.max_side,
                 language=language,
                 max_new_tokens=tokens,
                 on_token=host.make_callback(tokens * img.shape[0], node_id=unique_id, label="Caption Image"),

@@ -123,6 +123,12 @@ def run_placement(handle: QILModel, width: int, height: int, layers: int) -> Ite
         yield placement
 
 
+def caption_placement(handle: QILModel, width: int, height: int) -> contextlib.AbstractContextManager[Any]:
+    """The placement for a captioning run at the (width, height) processing size: only the text encoder runs, so
+    the handle's LoRAs (on the transformer) are not applied."""
+    return _placement_for(handle, width, height, 1)
+
+
 @contextlib.contextmanager
 def _placement_for(handle: QILModel, width: int, height: int, layers: int) -> Iterator[Any]:
     """The Placement for one run at (width, height) px with `layers` layers, in the handle's memory mode.
