@@ -10,9 +10,9 @@ placement's device, and released right after; the text encoder goes through the 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +24,6 @@ from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, TokenCallback
 from .caption_inputs import LANGUAGES, ImageProcessorConfig
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 
 def check_caption_options(auto_caption: Any, caption_language: Any) -> tuple[bool, str]:
@@ -117,19 +115,6 @@ def _offset(on_token: TokenCallback | None, start: int, total: int) -> TokenCall
         return None
     report = on_token
     return lambda n, _most: report(start + n, total)
-
-
-def conditions_per_caption(
-    captions: Sequence[str], make: Callable[[str], tuple[list[T], list[T] | None]]
-) -> tuple[list[T], list[T] | None]:
-    """Per-image text conditions from one caption each: `make(caption)` gives (positive, negative) for one image."""
-    pos: list[T] = []
-    neg: list[T] | None = []
-    for c in captions:
-        p, n = make(c)
-        pos += p
-        neg = None if n is None or neg is None else neg + n
-    return pos, neg
 
 
 def caption_inputs_at(

@@ -22,7 +22,6 @@ Semantics, documented once:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +41,7 @@ from ..arch.vae import RGBAVAE
 from ..loader import QwenLayeredModel
 from ..runtime.placement import Placement, ResidentPlacement
 from . import checks as chk
-from .auto_caption import caption_images, conditions_per_caption, wants_caption
+from .auto_caption import caption_images, wants_caption
 from .denoise import (
     LATENT_CHANNELS,
     Guidance,
@@ -88,9 +87,12 @@ def layer_names(n: int) -> list[str]:
 
 
 def _conditions(
-    model: QwenLayeredModel, job: _Job, count: int, opts: SamplingOptions
+    model: QwenLayeredModel, job: _Job, count: int, opts: SamplingOptions, captions: Sequence[str] | None = None
 ) -> tuple[list[TextCond], list[TextCond] | None]:
-    """Positive condition per image and, when true CFG is on, the negative per image (on placement.device)."""
+    """Positive condition per image and, when true CFG is on, the negative per image (on placement.device).
+
+    `captions` (one per image, from auto-captioning) replace the prompt; every string is encoded once, in one use
+    of the text encoder."""
     width = model.transformer.config.joint_attention_dim
     placement, cfg, given = job.placement, opts.cfg, job.inputs
     prompt, negative_prompt, embeds, neg_embeds = (
@@ -106,25 +108,30 @@ def _conditions(
     if cfg > 1 and not has_negative:
         logger.warning("cfg is %g but no negative prompt or embeddings were given: guidance is off", cfg)
     strings: list[str] = []
-    if embeds is None and (prompt is None or not prompt.strip()):
+    if captions is None and embeds is None and (prompt is None or not prompt.strip()):
         logger.warning(
             "no prompt given: encoding %r as the prompt. The model works best with a caption of the whole "
             "image (auto_caption writes one with the model's Qwen2.5-VL)",
             prompt or "",
         )
         prompt = prompt or ""
-    if embeds is None:
+    if captions is not None:
+        strings += captions
+    elif embeds is None:
         strings.append(prompt or "")
     if guided and neg_embeds is None:
         strings.append(negative_prompt or "")  # not None here: a negative was given
     encoded = _encode_strings(model, placement, strings, opts.max_sequence_length) if strings else {}
-    pos = _rows(
-        encoded[prompt]
-        if embeds is None
-        else chk.check_embeds("prompt_embeds", embeds, given.prompt_mask, width, count),
-        count,
-        placement.device,
-    )
+    if captions is not None:
+        pos = [_rows(encoded[c], 1, placement.device)[0] for c in captions]
+    else:
+        pos = _rows(
+            encoded[prompt]
+            if embeds is None
+            else chk.check_embeds("prompt_embeds", embeds, given.prompt_mask, width, count),
+            count,
+            placement.device,
+        )
     if not guided:
         return pos, None
     neg = _rows(
@@ -361,11 +368,7 @@ def run_decompose(
         if wants_caption(opts.prompt, given.prompt_embeds, opts.auto_caption)
         else None
     )
-    text = (
-        _conditions(model, job, len(images), opts)
-        if captions is None
-        else conditions_per_caption(captions, lambda c: _conditions(model, job, 1, dataclasses.replace(opts, prompt=c)))
-    )
+    text = _conditions(model, job, len(images), opts, captions)
     if opts.output_size != "original":
         del images  # the full-size inputs are no longer needed
     logger.info(

@@ -14,6 +14,7 @@ from qil_core.model.loader import load_model
 from qil_core.model.pipeline.auto_caption import caption_images, config_folders, wants_caption
 from qil_core.model.pipeline.caption import GenerationSettings
 from qil_core.model.pipeline.decompose import decompose
+from qil_core.model.pipeline.denoise import draw_noise
 from qil_core.model.pipeline.layer_split import decompose_layer
 from qil_core.model.runtime.placement import ResidentPlacement
 from qil_core.model.weights.tiny import write_tiny_model
@@ -201,3 +202,43 @@ def test_caption_callback_counts_tokens_over_the_batch_and_can_cancel(models) ->
     assert steps == []  # cancelled while captioning: no denoising ran
     again = decompose(model, np.stack([_img(0), _img(1)]), prompt="", **FAST)
     assert [s.metadata["caption"] for s in again] == [s.metadata["caption"] for s in out]
+
+
+def test_captions_and_per_image_negative_embeddings_together(models) -> None:
+    """A batch's captions are encoded in one use of the text encoder, and negative embeddings with one row per
+    image work under auto-caption as they do with a typed prompt (they used to be refused)."""
+    from qil_core.model.pipeline import decompose as pipeline
+
+    model = models["comfyui"]
+    images = np.stack([_img(0), _img(1)])
+    out = decompose(model, images, prompt="", **FAST)
+    captions = [s.metadata["caption"] for s in out]
+    width = model.transformer.config.joint_attention_dim
+    neg = torch.randn(2, 5, width, generator=torch.Generator().manual_seed(0))
+    calls = []
+    real = pipeline._encode_strings
+
+    def spy(model, placement, strings, max_len):
+        calls.append(list(strings))
+        return real(model, placement, strings, max_len)
+
+    pipeline._encode_strings = spy
+    try:
+        auto = decompose(model, images, prompt="", negative_prompt=None, negative_embeds=neg, cfg=4.0, **FAST)
+    finally:
+        pipeline._encode_strings = real
+    assert calls == [captions]  # both captions, one call; the negative came as embeddings
+    w, h = out[0].size
+    noise = draw_noise([(FAST["layers"] + 1, h // 8, w // 8)] * 2, 0, torch.float32)  # the batch's own draw
+    for b in range(2):
+        typed = decompose(
+            model,
+            images[b : b + 1],
+            prompt=captions[b],
+            negative_prompt=None,
+            negative_embeds=neg[b : b + 1],
+            noise=[noise[b]],
+            **FAST,
+        )
+        for a, c in zip(auto[b].layers, typed[0].layers, strict=True):
+            assert np.array_equal(a.pixels, c.pixels)
