@@ -238,11 +238,6 @@ def _weight_shape(m: nn.Module) -> tuple[int, ...]:
     return tuple(info.weight.shape)
 
 
-def _stored_shape(m: nn.Module) -> tuple[int, ...]:
-    info: Any = m
-    return tuple(info.weight.shape)
-
-
 def _check_shapes(name: str, module: str, m: nn.Module, p: LoraPatch, source: str) -> None:
     shape = _weight_shape(m)
     bias = getattr(m, "bias", None)
@@ -262,8 +257,8 @@ def _check_shapes(name: str, module: str, m: nn.Module, p: LoraPatch, source: st
                 f"has up {tuple(p.up.shape)} x down {tuple(p.down.shape)}, the layer needs "
                 f"({shape[0]}, r) x (r, {shape[1]})"
             )
-    stored = tuple(_stored_shape(m))
-    if p.diff is not None and tuple(p.diff.shape) != stored and tuple(p.diff.shape) != shape:
+    # a full delta is applied as (out, in): a quantised layer's packed storage shape is no match for it
+    if p.diff is not None and tuple(p.diff.shape) != shape:
         problems.append(f"has a diff of shape {tuple(p.diff.shape)}, the weight is {shape}")
     for what, t in (("diff_b", p.diff_b), ("lora_B.bias", p.up_bias)):
         if t is not None and (bias is None or tuple(t.shape) != tuple(bias.shape)):

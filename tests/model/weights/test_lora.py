@@ -265,3 +265,15 @@ def test_other_quantised_formats_get_the_lora_on_the_fly_even_when_merge_is_aske
             handle.remove()
     after = dit.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+def test_a_full_delta_in_a_quantised_layers_packed_shape_is_refused(tmp_path) -> None:
+    """nvfp4 stores (out, in / 2) bytes; a diff of that shape is not a weight delta and is refused by name."""
+    dit = build_tiny_modules(seed=3)[0].eval()
+    quantize_module_fp8(dit, skip=TRANSFORMER_FP8_SKIP, fmt="nvfp4")
+    name, layer = next((n, m) for n, m in dit.named_modules() if isinstance(m, Fp8Linear))
+    packed = tuple(layer.weight.shape)
+    assert packed != (layer.out_features, layer.in_features)
+    path = _save(tmp_path, {f"{name}.diff": torch.zeros(packed)})
+    with pytest.raises(ModelMismatchError, match=rf"{name}.*has a diff of shape"):
+        read_lora(path, dit)
