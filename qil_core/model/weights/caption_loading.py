@@ -17,16 +17,16 @@ import torch
 from torch import nn
 
 from ...errors import CaptionWeightsError
+from ..arch.identify import VISION_PREFIXES
 from ..arch.text_encoder import Qwen25TextEncoder
 from ..arch.vision import VisionConfig, VisionTower
 from ..arch.vl_decoder import DEFAULT_MROPE_SECTION, CaptionModel
 from .checkpoint import PathLike, open_checkpoint, read_config
 from .loading import check_dtype, load_into, plan_keys
-from .text_loading import _locate
+from .text_loading import locate_source
 
 log = logging.getLogger(__name__)
 
-VISION_PREFIXES = ("model.visual.", "visual.")
 LM_HEAD = "lm_head.weight"
 _WHERE = (
     "the diffusers Qwen-Image-Layered text_encoder/ folder (all shards) holds the vision tower and the LM head; "
@@ -70,7 +70,7 @@ def load_caption_model(
 
     Raises CaptionWeightsError when the file lacks either part."""
     check_dtype(dtype)
-    source, subfolder = _locate(source)
+    source, subfolder = locate_source(source)
     with open_checkpoint(source, subfolder=subfolder) as ckpt:
         keys = list(ckpt.keys())
         prefix = next((p for p in VISION_PREFIXES if any(k.startswith(p) for k in keys)), None)

@@ -45,7 +45,7 @@ def load_text_encoder(
     `config` overrides what config.json (diffusers) or the tensor shapes (single files, head width 128) say.
     """
     check_dtype(dtype)
-    source, subfolder = _locate(source)
+    source, subfolder = locate_source(source)
     with open_checkpoint(source, subfolder=subfolder) as ckpt:
         keymap = map_text_keys(ckpt.keys(), source=ckpt.source)
         plan = plan_keys(ckpt, keymap.rename)
@@ -67,7 +67,7 @@ def load_text_encoder(
     return model
 
 
-def _locate(source: PathLike | Sequence[PathLike]) -> tuple[PathLike | Sequence[PathLike], str | None]:
+def locate_source(source: PathLike | Sequence[PathLike]) -> tuple[PathLike | Sequence[PathLike], str | None]:
     """Point a diffusers root at its text_encoder/ and a lone shard at its index; other sources pass through."""
     if not isinstance(source, (str, Path)):
         return source, None

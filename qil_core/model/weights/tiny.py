@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TypedDict, TypeVar
 
@@ -197,11 +198,12 @@ def _text_json(vocab: int) -> dict:
     }
 
 
-def _token_id(tok_folder: Path, token: str) -> int:
-    """The id of an added token in the written tokenizer."""
+def _token_ids(tok_folder: Path, tokens: Sequence[str]) -> list[int]:
+    """The ids of added tokens in the written tokenizer (loaded once)."""
     from .tokenizer import load_tokenizer
 
-    return load_tokenizer(tok_folder, bundled=False).token_to_id(token)
+    tok = load_tokenizer(tok_folder, bundled=False)
+    return [tok.token_to_id(t) for t in tokens]
 
 
 def write_tiny_model(
@@ -254,7 +256,7 @@ def write_tiny_model(
             _save(sd, root / sub / name, dtype)
             (root / sub / "config.json").write_text(json.dumps(conf, indent=1))
             paths[sub] = root / sub
-        write_caption_configs(root, [_token_id(tok_folder, "<|im_end|>"), _token_id(tok_folder, "<|endoftext|>")])
+        write_caption_configs(root, _token_ids(tok_folder, ("<|im_end|>", "<|endoftext|>")))
         (root / "scheduler").mkdir(exist_ok=True)
         (root / "scheduler" / "scheduler_config.json").write_text(
             json.dumps(

@@ -20,7 +20,6 @@ TINY_VISION = VisionConfig(
     depth=2, hidden_size=80, intermediate_size=96, num_heads=1, out_hidden_size=128, window_size=112,
     fullatt_block_indexes=(1,),
 )  # fmt: skip
-CAPTION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
 
 def caption_tensors(width: int, vocab: int, seed: int) -> dict[str, torch.Tensor]:
