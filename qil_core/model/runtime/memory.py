@@ -35,14 +35,10 @@ available_device_memory = available_device_bytes
 
 def check_ram(bytes_needed: int, what: str, *, available: int | None = None) -> None:
     """Raise ResourceError when `bytes_needed` (+ a reserve) exceeds the free RAM; do nothing if unknown."""
-    free = available if available is not None else available_ram()
-    if free is None:
-        logger.debug("free RAM unknown; not checking %s (%s)", what, format_bytes(bytes_needed))
-        return
     check_allocation(
         bytes_needed,
         what,
-        available=free,
+        available=available,
         reserve=RAM_RESERVE_BYTES,
         hint="close other programs or unload other models, use a smaller file (the fp8 checkpoint "
         "halves the transformer), or load straight to the GPU",
