@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InputError
-from ..resources import available_ram_bytes, check_allocation
+from ..resources import check_allocation
 from .blend import blend_function
 from .stack import MAX_CANVAS_SIDE, Layer, LayerStack
 
@@ -41,11 +41,10 @@ def check_canvas(
             "scale the layers down or crop the canvas first"
         )
     need = int(width) * int(height) * channels * 4 * count
-    limit = memory_limit if memory_limit is not None else available_ram_bytes()
     check_allocation(
         need,
         f"a {what} of {width}x{height} px (float32, x{count})",
-        available=limit,
+        available=memory_limit,  # None: the RAM available now
         hint="use a smaller canvas or free memory",
     )
     return need

@@ -39,9 +39,9 @@ from typing import BinaryIO
 
 import numpy as np
 
-from ...errors import InputError, PSDError, ResourceError
+from ...errors import InputError, PSDError
 from ...fsutil import atomic_write
-from ...resources import format_bytes
+from ...resources import available_ram_bytes, check_allocation
 from ..blend import PSD_APPROXIMATE_MODES, PSD_BLEND_KEYS
 from ..stack import MAX_CANVAS_SIDE, Layer, LayerStack
 from .icc import srgb_profile
@@ -310,19 +310,16 @@ def _check_memory(stack: LayerStack, depth: int) -> None:
     """Refuse before writing when the merged image and its encoding clearly cannot fit in RAM."""
     px = stack.width * stack.height
     need = px * (16 + 2 * 4 * depth // 8)  # float32 RGBA composite + planar integer copy + encoded data
-    avail = _available_memory()
-    if avail is not None and need > avail:
-        raise ResourceError(
-            f"writing a {stack.width}x{stack.height} PSD ({px / 1e6:.0f} MP) needs about "
-            f"{format_bytes(need)} of RAM, {format_bytes(avail)} is available; "
-            f"use a smaller canvas or free memory"
-        )
+    check_allocation(
+        need,
+        f"writing a {stack.width}x{stack.height} PSD ({px / 1e6:.0f} MP)",
+        available=_available_memory(),
+        hint="use a smaller canvas or free memory",
+    )
 
 
 def _available_memory() -> int | None:
     """Available RAM in bytes (reclaimable cache included), or None where the OS does not say."""
-    from ...resources import available_ram_bytes
-
     return available_ram_bytes()
 
 
