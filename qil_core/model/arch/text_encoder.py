@@ -175,12 +175,21 @@ class TextEncoderRMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def rope_inv_freq(dim: int, theta: float, device: torch.device) -> Tensor:
+    """Rotary inverse frequencies 1 / theta^(2i / dim) for i < dim / 2, fp32 (the text, M-RoPE and vision rule)."""
+    return 1.0 / theta ** (torch.arange(0, dim, 2, device=device, dtype=torch.float32) / dim)
+
+
+def rope_tables(angles: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """cos, sin of fp32 angles (..., d/2), doubled to (..., d) (both halves share the frequencies), in `dtype`."""
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Rotary tables for 1D positions (L,) -> cos, sin of shape (L, head_dim), angles in fp32."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (L, head_dim/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (L, head_dim): both halves share the frequencies
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    angles = positions.float()[:, None] * rope_inv_freq(head_dim, theta, positions.device)[None, :]  # (L, hd/2)
+    return rope_tables(angles, dtype)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

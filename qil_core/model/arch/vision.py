@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...errors import InputError, ModelMismatchError
-from .text_encoder import TextEncoderRMSNorm, apply_rope
+from .text_encoder import TextEncoderRMSNorm, apply_rope, rope_inv_freq, rope_tables
 
 
 @dataclass(frozen=True)
@@ -258,14 +258,9 @@ class VisionTower(nn.Module):
 
     def _rotary(self, pos: Tensor, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos/sin (N, head_dim) in fp32: first quarter-pairs rotate by the row, the next by the column."""
-        quarter = self.config.head_dim // 2
-        inv = 1.0 / self.config.rope_theta ** (
-            torch.arange(0, quarter, 2, dtype=torch.float32, device=device) / quarter
-        )
+        inv = rope_inv_freq(self.config.head_dim // 2, self.config.rope_theta, device)
         angles = pos.to(device).float()[:, :, None] * inv  # (N, 2, hd/4)
-        angles = angles.flatten(1)  # (N, hd/2): rows then columns
-        angles = torch.cat([angles, angles], dim=-1)
-        return angles.cos(), angles.sin()
+        return rope_tables(angles.flatten(1), torch.float32)  # (N, hd/2): rows then columns, doubled
 
     def forward(self, patches: Tensor, grid: tuple[int, int, int]) -> Tensor:
         """(N, patch_dim) patches in the processor's order -> (N / merge^2, out_hidden_size) in the same order."""

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ...errors import InputError
-from .text_encoder import Qwen25TextEncoder
+from .text_encoder import Qwen25TextEncoder, rope_inv_freq, rope_tables
 from .vision import VisionTower
 
 DEFAULT_MROPE_SECTION = (16, 24, 24)
@@ -59,12 +59,9 @@ def mrope_cos_sin(
     """Rotary tables (L, head_dim) for (3, L) position ids; angles in fp32, section i of the pairs from id i."""
     if sum(section) != head_dim // 2:
         raise InputError(f"mrope_section {tuple(section)} must add up to half the head width {head_dim // 2}")
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim)
-    angles = positions.float()[:, :, None] * inv_freq  # (3, L, hd/2)
+    angles = positions.float()[:, :, None] * rope_inv_freq(head_dim, theta, positions.device)  # (3, L, hd/2)
     parts = angles.split(list(section), dim=-1)
-    angles = torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1)  # (L, hd/2)
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    return rope_tables(torch.cat([part[i % 3] for i, part in enumerate(parts)], dim=-1), dtype)  # (L, hd)
 
 
 class CaptionModel(nn.Module):
