@@ -95,7 +95,7 @@ def _is_random(path: Path) -> bool:
         return (f.metadata() or {}).get(RANDOM_WEIGHTS_KEY) == "true"
 
 
-def _component(model_dir: Path | None, given: PathLike | None, sub: str, required: bool) -> Path | None:
+def component_path(model_dir: Path | None, given: PathLike | None, sub: str, required: bool) -> Path | None:
     """The path of one component: the explicit one, else `model_dir/sub`, else None (or an error if required)."""
     if given is not None:
         p = Path(given)
@@ -110,6 +110,23 @@ def _component(model_dir: Path | None, given: PathLike | None, sub: str, require
             f"the {sub} is needed: {where}. Pass a diffusers model folder (with {sub}/) or the {sub} file"
         )
     return None
+
+
+def load_text_parts(
+    te_path: Path, tokenizer: PathLike | None, root: Path | None, dtype: torch.dtype, device: torch.device | str
+) -> tuple[Qwen25TextEncoder, QwenTokenizer]:
+    """The text encoder and its tokenizer (the one named, else next to the encoder, in `root`, then the bundled
+    one), checked to belong together: every tokenizer id has an embedding."""
+    search = [root] if root is not None else []
+    source = Path(tokenizer) if tokenizer is not None else te_path
+    tok = load_tokenizer(source, search=search, bundled=tokenizer is None)  # a named one must exist
+    te = load_text_encoder(te_path, dtype=dtype, device=device)
+    if tok.vocab_size > te.config.vocab_size:
+        raise ModelMismatchError(
+            f"the tokenizer in {tok.folder} has {tok.vocab_size} ids but the text encoder {te_path} only "
+            f"{te.config.vocab_size} embeddings; use the tokenizer that belongs to this text encoder"
+        )
+    return te, tok
 
 
 def load_model(
@@ -142,25 +159,17 @@ def load_model(
             "load_model needs model_dir (a diffusers folder) or both transformer= and vae= (single files); "
             f"got transformer={transformer!r}, vae={vae!r}"
         )
-    tr_path = _component(root, transformer, "transformer", True)
-    vae_path = _component(root, vae, "vae", True)
-    te_path = _component(root, text_encoder, "text_encoder", False) if load_text else None
+    tr_path = component_path(root, transformer, "transformer", True)
+    vae_path = component_path(root, vae, "vae", True)
+    te_path = component_path(root, text_encoder, "text_encoder", False) if load_text else None
     sources = {"transformer": str(tr_path), "vae": str(vae_path)}
 
     dit = load_transformer(tr_path, dtype=dtype, device=dev)  # type: ignore[arg-type]
     rgba_vae = load_vae(vae_path, dtype=vae_dtype or dtype, device=dev)  # type: ignore[arg-type]
     te = tok = None
     if te_path is not None:
-        tok_source = Path(tokenizer) if tokenizer is not None else te_path
-        search = [root] if root is not None else []
-        tok = load_tokenizer(tok_source, search=search, bundled=tokenizer is None)  # a named one must exist
-        te = load_text_encoder(te_path, dtype=dtype, device=dev)
+        te, tok = load_text_parts(te_path, tokenizer, root, dtype, dev)
         check_text_width(dit, te, str(te_path))
-        if tok.vocab_size > te.config.vocab_size:
-            raise ModelMismatchError(
-                f"the tokenizer in {tok.folder} has {tok.vocab_size} ids but the text encoder {te_path} only "
-                f"{te.config.vocab_size} embeddings; use the tokenizer that belongs to this text encoder"
-            )
         sources["text_encoder"] = str(te_path)
         sources["tokenizer"] = str(tok.folder)
     elif tokenizer is not None:

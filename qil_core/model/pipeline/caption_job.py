@@ -10,10 +10,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ...errors import InputError, ModelFileNotFoundError
+from ...errors import InputError
+from ..loader import component_path, load_text_parts
 from ..weights.caption_loading import load_caption_model
-from ..weights.text_loading import load_text_encoder
-from ..weights.tokenizer import load_tokenizer
 from .auto_caption import config_folders
 from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, TokenCallback, caption_image
 from .caption_inputs import ImageProcessorConfig
@@ -24,19 +23,10 @@ PathLike = str | os.PathLike[str]
 
 def text_encoder_source(model_dir: PathLike | None, text_encoder: PathLike | None) -> Path:
     """The text encoder's path: the given file or folder, else `model_dir/text_encoder`."""
-    if text_encoder is not None:
-        path = Path(text_encoder)
-        if not path.exists():
-            raise ModelFileNotFoundError(f"text encoder not found: {path}; check the path")
-        return path
-    if model_dir is None:
+    if model_dir is None and text_encoder is None:
         raise InputError("captioning needs the Qwen2.5-VL text encoder: give a model folder or the text-encoder file")
-    path = Path(model_dir) / "text_encoder"
-    if not path.is_dir():
-        raise ModelFileNotFoundError(
-            f"{path} does not exist: pass a diffusers Qwen-Image-Layered folder (with "
-            "text_encoder/) or the text-encoder file"
-        )
+    path = component_path(None if model_dir is None else Path(model_dir), text_encoder, "text_encoder", True)
+    assert path is not None  # required: found or raised
     return path
 
 
@@ -55,11 +45,7 @@ def caption_from_files(
     """The reference's caption of `image`, loading only the text encoder, vision tower, LM head and tokenizer;
     `on_token(n, max_new_tokens)` runs after every new token."""
     te_path = text_encoder_source(model_dir, text_encoder)
-    search = [Path(model_dir)] if model_dir is not None else []
-    tok = load_tokenizer(
-        Path(tokenizer) if tokenizer is not None else te_path, search=search, bundled=tokenizer is None
-    )
-    decoder = load_text_encoder(te_path, dtype=dtype, device=device)
+    decoder, tok = load_text_parts(te_path, tokenizer, None if model_dir is None else Path(model_dir), dtype, device)
     model = load_caption_model(te_path, decoder, dtype=dtype, device=device)
     gen_folder, proc_folder = config_folders(te_path)
     return caption_image(
