@@ -194,17 +194,20 @@ def load_into(
     keep_fp8 = {n: dt for n, dt in plan.fp8_layers.items() if isinstance(model.get_submodule(n), nn.Linear)}
     formats = {n: f for n, f in plan.formats.items() if isinstance(model.get_submodule(n), nn.Linear)}
     keep_fp8.update({n: ckpt.info(plan.names[n + ".weight"]).dtype for n in formats})  # all stay quantised
-    # Resident bytes after loading: fp8 weights as stored, everything else in the target dtype.
+    # Resident bytes after loading: quantised weights as stored, everything else in the target dtype.
     target = {k: keep_fp8.get(_layer_of(k) or "", dtype) if k.endswith(".weight") else dtype for k in expected}
-    total = sum(torch.Size(expected[k]).numel() * target[k].itemsize for k in expected)
+
+    def resident(k: str) -> int:
+        if k.endswith(".weight") and _layer_of(k) in formats:  # packed storage (nvfp4: half a byte per value)
+            info = ckpt.info(plan.names[k])
+            return torch.Size(info.shape).numel() * info.dtype.itemsize
+        return torch.Size(expected[k]).numel() * target[k].itemsize
+
+    total = sum(resident(k) for k in expected)
     if dev.type == "cpu":
         # Tensors stored in their target dtype stay memory-mapped views of the file: page cache the kernel can
         # reclaim, not allocated RAM. Only converted tensors are new memory, so only they must fit.
-        mapped = sum(
-            torch.Size(expected[k]).numel() * target[k].itemsize
-            for k in expected
-            if ckpt.info(plan.names[k]).dtype == target[k]
-        )
+        mapped = sum(resident(k) for k in expected if ckpt.info(plan.names[k]).dtype == target[k])
         if total > mapped:
             check_ram(total - mapped, f"the {what} ({ckpt.source}; {format_bytes(mapped)} more stays memory-mapped)")
         free = available_ram()

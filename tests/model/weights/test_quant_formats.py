@@ -325,3 +325,27 @@ def test_the_loading_policy_offers_every_quantise_on_load_format() -> None:
     from qil_core.model.weights.quant_kernels import BACKENDS
 
     assert QUANT_FORMATS == tuple(QUANT_CHOICES) and QUANT_KERNELS == BACKENDS
+
+
+def test_memory_estimate_counts_packed_weights_as_stored(
+    tiny_sd, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nvfp4 keeps half a byte per value: the load's estimate of what stays memory-mapped uses the stored bytes
+    (it used one byte per logical value, which made a file that fits look too big for the RAM)."""
+    import logging
+
+    from qil_core.model.weights import loading
+
+    path = tmp_path / "nvfp4.safetensors"
+    qts = write_kitchen_file(tiny_sd, path, "nvfp4")
+    stored = sum(qt._qdata.numel() * qt._qdata.element_size() for qt in qts.values())
+    logical = sum(tiny_sd[layer + ".weight"].numel() for layer in qts)
+    assert stored * 2 == logical
+    monkeypatch.setattr(loading, "available_ram", lambda: stored + 1)  # room for the packed weights only
+    with caplog.at_level(logging.WARNING):
+        load_transformer(path, dtype=torch.float32, config=CONFIG)
+    assert "stay memory-mapped" not in caplog.text
+    monkeypatch.setattr(loading, "available_ram", lambda: stored - 1)
+    with caplog.at_level(logging.WARNING):
+        load_transformer(path, dtype=torch.float32, config=CONFIG)
+    assert "stay memory-mapped" in caplog.text
