@@ -30,6 +30,7 @@ FP8_FORMATS: dict[str, torch.dtype] = {"float8_e4m3fn": torch.float8_e4m3fn, "fl
 FP8_DTYPES: tuple[torch.dtype, ...] = tuple(FP8_FORMATS.values())
 FP8_MAX: dict[torch.dtype, float] = {dt: float(torch.finfo(dt).max) for dt in FP8_DTYPES}  # 448, 57344
 # Quantise-on-load choices (CLI --quant, the loader node's weight dtype) -> the format each layer gets.
+_UNROTATED_INT8 = LayerFormat("int8_tensorwise")  # ConvRot's weight without the rotation back (see forward)
 QUANT_CHOICES: dict[str, LayerFormat] = {
     "fp8": LayerFormat("float8_e4m3fn"),
     "int8-convrot": LayerFormat("int8_tensorwise", convrot=True, group_size=256),
@@ -145,15 +146,10 @@ class Fp8Linear(nn.Module):
 
     def dequantized_weight(self, dtype: torch.dtype) -> Tensor:
         """The weight as (out, in) in `dtype`, dequantised as comfy-kitchen's reference does for its format."""
-        name, shape = self.fmt.name, (self.out_features, self.in_features)
         if self.fmt.is_fp8:
             return dequantize_fp8(self.weight, self.weight_scale, dtype)
-        if name == "int8_tensorwise":
-            return qf.dequantize_int8(self.weight, self.weight_scale, dtype, self.fmt)
-        if name == "mxfp8":
-            return qf.dequantize_mxfp8(self.weight, self.weight_scale, dtype, shape)
-        assert self.weight_scale_2 is not None
-        return qf.dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2, dtype, shape)
+        shape = (self.out_features, self.in_features)
+        return qf.dequantize(self.fmt, self.weight, self.weight_scale, self.weight_scale_2, dtype, shape)
 
     def forward(self, x: Tensor) -> Tensor:
         """(..., in) -> (..., out) in x's dtype; the weight is dequantised to that dtype for this call only."""
@@ -168,7 +164,7 @@ class Fp8Linear(nn.Module):
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         if self.fmt.convrot and x.numel() < self.out_features * self.in_features:
             # Fewer rows than outputs: rotate the activations, not the weight (same product; quant_formats).
-            plain = qf.dequantize_int8(self.weight, self.weight_scale, x.dtype, LayerFormat(self.fmt.name))
+            plain = qf.dequantize_int8(self.weight, self.weight_scale, x.dtype, _UNROTATED_INT8)
             return F.linear(qf.rotate_activations(x, self.fmt.group_size), plain, bias)
         return F.linear(x, self.dequantized_weight(x.dtype), bias)
 

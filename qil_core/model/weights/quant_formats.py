@@ -240,6 +240,18 @@ def dequantize_nvfp4(
     return values.mul_(total.unsqueeze(-1)).reshape(rows, cols)[: shape[0], : shape[1]]
 
 
+def dequantize(
+    fmt: LayerFormat, q: Tensor, scale: Tensor, scale2: Tensor | None, dtype: torch.dtype, shape: tuple[int, int]
+) -> Tensor:
+    """An int8, mxfp8 or nvfp4 weight (its stored tensors) -> the (out, in) = `shape` weight in `dtype`."""
+    if fmt.name == "int8_tensorwise":
+        return dequantize_int8(q, scale, dtype, fmt)
+    if fmt.name == "mxfp8":
+        return dequantize_mxfp8(q, scale, dtype, shape)
+    assert scale2 is not None, "an nvfp4 layer has a second (per-tensor) scale"
+    return dequantize_nvfp4(q, scale, scale2, dtype, shape)
+
+
 # --- quantisation -----------------------------------------------------------------------------------------
 
 

@@ -150,13 +150,8 @@ def dequantize_at_load(
     fmt = plan.formats[layer]
     w = ckpt.read(plan.names[layer + ".weight"])
     scale = ckpt.read(plan.scales[layer])
-    if fmt.name == "int8_tensorwise":
-        out = qf.dequantize_int8(w, scale, dtype, fmt)
-    elif fmt.name == "mxfp8":
-        out = qf.dequantize_mxfp8(w, scale.view(torch.uint8), dtype, (shape[0], shape[1]))
-    else:
-        out = qf.dequantize_nvfp4(w, scale, ckpt.read(plan.scales2[layer], torch.float32), dtype, (shape[0], shape[1]))
-    return out.to(dev)
+    scale2 = ckpt.read(plan.scales2[layer], torch.float32) if fmt.name == "nvfp4" else None
+    return qf.dequantize(fmt, w, scale, scale2, dtype, (shape[0], shape[1])).to(dev)
 
 
 def comfy_state_dict(module: torch.nn.Module) -> dict[str, Tensor]:
