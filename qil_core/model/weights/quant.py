@@ -203,11 +203,7 @@ class Fp8Linear(nn.Module):
     ) -> Fp8Linear:
         """Quantise a loaded nn.Linear (fp8: per-tensor absmax scale; other formats: quantise_weight)."""
         fmt = fmt or LayerFormat(str(fp8_dtype).removeprefix("torch."))
-        if fmt.is_fp8:
-            w_q, scale = quantize_tensor_fp8(linear.weight, getattr(torch, fmt.name))
-            tensors: dict[str, Tensor] = {"weight": w_q, "weight_scale": scale}
-        else:
-            tensors = quantize_weight(linear.weight.detach(), fmt)
+        tensors = quantize_weight(linear.weight.detach(), fmt)
         bias_dtype = linear.bias.dtype if linear.bias is not None else linear.weight.dtype
         layer = cls(
             linear.in_features, linear.out_features, linear.bias is not None,
