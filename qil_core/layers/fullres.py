@@ -5,9 +5,10 @@ ringing edges: the edge is only as sharp as the bucket. The original picture sti
 each layer's alpha is upsampled with the guided filter of He, Sun and Tang (2010) in its fast form (He and
 Sun 2015): at the bucket size, fit the layer's alpha p as a local linear function of the picture's colour I
 (premultiplied RGB) in every (2r+1)² window, p ~ A·I + b (a 3x3 solve per pixel, regularised by eps), average
-the coefficients over the windows, upsample the averaged A and b bilinearly, and evaluate q = A·I + b on the
-full-resolution picture. Where the alpha is flat, A = 0 and q is the smooth upsampled alpha; at an edge q
-follows the picture's own edge. q is clipped to 0..1; values under half an 8-bit step become 0.
+the slopes A over the windows, upsample A and p bilinearly, and evaluate the detail-transfer form
+q = up(p) + A·(I - up(I_low)) on the full-resolution picture (equal to A·I + b where p is linear in I).
+Where the alpha is flat, A = 0 and q is the smooth upsampled alpha; at an edge q follows the picture's own
+edge. q is clipped to 0..1; values under half an 8-bit step become 0.
 
 Colour: the layer's straight colour at the bucket size is extended into its transparent pixels (push-pull,
 so no dark fringe bleeds in) and upsampled bilinearly. Where a layer is the only visible contributor at a
@@ -83,7 +84,8 @@ class GuideStats:
         self.inv = inv / det  # symmetric inverse: (00, 01, 02, 11, 12, 22)
 
     def coefficients(self, p: np.ndarray) -> np.ndarray:
-        """Window-averaged (A_r, A_g, A_b, b) of the fit p ~ A·I + b, shape (4, h, w) float32."""
+        """(A_r, A_g, A_b, p), shape (4, h, w) float32: the window-averaged slopes of the fit p ~ A·I + b, and p
+        itself (the detail-transfer form samples p, not the averaged b)."""
         r, mean_i = self.radius, self.mean
         mean_p = box_mean(p, r)
         cov_ip = box_mean(self.guide * p, r) - mean_i * mean_p
@@ -95,8 +97,7 @@ class GuideStats:
                 s[2] * cov_ip[0] + s[4] * cov_ip[1] + s[5] * cov_ip[2],
             ]
         )
-        b = mean_p - (a * mean_i).sum(axis=0)
-        return box_mean(np.concatenate([a, b[None]]), r).astype(np.float32)
+        return np.concatenate([box_mean(a, r), p[None]]).astype(np.float32)
 
 
 def _flat(p: np.ndarray, reach: int) -> np.ndarray:
@@ -343,7 +344,6 @@ def upsample_stack(
             )
             continue
         coef = stats.coefficients(low[..., 3])
-        coef[3] = low[..., 3]  # the detail-transfer form samples p itself, not the averaged b
         flat = _flat(low[..., 3], 2 * radius)
         coef[:3, flat] = 0  # exactly: the fit there is the constant alpha (rounding would leave ~1e-16)
         colour = fill_colour(np.ascontiguousarray(np.moveaxis(low[..., :3], -1, 0)), low[..., 3])
