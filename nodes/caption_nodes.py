@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..qil_core.model.pipeline.options import DecomposeOptions
+from ..qil_core.model.pipeline.options import CAPTION_LANGUAGES, REFERENCE_MAX_NEW_TOKENS, DecomposeOptions
 from . import host
 from .common import CATEGORY, image_batch, integer
 from .model_runtime import MODEL_TYPE, caption_placement, check_model
@@ -36,12 +36,17 @@ class QILCaptionImage:
                 "model": (MODEL_TYPE, {"tooltip": "From Load Qwen-Layered, with its text encoder."}),
                 "image": ("IMAGE", {"tooltip": "The picture to describe."}),
                 "language": (
-                    ["en", "zh"],
+                    list(CAPTION_LANGUAGES),
                     {"default": "en", "tooltip": "en: the official app's choice; zh: diffusers' default."},
                 ),
                 "max_new_tokens": (
                     "INT",
-                    {"default": 512, "min": 1, "max": 4096, "tooltip": "Most tokens to write (512 as the reference)."},
+                    {
+                        "default": REFERENCE_MAX_NEW_TOKENS,
+                        "min": 1,
+                        "max": 4096,
+                        "tooltip": f"Most tokens to write ({REFERENCE_MAX_NEW_TOKENS} as the reference).",
+                    },
                 ),
                 **widgets(DecomposeOptions, SIZE),  # as Decompose Image's: the same resize, the caption it would write
             },

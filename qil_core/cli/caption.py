@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from ..layers.image_file import open_image
+from ..model.pipeline.options import CAPTION_LANGUAGES, REFERENCE_MAX_NEW_TOKENS
 from ..model.policy import LoadPolicy
 from .common import existing_input
 from .model import check_device, progress_logger
@@ -40,13 +41,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="Qwen2.5 tokenizer folder (default: found "
         "next to the text encoder, in the model folder, in ComfyUI, or the bundled copy)",
     )
-    p.add_argument("--language", choices=("en", "zh"), default="en", help="caption language (default en)")
+    p.add_argument("--language", choices=CAPTION_LANGUAGES, default="en", help="caption language (default en)")
     p.add_argument(
         "--max-new-tokens",
         type=int,
-        default=512,
+        default=REFERENCE_MAX_NEW_TOKENS,
         metavar="N",
-        help="most tokens to generate (default 512, as the reference)",
+        help=f"most tokens to generate (default {REFERENCE_MAX_NEW_TOKENS}, as the reference)",
     )
     add_options(p, LoadPolicy, ["dtype", "device"])
     p.set_defaults(handler=run_caption)

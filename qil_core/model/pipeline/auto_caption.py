@@ -20,8 +20,9 @@ from ...errors import InputError
 from ..loader import QwenLayeredModel
 from ..runtime.placement import Placement
 from ..weights.caption_loading import load_caption_model
-from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, TokenCallback, caption_image
+from .caption import GenerationSettings, TokenCallback, caption_image
 from .caption_inputs import LANGUAGES, ImageProcessorConfig
+from .options import REFERENCE_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 

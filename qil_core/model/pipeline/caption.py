@@ -27,10 +27,10 @@ from ...errors import InputError, ModelMismatchError
 from ..arch.vl_decoder import CaptionModel, rope_index
 from ..weights.tokenizer import QwenTokenizer
 from .caption_inputs import IMAGE_PAD, ImageProcessorConfig, image_patches, prompt_ids
+from .options import REFERENCE_MAX_NEW_TOKENS
 
 log = logging.getLogger(__name__)
 
-REFERENCE_MAX_NEW_TOKENS = 512
 # Called after every new token with (tokens written, most tokens); may raise (e.g. the host's Cancel) to stop.
 TokenCallback = Callable[[int, int], None]
 

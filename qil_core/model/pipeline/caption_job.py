@@ -14,8 +14,9 @@ from ...errors import InputError
 from ..loader import component_path, load_text_parts
 from ..weights.caption_loading import load_caption_model
 from .auto_caption import config_folders
-from .caption import REFERENCE_MAX_NEW_TOKENS, GenerationSettings, TokenCallback, caption_image
+from .caption import GenerationSettings, TokenCallback, caption_image
 from .caption_inputs import ImageProcessorConfig
+from .options import REFERENCE_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]

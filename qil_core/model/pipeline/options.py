@@ -232,6 +232,10 @@ class _KeepComposite(Options):
     keep_composite: bool = option(False, "Also keep the model's own composite frame, as a hidden top layer.")
 
 
+CAPTION_LANGUAGES = ("en", "zh")  # the reference's two annotator instructions (caption_inputs.CAPTION_PROMPTS)
+REFERENCE_MAX_NEW_TOKENS = 512  # the reference's generate(max_new_tokens=512) for a caption
+
+
 @dataclass(frozen=True)
 class _AutoCaption(Options):
     auto_caption: bool = option(
@@ -240,7 +244,7 @@ class _AutoCaption(Options):
         "reference does (needs the text encoder's vision tower and lm_head).",
     )
     caption_language: str = option(
-        "en", "Language of the auto-caption: en (the official app) or zh.", choices=("en", "zh")
+        "en", "Language of the auto-caption: en (the official app) or zh.", choices=CAPTION_LANGUAGES
     )
 
 

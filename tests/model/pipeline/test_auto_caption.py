@@ -44,6 +44,13 @@ def _img(seed: int = 0) -> np.ndarray:
     return rng.integers(0, 256, (64, 96, 4), dtype=np.uint8)
 
 
+def test_the_option_offers_the_languages_the_captioner_has() -> None:
+    from qil_core.model.pipeline.caption_inputs import LANGUAGES
+    from qil_core.model.pipeline.options import CAPTION_LANGUAGES
+
+    assert CAPTION_LANGUAGES == LANGUAGES
+
+
 def test_which_prompts_trigger_captioning() -> None:
     assert wants_caption(None, None, True) and wants_caption("", None, True) and wants_caption(" ", None, True)
     assert not wants_caption("  ", None, True)  # the reference captions only None, "" and " "
