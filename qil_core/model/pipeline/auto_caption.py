@@ -16,24 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from ...checks import check_choice
 from ...errors import InputError
 from ..loader import QwenLayeredModel
 from ..runtime.placement import Placement
 from ..weights.caption_loading import load_caption_model
 from .caption import GenerationSettings, TokenCallback, caption_image
-from .caption_inputs import LANGUAGES, ImageProcessorConfig
-from .options import REFERENCE_MAX_NEW_TOKENS
+from .caption_inputs import ImageProcessorConfig
+from .options import CAPTION_LANGUAGES, REFERENCE_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
-
-
-def check_caption_options(auto_caption: Any, caption_language: Any) -> tuple[bool, str]:
-    """Validate the two job options; InputError naming the option otherwise."""
-    if not isinstance(auto_caption, bool):
-        raise InputError(f"auto_caption must be True or False, got {auto_caption!r}")
-    if caption_language not in LANGUAGES:
-        raise InputError(f"caption_language must be one of {list(LANGUAGES)}, got {caption_language!r}")
-    return auto_caption, caption_language
 
 
 def wants_caption(prompt: Any, prompt_embeds: Any, auto_caption: bool) -> bool:
@@ -135,7 +127,7 @@ def caption_inputs_at(
     from .imaging import bucket_size, prepare_images, resize_rgba
     from .options import check_size_mode
 
-    _, language = check_caption_options(True, language)
+    language = check_choice("caption_language", language, CAPTION_LANGUAGES)
     mode, max_side = check_size_mode(resolution, max_side)
     images = [
         resize_rgba(im, bucket_size(im.shape[1], im.shape[0], mode, max_side)) for im in prepare_images(image, mask)
