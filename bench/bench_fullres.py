@@ -28,6 +28,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from qil_core.layers import Layer, LayerStack, composite, resize_stack  # noqa: E402
+from qil_core.layers.composite import paste_layer  # noqa: E402
 from qil_core.layers.fullres import box_mean, upsample_stack  # noqa: E402
 from qil_core.layers.recompose import recompose_exact  # noqa: E402
 from qil_core.layers.resample import premultiply, resample_box, unpremultiply  # noqa: E402
@@ -75,20 +76,14 @@ def downsample(stack: LayerStack, size: int) -> LayerStack:
     """The stand-in decomposer: each true layer area-averaged (premultiplied) to size x size."""
     out = []
     for layer in stack.layers:
-        canvas = np.zeros((stack.height, stack.width, 4), np.float32)
-        canvas[layer.y : layer.y + layer.height, layer.x : layer.x + layer.width] = layer.pixels
+        canvas = paste_layer(np.zeros((stack.height, stack.width, 4), np.float32), layer)
         small = resample_box(premultiply(canvas), (0, 0, stack.width, stack.height), (size, size), "bilinear")
         out.append(Layer.from_canvas(unpremultiply(small), name=layer.name))
     return LayerStack(size, size, out)
 
 
 def full(layer: Layer, n: int) -> np.ndarray:
-    canvas = np.zeros((n, n, 4), np.float32)
-    l, t = max(0, layer.x), max(0, layer.y)
-    r, b = min(n, layer.x + layer.width), min(n, layer.y + layer.height)
-    if r > l and b > t:
-        canvas[t:b, l:r] = layer.pixels[t - layer.y : b - layer.y, l - layer.x : r - layer.x]
-    return canvas
+    return paste_layer(np.zeros((n, n, 4), np.float32), layer)
 
 
 def edge_band(alpha: np.ndarray) -> np.ndarray:

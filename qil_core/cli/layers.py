@@ -139,7 +139,7 @@ def run_layers_to_psd(args: argparse.Namespace) -> int:
     """Handler of `layers-to-psd`."""
     check_suffix(args.out, (".psd",), "layers-to-psd output")
     check_free([args.out], overwrite=args.overwrite)
-    if any(Path(p).suffix.lower() in (".psd", ".psb") for p in args.inputs):
+    if any(Path(p).suffix.lower() in PSD_SUFFIXES for p in args.inputs):
         raise InputError("layers-to-psd takes layer images; to re-save or edit a PSD use 'edit'")
     t0 = time.perf_counter()
     stack = read_stack(args.inputs)
