@@ -52,9 +52,8 @@ def prompt_used(stacks: list, prompt: str) -> str:
 def processing_size(width: int, height: int, opts: Any) -> tuple[int, int]:
     """The processing size the pipeline will use for a (width, height) input, for the memory plan."""
     from ..qil_core.model.pipeline.imaging import bucket_size
-    from ..qil_core.model.pipeline.options import check_size_mode
 
-    return bucket_size(max(1, width), max(1, height), *check_size_mode(opts.resolution, opts.max_side))
+    return bucket_size(max(1, width), max(1, height), opts.resolution, opts.max_side)
 
 
 def job_inputs(

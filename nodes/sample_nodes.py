@@ -257,7 +257,7 @@ class QILDecomposeLayer:
         prompt_text: str | None = None,
         unique_id: str | None = None,
     ) -> dict[str, Any]:
-        from ..qil_core.model.pipeline.layer_split import run_decompose_layer
+        from ..qil_core.model.pipeline.layer_split import run_decompose_layer, split_size
 
         handle = check_model(model)
         prompt = prompt if prompt_text is None else prompt_text
@@ -279,8 +279,8 @@ class QILDecomposeLayer:
         stack, chosen = selected(layers, layer)
         if len(chosen) != 1:
             raise InputError(f"input 'layer' {layer!r} selects {len(chosen)} layers; choose exactly one ({SELECT_TIP})")
-        target = stack.layers[chosen[0]]
-        with run_placement(handle, *processing_size(target.width, target.height, opts), opts.layers) as pl:
+        width, height = split_size(stack, chosen[0], opts)  # the padded layer's processing size
+        with run_placement(handle, width, height, opts.layers) as pl:
             run = job_inputs(pl, opts.steps, unique_id, "Decompose Layer", handle.sampler)
             out = run_decompose_layer(handle.model, stack, chosen[0], opts, run)
         new = out.replace(layers=out.layers[chosen[0] : chosen[0] + len(out.layers) - len(stack.layers) + 1])

@@ -27,7 +27,7 @@ from ..layers.export import layer_file_names, png_items
 from ..layers.image_file import open_image
 from ..layers.psd import write_psd
 from ..layers.stack import Layer, LayerStack
-from ..model.pipeline.options import CUSTOM, DecomposeOptions, SamplingOptions, TextToLayersOptions, check_size_mode
+from ..model.pipeline.options import CUSTOM, DecomposeOptions, SamplingOptions, TextToLayersOptions
 from ..model.policy import LoadPolicy
 from ..options import spec_of
 from .common import check_suffix, check_writable, existing_input, log_written
@@ -327,8 +327,7 @@ def run_decompose(args: argparse.Namespace) -> int:
     opts = opts.changed(prompt=prompt, negative_prompt=negative)
     image = _read_image(Path(args.image))
     check_image_size(image.width, image.height, f"image {args.image!r}")
-    mode, max_side = check_size_mode(opts.resolution, opts.max_side)
-    work_w, work_h = bucket_size(image.width, image.height, mode, max_side)
+    work_w, work_h = bucket_size(image.width, image.height, opts.resolution, opts.max_side)
     model = load_from_args(args)
     t0 = time.perf_counter()
     stack = decompose(

@@ -79,9 +79,7 @@ def split_names(stack: LayerStack, index: int, count: int) -> list[str]:
 
 def run_decompose_layer(args: argparse.Namespace) -> int:
     """Handler of `decompose-layer`: read, check every target, load, split, write."""
-    from ..model.pipeline.imaging import bucket_size
-    from ..model.pipeline.layer_split import decompose_layer, split_target
-    from ..model.pipeline.options import check_size_mode
+    from ..model.pipeline.layer_split import decompose_layer, split_size, split_target
 
     opts = sized_options(DecomposeLayerOptions, args, FLAGS + SIZE_FLAGS + CAPTION_FLAGS + ["vae_tile"])
     stack = read_stack(args.inputs, groups=args.groups)
@@ -91,8 +89,7 @@ def run_decompose_layer(args: argparse.Namespace) -> int:
     sampler = sampler_options(args)  # checked before the model loads
     prompt, negative = read_prompts(args, args.prompt)
     opts = opts.changed(prompt=prompt, negative_prompt=negative)
-    box = parent.cropped()
-    work_w, work_h = bucket_size(box.width, box.height, *check_size_mode(opts.resolution, opts.max_side))
+    work_w, work_h = split_size(stack, index, opts)
     model = load_from_args(args)
     t0 = time.perf_counter()
     out = decompose_layer(

@@ -18,6 +18,7 @@ from ...layers.stack import Layer, LayerStack
 from ..loader import QwenLayeredModel
 from . import checks as chk
 from .decompose import JobInputs, run_decompose, split_options
+from .imaging import MAX_ASPECT, MIN_INPUT_SIDE, bucket_size
 from .options import DecomposeLayerOptions, DecomposeOptions
 
 
@@ -97,14 +98,24 @@ def run_decompose_layer(
     return out
 
 
-def _pad_block(px: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
-    """Pad a layer's pixels (h, w, 4) float with transparency to >= 32 px per side and <= 8:1; returns offset."""
-    from .imaging import MAX_ASPECT, MIN_INPUT_SIDE
+def split_size(stack: LayerStack, index: int | str, opts: DecomposeLayerOptions) -> tuple[int, int]:
+    """The processing (width, height) `decompose_layer` runs that layer at (its padded block, bucketed): what the
+    front ends plan memory for."""
+    layer = stack.layers[split_target(stack, index)].cropped()
+    return bucket_size(*_block_size(layer.width, layer.height), opts.resolution, opts.max_side)
 
-    h, w = px.shape[:2]
+
+def _block_size(w: int, h: int) -> tuple[int, int]:
+    """(W, H) of a w x h layer padded to >= 32 px per side and <= 8:1 (the model's input limits)."""
     W = max(w, MIN_INPUT_SIDE, int(np.ceil(h / MAX_ASPECT)))
     H = max(h, MIN_INPUT_SIDE, int(np.ceil(W / MAX_ASPECT)))
-    W = max(W, int(np.ceil(H / MAX_ASPECT)))
+    return max(W, int(np.ceil(H / MAX_ASPECT))), H
+
+
+def _pad_block(px: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad a layer's pixels (h, w, 4) float with transparency to >= 32 px per side and <= 8:1; returns offset."""
+    h, w = px.shape[:2]
+    W, H = _block_size(w, h)
     if (W, H) == (w, h):
         return px, (0, 0)
     out = np.zeros((H, W, 4), np.float32)

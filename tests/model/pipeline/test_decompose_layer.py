@@ -115,3 +115,15 @@ def test_bad_requests(model, stack: LayerStack) -> None:
         decompose_layer(None, stack, 1, **OPTS)  # type: ignore[arg-type]
     with pytest.raises(InputError, match="must be a LayerStack"):
         decompose_layer(model, [stack], 1, **OPTS)  # type: ignore[arg-type]
+
+
+def test_split_size_is_the_padded_layers_processing_size() -> None:
+    from qil_core.model.pipeline.imaging import bucket_size
+    from qil_core.model.pipeline.layer_split import split_size
+    from qil_core.model.pipeline.options import DecomposeLayerOptions
+
+    px = np.zeros((20, 600, 4), np.float32)
+    px[..., 3] = 1  # 600 x 20: padded to 600 x 75 (at most 8:1) before bucketing
+    stack = LayerStack(800, 400, [Layer(px, name="strip", x=5, y=7)])
+    opts = DecomposeLayerOptions(resolution=640)
+    assert split_size(stack, "strip", opts) == bucket_size(600, 75, 640) != bucket_size(600, 20, 640)
