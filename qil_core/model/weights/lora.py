@@ -272,20 +272,9 @@ def _check_shapes(name: str, module: str, m: nn.Module, p: LoraPatch, source: st
         )
 
 
-def read_lora(path: PathLike, model: nn.Module, *, name: str | None = None) -> LoraFile:
-    """Read a LoRA .safetensors file and match every key to a module of `model` (checked, nothing dropped).
-
-    Tensors are read into memory in fp32 (LoRAs are small); a key that matches nothing raises ModelMismatchError
-    listing the keys and the expected naming; a file for another architecture is named as such.
-    """
-    p = Path(path)
-    label = name or p.name
-    if not p.is_file():
-        raise InputError(f"LoRA file not found: {p}; put it into models/loras or give the full path")
-    with open_checkpoint(p) as ckpt:
-        keys = ckpt.keys()
-        metadata = dict(ckpt.metadata)
-        tensors = {k: ckpt.read(k, torch.float32, copy=True) for k in keys}
+def _match_keys(p: Path, keys: list[str], table: dict[str, nn.Module]) -> dict[str, dict[str, str]]:
+    """{module: {role: key}} for every key of a LoRA file; WeightsError/ModelMismatchError for a file that is empty,
+    another adapter type, for another architecture, or with keys that match no layer."""
     if not keys:
         raise WeightsError(f"{p}: the file holds no tensors; it is not a LoRA")
     kind = _unsupported(keys)
@@ -294,10 +283,8 @@ def read_lora(path: PathLike, model: nn.Module, *, name: str | None = None) -> L
             f"{p}: this is a {kind} adapter, which is not supported; use a plain LoRA (lora_A/lora_B "
             "or lora_down/lora_up) or full-delta (.diff) file"
         )
-    table = module_table(model)
     flat = {n.replace(".", "_"): n for n in table}
-    cfg = _metadata_config(metadata)
-    parts: dict[str, dict[str, Tensor]] = {}
+    parts: dict[str, dict[str, str]] = {}
     unknown = []
     for k in keys:
         split = _split_suffix(k)
@@ -310,7 +297,7 @@ def read_lora(path: PathLike, model: nn.Module, *, name: str | None = None) -> L
             raise WeightsError(
                 f"{p}: {module} appears twice as {role} (e.g. {k}); the file mixes two namings of the same layer"
             )
-        parts[module][role] = tensors[k]
+        parts[module][role] = k
     if unknown:
         family = foreign_architecture(unknown)
         if family and len(unknown) * 2 >= len(keys):
@@ -324,6 +311,28 @@ def read_lora(path: PathLike, model: nn.Module, *, name: str | None = None) -> L
             f"{p}: {len(unknown)} of {len(keys)} keys match no layer of the Qwen-Image-Layered transformer{hint}: "
             f"{shown}; {EXPECTED_NAMING}"
         )
+    return parts
+
+
+def read_lora(path: PathLike, model: nn.Module, *, name: str | None = None) -> LoraFile:
+    """Read a LoRA .safetensors file and match every key to a module of `model` (checked, nothing dropped).
+
+    Tensors are read into memory in fp32 (LoRAs are small); a key that matches nothing raises ModelMismatchError
+    listing the keys and the expected naming; a file for another architecture is named as such.
+    """
+    p = Path(path)
+    label = name or p.name
+    if not p.is_file():
+        raise InputError(f"LoRA file not found: {p}; put it into models/loras or give the full path")
+    table = module_table(model)
+    with open_checkpoint(p) as ckpt:
+        keys = ckpt.keys()
+        metadata = dict(ckpt.metadata)
+        names = _match_keys(p, keys, table)  # every refusal comes before any tensor is read
+        parts = {
+            m: {role: ckpt.read(k, torch.float32, copy=True) for role, k in roles.items()} for m, roles in names.items()
+        }
+    cfg = _metadata_config(metadata)
     patches = {}
     for module, roles in parts.items():
         if set(roles) == {"alpha"}:
