@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_number
 from ..errors import InputError
 from .composite import check_canvas, paste_layer, union_bbox
 from .resample import premultiply, resample_box, resize_plane, unpremultiply
@@ -141,11 +142,7 @@ def _scalar(v: Any) -> Any:
 def _int(item: dict, key: str, default: int, what: str) -> int:
     """A whole-number field of an item; missing or None means `default`."""
     v = _scalar(item.get(key))
-    if v is None:
-        v = default
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-        raise InputError(f"{what}.{key} must be a finite number, got {v!r}")
-    return int(round(float(v)))
+    return int(round(check_number(f"{what}.{key}", default if v is None else v)))
 
 
 def _blend_mode(value: Any, what: str) -> str:
@@ -157,9 +154,7 @@ def _blend_mode(value: Any, what: str) -> str:
 
 
 def _opacity(value: Any, what: str) -> float:
-    v = _scalar(value)
-    if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not math.isfinite(v):
-        raise InputError(f"{what}.opacity must be a finite number in 0..1, got {v!r}")
+    v = check_number(f"{what}.opacity", _scalar(value), hint=" (0..1)")
     if not 0 <= v <= 1:
         logger.warning("%s.opacity %r is outside 0..1; clamped", what, v)
     return min(max(float(v), 0.0), 1.0)
@@ -176,10 +171,7 @@ def _display_size(item: dict, key: str, native: int, what: str) -> int:
 
 
 def _rotation(item: dict, what: str) -> float:
-    rot = _scalar(item.get("rotation", 0.0)) or 0.0
-    if isinstance(rot, bool) or not isinstance(rot, (int, float, np.integer, np.floating)) or not math.isfinite(rot):
-        raise InputError(f"{what}.rotation must be a finite number of radians, got {rot!r}")
-    return float(rot)
+    return check_number(f"{what}.rotation", _scalar(item.get("rotation", 0.0)) or 0.0, hint=" (radians)")
 
 
 def _placed_right_bottom(x: int, y: int, w: int, h: int, rot: float) -> tuple[int, int]:
