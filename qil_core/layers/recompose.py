@@ -113,12 +113,12 @@ def _target(target: np.ndarray, stack: LayerStack) -> np.ndarray:
     return picture_rgba(arr, "target")
 
 
-def fold_residual(stack: LayerStack, target: np.ndarray) -> tuple[LayerStack, RecomposeReport]:
+def fold_residual(stack: LayerStack, target: np.ndarray, *, copy: bool = True) -> tuple[LayerStack, RecomposeReport]:
     """Change visible layers' colours so the composite's colour equals `target` (H, W, 3|4) wherever both are visible.
 
     `target` is straight RGB(A), float 0..1 or uint8/uint16, the canvas size. Alpha, offsets and every other
-    property are untouched; layers are copied, the input stack is not modified. Returns the new stack and
-    the report (see the module docstring).
+    property are untouched; layers are copied and the input stack is not modified, unless `copy=False` (for a
+    stack the caller has just copied itself). Returns the new stack and the report (see the module docstring).
     """
     tgt = _target(target, stack)
     index = [i for i, layer in enumerate(stack.layers) if layer.visible and layer.opacity > 0 and layer.pixels.size]
@@ -129,7 +129,7 @@ def fold_residual(stack: LayerStack, target: np.ndarray) -> tuple[LayerStack, Re
                 f"{stack.layers[i].blend_mode!r}; exact recomposition folds colours into 'normal' "
                 "layers only (set it to normal, or hide it, first)"
             )
-    pixels = {i: stack.layers[i].pixels.copy() for i in index}
+    pixels = {i: stack.layers[i].pixels.copy() if copy else stack.layers[i].pixels for i in index}
     width = stack.width
     step = max(1, _BAND_PIXELS // width)
 
@@ -241,7 +241,8 @@ def recompose_exact(
     stack: LayerStack, target: np.ndarray, what: str = "image", *, snap: bool = True
 ) -> tuple[LayerStack, RecomposeReport]:
     """`snap_alpha` (unless snap=False) then `fold_residual`, logging the report: the pipeline's recompose="exact"."""
-    out, report = fold_residual(snap_alpha(stack) if snap else stack, target)
+    # snap_alpha already copied every layer: fold into those copies instead of copying them again
+    out, report = fold_residual(snap_alpha(stack), target, copy=False) if snap else fold_residual(stack, target)
     logger.info("exact recomposition of %s: %s", what, report.describe())
     if report.uncovered:
         logger.warning(
