@@ -199,19 +199,8 @@ def load_handle(files: dict[str, Path], policy: LoadPolicy, key: tuple = ()) -> 
 
     The device is ComfyUI's choice (the host adapter), which overrides the policy's own (it has none set here).
     """
-    from ..qil_core.model.loader import load_model  # on first use: keeps the pack import fast
-
     device = torch.device(host.get_torch_device())
-    model = load_model(
-        model_dir=files.get("model_dir"),
-        transformer=files.get("transformer"),
-        vae=files.get("vae"),
-        text_encoder=files.get("text_encoder"),
-        dtype=policy.torch_dtype(device),
-        device="cpu",
-    )
-    policy.after_load(model, device)
-    model.device = device
+    model = policy.load(device, **{k: files.get(k) for k in ("model_dir", "transformer", "vae", "text_encoder")})
     offload = torch.device("cpu")
     patchers = {
         name: host.wrap_model_patcher(HOLDERS[name](module), device, offload)

@@ -125,24 +125,17 @@ def policy_from_args(args: argparse.Namespace) -> LoadPolicy:
 
 
 def load_from_args(args: argparse.Namespace) -> Any:
-    """Load the model named by the command line options."""
-    from ..model.loader import load_model
-
+    """Load the model named by the command line options, with its --lora files applied."""
     policy = policy_from_args(args)
-    device = check_device(policy)
-    # Weights load memory-mapped on the CPU; the memory plan then decides what goes to the device and when.
-    model = load_model(
+    model = policy.load(
+        check_device(policy),
         model_dir=args.model_dir,
         transformer=args.transformer,
         vae=args.vae,
         text_encoder=args.text_encoder,
         tokenizer=args.tokenizer,
-        dtype=policy.torch_dtype(device),
-        device="cpu",
     )
-    policy.after_load(model, device)
     apply_loras(model, args)
-    model.device = device
     return model
 
 

@@ -116,6 +116,17 @@ class LoadPolicy(Options):
         if self.fp8 and self.quant not in (None, "fp8"):
             raise InputError(f"{shown('fp8')} and {shown('quant')} {self.quant} ask for two formats; choose one")
 
+    def load(self, device: Any, **files: Any) -> Any:
+        """Load the model (`files`: load_model's model_dir / transformer / vae / text_encoder / tokenizer)
+        memory-mapped on the CPU in this policy's dtype for `device`, run `after_load`, and mark it for `device`:
+        the memory plan then decides what goes there and when."""
+        from .loader import load_model
+
+        model = load_model(**files, dtype=self.torch_dtype(device), device="cpu")
+        self.after_load(model, device)
+        model.device = device
+        return model
+
     def after_load(self, model: Any, device: Any) -> None:
         """The steps that follow loading: quantisation of the transformer's blocks when asked for, and the
         kernel backend of every quantised layer (comfy-kitchen's matmuls on CUDA, else the portable path)."""
