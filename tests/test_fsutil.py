@@ -231,8 +231,10 @@ def test_one_byte_formatter_in_decimal_units() -> None:
     from qil_core.layers.psd import write as psd_write
     from qil_core.model.runtime import memory
 
-    # the model code, the PSD writer and the CLI use the one formatter of qil_core.resources
-    assert memory.format_bytes is resources.format_bytes and psd_write.format_bytes is resources.format_bytes
+    # the model code, the PSD writer and the CLI use the one formatter of qil_core.resources (the PSD writer now
+    # only through resources.check_allocation; any formatter it holds must be that one)
+    assert memory.format_bytes is resources.format_bytes
+    assert getattr(psd_write, "format_bytes", resources.format_bytes) is resources.format_bytes
     assert [resources.format_bytes(n) for n in (0, 999, 1536, 40.86e9, 2.5e12)] == [
         "0 B",
         "999 B",
